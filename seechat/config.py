@@ -1,0 +1,264 @@
+"""Typed, immutable configuration: dataclasses are the one source of truth.
+
+A run is described by a `RunConfig` (model architecture, which parts train, data, optimisation).
+It is read from YAML and then patched with dotted `key=value` overrides from the command line:
+
+    cfg = load_config("configs/mini/stage1.yaml", ["train.lr=1e-3", "model.bridge.type=qformer"])
+
+Unknown keys are an error that lists the valid ones; values are checked against their annotated
+types (including `Literal` choices). Configs are frozen: code never mutates them at run time —
+derive a new one with `dataclasses.replace` where a variant is needed.
+
+This module knows nothing about torch; it only parses and validates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+Trainable = Literal["frozen", "full", "lora"]
+
+
+class ConfigError(ValueError):
+    """A config file or override is malformed; the message says what and where."""
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """The vision expert: any transformers vision model loadable with `AutoModel`.
+
+    `path` may be a vision-only checkpoint (CLIPVisionModel, SiglipVisionModel …) or a full
+    dual-encoder (CLIPModel, ChineseCLIPModel …), whose `vision_model` is then used.
+    """
+
+    path: str = ""
+    feature_layer: int = -2  # index into hidden_states; -2 = penultimate layer, as LLaVA
+    select: Literal["patch", "cls_patch"] = "patch"  # drop the CLS token, or keep it
+
+
+@dataclass(frozen=True)
+class BridgeConfig:
+    """The learnable bridge from vision features to LM embeddings (see `seechat.model.bridges`)."""
+
+    type: Literal["linear", "mlp2x_gelu", "qformer", "resampler"] = "mlp2x_gelu"
+    num_queries: int = 32  # qformer / resampler: LM tokens per image
+    num_layers: int = 2  # qformer: number of (self-attn, cross-attn, FFN) blocks
+    num_heads: int = 8  # qformer / resampler
+    hidden_size: int = 0  # qformer / resampler internal width; 0 = the vision width
+
+
+@dataclass(frozen=True)
+class LMConfig:
+    """The language expert: any transformers `AutoModelForCausalLM` plus its tokenizer."""
+
+    path: str = ""
+    tokenizer_path: str = ""  # "" = same as `path`
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    bridge: BridgeConfig = field(default_factory=BridgeConfig)
+    lm: LMConfig = field(default_factory=LMConfig)
+    image_token: str = "<image>"  # the marker in text; also the reserved token the processor expands
+    max_length: int = 2048  # tokens per training sample, image tokens included
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("all-linear",)
+
+
+@dataclass(frozen=True)
+class TrainableConfig:
+    """Which parameter groups train: a stage is this block, not a code path."""
+
+    vision: Trainable = "frozen"
+    bridge: Literal["frozen", "full"] = "full"
+    lm: Trainable = "frozen"
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where training examples come from.
+
+    `kind: pairs` streams webdataset shards of (image, caption) and turns each pair into a
+    one-turn conversation with an instruction drawn from `pair_instructions`;
+    `kind: conversations` reads conversation JSON/JSONL (LLaVA, ShareGPT or seechat format).
+    """
+
+    kind: Literal["pairs", "conversations"] = "pairs"
+    paths: tuple[str, ...] = ()  # shard globs / brace patterns, or JSON(L) files
+    image_root: str = ""  # conversations: image paths are relative to this ("" = the file's folder)
+    text_field: str = "txt"  # pairs: "txt" or "json:<field>"
+    pair_instructions: tuple[str, ...] = ("<image>\n请用一句话描述这张图片。",)
+    shuffle_buffer: int = 1000
+    num_workers: int = 0
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 1.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    output_dir: str = "runs/train"
+    init_from: str = ""  # a seechat checkpoint whose weights start this run (e.g. stage 1 -> 2)
+    max_steps: int = 100  # optimizer steps
+    batch_size: int = 8  # per device, per micro-step
+    grad_accum: int = 1
+    seed: int = 0
+    log_every: int = 10
+    save_every: int = 0  # 0 = only at the end
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    gradient_checkpointing: bool = False
+    group_by_length: bool = True  # conversations: batch similar lengths to waste less on padding
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    trainable: TrainableConfig = field(default_factory=TrainableConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# ---------------------------------------------------------------- dict <-> dataclass
+
+
+def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    """Build dataclass `cls` from a nested dict, rejecting unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) {', '.join(_dotted(where, k) for k in unknown)}; "
+            f"valid keys{' under ' + where if where else ''}: {', '.join(names)}"
+        )
+    kwargs = {k: _coerce(hints[k], v, _dotted(where, k)) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The plain, JSON/YAML-ready form of a config (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def _dotted(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, choices))}")
+        return value
+    if origin in (types.UnionType, typing.Union):
+        errors = []
+        for arm in typing.get_args(tp):
+            if arm is type(None) and value is None:
+                return None
+            try:
+                return _coerce(arm, value, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{where}: {value!r} matches none of {tp}")
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+        if len(args) != len(value):
+            raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
+        return tuple(_coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise ConfigError(f"{where}: unsupported config type {tp}")
+
+
+# ---------------------------------------------------------------- YAML + overrides
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides (values parsed as YAML) to a nested dict, returning a copy."""
+    out = json.loads(json.dumps(data))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.lr=1e-4)")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {p} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    return out
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None, cls: type = RunConfig) -> Any:
+    """Read a YAML recipe (or start from defaults when `path` is None) and apply overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    data = apply_overrides(data, overrides or [])
+    return from_dict(cls, data)
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), allow_unicode=True, sort_keys=False), encoding="utf-8")

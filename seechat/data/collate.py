@@ -1,0 +1,40 @@
+"""Batching encoded samples: pad token ids and labels, concatenate pixel values.
+
+Training pads on the right (labels -100 on padding); generation pads on the left so that every
+row's next token is at the last position. Pixel values of all samples are concatenated in batch
+order, which is the order the model scatters image features into image-token positions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from seechat.data.conversation import IGNORE_INDEX
+from seechat.data.processor import Encoded
+
+
+def collate(samples: Sequence[Encoded], pad_id: int, side: str = "right") -> dict[str, torch.Tensor | None]:
+    """-> input_ids (B, T), attention_mask (B, T), labels (B, T) or None, pixel_values (n, 3, H, W) or None."""
+    if side not in ("right", "left"):
+        raise ValueError(f"side must be 'right' or 'left', not {side!r}")
+    width = max(s.input_ids.shape[0] for s in samples)
+    ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(samples), width), dtype=torch.long)
+    has_labels = all(s.labels is not None for s in samples)
+    labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long) if has_labels else None
+    for i, s in enumerate(samples):
+        n = s.input_ids.shape[0]
+        cols = slice(0, n) if side == "right" else slice(width - n, width)
+        ids[i, cols] = s.input_ids
+        mask[i, cols] = 1
+        if labels is not None:
+            labels[i, cols] = s.labels
+    pixels = [s.pixel_values for s in samples if s.pixel_values is not None]
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "labels": labels,
+        "pixel_values": torch.cat(pixels) if pixels else None,
+    }

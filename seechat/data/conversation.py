@@ -1,0 +1,98 @@
+"""Rendering conversations with the LLM's own chat template, and finding what to supervise.
+
+A conversation is a list of `{"role": "system"|"user"|"assistant", "content": str}` dicts. It is
+rendered with the tokenizer's chat template when it has one; otherwise with the documented Chinese
+fallback `FALLBACK_TEMPLATE`:
+
+    <system text>\\n            (only when there is a system message)
+    问：<user text>\\n
+    答：<assistant text><eos>\\n
+
+Which characters are assistant replies is found template-agnostically: for each assistant turn i,
+render messages[:i] with the generation prompt and messages[:i+1] without; the reply is the text
+between the two (its end-of-turn token included, trailing whitespace not). A template for which
+the first is not a prefix of the second cannot be supervised turn by turn; it gets a clear error
+instead of silently wrong labels.
+
+This module does strings and token ids; it knows nothing about images or tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+IGNORE_INDEX = -100
+ROLES = ("system", "user", "assistant")
+
+FALLBACK_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ m['content'] + '\n' }}"
+    "{% elif m['role'] == 'user' %}{{ '问：' + m['content'] + '\n' }}"
+    "{% else %}{{ '答：' + m['content'] + eos_token + '\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '答：' }}{% endif %}"
+)
+
+
+class TemplateError(ValueError):
+    """The chat template cannot be used to supervise assistant turns."""
+
+
+class NoSupervisedTokensError(ValueError):
+    """A sample (or batch) would train on nothing: every label is -100."""
+
+
+def ensure_chat_template(tokenizer: Any) -> None:
+    """Give a tokenizer without a chat template the documented Chinese fallback."""
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = FALLBACK_TEMPLATE
+
+
+def validate_messages(messages: Sequence[dict[str, str]]) -> None:
+    if not messages:
+        raise ValueError("a conversation needs at least one message")
+    for i, m in enumerate(messages):
+        if m.get("role") not in ROLES:
+            raise ValueError(f"message {i}: role {m.get('role')!r} is not one of {', '.join(ROLES)}")
+        if not isinstance(m.get("content"), str):
+            raise ValueError(f"message {i}: content must be a string")
+
+
+def render(tokenizer: Any, messages: Sequence[dict[str, str]], add_generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(
+        list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+
+
+def render_with_spans(tokenizer: Any, messages: Sequence[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
+    """The full rendered text and the [start, end) character spans of every assistant reply."""
+    validate_messages(messages)
+    text = render(tokenizer, messages)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prefix = render(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
+        upto = render(tokenizer, messages[: i + 1])
+        if not upto.startswith(prefix) or not text.startswith(upto.rstrip()):
+            raise TemplateError(
+                f"the chat template does not render turn {i} as an extension of the earlier turns, "
+                "so assistant replies cannot be located for label masking; use a template whose "
+                "history renders the same as it was generated (or set tokenizer.chat_template)"
+            )
+        spans.append((len(prefix), len(upto.rstrip())))
+    return text, spans
+
+
+def tokenize_with_labels(
+    tokenizer: Any, text: str, spans: Sequence[tuple[int, int]]
+) -> tuple[list[int], list[int]]:
+    """Token ids of `text` and labels that are -100 except on tokens starting inside a span."""
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids: list[int] = enc["input_ids"]
+    labels = [IGNORE_INDEX] * len(ids)
+    for k, (start, _end) in enumerate(enc["offset_mapping"]):
+        if any(s <= start < e for s, e in spans):
+            labels[k] = ids[k]
+    return ids, labels

@@ -1,0 +1,536 @@
+"""Stream image–text pairs from webdataset tar shards for stage-1 training, with exact resume.
+
+:class:`PairShardDataset` is a ``torch.utils.data.IterableDataset`` that reads shards in the
+img2dataset layout (``KEY.jpg|png|webp`` + ``KEY.txt`` + ``KEY.json``) one member at a time — the
+data set is never held in memory — and yields ``{"key", "image" (PIL RGB), "text", "meta"}``.
+
+Per epoch, for every consumer ("slot" = distributed rank × DataLoader worker):
+
+1. the shard list is shuffled with ``Random((seed, epoch))`` — identical on every rank;
+2. shards are split across ranks, then across the rank's workers (``shards[i::n]``); where there
+   are fewer shards than consumers the split falls back to samples (``sample_index % n``), so every
+   sample still goes to exactly one consumer;
+3. samples pass a cheap structural check (members present, JSON parses, image header parses,
+   JPEG not truncated); failures are skipped, counted and their keys remembered;
+4. a shuffle buffer of still-encoded samples, seeded by (seed, epoch, rank, worker), reorders them;
+5. images are decoded to RGB (a decode failure is skipped and counted too).
+
+Exact resume: the trainer calls :meth:`PairShardDataset.set_resume` with the number of global
+batches it consumed. With automatic batching torch's DataLoader takes batch ``j`` from the workers
+in round-robin order, skipping workers that ran dry, so each worker can compute how many of the
+first ``batches_consumed`` batches were its own and drops ``that × batch_size`` samples after step 4
+*without decoding them*. When several workers are used, each counts every worker's sample total from
+the tar headers (no data read) to place the point where a worker ran dry. The resumed stream equals
+the uninterrupted one provided steps 1–4 are deterministic, which they are; the one residue is an
+image whose header and JPEG end marker are intact but whose body fails to decode (step 5) — it is
+invisible to the fast-forward, so a later resume in that worker's stream is off by one sample.
+
+What this module is not: a downloader (local paths only), an image preprocessor (pass ``transform``
+or use the collator), or a map-style dataset (there is no ``len``; use the shards' stats files).
+Call ``set_epoch``/``set_resume`` before creating the DataLoader iterator and do not use
+``persistent_workers=True`` with them (workers keep the dataset copy they were started with).
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import logging
+import math
+import os
+import random
+import tarfile
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from braceexpand import braceexpand
+from PIL import Image
+from torch.utils.data import IterableDataset, get_worker_info
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+MAX_REMEMBERED_KEYS = 1000
+
+Sample = dict[str, Any]
+
+
+# -- shard lists -------------------------------------------------------------------------------------
+
+
+def expand_shards(shards: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[str]:
+    """Expand brace patterns (``data/{00000..00099}.tar``) and globs (``data/*.tar``) into paths.
+
+    Order: the order given, each glob sorted. A pattern that matches nothing is an error.
+    """
+    patterns = [shards] if isinstance(shards, str | os.PathLike) else list(shards)
+    paths: list[str] = []
+    for pattern in patterns:
+        for expanded in braceexpand(str(pattern)):
+            matches = sorted(glob.glob(expanded)) if glob.has_magic(expanded) else [expanded]
+            matches = [m for m in matches if os.path.isfile(m)]
+            if not matches:
+                raise FileNotFoundError(f"no shard matches {expanded!r}")
+            paths.extend(matches)
+    return paths
+
+
+def _split_key(name: str) -> tuple[str, str]:
+    """webdataset's rule: key = path up to the first dot of the basename, ext = the rest."""
+    directory, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    return (f"{directory}/{stem}" if directory else stem), (ext.lower() if dot else "")
+
+
+def _iter_tar_samples(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Stream (key, {ext: bytes}) groups of consecutive members sharing a key."""
+    key, members = None, {}
+    try:
+        with tarfile.open(path, "r|*") as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                k, ext = _split_key(info.name)
+                if k != key and key is not None:
+                    yield key, members
+                    members = {}
+                key = k
+                members[ext] = tar.extractfile(info).read()
+    except (tarfile.TarError, OSError, EOFError) as e:
+        logger.warning("shard %s is damaged after key %r (%s); reading stops there", path, key, e)
+        return  # the group in flight may be incomplete: drop it
+    if key is not None:
+        yield key, members
+
+
+def _iter_tar_member_names(path: str) -> Iterator[tuple[str, set[str]]]:
+    """Like :func:`_iter_tar_samples` but reads headers only (seeks over the data)."""
+    key, exts = None, set()
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                k, ext = _split_key(info.name)
+                if k != key and key is not None:
+                    yield key, exts
+                    exts = set()
+                key = k
+                exts.add(ext)
+    except (tarfile.TarError, OSError, EOFError):
+        return
+    if key is not None:
+        yield key, exts
+
+
+# -- epoch plan: which shards / samples a consumer reads ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class SlotPlan:
+    """What one (rank, worker) consumer reads: these shards, keeping ``index % modulus == remainder``."""
+
+    shards: tuple[str, ...]
+    modulus: int = 1
+    remainder: int = 0
+
+
+def _split(plan: SlotPlan, part: int, parts: int) -> SlotPlan:
+    """Give ``part`` of ``parts`` consumers its share: by shard if enough shards, else by sample."""
+    if parts == 1:
+        return plan
+    if plan.modulus == 1 and len(plan.shards) >= parts:
+        return SlotPlan(plan.shards[part::parts])
+    # index % (m * parts) == r + m * part  <=>  index % m == r and (index // m) % parts == part
+    return SlotPlan(plan.shards, plan.modulus * parts, plan.remainder + plan.modulus * part)
+
+
+def plan_slot(
+    shards: Sequence[str],
+    *,
+    seed: int,
+    epoch: int,
+    shuffle_shards: bool,
+    rank: int,
+    world_size: int,
+    worker: int,
+    num_workers: int,
+) -> SlotPlan:
+    """The deterministic per-epoch assignment of shards/samples to one consumer."""
+    order = list(shards)
+    if shuffle_shards:
+        random.Random(f"shards/{seed}/{epoch}").shuffle(order)
+    by_rank = _split(SlotPlan(tuple(order)), rank, world_size)
+    return _split(by_rank, worker, num_workers)
+
+
+def _raw_samples(plan: SlotPlan) -> Iterator[tuple[str, str, dict[str, bytes]]]:
+    """(shard, key, members) for the samples this plan keeps, in stream order."""
+    index = 0
+    for shard in plan.shards:
+        for key, members in _iter_tar_samples(shard):
+            if index % plan.modulus == plan.remainder:
+                yield shard, key, members
+            index += 1
+
+
+# -- validation, shuffling, decoding -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Encoded:
+    """A sample that passed the cheap checks, image still encoded."""
+
+    key: str
+    image_bytes: bytes
+    text: str
+    meta: dict[str, Any]
+
+
+class CorruptSample(ValueError):
+    """Raised internally for a sample that must be skipped; the message is the reason."""
+
+
+def _image_ext(members: dict[str, bytes]) -> str:
+    for ext in IMAGE_EXTS:
+        if ext in members:
+            return ext
+    raise CorruptSample("missing image member")
+
+
+def _check_image_header(data: bytes, ext: str) -> None:
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image_format = image.format
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise CorruptSample(f"bad image ({type(e).__name__})") from e
+    if not _has_end_marker(data, image_format):
+        raise CorruptSample(f"truncated {image_format} (no end marker)")
+
+
+def _has_end_marker(data: bytes, image_format: str | None) -> bool:
+    """Cheap truncation check — truncation is the common web corruption and needs no decode.
+
+    JPEG: an EOI marker (FFD9) in the last 4 KiB; it cannot occur inside entropy-coded data, and
+    the window tolerates the trailers some cameras append. PNG: the IEND chunk. WebP: the RIFF size.
+    """
+    if image_format == "JPEG":
+        return data.find(b"\xff\xd9", max(0, len(data) - 4096)) >= 0
+    if image_format == "PNG":
+        return data.find(b"IEND", max(0, len(data) - 64)) >= 0
+    if image_format == "WEBP":
+        return len(data) >= 8 + int.from_bytes(data[4:8], "little")
+    return True
+
+
+def _parse_meta(members: dict[str, bytes], required: bool) -> dict[str, Any]:
+    if "json" not in members:
+        if required:
+            raise CorruptSample("missing json member")
+        return {}
+    try:
+        meta = json.loads(members["json"].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptSample(f"bad json ({type(e).__name__})") from e
+    if not isinstance(meta, dict):
+        raise CorruptSample("json member is not an object")
+    return meta
+
+
+def _text(members: dict[str, bytes], meta: dict[str, Any], text_field: str) -> str:
+    if text_field == "txt":
+        if "txt" not in members:
+            raise CorruptSample("missing txt member")
+        try:
+            return members["txt"].decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise CorruptSample("txt member is not UTF-8") from e
+    name = text_field.removeprefix("json:")
+    value = meta.get(name)
+    if not isinstance(value, str):
+        raise CorruptSample(f"json field {name!r} missing or not a string")
+    return value
+
+
+def check_sample(key: str, members: dict[str, bytes], text_field: str) -> _Encoded:
+    """The cheap, deterministic validity check (no pixel decoding). Raises :class:`CorruptSample`."""
+    ext = _image_ext(members)
+    meta = _parse_meta(members, required=text_field != "txt")
+    text = _text(members, meta, text_field)
+    _check_image_header(members[ext], ext)
+    return _Encoded(key, members[ext], text, meta)
+
+
+def _structurally_complete(exts: set[str], text_field: str) -> bool:
+    """Header-only twin of :func:`check_sample` used to count samples without reading data."""
+    has_image = any(e in exts for e in IMAGE_EXTS)
+    return has_image and ("txt" in exts if text_field == "txt" else "json" in exts)
+
+
+def shuffle_buffer(items: Iterable[Any], size: int, rng: random.Random) -> Iterator[Any]:
+    """Reservoir-style shuffle: fill ``size`` items, then emit a random one per new item."""
+    if size <= 1:
+        yield from items
+        return
+    buffer: list[Any] = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        i = rng.randrange(size)
+        yield buffer[i]
+        buffer[i] = item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def decode_rgb(data: bytes) -> Image.Image:
+    with Image.open(io.BytesIO(data)) as image:
+        return image.convert("RGB")
+
+
+# -- resume arithmetic --------------------------------------------------------------------------------
+
+
+def batches_from_worker(worker: int, batches_per_worker: Sequence[float], batches_consumed: int) -> int:
+    """How many of the first ``batches_consumed`` global batches came from ``worker``.
+
+    torch's DataLoader takes batches round-robin (worker 0, 1, …, n-1, 0, …) and drops a worker
+    from the cycle once it is exhausted; worker ``v`` yields ``batches_per_worker[v]`` batches
+    (``math.inf`` when unknown). Round ``r`` therefore holds the ``r``-th batch of every worker with
+    more than ``r`` batches, and the global order is by (round, worker).
+    """
+    n = len(batches_per_worker)
+
+    def before_round(r: int) -> float:  # global batches emitted before round r starts
+        return sum(min(b, r) for b in batches_per_worker)
+
+    lo, hi = 0, batches_consumed  # find the round R in which batch number `batches_consumed` falls
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if before_round(mid) <= batches_consumed:
+            lo = mid
+        else:
+            hi = mid - 1
+    rounds = lo
+    remaining = batches_consumed - before_round(rounds)
+    active = [v for v in range(n) if batches_per_worker[v] > rounds]
+    own = min(batches_per_worker[worker], rounds)
+    return int(own + (1 if worker in active[: int(remaining)] else 0))
+
+
+# -- skip bookkeeping ---------------------------------------------------------------------------------
+
+
+@dataclass
+class SkipReport:
+    """Corrupt samples seen: total, by reason, and the first ``MAX_REMEMBERED_KEYS`` keys."""
+
+    count: int = 0
+    by_reason: Counter[str] = field(default_factory=Counter)
+    keys: list[str] = field(default_factory=list)
+
+    def add(self, key: str, reason: str) -> None:
+        self.count += 1
+        self.by_reason[reason.split(" (")[0]] += 1
+        if len(self.keys) < MAX_REMEMBERED_KEYS:
+            self.keys.append(key)
+
+    def summary(self) -> str:
+        if not self.count:
+            return "no corrupt samples"
+        reasons = ", ".join(f"{r}: {c}" for r, c in self.by_reason.most_common())
+        more = f" (+{self.count - len(self.keys)} more)" if self.count > len(self.keys) else ""
+        return f"skipped {self.count} corrupt samples ({reasons}); keys: {', '.join(self.keys)}{more}"
+
+
+@dataclass(frozen=True)
+class ResumeState:
+    epoch: int
+    batches_consumed: int
+    batch_size: int
+    drop_last: bool = False
+
+
+# -- the dataset ---------------------------------------------------------------------------------------
+
+
+class PairShardDataset(IterableDataset):
+    """Iterate image–text pairs from tar shards; see the module docstring for the guarantees.
+
+    Args:
+        shards: a path, glob or brace pattern, or a list of them.
+        text_field: ``"txt"`` (the ``.txt`` member) or ``"json:<field>"`` (a field of the ``.json``).
+        shuffle_buffer: samples held (still encoded) for shuffling; ``0``/``1`` keeps stream order.
+        seed: base seed of shard order and shuffle buffer.
+        shuffle_shards: shuffle the shard list every epoch.
+        rank, world_size: this process's share; default from ``torch.distributed`` when
+            initialised, else 0 / 1.
+        transform: applied to each yielded dict inside the worker (e.g. image preprocessing).
+        skip_log_dir: if set, every worker appends the keys it skips to a JSONL file there, so
+            :attr:`skipped` can report corrupt samples seen in DataLoader worker processes too.
+    """
+
+    def __init__(
+        self,
+        shards: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+        *,
+        text_field: str = "txt",
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
+        shuffle_shards: bool = True,
+        rank: int | None = None,
+        world_size: int | None = None,
+        transform: Callable[[Sample], Any] | None = None,
+        skip_log_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
+        super().__init__()
+        if text_field != "txt" and not text_field.startswith("json:"):
+            raise ValueError(f"text_field must be 'txt' or 'json:<field>', got {text_field!r}")
+        self.shards = expand_shards(shards)
+        self.text_field = text_field
+        self.shuffle_buffer = shuffle_buffer
+        self.seed = seed
+        self.shuffle_shards = shuffle_shards
+        self.rank, self.world_size = _distributed_position(rank, world_size)
+        self.transform = transform
+        self.skip_log_dir = Path(skip_log_dir) if skip_log_dir is not None else None
+        self.epoch = 0
+        self._resume: ResumeState | None = None
+        self._skipped = SkipReport()
+
+    # -- epoch / resume control -----------------------------------------------------------------------
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose shard order and shuffle are used; clears a resume for another epoch."""
+        self.epoch = epoch
+        if self._resume is not None and self._resume.epoch != epoch:
+            self._resume = None
+
+    def set_resume(
+        self, epoch: int, batches_consumed: int, batch_size: int, *, drop_last: bool = False
+    ) -> None:
+        """Continue ``epoch`` after the first ``batches_consumed`` global batches of ``batch_size``.
+
+        Must match the DataLoader's ``batch_size``/``drop_last`` (and its ``num_workers`` must be
+        the same as in the interrupted run).
+        """
+        if batches_consumed < 0 or batch_size < 1:
+            raise ValueError("batches_consumed must be >= 0 and batch_size >= 1")
+        self.epoch = epoch
+        self._resume = ResumeState(epoch, batches_consumed, batch_size, drop_last)
+
+    def state_dict(self, batches_consumed: int, batch_size: int) -> dict[str, int]:
+        """What a checkpoint must store to resume this stream exactly."""
+        return {"epoch": self.epoch, "batches_consumed": batches_consumed, "batch_size": batch_size}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.set_resume(int(state["epoch"]), int(state["batches_consumed"]), int(state["batch_size"]))
+
+    # -- iteration ---------------------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[Any]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        plan = self._plan(worker, num_workers)
+        rng = random.Random(f"buffer/{self.seed}/{self.epoch}/{self.rank}/{worker}")
+        stream = shuffle_buffer(self._checked(plan, worker), self.shuffle_buffer, rng)
+        to_skip = self._samples_to_skip(worker, num_workers)
+        for index, encoded in enumerate(stream):
+            if index < to_skip:
+                continue  # fast-forward: never decoded
+            sample = self._decode(encoded, worker)
+            if sample is not None:
+                yield self.transform(sample) if self.transform is not None else sample
+        if self._skipped.count:
+            logger.warning(
+                "rank %d worker %d epoch %d: %s", self.rank, worker, self.epoch, self._skipped.summary()
+            )
+
+    @property
+    def skipped(self) -> SkipReport:
+        """Corrupt samples seen by this process, plus those logged by workers in ``skip_log_dir``."""
+        if self.skip_log_dir is None or not self.skip_log_dir.is_dir():
+            return self._skipped
+        report = SkipReport()
+        for path in sorted(self.skip_log_dir.glob("skipped-*.jsonl")):
+            for line in path.read_text(encoding="utf-8").splitlines():
+                entry = json.loads(line)
+                report.add(entry["key"], entry["reason"])
+        return report
+
+    # -- internals ----------------------------------------------------------------------------------------
+
+    def _plan(self, worker: int, num_workers: int) -> SlotPlan:
+        return plan_slot(
+            self.shards,
+            seed=self.seed,
+            epoch=self.epoch,
+            shuffle_shards=self.shuffle_shards,
+            rank=self.rank,
+            world_size=self.world_size,
+            worker=worker,
+            num_workers=num_workers,
+        )
+
+    def _checked(self, plan: SlotPlan, worker: int) -> Iterator[_Encoded]:
+        for shard, key, members in _raw_samples(plan):
+            try:
+                yield check_sample(key, members, self.text_field)
+            except CorruptSample as e:
+                self._record_skip(key, str(e), shard, worker)
+
+    def _decode(self, encoded: _Encoded, worker: int) -> Sample | None:
+        try:
+            image = decode_rgb(encoded.image_bytes)
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            self._record_skip(encoded.key, f"image decode failed ({type(e).__name__})", "", worker)
+            return None
+        return {"key": encoded.key, "image": image, "text": encoded.text, "meta": encoded.meta}
+
+    def _record_skip(self, key: str, reason: str, shard: str, worker: int) -> None:
+        logger.warning("skipping corrupt sample %r in %s: %s", key, shard or "<decode>", reason)
+        self._skipped.add(key, reason)
+        if self.skip_log_dir is not None:
+            self.skip_log_dir.mkdir(parents=True, exist_ok=True)
+            path = self.skip_log_dir / f"skipped-r{self.rank}-w{worker}-e{self.epoch}.jsonl"
+            with path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps({"key": key, "reason": reason, "shard": shard}, ensure_ascii=False) + "\n")
+
+    def _samples_to_skip(self, worker: int, num_workers: int) -> int:
+        resume = self._resume
+        if resume is None or resume.epoch != self.epoch or resume.batches_consumed == 0:
+            return 0
+        if num_workers == 1:
+            return resume.batches_consumed * resume.batch_size
+        batches = [self._count_batches(v, num_workers, resume) for v in range(num_workers)]
+        return batches_from_worker(worker, batches, resume.batches_consumed) * resume.batch_size
+
+    def _count_batches(self, worker: int, num_workers: int, resume: ResumeState) -> int:
+        """Batches worker ``worker`` yields this epoch, from tar headers only (no data read)."""
+        plan = self._plan(worker, num_workers)
+        index = samples = 0
+        for shard in plan.shards:
+            for _, exts in _iter_tar_member_names(shard):
+                if index % plan.modulus == plan.remainder and _structurally_complete(exts, self.text_field):
+                    samples += 1
+                index += 1
+        rounding = math.floor if resume.drop_last else math.ceil
+        return int(rounding(samples / resume.batch_size))
+
+
+def _distributed_position(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    if rank is not None and world_size is not None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        return rank, world_size
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if rank is not None or world_size is not None:
+        raise ValueError("pass both rank and world_size, or neither")
+    return 0, 1

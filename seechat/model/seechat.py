@@ -1,0 +1,155 @@
+"""SeeChatModel: vision tower + bridge + language model, composed.
+
+The whole forward pass, top to bottom:
+
+    pixels (n_img, 3, H, W) --vision_tower--> (n_img, N_patch, D_v)
+                            --bridge-------> (n_img, N_tok, D_lm)
+    input_ids (B, T) --LM embeddings--> (B, T, D_lm); the n_img * N_tok image-token positions are
+    overwritten in order by the image features (`masked_scatter`, after a count check);
+    --language_model--> logits (B, T, V); loss = token-mean cross-entropy over labels != -100.
+
+Building from base experts lives in `seechat.model.build`, checkpoints in `seechat.model.checkpoint`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from seechat.config import ModelConfig
+from seechat.data.conversation import IGNORE_INDEX, NoSupervisedTokensError
+from seechat.model.vision import VisionTower
+
+
+@dataclass
+class SeeChatOutput:
+    logits: torch.Tensor  # (B, T, V)
+    loss: torch.Tensor | None = None  # scalar
+    past_key_values: object | None = None
+    num_items: int = 0  # supervised tokens in this batch
+
+
+class SeeChatModel(nn.Module):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        vision_tower: VisionTower,
+        bridge: nn.Module,
+        language_model: nn.Module,
+        image_token_id: int,
+    ):
+        super().__init__()
+        self.cfg = cfg
+        self.vision_tower = vision_tower
+        self.bridge = bridge
+        self.language_model = language_model
+        self.image_token_id = image_token_id
+        # Where each part's weights come from when saving: "base" (cfg path), "full" or "lora".
+        self.provenance: dict[str, str] = {"vision": "base", "lm": "base"}
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.bridge.num_tokens
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.bridge.parameters()).device
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(n_img, 3, H, W) -> (n_img, N_tok, D_lm) in the LM's dtype."""
+        feats = self.vision_tower(pixel_values)
+        feats = feats.to(next(self.bridge.parameters()).dtype)
+        return self.bridge(feats).to(self.language_model.get_input_embeddings().weight.dtype)
+
+    def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with image features scattered into the image-token positions. (B, T, D)"""
+        embeds = self.language_model.get_input_embeddings()(input_ids)
+        mask = input_ids == self.image_token_id  # (B, T)
+        n_slots = int(mask.sum())
+        n_feats = 0 if image_features is None else image_features.shape[0] * image_features.shape[1]
+        if n_slots != n_feats:
+            raise ValueError(
+                f"image token count mismatch: the text has {n_slots} image tokens but the images give "
+                f"{n_feats} features ({0 if image_features is None else image_features.shape[0]} image(s) x "
+                f"{self.num_image_tokens} tokens); each <image> marker must be expanded by the processor"
+            )
+        if n_feats:
+            embeds = embeds.masked_scatter(mask.unsqueeze(-1), image_features.to(embeds.dtype))
+        return embeds
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+        past_key_values: object | None = None,
+        use_cache: bool = False,
+        position_ids: torch.Tensor | None = None,
+        num_items_in_batch: int | None = None,
+    ) -> SeeChatOutput:
+        """`num_items_in_batch`: divide the summed loss by this many tokens (gradient accumulation
+        and data parallelism pass the global count so the mean is over the true global batch)."""
+        if image_features is None and pixel_values is not None:
+            image_features = self.encode_images(pixel_values)
+        embeds = self.embed(input_ids, image_features)
+        out = self.language_model(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+        )
+        if labels is None:
+            return SeeChatOutput(logits=out.logits, past_key_values=out.past_key_values)
+        loss, n = causal_lm_loss(out.logits, labels, num_items_in_batch)
+        return SeeChatOutput(logits=out.logits, loss=loss, past_key_values=out.past_key_values, num_items=n)
+
+    # Persistence and generation are thin methods over seechat.model.checkpoint and
+    # seechat.infer.generate, imported lazily because those modules build on this one.
+
+    def save_pretrained(self, directory, processor) -> None:
+        """Write a self-describing checkpoint directory (see `seechat.model.checkpoint`)."""
+        from seechat.model.checkpoint import write_checkpoint
+
+        write_checkpoint(self, processor, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory, device="cpu") -> SeeChatModel:
+        """The model of a checkpoint directory; `seechat.model.load` also returns the processor."""
+        from seechat.model.checkpoint import load_checkpoint
+
+        return load_checkpoint(directory, device)[0]
+
+    def generate(self, input_ids, attention_mask=None, pixel_values=None, params=None, stop_token_ids=()):
+        """New token ids per row of a left-padded batch (KV-cached; see `seechat.infer.generate`)."""
+        from seechat.infer.generate import SamplingParams, generate
+
+        return generate(self, input_ids, attention_mask, pixel_values, params or SamplingParams(), stop_token_ids)
+
+
+def causal_lm_loss(
+    logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: int | None = None
+) -> tuple[torch.Tensor, int]:
+    """Next-token cross-entropy summed over supervised positions, divided by the item count."""
+    shift_labels = labels[:, 1:]  # (B, T-1)
+    n = int((shift_labels != IGNORE_INDEX).sum())
+    if n == 0:
+        raise NoSupervisedTokensError(
+            "this batch has no supervised token (every label is -100): the loss would be silently "
+            "zero. Usual causes: the chat template does not match the LLM's tokenizer, or every "
+            "assistant reply was truncated by model.max_length"
+        )
+    shift_logits = logits[:, :-1].float()  # (B, T-1, V)
+    loss = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]),
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    return loss / (num_items_in_batch or n), n
+
