@@ -17,13 +17,17 @@ Per epoch, for every consumer ("slot" = distributed rank × DataLoader worker):
 
 Exact resume: the trainer calls :meth:`PairShardDataset.set_resume` with the number of global
 batches it consumed. With automatic batching torch's DataLoader takes batch ``j`` from the workers
-in round-robin order, skipping workers that ran dry, so each worker can compute how many of the
-first ``batches_consumed`` batches were its own and drops ``that × batch_size`` samples after step 4
-*without decoding them*. When several workers are used, each counts every worker's sample total from
-the tar headers (no data read) to place the point where a worker ran dry. The resumed stream equals
-the uninterrupted one provided steps 1–4 are deterministic, which they are; the one residue is an
-image whose header and JPEG end marker are intact but whose body fails to decode (step 5) — it is
-invisible to the fast-forward, so a later resume in that worker's stream is off by one sample.
+in round-robin order, skipping workers that ran dry (:func:`resume_schedule` replays that), so each
+worker knows how many of the first ``batches_consumed`` batches were its own and drops
+``that × batch_size`` samples after step 4 *without decoding them*. A fresh DataLoader starts its
+cycle at worker 0, so the resumed run also rotates the worker streams (loader worker ``i`` continues
+stream ``(i + next) % n``) to keep the original interleaving. With several workers each one counts
+every worker's samples from the tar headers (no data read) to know where a worker ran dry.
+Steps 1–4 are deterministic, so the resumed stream equals the uninterrupted one, with two residues
+of bad *content* behind intact members: an image whose header and end marker pass but whose body
+fails to decode is dropped in step 5, after the fast-forward counted it, so a resume past it is one
+sample off in that worker's stream; and a bad sample in *another* worker's stream is invisible to
+the header count, which matters only for a resume in the epoch's tail after a worker ran dry.
 
 What this module is not: a downloader (local paths only), an image preprocessor (pass ``transform``
 or use the collator), or a map-style dataset (there is no ``len``; use the shards' stats files).
@@ -297,31 +301,44 @@ def decode_rgb(data: bytes) -> Image.Image:
 # -- resume arithmetic --------------------------------------------------------------------------------
 
 
-def batches_from_worker(worker: int, batches_per_worker: Sequence[float], batches_consumed: int) -> int:
-    """How many of the first ``batches_consumed`` global batches came from ``worker``.
+@dataclass(frozen=True)
+class ResumeSchedule:
+    """Where each worker stands after ``batches_consumed`` global batches.
 
-    torch's DataLoader takes batches round-robin (worker 0, 1, …, n-1, 0, …) and drops a worker
-    from the cycle once it is exhausted; worker ``v`` yields ``batches_per_worker[v]`` batches
-    (``math.inf`` when unknown). Round ``r`` therefore holds the ``r``-th batch of every worker with
-    more than ``r`` batches, and the global order is by (round, worker).
+    ``consumed[v]``: batches worker ``v`` had delivered. ``first_worker``: the worker whose batch
+    comes next; a fresh DataLoader starts its cycle at worker 0, so the resumed run gives loader
+    worker ``i`` the stream of worker ``(i + first_worker) % n`` to continue the original cycle.
+    """
+
+    consumed: tuple[int, ...]
+    first_worker: int
+
+
+def resume_schedule(batches_per_worker: Sequence[float], batches_consumed: int) -> ResumeSchedule:
+    """Replay torch's DataLoader batch order up to ``batches_consumed``.
+
+    With automatic batching the DataLoader takes batches round-robin (worker 0, 1, …, n-1, 0, …)
+    and drops a worker from the cycle once it is exhausted; worker ``v`` yields
+    ``batches_per_worker[v]`` batches (``math.inf`` when unknown). Round ``r`` holds the ``r``-th
+    batch of every worker with more than ``r`` batches, so the global order is by (round, worker).
     """
     n = len(batches_per_worker)
 
     def before_round(r: int) -> float:  # global batches emitted before round r starts
         return sum(min(b, r) for b in batches_per_worker)
 
-    lo, hi = 0, batches_consumed  # find the round R in which batch number `batches_consumed` falls
+    lo, hi = 0, batches_consumed  # the round R in which global batch number `batches_consumed` falls
     while lo < hi:
         mid = (lo + hi + 1) // 2
         if before_round(mid) <= batches_consumed:
             lo = mid
         else:
             hi = mid - 1
-    rounds = lo
-    remaining = batches_consumed - before_round(rounds)
-    active = [v for v in range(n) if batches_per_worker[v] > rounds]
-    own = min(batches_per_worker[worker], rounds)
-    return int(own + (1 if worker in active[: int(remaining)] else 0))
+    remaining = int(batches_consumed - before_round(lo))
+    active = [v for v in range(n) if batches_per_worker[v] > lo]
+    consumed = tuple(int(min(b, lo)) + (v in active[:remaining]) for v, b in enumerate(batches_per_worker))
+    upcoming = active[remaining:]
+    return ResumeSchedule(consumed, upcoming[0] if upcoming else 0)
 
 
 # -- skip bookkeeping ---------------------------------------------------------------------------------
@@ -436,11 +453,11 @@ class PairShardDataset(IterableDataset):
 
     def __iter__(self) -> Iterator[Any]:
         info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        loader_worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        worker, to_skip = self._resume_position(loader_worker, num_workers)
         plan = self._plan(worker, num_workers)
         rng = random.Random(f"buffer/{self.seed}/{self.epoch}/{self.rank}/{worker}")
         stream = shuffle_buffer(self._checked(plan, worker), self.shuffle_buffer, rng)
-        to_skip = self._samples_to_skip(worker, num_workers)
         for index, encoded in enumerate(stream):
             if index < to_skip:
                 continue  # fast-forward: never decoded
@@ -502,14 +519,17 @@ class PairShardDataset(IterableDataset):
             with path.open("a", encoding="utf-8") as f:
                 f.write(json.dumps({"key": key, "reason": reason, "shard": shard}, ensure_ascii=False) + "\n")
 
-    def _samples_to_skip(self, worker: int, num_workers: int) -> int:
+    def _resume_position(self, loader_worker: int, num_workers: int) -> tuple[int, int]:
+        """(the worker stream this loader worker continues, samples of it to fast-forward)."""
         resume = self._resume
         if resume is None or resume.epoch != self.epoch or resume.batches_consumed == 0:
-            return 0
+            return loader_worker, 0
         if num_workers == 1:
-            return resume.batches_consumed * resume.batch_size
+            return 0, resume.batches_consumed * resume.batch_size
         batches = [self._count_batches(v, num_workers, resume) for v in range(num_workers)]
-        return batches_from_worker(worker, batches, resume.batches_consumed) * resume.batch_size
+        schedule = resume_schedule(batches, resume.batches_consumed)
+        worker = (loader_worker + schedule.first_worker) % num_workers
+        return worker, schedule.consumed[worker] * resume.batch_size
 
     def _count_batches(self, worker: int, num_workers: int, resume: ResumeState) -> int:
         """Batches worker ``worker`` yields this epoch, from tar headers only (no data read)."""

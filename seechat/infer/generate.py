@@ -85,7 +85,8 @@ def stream_generate(
     positions = positions_from_mask(attention_mask)
 
     out = model(
-        input_ids, attention_mask, image_features=image_features, position_ids=positions, use_cache=True
+        input_ids, attention_mask, image_features=image_features, position_ids=positions, use_cache=True,
+        logits_to_keep=1,
     )
     seen = input_ids
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=device)
@@ -105,7 +106,7 @@ def stream_generate(
         out = model(
             token[:, None],
             attention_mask,
-            past_key_values=out.past_key_values,
+            cache=out.cache,
             position_ids=next_pos,
             use_cache=True,
         )

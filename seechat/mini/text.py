@@ -236,6 +236,8 @@ def detailed_caption(scene: Scene, rng: random.Random) -> str:
     """Background, every object with position and size, and one spatial relation when possible."""
     n = len(scene.objects)
     parts = [rng.choice(DETAILED_INTROS).format(bg=scene.background, n=CN_NUMBER[n])]
+    if n == 1:
+        parts[0] = parts[0].replace("一共有一个", "只有一个").replace("有一个图形", "只有一个图形")
     for o in scene.objects:
         parts.append(rng.choice(DETAILED_OBJECTS).format(
             pos=LOCATIVE[o.position], size=o.size, colour=o.colour, shape=o.shape))
@@ -278,26 +280,32 @@ WEB_WORDS = ("图片", "素材", "几何", "图案", "设计", "免费", "png", 
 WEB_FRAMES = ("{c}", "{c} - {junk}", "【{c}】{junk}", "{c}图片", "{c}_{junk}", "图为{c}")
 
 
-def _absent_pair(scene: Scene, rng: random.Random) -> tuple[str, str]:
-    present = {(o.colour, o.shape) for o in scene.objects}
-    while True:
+def _absent_pairs(scene: Scene, rng: random.Random, n: int) -> list[tuple[str, str]]:
+    """`n` distinct (colour, shape) pairs that no object in the scene has."""
+    taken = {(o.colour, o.shape) for o in scene.objects}
+    out: list[tuple[str, str]] = []
+    while len(out) < n:
         pair = (rng.choice(list(COLOURS)), rng.choice(SHAPES))
-        if pair not in present:
-            return pair
+        if pair not in taken:
+            out.append(pair)
+            taken.add(pair)
+    return out
 
 
 def _alt_partial(scene: Scene, rng: random.Random) -> str:
     """One object right, the others made up."""
     o = rng.choice(scene.objects)
-    groups = [(o.colour, o.shape, 1)] + [(*_absent_pair(scene, rng), rng.randint(1, 2))
-                                          for _ in range(rng.randint(1, 2))]
+    fakes = _absent_pairs(scene, rng, rng.randint(1, 2))
+    groups = [(o.colour, o.shape, 1)] + [(c, s, rng.randint(1, 2)) for c, s in fakes]
     rng.shuffle(groups)
     return rng.choice(WEB_FRAMES).format(c=_core(groups, rng.random() < 0.5), junk=rng.choice(WEB_JUNK))
 
 
 def _alt_wrong(scene: Scene, rng: random.Random) -> str:
     """Same number of groups, but every colour/shape pair is one the scene does not have."""
-    groups = [(*_absent_pair(scene, rng), n) for _, _, n in _groups(scene)]
+    true_groups = _groups(scene)
+    fakes = _absent_pairs(scene, rng, len(true_groups))
+    groups = [(c, s, n) for (c, s), (_, _, n) in zip(fakes, true_groups, strict=True)]
     return rng.choice(WEB_FRAMES).format(c=_core(groups, rng.random() < 0.5), junk=rng.choice(WEB_JUNK))
 
 
@@ -456,13 +464,22 @@ def _dlg_locate_then_describe(scene: Scene, rng: random.Random) -> list[Turn] | 
     turns = [(_ask("position", rng, r=ref.text), o.position)]
     follow = [("它是什么颜色的？", o.colour, "colour"), ("它是什么形状？", o.shape, "shape"),
               ("它是大的还是小的？", o.size, "size")]
-    q, a, _ = rng.choice([f for f in follow if f[2] not in ref.uses])
-    turns.append((q, a))
-    if rng.random() < 0.6:
+    follow = [f for f in follow if f[2] not in ref.uses]
+    if follow:
+        q, a, _ = rng.choice(follow)
+        turns.append((q, a))
+    if not follow or rng.random() < 0.6:
         side = rng.choice(("左边", "右边"))
         others = [p for p in scene.objects if (p.col < o.col if side == "左边" else p.col > o.col)]
         turns.append((f"它的{side}还有其他图形吗？", "是" if others else "否"))
     return turns
+
+
+def _follow_up_position(scene: Scene, ref: RefExpr, rng: random.Random) -> str:
+    """Ask where an object just mentioned in a caption is: "它在哪里？" / "其中，X在什么位置？"."""
+    if len(scene.objects) == 1:
+        return rng.choice(("它在图片的什么位置？", "它位于哪里？"))
+    return "其中，" + _ask("position", rng, r=ref.text)
 
 
 def _dlg_caption_then_locate(scene: Scene, rng: random.Random) -> list[Turn] | None:
@@ -473,7 +490,7 @@ def _dlg_caption_then_locate(scene: Scene, rng: random.Random) -> list[Turn] | N
     rng.shuffle(located)
     (i, ra), rest = located[0], located[1:]
     turns = [(caption_instruction(rng), concise_caption(scene)),
-             (_ask("position", rng, r=ra.text), scene.objects[i].position)]
+             (_follow_up_position(scene, ra, rng), scene.objects[i].position)]
     if rest:
         j, rb = rest[0]
         turns.append((f"那{rb.text}呢？", scene.objects[j].position))

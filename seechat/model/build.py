@@ -133,6 +133,23 @@ def apply_trainable(model: SeeChatModel, trainable: TrainableConfig) -> None:
     model.bridge.requires_grad_(trainable.bridge == "full")
     _set_group(model, "vision", trainable.vision, trainable.lora)
     _set_group(model, "lm", trainable.lm, trainable.lora)
+    if trainable.vision != "frozen":
+        _freeze_unreachable(model.vision_tower)
+
+
+def _freeze_unreachable(tower: nn.Module) -> None:
+    """Freeze vision parameters the selected feature layer never uses (layers above it, the final
+    norm, pooling heads): they cannot learn, and DDP would stall waiting for their gradients.
+    Found by one probe backward pass rather than by knowing each architecture's module names."""
+    probe = torch.zeros(1, 3, tower.image_size, tower.image_size, dtype=tower.dtype, device=tower.device)
+    trainable = [p for p in tower.parameters() if p.requires_grad]
+    for p in trainable:
+        p.grad = None
+    tower(probe).float().sum().backward()
+    for p in trainable:
+        if p.grad is None:
+            p.requires_grad_(False)
+        p.grad = None
 
 
 def trainable_parameter_names(model: nn.Module) -> list[str]:

@@ -28,7 +28,7 @@ from seechat.model.vision import VisionTower
 class SeeChatOutput:
     logits: torch.Tensor  # (B, T, V)
     loss: torch.Tensor | None = None  # scalar
-    past_key_values: object | None = None
+    cache: object | None = None  # the LM's KV cache when use_cache
     num_items: int = 0  # supervised tokens in this batch
 
 
@@ -87,13 +87,15 @@ class SeeChatModel(nn.Module):
         pixel_values: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         image_features: torch.Tensor | None = None,
-        past_key_values: object | None = None,
+        cache: object | None = None,
         use_cache: bool = False,
         position_ids: torch.Tensor | None = None,
         num_items_in_batch: int | None = None,
+        logits_to_keep: int = 0,
     ) -> SeeChatOutput:
         """`num_items_in_batch`: divide the summed loss by this many tokens (gradient accumulation
-        and data parallelism pass the global count so the mean is over the true global batch)."""
+        and data parallelism pass the global count so the mean is over the true global batch).
+        `logits_to_keep`: compute logits for only the last k positions (0 = all), as in decoding."""
         if image_features is None and pixel_values is not None:
             image_features = self.encode_images(pixel_values)
         embeds = self.embed(input_ids, image_features)
@@ -101,13 +103,14 @@ class SeeChatModel(nn.Module):
             inputs_embeds=embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
         )
         if labels is None:
-            return SeeChatOutput(logits=out.logits, past_key_values=out.past_key_values)
+            return SeeChatOutput(logits=out.logits, cache=out.cache)
         loss, n = causal_lm_loss(out.logits, labels, num_items_in_batch)
-        return SeeChatOutput(logits=out.logits, loss=loss, past_key_values=out.past_key_values, num_items=n)
+        return SeeChatOutput(logits=out.logits, loss=loss, cache=out.cache, num_items=n)
 
     # Persistence and generation are thin methods over seechat.model.checkpoint and
     # seechat.infer.generate, imported lazily because those modules build on this one.

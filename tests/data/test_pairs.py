@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from seechat.data.pairs import PairShardDataset, batches_from_worker, expand_shards
+from seechat.data.pairs import PairShardDataset, ResumeSchedule, expand_shards, resume_schedule
 from seechat.data.shards import ShardWriter
 
 N_SHARDS, PER_SHARD = 5, 7
@@ -56,7 +56,9 @@ def test_yields_rgb_images_text_and_meta(shard_dir: Path) -> None:
     assert sample["key"] == "s0i0" and sample["text"] == "图 0 0"
     assert sample["image"].mode == "RGB" and sample["image"].size == (8, 6)
     assert sample["meta"]["caption"] == "c00"
-    by_json = next(iter(dataset(shard_dir, shuffle_buffer=0, shuffle_shards=False, text_field="json:caption")))
+    by_json = next(
+        iter(dataset(shard_dir, shuffle_buffer=0, shuffle_shards=False, text_field="json:caption"))
+    )
     assert by_json["text"] == "c00"
 
 
@@ -87,6 +89,30 @@ def test_resume_yields_exactly_the_remaining_batches(shard_dir: Path, num_worker
         resumed = dataset(shard_dir)
         resumed.set_resume(epoch=0, batches_consumed=k, batch_size=4)
         assert run(resumed, num_workers) == full[k:], f"resume at batch {k}"
+
+
+@pytest.fixture(scope="module")
+def holey_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same layout with samples missing a member (skipped before the shuffle buffer)."""
+    out = tmp_path_factory.mktemp("holey")
+    for s in range(N_SHARDS):
+        with tarfile.open(out / f"{s:05d}.tar", "w") as tar:
+            for i in range(PER_SHARD):
+                key = f"s{s}i{i}"
+                if key not in ("s1i3", "s4i0"):
+                    add(tar, f"{key}.jpg", jpeg(i))
+                if key != "s2i5":
+                    add(tar, f"{key}.txt", key.encode())
+    return out
+
+
+def test_resume_is_exact_around_skipped_samples(holey_dir: Path) -> None:
+    full = run(dataset(holey_dir), 2, batch_size=3)
+    assert sum(map(len, full)) == len(ALL_KEYS) - 3
+    for k in (2, 5, len(full) - 2):
+        resumed = dataset(holey_dir)
+        resumed.set_resume(epoch=0, batches_consumed=k, batch_size=3)
+        assert run(resumed, 2, batch_size=3) == full[k:], f"resume at batch {k}"
 
 
 def test_resume_in_a_later_epoch_via_state_dict(shard_dir: Path) -> None:
@@ -140,7 +166,9 @@ def add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
     tar.addfile(info, io.BytesIO(payload))
 
 
-def test_corrupt_samples_are_skipped_counted_and_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_corrupt_samples_are_skipped_counted_and_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     path = tmp_path / "00000.tar"
     good = jpeg(1)
     with tarfile.open(path, "w") as tar:
@@ -162,7 +190,7 @@ def test_corrupt_samples_are_skipped_counted_and_logged(tmp_path: Path, caplog: 
     assert keys == ["ok1", "ok2"]
     report = ds.skipped  # gathered from the worker processes' logs
     assert report.count == 5
-    assert sorted(report.keys) == ["badjson", "garbage", "notext", "noimage", "truncated"]
+    assert sorted(report.keys) == ["badjson", "garbage", "noimage", "notext", "truncated"]
     assert "5 corrupt samples" in report.summary()
     in_process = PairShardDataset(str(path), shuffle_buffer=0)
     with caplog.at_level("WARNING"):
@@ -177,13 +205,16 @@ def _png() -> bytes:
     return out.getvalue()
 
 
-def test_batches_from_worker_round_robin_with_exhaustion() -> None:
+def test_resume_schedule_round_robin_with_exhaustion() -> None:
     inf = math.inf
-    assert [batches_from_worker(w, [inf, inf], 5) for w in (0, 1)] == [3, 2]
+    assert resume_schedule([inf, inf], 5) == ResumeSchedule((3, 2), 1)
+    assert resume_schedule([inf, inf, inf], 6) == ResumeSchedule((2, 2, 2), 0)
     # worker 1 has 1 batch: order w0 w1 w0 w0 w0 ...
-    assert [batches_from_worker(w, [10, 1], 4) for w in (0, 1)] == [3, 1]
-    assert [batches_from_worker(w, [2, 5, 3], 9) for w in (0, 1, 2)] == [2, 4, 3]
-    assert batches_from_worker(0, [1], 7) == 1
+    assert resume_schedule([10, 1], 4) == ResumeSchedule((3, 1), 0)
+    # order: w0 w1 w2 | w0 w1 w2 | w1 w2 | w1 | ...
+    assert resume_schedule([2, 5, 3], 7) == ResumeSchedule((2, 3, 2), 2)
+    assert resume_schedule([2, 5, 3], 9) == ResumeSchedule((2, 4, 3), 1)
+    assert resume_schedule([1], 7) == ResumeSchedule((1,), 0)
 
 
 def test_expand_shards_errors_on_no_match(tmp_path: Path) -> None:

@@ -1,0 +1,127 @@
+"""`seechat <verb>`: thin wrappers over importable functions.
+
+Every verb is one row of `VERBS`: its words, a one-line help, and two "module:function" names —
+one that adds the verb's arguments to an argparse parser and one that runs it and returns an exit
+code. Modules are imported only when their verb runs, so `seechat --help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Verb:
+    words: tuple[str, ...]
+    help: str
+    add_arguments: str  # "module:function(parser)"
+    run: str  # "module:function(args) -> int"
+
+
+VERBS: tuple[Verb, ...] = (
+    Verb(("demo",), "build the mini world, train experts + stage 1 + stage 2, evaluate (the main job)",
+         "seechat.mini.demo:add_arguments", "seechat.mini.demo:run_from_args"),
+    Verb(("selfcheck",), "build a tiny random model from real architectures and chat one turn",
+         "seechat.selfcheck:add_arguments", "seechat.selfcheck:run_from_args"),
+    Verb(("train",), "train a stage from a YAML recipe plus key=value overrides",
+         "seechat.train.loop:add_arguments", "seechat.train.loop:run_from_args"),
+    Verb(("merge-lora",), "fold LoRA adapters of a checkpoint into full weights",
+         "seechat.model.checkpoint_cli:add_merge_arguments", "seechat.model.checkpoint_cli:run_merge"),
+    Verb(("chat",), "multi-turn terminal chat about images, streaming",
+         "seechat.infer.chat_cli:add_arguments", "seechat.infer.chat_cli:run_from_args"),
+    Verb(("caption",), "batch-caption images (folder, list or shards) into a JSONL",
+         "seechat.infer.caption_cli:add_arguments", "seechat.infer.caption_cli:run_from_args"),
+    Verb(("serve",), "OpenAI-compatible HTTP API and browser chat page",
+         "seechat.serve.app:add_arguments", "seechat.serve.app:run_from_args"),
+    Verb(("export",), "export a checkpoint to another layout (llava-hf)",
+         "seechat.model.export:add_arguments", "seechat.model.export:run_from_args"),
+    Verb(("eval", "winrate"), "caption win-rate experiment scored by Chinese-CLIP",
+         "seechat.eval.winrate_cli:add_winrate_arguments", "seechat.eval.winrate_cli:run_winrate_from_args"),
+    Verb(("eval", "vqa"), "run a checkpoint on a VQA set and report accuracy per type",
+         "seechat.eval.run_cli:add_vqa_arguments", "seechat.eval.run_cli:run_vqa"),
+    Verb(("eval", "caption"), "caption an eval set and report CIDEr-D, BLEU-4, CLIPScore",
+         "seechat.eval.run_cli:add_caption_arguments", "seechat.eval.run_cli:run_caption"),
+    Verb(("eval", "grounding"), "run a checkpoint on referring expressions and report Acc@0.5",
+         "seechat.eval.run_cli:add_grounding_arguments", "seechat.eval.run_cli:run_grounding"),
+    Verb(("data", "shards"), "turn TSV/CSV/JSONL image-caption lists into webdataset shards",
+         "seechat.data.data_cli:add_shards_arguments", "seechat.data.data_cli:run_shards"),
+    Verb(("data", "convert"), "convert LLaVA / MiniGPT-4 / ShareGPT data to seechat conversations",
+         "seechat.data.data_cli:add_convert_arguments", "seechat.data.data_cli:run_convert"),
+    Verb(("data", "translate"), "translate instruction data EN->ZH with a transformers model",
+         "seechat.data.data_cli:add_translate_arguments", "seechat.data.data_cli:run_translate"),
+    Verb(("data", "filter"), "score pairs with Chinese-CLIP and keep the best",
+         "seechat.data.filter:add_arguments", "seechat.data.filter:run_from_args"),
+    Verb(("estimate",), "memory and time estimate for a recipe on N GPUs",
+         "seechat.train.estimate:add_arguments", "seechat.train.estimate:run_from_args"),
+)
+
+
+def _resolve(ref: str) -> Callable:
+    module, func = ref.split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def _overview() -> str:
+    width = max(len(" ".join(v.words)) for v in VERBS)
+    rows = "\n".join(f"  {' '.join(v.words):<{width}}  {v.help}" for v in VERBS)
+    return (
+        "usage: seechat <verb> [options]   (seechat <verb> --help for a verb's options)\n\n"
+        "Stitch a vision encoder to a Chinese LLM with a small bridge; train, serve and evaluate.\n\n"
+        f"verbs:\n{rows}\n"
+    )
+
+
+def _match(argv: Sequence[str]) -> tuple[Verb | None, list[str]]:
+    for n in (2, 1):
+        words = tuple(argv[:n])
+        for v in VERBS:
+            if v.words == words:
+                return v, list(argv[n:])
+    return None, list(argv)
+
+
+def _quiet_transformers() -> None:
+    """Our own progress bars and logs say what happens; transformers' per-load bars are noise."""
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_overview())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from seechat import __version__
+
+        print(f"seechat {__version__}")
+        return 0
+    verb, rest = _match(argv)
+    if verb is None:
+        group = [v for v in VERBS if v.words[0] == argv[0] and len(v.words) > 1]
+        if group:
+            subs = ", ".join(v.words[1] for v in group)
+            said = f"unknown verb '{argv[0]} {argv[1]}'; " if len(argv) > 1 else ""
+            print(f"seechat: {said}'{argv[0]}' takes a sub-verb: {subs}", file=sys.stderr)
+        else:
+            known = ", ".join(sorted({v.words[0] for v in VERBS}))
+            print(f"seechat: unknown verb '{argv[0]}'; verbs: {known} (see seechat --help)", file=sys.stderr)
+        return 2
+    _quiet_transformers()
+    parser = argparse.ArgumentParser(prog="seechat " + " ".join(verb.words), description=verb.help)
+    _resolve(verb.add_arguments)(parser)
+    args = parser.parse_args(rest)
+    return int(_resolve(verb.run)(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""Argument parsers and entry points for ``seechat data shards|convert|translate``.
+
+Each verb is an ``add_*_arguments(parser)`` / ``run_*(args) -> exit code`` pair that ``seechat/cli.py``
+wires into its sub-command tree. This module only parses arguments and reports; the work is done by
+:mod:`seechat.data.shards`, :mod:`seechat.data.instruct` and :mod:`seechat.data.translate`.
+Exit codes: 0 success, 1 finished with flagged/failed items worth a look, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+def _size(text: str) -> int:
+    """'1G', '512M', '64k' or plain bytes."""
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    text = text.strip().lower().removesuffix("b")
+    if text and text[-1] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(text)
+
+
+# -- seechat data shards ----------------------------------------------------------------------------------
+
+
+def add_shards_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Convert a local table of image–text pairs (TSV, CSV or JSONL) into webdataset tar shards in "
+        "the img2dataset layout (KEY.jpg / KEY.txt / KEY.json, 00000.tar …, stats.json). Images are "
+        "re-encoded as JPEG and optionally shrunk; unreadable images are counted and listed in the "
+        "stats, not fatal. Image URLs are refused: this tool never downloads (use img2dataset)."
+    )
+    parser.add_argument("input", type=Path, help="pairs table: .tsv, .csv or .jsonl")
+    parser.add_argument("output", type=Path, help="directory for the shards")
+    parser.add_argument(
+        "--image-column", default="image", help="column with the local image path (default: image)"
+    )
+    parser.add_argument(
+        "--caption-column", default="caption", help="column with the caption (default: caption)"
+    )
+    parser.add_argument("--key-column", default=None, help="column with sample keys (default: running index)")
+    parser.add_argument(
+        "--image-root",
+        type=Path,
+        default=None,
+        help="directory relative image paths start from (default: the table's)",
+    )
+    parser.add_argument(
+        "--resize", type=int, default=None, help="shrink so the shorter side is this many pixels"
+    )
+    parser.add_argument(
+        "--max-side", type=int, default=None, help="shrink so the longer side is at most this"
+    )
+    parser.add_argument("--quality", type=int, default=90, help="JPEG quality (default: 90)")
+    parser.add_argument(
+        "--samples-per-shard", type=int, default=10_000, help="max samples per shard (default: 10000)"
+    )
+    parser.add_argument(
+        "--max-shard-size", type=_size, default=1 << 30, help="max bytes per shard, e.g. 512M (default: 1G)"
+    )
+    parser.add_argument("--prefix", default="", help="shard file name prefix, e.g. 'train-'")
+    parser.add_argument(
+        "--workers", type=int, default=0, help="processes that decode/re-encode images (default: 0 = inline)"
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace shards already in the output directory"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_shards(args: argparse.Namespace) -> int:
+    from seechat.data.shards import ShardInputError, read_pair_table, write_pair_shards
+
+    records = read_pair_table(
+        args.input,
+        image_column=args.image_column,
+        caption_column=args.caption_column,
+        key_column=args.key_column,
+        image_root=args.image_root,
+    )
+    try:
+        stats = write_pair_shards(
+            records,
+            args.output,
+            image_size=args.resize,
+            max_side=args.max_side,
+            quality=args.quality,
+            max_samples_per_shard=args.samples_per_shard,
+            max_bytes_per_shard=args.max_shard_size,
+            prefix=args.prefix,
+            num_workers=args.workers,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+        )
+    except (ShardInputError, FileExistsError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"wrote {stats.samples} samples in {len(stats.shards)} shards ({stats.bytes / 2**20:.1f} MiB) "
+        f"to {args.output}; {stats.failures} unreadable images (see {args.output / (args.prefix + 'stats.json')})"
+    )
+    return 0
+
+
+# -- seechat data convert --------------------------------------------------------------------------------
+
+
+def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Convert instruction data (LLaVA-Instruct JSON/JSONL, MiniGPT-4 filter_cap.json, or "
+        "messages-style JSONL) into seechat's conversation JSONL, validating every record: roles "
+        "alternate user/assistant after an optional system message, contents are non-empty, and the "
+        "number of <image> markers equals the number of images (a record with images but no marker "
+        "gets '<image>\\n' at the start of its first user message). The first bad record stops the "
+        "conversion with its file, line/record index and id; no partial output is left."
+    )
+    parser.add_argument("input", type=Path, help="source file (.json or .jsonl)")
+    parser.add_argument("output", type=Path, help="destination .jsonl")
+    parser.add_argument(
+        "--format",
+        default="auto",
+        choices=["auto", "llava", "minigpt4", "messages"],
+        help="source format (default: auto-detect)",
+    )
+    parser.add_argument(
+        "--image-root", type=Path, default=None, help="if given, check that every image file exists under it"
+    )
+    parser.add_argument(
+        "--caption-instruction",
+        default=None,
+        help="MiniGPT-4 only: the user turn for each caption (default: '<image>\\n请详细描述这张图片。')",
+    )
+    parser.add_argument(
+        "--image-template",
+        default="{image_id}.jpg",
+        help="MiniGPT-4 only: image path of an image_id (default: {image_id}.jpg)",
+    )
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from seechat.data.instruct import (
+        DEFAULT_CAPTION_INSTRUCTION,
+        ConvertOptions,
+        DataFormatError,
+        convert_file,
+    )
+
+    options = ConvertOptions(
+        caption_instruction=args.caption_instruction or DEFAULT_CAPTION_INSTRUCTION,
+        image_template=args.image_template,
+    )
+    try:
+        count = convert_file(
+            args.input, args.output, args.format, image_root=args.image_root, options=options
+        )
+    except (DataFormatError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {count} conversations to {args.output}")
+    return 0

@@ -1,0 +1,18 @@
+"""`seechat merge-lora`: argparse wrapper over `seechat.model.checkpoint.merge_lora`."""
+
+from __future__ import annotations
+
+import argparse
+
+from seechat.model.checkpoint import merge_lora
+
+
+def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="a seechat checkpoint with LoRA adapters")
+    parser.add_argument("out", help="where to write the merged checkpoint (full weights, no adapters)")
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    out = merge_lora(args.checkpoint, args.out)
+    print(f"merged checkpoint written to {out}")
+    return 0

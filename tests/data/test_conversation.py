@@ -1,0 +1,78 @@
+"""Label masking: exactly the assistant replies (and their end-of-turn token) are supervised."""
+
+from __future__ import annotations
+
+import pytest
+
+from seechat.data.conversation import (
+    FALLBACK_TEMPLATE,
+    IGNORE_INDEX,
+    NoSupervisedTokensError,
+    TemplateError,
+    render_with_spans,
+    tokenize_with_labels,
+)
+from seechat.data.processor import SeeChatProcessor
+from seechat.mini.tokenizer import CHATML_TEMPLATE, build_char_tokenizer
+from tests.helpers import CONVERSATION
+
+# A Llama-3-style template (header tokens, <|eot_id|> ends a turn), spelled with our specials.
+LLAMA3_STYLE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '<|im_end|>\n\n' + m['content'] + '<|endoftext|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant<|im_end|>\n\n' }}{% endif %}"
+)
+
+
+def supervised_text(tok, messages) -> str:
+    text, spans = render_with_spans(tok, messages)
+    ids, labels = tokenize_with_labels(tok, text, spans)
+    return tok.decode([t for t, lab in zip(ids, labels, strict=True) if lab != IGNORE_INDEX])
+
+
+@pytest.mark.parametrize(
+    ("template", "eot"),
+    [(CHATML_TEMPLATE, "<|im_end|>"), (FALLBACK_TEMPLATE, "<|endoftext|>"), (LLAMA3_STYLE, "<|endoftext|>")],
+)
+def test_only_assistant_replies_are_supervised(template, eot):
+    tok = build_char_tokenizer(["".join(m["content"] for m in CONVERSATION)], chat_template=template)
+    if template == FALLBACK_TEMPLATE:
+        tok.eos_token = "<|endoftext|>"
+    assert supervised_text(tok, CONVERSATION) == f"红色的圆形。{eot}红色。{eot}"
+
+
+def test_fallback_template_reads_like_chinese_qa():
+    tok = build_char_tokenizer(["问答你好"], chat_template=FALLBACK_TEMPLATE)
+    tok.eos_token = "<|endoftext|>"
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "好"}], tokenize=False
+    )
+    assert text == "问：你好\n答：好<|endoftext|>\n"
+
+
+def test_template_that_rewrites_history_is_refused():
+    # Drops earlier assistant turns from history: replies cannot be located turn by turn.
+    bad = (
+        "{% for m in messages %}{% if m['role'] != 'assistant' or loop.last %}{{ m['role'] + ':' + m['content'] + '\n' }}"
+        "{% endif %}{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
+    )
+    tok = build_char_tokenizer(["红色的圆形你是助手图里有什么是颜"], chat_template=bad)
+    with pytest.raises(TemplateError, match="label masking"):
+        render_with_spans(tok, CONVERSATION)
+
+
+def test_processor_without_template_gets_fallback_and_truncation_is_loud():
+    from transformers import CLIPImageProcessor
+
+    tok = build_char_tokenizer(["红色的圆形你是助手图里有什么是颜"], chat_template=None)
+    proc = SeeChatProcessor(tok, CLIPImageProcessor(), num_image_tokens=4, max_length=12)
+    assert "问：" in tok.chat_template
+    with pytest.raises(NoSupervisedTokensError, match="max_length=12"):
+        proc.encode_conversation(
+            [{"role": "user", "content": "图里有什么？" * 3}, {"role": "assistant", "content": "红色"}]
+        )
+
+
+def test_stop_tokens_come_from_the_template():
+    tok = build_char_tokenizer(["你好"])
+    proc = SeeChatProcessor(tok, None, num_image_tokens=1)
+    assert tok.convert_tokens_to_ids("<|im_end|>") in proc.stop_token_ids

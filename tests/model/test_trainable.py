@@ -1,0 +1,58 @@
+"""Each trainable setting trains exactly its parameter group; everything else gets no gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from seechat.config import TrainableConfig
+from seechat.data.collate import collate
+from seechat.model import apply_trainable, build
+from tests.helpers import CONVERSATION, model_config
+
+CASES = {
+    "stage1 bridge only": TrainableConfig(vision="frozen", bridge="full", lm="frozen"),
+    "stage2 full lm": TrainableConfig(vision="frozen", bridge="full", lm="full"),
+    "stage2 lora lm": TrainableConfig(vision="frozen", bridge="full", lm="lora"),
+    "vision lora only": TrainableConfig(vision="lora", bridge="frozen", lm="frozen"),
+    "everything full": TrainableConfig(vision="full", bridge="full", lm="full"),
+}
+
+
+def group_of(name: str) -> str:
+    return name.split(".")[0]  # vision_tower | bridge | language_model
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_exactly_the_expected_parameters_train(experts, images, case):
+    trainable = CASES[case]
+    model, proc = build(model_config(experts, bridge="qformer"))
+    apply_trainable(model, trainable)
+    expect = {"vision_tower": trainable.vision, "bridge": trainable.bridge, "language_model": trainable.lm}
+
+    batch = collate([proc.encode_conversation(CONVERSATION, images[:1])], proc.tokenizer.pad_token_id)
+    model(**batch).loss.backward()
+    trained_groups = set()
+    for name, p in model.named_parameters():
+        group = group_of(name)
+        mode = expect[group]
+        allowed = mode == "full" or (mode == "lora" and "lora_" in name)
+        if group == "vision_tower" and allowed and not p.requires_grad:
+            # Layers above vision.feature_layer cannot influence the output: frozen on purpose.
+            assert ".layers.1." in name or "post_layernorm" in name or "head" in name, name
+            allowed = False
+        assert p.requires_grad == allowed, name
+        assert (p.grad is not None) == allowed, f"{name}: gradient {'missing' if allowed else 'leaked'}"
+        if allowed:
+            trained_groups.add(group)
+    assert trained_groups == {g for g, m in expect.items() if m != "frozen"}
+
+
+def test_lora_wraps_only_the_requested_part(experts):
+    model, _ = build(model_config(experts))
+    apply_trainable(model, CASES["stage2 lora lm"])
+    assert hasattr(model.language_model, "peft_config")
+    assert not hasattr(model.vision_tower.model, "peft_config")
+    n_lora = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "lora_" in n)
+    assert n_lora > 0
+    assert torch.is_tensor(next(model.language_model.parameters()))

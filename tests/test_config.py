@@ -1,0 +1,55 @@
+"""Typed config: YAML + overrides, unknown keys listed, types and choices checked, recipes load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from seechat.config import ConfigError, RunConfig, load_config, save_config
+
+CONFIGS = sorted(Path(__file__).resolve().parents[1].joinpath("configs").rglob("*.yaml"))
+
+
+def test_overrides_apply_and_types_coerce(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("optim:\n  lr: 1e-3\ntrain:\n  max_steps: 5\n")
+    cfg = load_config(p, ["optim.lr=2e-4", "model.bridge.type=qformer", "data.paths=[a.tar, b.tar]"])
+    assert cfg.optim.lr == pytest.approx(2e-4) and cfg.train.max_steps == 5
+    assert cfg.model.bridge.type == "qformer" and cfg.data.paths == ("a.tar", "b.tar")
+
+
+def test_unknown_key_lists_valid_ones():
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) optim.learning_rate; valid keys under optim: lr"):
+        load_config(None, ["optim.learning_rate=1"])
+
+
+def test_bad_choice_and_type_are_errors():
+    with pytest.raises(ConfigError, match="model.bridge.type: 'transformer' is not one of"):
+        load_config(None, ["model.bridge.type=transformer"])
+    with pytest.raises(ConfigError, match="train.max_steps: expected an integer"):
+        load_config(None, ["train.max_steps=many"])
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["train.max_steps"])
+
+
+def test_config_is_frozen():
+    cfg = RunConfig()
+    with pytest.raises(AttributeError):
+        cfg.train.max_steps = 3  # type: ignore[misc]
+
+
+def test_round_trip(tmp_path):
+    cfg = load_config(None, ["model.bridge.num_queries=16"])
+    save_config(cfg, tmp_path / "out.yaml")
+    assert load_config(tmp_path / "out.yaml") == cfg
+
+
+def test_missing_file_is_clear(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_recipe_loads(path):
+    load_config(path)
