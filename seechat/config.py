@@ -244,8 +244,18 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {p} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        node[parts[-1]] = _parse_value(raw)
     return out
+
+
+def _parse_value(raw: str) -> Any:
+    """A YAML scalar/list when it parses as one, else the raw string (e.g. brace shard patterns)."""
+    if not raw.strip():
+        return ""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None, cls: type = RunConfig) -> Any:

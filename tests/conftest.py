@@ -26,3 +26,32 @@ def experts(tmp_path_factory) -> dict[str, object]:
 @pytest.fixture
 def images() -> list[Image.Image]:
     return [Image.new("RGB", (40, 30), c) for c in ((255, 0, 0), (0, 0, 255), (0, 200, 0))]
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory) -> dict[str, str]:
+    """A small mini world plus tiny random experts that can read it (64-px vision, char LM)."""
+    from seechat.mini.world import WorldConfig, build_world
+
+    root = tmp_path_factory.mktemp("tiny_world")
+    build_world(root / "world", WorldConfig(n_train=64, n_val=8, n_test=16, pairs_per_shard=16), progress=False)
+    text = (root / "world" / "text" / "lm_corpus.jsonl").read_text(encoding="utf-8")
+    text += (root / "world" / "instruct" / "train.jsonl").read_text(encoding="utf-8")
+    vision = write_tiny_vision(root / "vision", "chinese_clip", image_size=64)
+    lm, tok = write_tiny_lm(root / "lm", "qwen2", text=text)
+    return {"root": str(root), "world": str(root / "world"), "vision": str(vision), "lm": str(lm), "tokenizer": str(tok)}
+
+
+def tiny_overrides(w: dict[str, str], out: str, **extra) -> list[str]:
+    """key=value overrides pointing a recipe at the tiny world and experts."""
+    base = {
+        "model.vision.path": w["vision"],
+        "model.lm.path": w["lm"],
+        "model.lm.tokenizer_path": w["tokenizer"],
+        "model.bridge.num_heads": 2,
+        "model.max_length": 256,
+        "train.output_dir": out,
+        "train.log_every": 1,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]

@@ -201,7 +201,7 @@ def _write_chart(result: WinRateResult, path: Path) -> None:
         ax.text(xi, np.nan_to_num(top) + 0.02, _num(value), ha="center", va="bottom", fontsize=9)
     if methods:
         ax.axhline(1 / len(methods), color="#999999", linestyle="--", linewidth=1, label="equal split")
-        ax.legend(loc="upper right", fontsize=8, frameon=False)
+        ax.legend(loc="best", fontsize=8, frameon=False)
     long_names = max((len(m) for m in methods), default=0) > 10
     ax.set_xticks(x, methods, rotation=20 if long_names else 0, ha="right" if long_names else "center")
     ax.set_ylim(0, 1.1)

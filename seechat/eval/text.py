@@ -61,9 +61,10 @@ def _parse_section(text: str) -> int | None:
         if ch in _DIGITS:
             if digit is not None:  # two digits in a row (三四十) is not a number
                 return None
-            digit, saw_zero = _DIGITS[ch], saw_zero or _DIGITS[ch] == 0
-            if digit == 0:
-                digit = None
+            if _DIGITS[ch] == 0:
+                saw_zero = True  # 零 only marks a skipped place (一百零五)
+            else:
+                digit = _DIGITS[ch]
             continue
         unit = _UNITS[ch]
         if unit >= last_unit:

@@ -122,7 +122,7 @@ def fractional_wins(scores: np.ndarray, *, tie_tol: float = 0.0) -> np.ndarray:
     """
     valid = ~np.isnan(scores)
     filled = np.where(valid, scores, -np.inf)
-    best = filled.max(axis=1, keepdims=True) if scores.shape[1] else np.zeros((len(scores), 1))
+    best = filled.max(axis=1, keepdims=True)  # (I, 1); -inf for an all-NaN row
     is_best = valid & (filled >= best - tie_tol)
     n_best = is_best.sum(axis=1, keepdims=True)
     return np.where(n_best > 0, is_best / np.maximum(n_best, 1), 0.0)
@@ -171,8 +171,8 @@ def compute_winrate(
     scores = np.asarray(scores, dtype=np.float64)
     if scores.ndim != 2 or scores.shape[1] != len(methods):
         raise ValueError(f"scores must be (images, {len(methods)} methods), got shape {scores.shape}")
-    if len(set(methods)) != len(methods):
-        raise ValueError(f"method names must be unique, got {list(methods)}")
+    if not methods or len(set(methods)) != len(methods):
+        raise ValueError(f"method names must be unique and at least one, got {list(methods)}")
     ids = [str(i) for i in range(len(scores))] if image_ids is None else list(image_ids)
     if len(ids) != len(scores):
         raise ValueError(f"{len(ids)} image ids for {len(scores)} score rows")
@@ -190,7 +190,6 @@ def compute_winrate(
         n_bootstrap=n_bootstrap, seed=seed, confidence=confidence,
         image_status=["ok" if s else "no_scores" for s in scored],
     )
-
 
 
 # --- inputs: captions and images ---------------------------------------------------------------
@@ -293,13 +292,14 @@ class FolderImages:
 
 
 class JsonlImages:
-    """Images listed one per line as ``{"image": path}``; ids are the paths as written, and
-    relative paths are resolved against the JSONL file's folder. Duplicates stay in ``ids`` so
-    that :func:`run_winrate` reports them."""
+    """Images listed one per line as ``{"image": path, ...}``; ids are the paths as written.
+    Relative paths are resolved against ``image_root`` (default: the JSONL file's folder), as in
+    ``seechat.data``. Duplicates stay in ``ids`` so that :func:`run_winrate` reports them."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, image_root: str | Path | None = None) -> None:
         self.path = Path(path)
-        self.ids = []
+        self.image_root = Path(image_root) if image_root is not None else self.path.parent
+        self.ids: list[str] = []
         with open(self.path, encoding="utf-8") as f:
             for line_no, line in enumerate(f, start=1):
                 if not line.strip():
@@ -310,8 +310,7 @@ class JsonlImages:
                 self.ids.append(row["image"])
 
     def load(self, image_id: str) -> Image.Image:
-        path = Path(image_id)
-        return _open_rgb(path if path.is_absolute() else self.path.parent / path)
+        return _open_rgb(self.image_root / image_id)  # an absolute image_id replaces the root
 
 
 class ShardImages:
@@ -337,14 +336,15 @@ class ShardImages:
         return _open_rgb(io.BytesIO(self._encoded[image_id]))
 
 
-def open_image_source(spec: str | Path) -> ImageSource:
-    """A folder → :class:`FolderImages`; ``*.jsonl`` → :class:`JsonlImages`; ``*.tar``, a brace
-    pattern (``shards/{00000..00009}.tar``) or a glob (``shards/*.tar``) → :class:`ShardImages`."""
+def open_image_source(spec: str | Path, *, image_root: str | Path | None = None) -> ImageSource:
+    """A folder → :class:`FolderImages`; ``*.jsonl`` → :class:`JsonlImages` (with ``image_root``);
+    ``*.tar``, a brace pattern (``shards/{00000..00009}.tar``) or a glob (``shards/*.tar``) →
+    :class:`ShardImages`."""
     text = str(spec)
     if Path(text).is_dir():
         return FolderImages(text)
     if text.endswith(".jsonl"):
-        return JsonlImages(text)
+        return JsonlImages(text, image_root)
     if "*" in text or "?" in text:
         shards = sorted(glob(text))
         if not shards:

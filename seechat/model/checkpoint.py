@@ -47,8 +47,17 @@ def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
-def write_checkpoint(model: SeeChatModel, processor: SeeChatProcessor, directory: str | Path, extra: dict | None = None) -> Path:
-    """Save model + processor into `directory` atomically; returns the final path."""
+def write_checkpoint(
+    model: SeeChatModel,
+    processor: SeeChatProcessor,
+    directory: str | Path,
+    extra: dict | None = None,
+    keep: tuple[str, ...] = (),
+) -> Path:
+    """Save model + processor into `directory` atomically; returns the final path.
+
+    `keep`: sub-folders of an existing `directory` to carry over into the new one (a training
+    run keeps its `train/` records beside the checkpoint it overwrites)."""
     final = Path(directory)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -68,6 +77,9 @@ def write_checkpoint(model: SeeChatModel, processor: SeeChatProcessor, directory
             **(extra or {}),
         }
         (tmp / CONFIG_NAME).write_text(json.dumps(meta, ensure_ascii=False, indent=2), encoding="utf-8")
+        for name in keep:
+            if (final / name).exists():
+                (final / name).rename(tmp / name)
         _swap_into_place(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

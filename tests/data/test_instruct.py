@@ -92,7 +92,10 @@ def test_marker_count_mismatch_names_file_record_and_id(tmp_path: Path) -> None:
     [
         ([{"from": "gpt", "value": "a"}, {"from": "human", "value": "b"}], "roles must be"),
         ([{"from": "human", "value": "a"}], "roles must be"),
-        ([{"from": "human", "value": "a"}, {"from": "gpt", "value": "  "}], r"message 1 \(assistant\) is empty"),
+        (
+            [{"from": "human", "value": "a"}, {"from": "gpt", "value": "  "}],
+            r"message 1 \(assistant\) is empty",
+        ),
         ([{"from": "human", "value": "a"}, {"from": "gpt", "value": "<image>"}], "only user messages"),
         ([{"from": "robot", "value": "a"}], "unknown speaker"),
     ],

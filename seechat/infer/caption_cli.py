@@ -1,0 +1,182 @@
+"""`seechat caption --model DIR INPUT... --out FILE.jsonl`: batch captioning through the engine.
+
+INPUT is any mix of: a folder (every image under it; ids are paths relative to it), a `.jsonl`
+list of `{"image": path}` (ids as written), a `.txt` list of paths (one per line, ids as written),
+webdataset shards (`x.tar`, `'shards/{00000..00009}.tar'`, `'shards/*.tar'`; ids are sample keys),
+or single image files (ids as given). Folders, JSONL lists and shards are read exactly as
+`seechat eval winrate` reads its held-out images, so the output rows
+
+    {"image": <id>, "caption": <text>}
+
+are directly a method's captions file for the win-rate experiment. Requests stream into the
+engine, which batches them continuously; rows are written in input order as they finish, with a
+progress bar. `--resume` skips ids already in the output file and appends the rest. Images that
+cannot be read are reported on stderr and left out (the exit code is then 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from seechat.infer.chat_cli import add_sampling_arguments, load_image_file, sampling_from_args
+from seechat.infer.images import ImageError
+
+DEFAULT_PROMPT = "请用一句话描述这张图片。"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+
+
+class _TextList:
+    """A .txt list of image paths; ids as written, relative paths against the list's folder."""
+
+    def __init__(self, path: Path, image_root: Path | None):
+        self.root = image_root or path.parent
+        lines = path.read_text(encoding="utf-8").splitlines()
+        self.ids = [s.strip() for s in lines if s.strip() and not s.lstrip().startswith("#")]
+
+    def load(self, image_id: str) -> Image.Image:
+        return load_image_file(self.root / image_id)
+
+
+class _Files:
+    def __init__(self, paths: list[str]):
+        self.ids = paths
+
+    def load(self, image_id: str) -> Image.Image:
+        return load_image_file(image_id)
+
+
+def open_inputs(inputs: list[str], image_root: str | None = None) -> Iterator[tuple[str, object]]:
+    """(id, source) for every image of every input, in order."""
+    from seechat.eval.winrate import open_image_source
+
+    root = Path(image_root) if image_root else None
+    files: list[str] = []
+    for spec in inputs:
+        p = Path(spec)
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
+            files.append(spec)
+            continue
+        if files:
+            src = _Files(files)
+            yield from ((i, src) for i in src.ids)
+            files = []
+        src = _TextList(p, root) if p.suffix == ".txt" else open_image_source(spec, image_root=root)
+        yield from ((i, src) for i in src.ids)
+    if files:
+        src = _Files(files)
+        yield from ((i, src) for i in src.ids)
+
+
+@dataclass
+class _Job:
+    image_id: str
+    done: threading.Event = field(default_factory=threading.Event)
+    parts: list[str] = field(default_factory=list)
+    error: str | None = None
+
+    def sink(self, ev) -> None:
+        self.parts.append(ev.text)
+        if ev.finish_reason is not None:
+            if ev.finish_reason in ("error", "timeout", "abort"):
+                self.error = ev.error or ev.finish_reason
+            self.done.set()
+
+
+def caption(engine, processor, inputs: list[str], out: str | Path, prompt: str = DEFAULT_PROMPT, params=None,
+            resume: bool = False, image_root: str | None = None, window: int = 64, progress: bool = True) -> dict:
+    """Caption every input image into `out`; returns counts {"written", "skipped", "failed"}."""
+    from tqdm import tqdm
+
+    from seechat.infer.generate import SamplingParams
+    from seechat.infer.session import prompt_ids
+
+    params = params or SamplingParams(max_new_tokens=64)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done_ids: set[str] = set()
+    if resume and out.is_file():
+        for line in out.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                done_ids.add(json.loads(line)["image"])
+    items = [(i, s) for i, s in open_inputs(inputs, image_root) if i not in done_ids]
+    ids = prompt_ids(processor, [{"role": "user", "content": f"{processor.image_token}\n{prompt}"}], 1)
+    counts = {"written": 0, "skipped": len(done_ids), "failed": 0}
+    pending: deque[_Job] = deque()
+    bar = tqdm(total=len(items), unit="img", desc="captioning", disable=not progress, file=sys.stderr)
+
+    def finish(job: _Job, f) -> None:
+        job.done.wait()
+        if job.error:
+            counts["failed"] += 1
+            print(f"\n{job.image_id}: generation failed: {job.error}", file=sys.stderr)
+        else:
+            f.write(json.dumps({"image": job.image_id, "caption": "".join(job.parts).strip()}, ensure_ascii=False) + "\n")
+            f.flush()
+            counts["written"] += 1
+        bar.update(1)
+
+    with open(out, "a" if resume else "w", encoding="utf-8") as f:
+        for image_id, source in items:
+            try:
+                image = source.load(image_id)
+            except (ImageError, OSError, KeyError, ValueError) as e:
+                counts["failed"] += 1
+                bar.update(1)
+                print(f"\n{image_id}: cannot read the image: {e}", file=sys.stderr)
+                continue
+            job = _Job(image_id)
+            while len(pending) >= window:
+                finish(pending.popleft(), f)
+            engine.submit(ids, [image], params, sink=job.sink, cache_prefix=False)
+            pending.append(job)
+        while pending:
+            finish(pending.popleft(), f)
+    bar.close()
+    return counts
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="a seechat checkpoint directory")
+    parser.add_argument("inputs", nargs="+", metavar="INPUT",
+                        help="folder, .jsonl or .txt list, webdataset shard(s), or image files")
+    parser.add_argument("--out", required=True, help="output JSONL: one {\"image\", \"caption\"} row per image")
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"the instruction (default: {DEFAULT_PROMPT})")
+    parser.add_argument("--image-root", default=None, help="resolve relative paths of .jsonl/.txt lists against this")
+    parser.add_argument("--resume", action="store_true", help="skip ids already in --out and append")
+    parser.add_argument("--batch-size", type=int, default=32, help="requests decoded together")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    parser.add_argument("--no-progress", action="store_true")
+    add_sampling_arguments(parser, max_new_tokens=64)
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    import torch
+
+    from seechat.infer.engine import Engine, EngineConfig
+    from seechat.model import load
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, processor = load(args.model, device=args.device)
+    config = EngineConfig(max_batch_size=args.batch_size, max_waiting=4 * args.batch_size, prefix_cache_mb=0)
+    try:
+        with Engine(model, processor, config) as engine:
+            counts = caption(engine, processor, args.inputs, args.out, args.prompt, sampling_from_args(args),
+                             args.resume, args.image_root, window=2 * args.batch_size, progress=not args.no_progress)
+    except (FileNotFoundError, NotADirectoryError, ValueError) as e:
+        print(f"seechat caption: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {counts['written']} captions to {args.out}"
+          + (f" ({counts['skipped']} already there)" if counts["skipped"] else "")
+          + (f"; {counts['failed']} image(s) failed (see above)" if counts["failed"] else ""))
+    return 1 if counts["failed"] else 0

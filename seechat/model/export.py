@@ -1,0 +1,151 @@
+"""Export a seechat checkpoint to another framework's layout: `seechat export --format llava-hf`.
+
+An `mlp2x_gelu` model *is* a LLaVA-1.5 model: same vision feature layer, same Linear-GELU-Linear
+projector with the same parameter names, same image-token merge. The export writes the
+transformers `LlavaForConditionalGeneration` layout (config.json with `model_type: llava`,
+`model.safetensors`, tokenizer, image processor, processor and generation configs), which
+transformers, vLLM, SGLang and llama.cpp's converters read. LoRA parts are folded in first.
+
+Other bridges (`linear`, `qformer`, `resampler`) have no LLaVA counterpart and are refused with a
+message that says so; this module does not approximate one architecture with another.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from seechat.model.seechat import SeeChatModel
+
+FORMATS = ("llava-hf",)
+
+
+class ExportError(ValueError):
+    """The checkpoint cannot be written in the requested layout; the message says why."""
+
+
+def _has_cls(model: SeeChatModel) -> bool:
+    """Whether the encoder's hidden states carry a CLS token: measured with a probe image, not
+    guessed from the class name."""
+    tower = model.vision_tower
+    probe = torch.zeros(1, 3, tower.image_size, tower.image_size, dtype=tower.dtype, device=tower.device)
+    with torch.no_grad():
+        hidden = tower.model(pixel_values=probe, output_hidden_states=True).hidden_states[tower.feature_layer]
+    return hidden.shape[1] == tower.num_patches + 1
+
+
+def _vision_select_strategy(model: SeeChatModel) -> str:
+    """LLaVA's `vision_feature_select_strategy`: "default" drops the CLS token, "full" keeps all."""
+    return "default" if _has_cls(model) and model.vision_tower.select == "patch" else "full"
+
+
+def llava_config(model: SeeChatModel, stop_token_ids: list[int], pad_token_id: int | None):
+    from transformers import LlavaConfig
+
+    text_config = model.language_model.config
+    cfg = LlavaConfig(
+        vision_config=model.vision_tower.model.config.to_dict(),
+        text_config=text_config.to_dict(),
+        image_token_index=model.image_token_id,
+        image_seq_length=model.num_image_tokens,
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy=_vision_select_strategy(model),
+        vision_feature_layer=model.vision_tower.feature_layer,
+        multimodal_projector_bias=True,
+        tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)),
+    )
+    cfg.architectures = ["LlavaForConditionalGeneration"]
+    cfg.eos_token_id = stop_token_ids
+    cfg.pad_token_id = pad_token_id
+    return cfg
+
+
+def to_llava(model: SeeChatModel, stop_token_ids: list[int], pad_token_id: int | None):
+    """An in-memory `LlavaForConditionalGeneration` holding this model's weights."""
+    from transformers import LlavaForConditionalGeneration
+
+    if model.cfg.bridge.type != "mlp2x_gelu":
+        raise ExportError(
+            f"--format llava-hf needs the mlp2x_gelu bridge (LLaVA-1.5's projector); this checkpoint uses "
+            f"{model.cfg.bridge.type!r}, which transformers' LLaVA has no layer for. Serve it with "
+            "`seechat serve`, or train an mlp2x_gelu bridge (model.bridge.type=mlp2x_gelu) to export"
+        )
+    lm = model.language_model
+    if hasattr(lm, "peft_config"):
+        lm = lm.merge_and_unload()
+    vision = model.vision_tower.model
+    if hasattr(vision, "peft_config"):
+        vision = vision.merge_and_unload()
+    dtype = next(lm.parameters()).dtype
+    cfg = llava_config(model, stop_token_ids, pad_token_id)
+    llava = LlavaForConditionalGeneration(cfg).to(dtype).eval()
+    base = lm.get_decoder() if hasattr(lm, "get_decoder") else lm.model
+    _load_exact(llava.model.vision_tower, vision.state_dict(), "vision tower")
+    _load_exact(llava.model.multi_modal_projector, model.bridge.state_dict(), "projector")
+    _load_exact(llava.model.language_model, base.state_dict(), "language model")
+    llava.lm_head.weight.data.copy_(lm.get_output_embeddings().weight.data)
+    llava.generation_config.eos_token_id = stop_token_ids
+    llava.generation_config.pad_token_id = pad_token_id
+    return llava
+
+
+def _load_exact(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    # Non-persistent buffers (position_ids, rotary inv_freq) are rebuilt by the module itself.
+    missing = [k for k in missing if k not in dict(module.named_buffers())]
+    if missing or unexpected:
+        raise ExportError(f"{what}: parameter names do not map onto LLaVA's (missing {missing}, unexpected {unexpected})")
+
+
+def export_llava_hf(directory: str | Path, out: str | Path) -> Path:
+    """Write `directory` (a seechat checkpoint) to `out` in the transformers LLaVA layout."""
+    from transformers import LlavaProcessor
+
+    from seechat.model.checkpoint import load_checkpoint
+
+    model, processor = load_checkpoint(directory)
+    llava = to_llava(model, processor.stop_token_ids, processor.tokenizer.pad_token_id)
+    final = Path(out)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        llava.save_pretrained(tmp, safe_serialization=True)
+        tok = processor.tokenizer
+        hf_processor = LlavaProcessor(
+            image_processor=processor.image_processor,
+            tokenizer=tok,
+            patch_size=model.vision_tower.model.config.patch_size,
+            vision_feature_select_strategy=llava.config.vision_feature_select_strategy,
+            image_token=processor.image_token,
+            num_additional_image_tokens=1 if _has_cls(model) else 0,
+            chat_template=tok.chat_template,
+        )
+        hf_processor.save_pretrained(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--format", choices=FORMATS, default="llava-hf", help="target layout (default: llava-hf)")
+    parser.add_argument("model", help="a seechat checkpoint directory")
+    parser.add_argument("out", help="directory to write")
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    try:
+        out = export_llava_hf(args.model, args.out)
+    except ExportError as e:
+        print(f"seechat export: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out} (transformers LlavaForConditionalGeneration layout)")
+    return 0

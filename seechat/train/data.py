@@ -1,0 +1,221 @@
+"""Training batches for both stages, deterministic and resumable at any micro-batch.
+
+- `kind: pairs` streams webdataset shards (`seechat.data.pairs.PairShardDataset`): each pair
+  becomes a one-turn conversation, its instruction chosen by a hash of the sample key (so the
+  choice is the same on every replay, whatever the RNG state).
+- `kind: conversations` reads conversation files into memory-light records; an epoch is a seeded
+  permutation cut into micro-batches (length-grouped within mega-batches to cut padding), and
+  rank r takes micro-batches r, r+W, r+2W … — so W processes see exactly the samples one process
+  would with a W-times larger batch.
+
+Either way the stream can be restarted at (epoch, micro-batches consumed) and yields exactly the
+batches an uninterrupted run would have. Encoding (tokenise, label, load + preprocess images)
+happens in DataLoader workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from seechat.config import DataConfig
+from seechat.data.collate import collate
+from seechat.data.conversation import NoSupervisedTokensError
+from seechat.data.instruct import Conversation, iter_conversations
+from seechat.data.pairs import PairShardDataset
+from seechat.data.processor import Encoded, SeeChatProcessor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    batch_size: int  # per rank, per micro-batch
+    seed: int
+    rank: int
+    world_size: int
+
+
+def _stable_index(key: str, n: int) -> int:
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") % n
+
+
+class PairToEncoded:
+    """(image, caption) pair -> a one-turn conversation encoding; picklable for DataLoader workers."""
+
+    def __init__(self, processor: SeeChatProcessor, instructions: tuple[str, ...]):
+        self.processor = processor
+        self.instructions = instructions
+
+    def __call__(self, sample: dict) -> Encoded | None:
+        instruction = self.instructions[_stable_index(sample["key"], len(self.instructions))]
+        messages = [{"role": "user", "content": instruction}, {"role": "assistant", "content": sample["text"]}]
+        try:
+            return self.processor.encode_conversation(messages, [sample["image"]], sample_id=sample["key"])
+        except NoSupervisedTokensError as e:
+            log.warning("skipping pair: %s", e)
+            return None
+
+
+class ConversationDataset(Dataset):
+    """Conversations -> encoded samples; unreadable images make the sample None (counted, logged)."""
+
+    def __init__(self, records: list[Conversation], processor: SeeChatProcessor, image_roots: list[Path]):
+        self.records = records
+        self.processor = processor
+        self.image_roots = image_roots  # per record
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def length_hint(self, i: int) -> int:
+        """Cheap token-count proxy for length grouping (characters + image tokens)."""
+        r = self.records[i]
+        return sum(len(m.content) for m in r.messages) + len(r.images) * self.processor.num_image_tokens
+
+    def __getitem__(self, i: int) -> Encoded | None:
+        r = self.records[i]
+        try:
+            images = [Image.open(self.image_roots[i] / p).convert("RGB") for p in r.images]
+        except (OSError, ValueError) as e:
+            log.warning("skipping conversation %s: unreadable image (%s)", r.id, e)
+            return None
+        messages = [{"role": m.role, "content": m.content} for m in r.messages]
+        try:
+            return self.processor.encode_conversation(messages, images, sample_id=r.id)
+        except NoSupervisedTokensError as e:
+            log.warning("skipping: %s", e)
+            return None
+
+
+def load_conversation_dataset(cfg: DataConfig, processor: SeeChatProcessor) -> ConversationDataset:
+    records: list[Conversation] = []
+    roots: list[Path] = []
+    for path in cfg.paths:
+        root = Path(cfg.image_root) if cfg.image_root else Path(path).parent
+        for conv in iter_conversations(path):
+            records.append(conv)
+            roots.append(root)
+    if not records:
+        raise ValueError(f"no conversations found in data.paths={list(cfg.paths)}")
+    return ConversationDataset(records, processor, roots)
+
+
+def epoch_batches(dataset: ConversationDataset, spec: StreamSpec, epoch: int, group_by_length: bool) -> list[list[int]]:
+    """This rank's micro-batches (lists of indices) for one epoch; a pure function of its inputs."""
+    rng = random.Random(f"{spec.seed}/{epoch}")
+    order = list(range(len(dataset)))
+    rng.shuffle(order)
+    global_batch = spec.batch_size * spec.world_size
+    if group_by_length:
+        mega = global_batch * 32
+        chunks = [order[i : i + mega] for i in range(0, len(order), mega)]
+        order = [i for c in chunks for i in sorted(c, key=dataset.length_hint, reverse=True)]
+    batches = [order[i : i + spec.batch_size] for i in range(0, len(order), spec.batch_size)]
+    n_full_rounds = len(batches) // spec.world_size  # every rank gets the same number of batches
+    batches = batches[: n_full_rounds * spec.world_size]
+    if group_by_length:  # mix long and short batches over time, keeping rank rounds together
+        rounds = [batches[i : i + spec.world_size] for i in range(0, len(batches), spec.world_size)]
+        rng.shuffle(rounds)
+        batches = [b for r in rounds for b in r]
+    return batches[spec.rank :: spec.world_size]
+
+
+def _collate_skipping(pad_id: int, samples: list[Encoded | None]) -> dict | None:
+    kept = [s for s in samples if s is not None]
+    return collate(kept, pad_id) if kept else None
+
+
+def conversation_batches(
+    dataset: ConversationDataset, spec: StreamSpec, cfg: DataConfig, group_by_length: bool, epoch: int, start: int
+) -> Iterator[dict]:
+    """Micro-batches of `epoch` from index `start` on; yields {} for a batch whose samples all failed."""
+    plan = epoch_batches(dataset, spec, epoch, group_by_length)[start:]
+    loader = DataLoader(
+        dataset,
+        batch_sampler=plan,
+        num_workers=cfg.num_workers,
+        collate_fn=partial(_collate_skipping, dataset.processor.tokenizer.pad_token_id),
+        persistent_workers=False,
+    )
+    for batch in loader:
+        yield batch or {}
+
+
+def pair_batches(
+    processor: SeeChatProcessor, spec: StreamSpec, cfg: DataConfig, epoch: int, start: int, skip_log_dir: Path | None
+) -> Iterator[dict]:
+    dataset = PairShardDataset(
+        list(cfg.paths),
+        text_field=cfg.text_field,
+        shuffle_buffer=cfg.shuffle_buffer,
+        seed=spec.seed,
+        rank=spec.rank,
+        world_size=spec.world_size,
+        transform=PairToEncoded(processor, cfg.pair_instructions),
+        skip_log_dir=skip_log_dir,
+    )
+    dataset.set_resume(epoch, start, spec.batch_size)
+    loader = DataLoader(
+        dataset,
+        batch_size=spec.batch_size,
+        num_workers=cfg.num_workers,
+        collate_fn=partial(_collate_skipping, processor.tokenizer.pad_token_id),
+    )
+    for batch in loader:
+        yield batch or {}
+
+
+class BatchStream:
+    """Endless micro-batches across epochs, tracking (epoch, batches_in_epoch) for exact resume."""
+
+    def __init__(self, cfg: DataConfig, processor: SeeChatProcessor, spec: StreamSpec, group_by_length: bool,
+                 epoch: int = 0, batches_in_epoch: int = 0, skip_log_dir: Path | None = None):
+        self.cfg, self.processor, self.spec = cfg, processor, spec
+        self.group_by_length = group_by_length
+        self.epoch, self.batches_in_epoch = epoch, batches_in_epoch
+        self.skip_log_dir = skip_log_dir
+        self.dataset = load_conversation_dataset(cfg, processor) if cfg.kind == "conversations" else None
+        self._it: Iterator[dict] | None = None
+
+    def _open(self) -> Iterator[dict]:
+        if self.dataset is not None:
+            return conversation_batches(
+                self.dataset, self.spec, self.cfg, self.group_by_length, self.epoch, self.batches_in_epoch
+            )
+        return pair_batches(self.processor, self.spec, self.cfg, self.epoch, self.batches_in_epoch, self.skip_log_dir)
+
+    def __next__(self) -> dict:
+        for _ in range(2):
+            if self._it is None:
+                self._it = self._open()
+            try:
+                batch = next(self._it)
+                self.batches_in_epoch += 1
+                return batch
+            except StopIteration:
+                if self.batches_in_epoch == 0:
+                    break
+                self.epoch, self.batches_in_epoch, self._it = self.epoch + 1, 0, None
+        raise ValueError(f"the training data yields no batch (data.paths={list(self.cfg.paths)})")
+
+    def __iter__(self) -> BatchStream:
+        return self
+
+
+def count_supervised(batch: dict) -> int:
+    labels = batch.get("labels")
+    return 0 if labels is None else int((labels[:, 1:] != -100).sum())
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}

@@ -1,0 +1,274 @@
+"""One `train(cfg)` for every stage, on accelerate: one CPU, one GPU, or many (DDP / FSDP / ZeRO).
+
+A stage is its config: `trainable` says which groups learn, `data` what they learn from,
+`train.init_from` which checkpoint they start from. The loop:
+
+    for each optimizer step:
+        take grad_accum micro-batches; count their supervised tokens across all ranks (N)
+        for each micro-batch: loss = sum of token losses / N (x world size, undoing DDP's mean)
+        clip, set the warmup + cosine learning rate, step
+        log loss / lr / throughput; every save_every steps write a resume point + checkpoint
+
+A non-finite loss stops the run before the optimizer step: the last resume point and checkpoint
+on disk are the last good ones. Resume restores weights, optimizer, RNG and the data position,
+so a killed and resumed run produces the same numbers as an uninterrupted one.
+
+Outputs, in `train.output_dir`:
+    config.json, bridge.safetensors, …   the final seechat checkpoint (see seechat.model.checkpoint)
+    train/run.yaml                       the resolved run config
+    train/metrics.jsonl, train/loss.png  per-log-step metrics and the loss curve
+    train/resume/                        the latest resume point (seechat.train.state)
+    train/summary.json                   wall time, steps, final loss, skipped samples
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from seechat.config import ModelConfig, RunConfig, from_dict, load_config, save_config, to_dict
+from seechat.model.build import apply_trainable, build
+from seechat.model.checkpoint import load_checkpoint, read_meta, write_checkpoint
+from seechat.train.data import BatchStream, StreamSpec, count_supervised, to_device
+from seechat.train.plots import plot_loss_curve
+from seechat.train.state import Position, load_resume, save_resume
+
+log = logging.getLogger(__name__)
+
+# Architecture fields that must agree between a run and the checkpoint it starts from.
+_ARCH_FIELDS = ("vision", "bridge", "lm", "image_token")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf; the run stopped and kept its last good checkpoint."""
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    steps: int
+    final_loss: float
+    wall_seconds: float
+
+
+def lr_at(step: int, cfg: RunConfig) -> float:
+    """Linear warmup to optim.lr, then cosine decay to lr * min_lr_ratio at max_steps."""
+    o, total = cfg.optim, cfg.train.max_steps
+    if o.warmup_steps and step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    progress = (step - o.warmup_steps) / max(1, total - o.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * cosine)
+
+
+def check_init_matches(run: ModelConfig, ckpt: ModelConfig, path: str) -> None:
+    r, c = to_dict(run), to_dict(ckpt)
+    diff = [f"model.{k}" for k in _ARCH_FIELDS if r[k] != c[k]]
+    if diff:
+        raise ValueError(
+            f"train.init_from={path} was built with a different architecture ({', '.join(diff)} differ); "
+            "make the model section of this recipe match the checkpoint's config.json"
+        )
+
+
+def build_model(cfg: RunConfig):
+    """The model a run starts from: base experts, or the weights of `train.init_from`."""
+    if cfg.train.init_from:
+        meta = read_meta(cfg.train.init_from)
+        check_init_matches(cfg.model, from_dict(ModelConfig, meta["model"]), cfg.train.init_from)
+        model, processor = load_checkpoint(cfg.train.init_from)
+        processor.max_length = cfg.model.max_length
+    else:
+        model, processor = build(cfg.model)
+    apply_trainable(model, cfg.trainable)
+    return model, processor
+
+
+def make_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    if not decay and not no_decay:
+        raise ValueError("nothing to train: every parameter group is frozen in `trainable`")
+    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.optim.lr, betas=cfg.optim.betas)
+
+
+def train(cfg: RunConfig, resume: bool = True) -> TrainResult:
+    t_start = time.time()
+    acc = Accelerator(mixed_precision=cfg.train.mixed_precision)
+    out = Path(cfg.train.output_dir)
+    run_dir, resume_dir = out / "train", out / "train" / "resume"
+    torch.manual_seed(cfg.train.seed)
+
+    model, processor = build_model(cfg)
+    if cfg.train.gradient_checkpointing:
+        model.language_model.gradient_checkpointing_enable()
+    model.train()
+    optimizer = make_optimizer(model, cfg)
+
+    pos = Position()
+    state: dict = {}
+    if resume and (resume_dir / "state.json").is_file():
+        pos, state = load_resume(resume_dir, model, optimizer)
+        if _resume_key(state.get("config", {})) != _resume_key(to_dict(cfg)):
+            raise ValueError(f"{resume_dir} was written by a different config; pass --no-resume to start over")
+        log.info("resuming from step %d (%s)", pos.step, resume_dir)
+        if acc.is_main_process:
+            _truncate_metrics(run_dir / "metrics.jsonl", pos.step)
+    elif acc.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "run.yaml")
+        (run_dir / "metrics.jsonl").write_text("")
+    ranks_pos = state.get("data_positions", [[pos.epoch, pos.batches_in_epoch]] * acc.num_processes)
+    epoch, in_epoch = ranks_pos[acc.process_index]
+
+    model, optimizer = acc.prepare(model, optimizer)
+    spec = StreamSpec(cfg.train.batch_size, cfg.train.seed, acc.process_index, acc.num_processes)
+    stream = BatchStream(cfg.data, processor, spec, cfg.train.group_by_length, epoch, in_epoch, run_dir / "skipped")
+    core = acc.unwrap_model(model)
+
+    bar = tqdm(total=cfg.train.max_steps, initial=pos.step, desc=f"train {out.name}", unit="step",
+               disable=not acc.is_main_process, dynamic_ncols=True)
+    window_t, window_samples, window_tokens, loss_value = time.time(), 0, 0, float("nan")
+    while pos.step < cfg.train.max_steps:
+        micro = [_next_nonempty(stream) for _ in range(cfg.train.grad_accum)]
+        local = torch.tensor([sum(count_supervised(b) for b in micro), sum(b["input_ids"].shape[0] for b in micro)],
+                             device=acc.device)
+        n_items, n_samples = (int(x) for x in acc.reduce(local, reduction="sum"))
+        lr = lr_at(pos.step, cfg)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        step_loss = torch.zeros((), device=acc.device)
+        for i, batch in enumerate(micro):
+            batch = to_device(batch, acc.device)
+            sync = i == len(micro) - 1
+            with acc.no_sync(model) if not sync else nullcontext(), acc.autocast():
+                o = model(**batch, num_items_in_batch=n_items)
+                loss = o.loss * acc.num_processes  # DDP averages gradients over ranks; undo it
+            acc.backward(loss)
+            step_loss += o.loss.detach()
+        step_loss = acc.reduce(step_loss, reduction="sum")
+        loss_value = float(step_loss)
+        if not math.isfinite(loss_value):
+            bar.close()
+            raise NonFiniteLossError(
+                f"loss became {loss_value} at step {pos.step + 1}; stopped before the optimizer step. "
+                f"The last good resume point and checkpoint are in {out} (step {_last_saved(resume_dir)}). "
+                "Lower optim.lr, raise optim.warmup_steps, or check the data."
+            )
+        grad_norm = float(acc.clip_grad_norm_(core.parameters(), cfg.optim.grad_clip)) if cfg.optim.grad_clip else 0.0
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        pos.step += 1
+        pos.samples_seen += n_samples
+        pos.tokens_seen += n_items
+        window_samples += n_samples
+        window_tokens += n_items
+        bar.update(1)
+
+        if pos.step % cfg.train.log_every == 0 or pos.step == cfg.train.max_steps:
+            dt = max(time.time() - window_t, 1e-9)
+            row = {"step": pos.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
+                   "samples_per_s": window_samples / dt, "tokens_per_s": window_tokens / dt,
+                   "epoch": stream.epoch, "elapsed_s": time.time() - t_start}
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", sps=f"{row['samples_per_s']:.1f}")
+            if acc.is_main_process:
+                with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+                    f.write(json.dumps(row) + "\n")
+            window_t, window_samples, window_tokens = time.time(), 0, 0
+
+        if cfg.train.save_every and pos.step % cfg.train.save_every == 0 and pos.step < cfg.train.max_steps:
+            _save(acc, core, processor, optimizer, pos, stream, cfg, out, resume_dir)
+    bar.close()
+
+    _save(acc, core, processor, optimizer, pos, stream, cfg, out, resume_dir)
+    wall = time.time() - t_start
+    if acc.is_main_process:
+        plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss.png", title=f"{out.name}")
+        summary = {"status": "done", "steps": pos.step, "final_loss": loss_value, "wall_seconds": wall,
+                   "samples_seen": pos.samples_seen, "tokens_seen": pos.tokens_seen,
+                   "num_processes": acc.num_processes, "skipped_samples": _skipped(run_dir / "skipped")}
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False))
+        log.info("trained %d steps in %.1f s; final loss %.4f; checkpoint %s", pos.step, wall, loss_value, out)
+    acc.wait_for_everyone()
+    return TrainResult(out, pos.step, loss_value, wall)
+
+
+def _resume_key(cfg_dict: dict) -> dict:
+    """The config fields a resume must not change (logging/saving cadence may change)."""
+    train = {k: v for k, v in cfg_dict.get("train", {}).items() if k not in ("log_every", "save_every")}
+    return {**cfg_dict, "train": train}
+
+
+def _next_nonempty(stream: BatchStream) -> dict:
+    batch = next(stream)
+    while not batch:
+        batch = next(stream)
+    return batch
+
+
+def _save(acc, core, processor, optimizer, pos, stream, cfg, out: Path, resume_dir: Path) -> None:
+    pos.epoch, pos.batches_in_epoch = stream.epoch, stream.batches_in_epoch
+    positions = acc.gather(torch.tensor([[stream.epoch, stream.batches_in_epoch]], device=acc.device))
+    if acc.is_main_process:
+        extra = {"config": to_dict(cfg), "data_positions": positions.cpu().tolist()}
+        write_checkpoint(core, processor, out, keep=("train",))
+        save_resume(resume_dir, core, optimizer, pos, extra)
+    acc.wait_for_everyone()
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop rows logged after the resume point: they will be produced again."""
+    if path.is_file():
+        rows = [r for r in path.read_text().splitlines() if r.strip() and json.loads(r)["step"] <= step]
+        path.write_text("".join(r + "\n" for r in rows))
+
+
+def _last_saved(resume_dir: Path) -> int:
+    try:
+        return json.loads((resume_dir / "state.json").read_text())["position"]["step"]
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def _skipped(directory: Path) -> dict:
+    if not directory.is_dir():
+        return {"count": 0, "keys": []}
+    keys = []
+    for f in sorted(directory.glob("*.jsonl")):
+        keys += [json.loads(line).get("key") for line in f.read_text().splitlines() if line.strip()]
+    return {"count": len(keys), "keys": keys[:100]}
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Train one stage from a YAML recipe. Overrides are dotted key=value pairs, e.g. "
+        "`seechat train configs/mini/stage1.yaml train.max_steps=50 optim.lr=5e-4`. "
+        "Launch on several GPUs with `accelerate launch -m seechat.cli train ...`."
+    )
+    parser.add_argument("config", help="a YAML recipe (see configs/)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100")
+    parser.add_argument("--no-resume", action="store_true", help="ignore an existing resume point and start over")
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = load_config(args.config, args.overrides)
+    result = train(cfg, resume=not args.no_resume)
+    print(f"done: {result.steps} steps, final loss {result.final_loss:.4f}, {result.wall_seconds:.1f} s -> {result.output_dir}")
+    return 0

@@ -1,0 +1,202 @@
+"""The engine: same greedy tokens as the reference generator, alone or batched with others;
+image features and KV prefixes reused across turns; sampling, stops, cancellation and limits."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from seechat.infer.engine import Engine, EngineConfig, QueueFullError, RequestError
+from seechat.infer.generate import SamplingParams
+from seechat.infer.session import EngineChat, prompt_ids
+from tests.infer.tiny_engine import coloured
+
+GREEDY = SamplingParams(max_new_tokens=12)
+CONVERSATIONS = [
+    ([{"role": "user", "content": "<image>\n你好"}], 1),
+    ([{"role": "user", "content": "<image>\n图里有什么？请描述颜色和形状"}], 1),
+    ([{"role": "user", "content": "是什么颜色"}], 0),
+    ([{"role": "system", "content": "你是助手。"}, {"role": "user", "content": "<image>\n<image>\n比较两张图"}], 2),
+]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny):
+    model, processor = tiny
+    with Engine(model, processor, EngineConfig(max_batch_size=4)) as e:
+        yield e
+
+
+def _prompt(processor, k: int):
+    messages, n_img = CONVERSATIONS[k % len(CONVERSATIONS)]
+    return prompt_ids(processor, messages, n_img), [coloured(k + j) for j in range(n_img)]
+
+
+@pytest.mark.parametrize("fixture", ["tiny", "tiny_glm"])
+def test_greedy_equals_reference_generator(fixture, request):
+    model, processor = request.getfixturevalue(fixture)
+    with Engine(model, processor) as engine:
+        for k in range(len(CONVERSATIONS)):
+            ids, images = _prompt(processor, k)
+            pixels = processor.preprocess_images(images)
+            ref = model.generate(ids[None], None, pixels, GREEDY, processor.stop_token_ids)[0]
+            got = engine.generate(ids, images, GREEDY, cache_prefix=False)
+            assert got.token_ids == ref
+            assert got.text == processor.decode(ref) and got.prompt_tokens == ids.numel()
+
+
+def test_prompt_ids_equal_the_processor(tiny):
+    _, processor = tiny
+    for messages, n_img in CONVERSATIONS:
+        images = [coloured(j) for j in range(n_img)]
+        assert torch.equal(prompt_ids(processor, messages, n_img), processor.encode_prompt(messages, images).input_ids)
+    with pytest.raises(ValueError, match="1 <image> marker"):
+        prompt_ids(processor, CONVERSATIONS[0][0], 2)
+
+
+def test_concurrent_requests_are_batched_and_match_single_runs(engine, tiny):
+    _, processor = tiny
+    prompts = [_prompt(processor, k) for k in range(8)]
+    alone = [engine.generate(ids, images, GREEDY, cache_prefix=False).token_ids for ids, images in prompts]
+    steps_before = engine.counters["decode_steps"]
+    results: list[list[int] | None] = [None] * 24
+
+    def run(j: int) -> None:
+        ids, images = prompts[j % 8]
+        params = SamplingParams(max_new_tokens=12 - j % 5)  # rows leave at different steps
+        results[j] = engine.generate(ids, images, params, cache_prefix=False).token_ids
+
+    threads = [threading.Thread(target=run, args=(j,)) for j in range(24)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for j, got in enumerate(results):
+        assert got == alone[j % 8][: 12 - j % 5]
+    assert engine.counters["max_running"] > 1  # they really shared decode steps
+    assert engine.counters["decode_steps"] - steps_before < sum(len(r) for r in results)
+
+
+def test_image_features_and_prefix_are_reused_across_turns(tiny):
+    model, processor = tiny
+    with Engine(model, processor) as engine:
+        chat = EngineChat(engine, processor)
+        first = chat.ask("图里有什么？", [coloured(0)], GREEDY)
+        turn1 = chat.last
+        assert engine.counters["images_encoded"] == 1 and turn1.cached_tokens == 0
+        second = chat.ask("是什么颜色？", [], GREEDY)
+        turn2 = chat.last
+        assert engine.counters["images_encoded"] == 1  # the image was not encoded again
+        # the whole first turn (prompt + reply) came from the prefix cache
+        assert turn2.cached_tokens >= turn1.prompt_tokens + turn1.completion_tokens - 1
+        chat.ask("这张呢？", [coloured(1)], GREEDY)  # a second image joins the chat
+        assert engine.counters["images_encoded"] == 2 and len(chat.images) == 2
+        assert chat.last.cached_tokens >= turn2.prompt_tokens
+        assert [m["role"] for m in chat.messages] == ["user", "assistant"] * 3
+    # the same second turn without any cache gives the same reply
+    plain = EngineConfig(prefix_cache_mb=0, image_cache_entries=0, speculative_tokens=0)
+    with Engine(model, processor, plain) as fresh:
+        again = EngineChat(fresh, processor)
+        assert again.ask("图里有什么？", [coloured(0)], GREEDY) == first
+        assert again.ask("是什么颜色？", [], GREEDY) == second
+        assert again.last.cached_tokens == 0
+
+
+@pytest.mark.parametrize("fixture", ["tiny", "tiny_glm"])
+def test_speculative_decoding_gives_the_plain_greedy_tokens(fixture, request):
+    model, processor = request.getfixturevalue(fixture)
+    long = SamplingParams(max_new_tokens=48)
+    with Engine(model, processor, EngineConfig(speculative_tokens=0)) as plain, Engine(model, processor) as spec:
+        for k in range(len(CONVERSATIONS)):
+            ids, images = _prompt(processor, k)
+            for ignore_eos in (False, True):
+                want = plain.generate(ids, images, long, cache_prefix=False, ignore_eos=ignore_eos)
+                got = spec.generate(ids, images, long, cache_prefix=False, ignore_eos=ignore_eos)
+                assert got.token_ids == want.token_ids and got.text == want.text
+                assert got.finish_reason == want.finish_reason
+        assert spec.counters["accepted_drafts"] > 0  # random weights repeat themselves: drafts land
+        assert spec.counters["decode_steps"] < plain.counters["decode_steps"]
+        assert plain.counters["draft_tokens"] == 0
+
+
+def test_sampling_parameters(engine, tiny):
+    _, processor = tiny
+    ids, images = _prompt(processor, 1)
+    greedy = engine.generate(ids, images, GREEDY, cache_prefix=False)
+    top1 = engine.generate(ids, images, SamplingParams(max_new_tokens=12, temperature=1.0, top_k=1), cache_prefix=False)
+    assert top1.token_ids == greedy.token_ids
+    hot = SamplingParams(max_new_tokens=12, temperature=1.5, top_p=0.9, seed=7)
+    a, b = (engine.generate(ids, images, hot, cache_prefix=False) for _ in range(2))
+    assert a.token_ids == b.token_ids  # seeded sampling is reproducible
+    short = engine.generate(ids, images, SamplingParams(max_new_tokens=3), cache_prefix=False)
+    assert short.finish_reason == "length" and short.completion_tokens == 3
+    penalised = engine.generate(ids, images, SamplingParams(max_new_tokens=12, repetition_penalty=5.0), cache_prefix=False)
+    assert len(set(penalised.token_ids)) >= len(set(greedy.token_ids))
+
+
+def test_stop_strings_cut_the_text(engine, tiny):
+    _, processor = tiny
+    ids, images = _prompt(processor, 1)
+    full = engine.generate(ids, images, GREEDY, cache_prefix=False).text
+    stop = full[4:6]
+    events = list(engine.stream(ids, images, GREEDY, stop=[stop], cache_prefix=False))
+    text = "".join(e.text for e in events)
+    assert text == full[: full.find(stop)] and events[-1].finish_reason == "stop"
+    assert all(stop not in e.text for e in events)
+
+
+def test_cancel_frees_the_slot(engine, tiny):
+    _, processor = tiny
+    ids, images = _prompt(processor, 0)
+    stream = engine.stream(ids, images, SamplingParams(max_new_tokens=400), cache_prefix=False)
+    next(stream)
+    stream.close()
+    deadline = time.monotonic() + 10
+    while engine.stats()["running"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.stats()["running"] == 0
+
+
+def test_limits_and_errors(tiny):
+    model, processor = tiny
+    ids, images = _prompt(processor, 0)
+    with Engine(model, processor, EngineConfig(max_batch_size=1, max_waiting=1, max_model_len=64,
+                                               max_images_per_request=1)) as engine:
+        text_only, _ = _prompt(processor, 2)
+        with pytest.raises(RequestError, match="context is 64 tokens"):
+            engine.submit(torch.cat([text_only] * 5), [], GREEDY)
+        with pytest.raises(RequestError, match="image tokens but 0 image"):
+            engine.submit(ids, [], GREEDY)
+        with pytest.raises(RequestError, match="at most 1"):
+            engine.submit(ids, images * 2, GREEDY)
+        long = engine.stream(ids, images, SamplingParams(max_new_tokens=30), cache_prefix=False)
+        next(long)  # running: it holds the only batch slot
+        queued = engine.stream(ids, images, GREEDY, cache_prefix=False)  # waits
+        with pytest.raises(QueueFullError, match="retry later"):
+            engine.submit(ids, images, GREEDY)
+        assert list(long)[-1].finish_reason == "length"  # the context limit caps the reply
+        assert list(queued)[-1].finish_reason in ("stop", "length")
+    with Engine(model, processor, EngineConfig(request_timeout_s=0.0)) as engine:
+        assert list(engine.stream(ids, images, GREEDY))[-1].finish_reason == "timeout"
+
+
+def test_a_failing_step_fails_its_requests_only(tiny, monkeypatch):
+    model, processor = tiny
+    ids, images = _prompt(processor, 0)
+    with Engine(model, processor) as engine:
+        real = engine.runner.prefill
+        calls = []
+
+        def flaky(rows):
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError("boom")
+            return real(rows)
+
+        monkeypatch.setattr(engine.runner, "prefill", flaky)
+        last = list(engine.stream(ids, images, GREEDY))[-1]
+        assert last.finish_reason == "error" and "boom" in last.error
+        assert engine.generate(ids, images, GREEDY).completion_tokens > 0

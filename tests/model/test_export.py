@@ -1,0 +1,84 @@
+"""`seechat export --format llava-hf`: transformers' LLaVA loads the export and gives seechat's logits."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoProcessor, LlavaForConditionalGeneration, Qwen2Config
+
+from seechat.cli import main
+from seechat.config import TrainableConfig
+from seechat.infer.generate import SamplingParams
+from seechat.model import apply_trainable, build, load
+from seechat.model.export import ExportError, export_llava_hf
+from tests.helpers import model_config
+
+QUESTION = [{"role": "user", "content": "<image>\n图里有什么？"}]
+
+
+def _perturb(model) -> None:
+    """Move every weight off its init so a mapping mistake cannot hide behind symmetric values."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def _check_same_logits(ckpt, out, images):
+    model, processor = load(ckpt)
+    llava = LlavaForConditionalGeneration.from_pretrained(out).eval()
+    enc = processor.encode_prompt(QUESTION, images[:1])
+    with torch.no_grad():
+        ours = model(enc.input_ids[None], pixel_values=enc.pixel_values).logits
+        theirs = llava(input_ids=enc.input_ids[None], pixel_values=enc.pixel_values).logits
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+    return model, processor, llava, enc
+
+
+@pytest.mark.parametrize("vision", ["clip", "chinese_clip", "siglip"])
+def test_llava_export_gives_the_same_logits(experts, images, tmp_path, vision):
+    torch.manual_seed(0)
+    model, processor = build(model_config(experts, vision, "qwen2", "mlp2x_gelu"))
+    _perturb(model)
+    model.provenance["vision"] = model.provenance["lm"] = "full"  # save the perturbed experts too
+    model.save_pretrained(tmp_path / "ckpt", processor)
+    export_llava_hf(tmp_path / "ckpt", tmp_path / "llava")
+    model, processor, llava, enc = _check_same_logits(tmp_path / "ckpt", tmp_path / "llava", images)
+    # transformers' own processor and generate agree with seechat's
+    hf = AutoProcessor.from_pretrained(tmp_path / "llava")
+    text = processor.tokenizer.apply_chat_template(QUESTION, tokenize=False, add_generation_prompt=True)
+    inputs = hf(images=images[:1], text=[text], return_tensors="pt")
+    assert torch.equal(inputs["input_ids"][0], enc.input_ids)
+    torch.testing.assert_close(inputs["pixel_values"], enc.pixel_values)
+    ours = model.generate(enc.input_ids[None], None, enc.pixel_values, SamplingParams(max_new_tokens=8))[0]
+    with torch.no_grad():
+        theirs = llava.generate(**inputs, max_new_tokens=8, do_sample=False)[0, enc.input_ids.numel():].tolist()
+    assert theirs[: len(ours)] == ours
+
+
+def test_tied_embeddings_and_lora_are_exported(experts, images, tmp_path):
+    lm_path, _ = experts["lm"]["qwen2"]
+    cfg = Qwen2Config.from_pretrained(lm_path)
+    cfg.tie_word_embeddings = True
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "tied_lm")
+    mc = model_config(experts, "clip", "qwen2", "mlp2x_gelu")
+    mc = dataclasses.replace(mc, lm=dataclasses.replace(mc.lm, path=str(tmp_path / "tied_lm")))
+    model, processor = build(mc)
+    apply_trainable(model, TrainableConfig(bridge="full", lm="lora"))
+    _perturb(model)  # also moves the LoRA B matrices off zero, so the adapter matters
+    model.save_pretrained(tmp_path / "ckpt", processor)
+    assert load(tmp_path / "ckpt")[0].provenance["lm"] == "lora"
+    export_llava_hf(tmp_path / "ckpt", tmp_path / "llava")
+    _check_same_logits(tmp_path / "ckpt", tmp_path / "llava", images)
+
+
+def test_other_bridges_are_refused_clearly(experts, tmp_path, capsys):
+    model, processor = build(model_config(experts, bridge="qformer"))
+    model.save_pretrained(tmp_path / "ckpt", processor)
+    with pytest.raises(ExportError, match="needs the mlp2x_gelu bridge.*'qformer'"):
+        export_llava_hf(tmp_path / "ckpt", tmp_path / "out")
+    assert main(["export", "--format", "llava-hf", str(tmp_path / "ckpt"), str(tmp_path / "out")]) == 2
+    assert "mlp2x_gelu" in capsys.readouterr().err and not (tmp_path / "out").exists()
