@@ -52,6 +52,7 @@ def tiny_overrides(w: dict[str, str], out: str, **extra) -> list[str]:
         "model.max_length": 256,
         "train.output_dir": out,
         "train.log_every": 1,
+        "data.num_workers": 0,
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]

@@ -20,6 +20,8 @@ def load_vision_model(path: str, dtype: torch.dtype = torch.float32) -> PreTrain
     if getattr(config, "vision_config", None) is not None and getattr(config, "text_config", None) is not None:
         # A full CLIP-style dual encoder: keep only the vision half, as its own model class.
         full = AutoModel.from_pretrained(path, dtype=dtype)
+        if isinstance(full.vision_model, PreTrainedModel):  # Chinese-CLIP holds a whole vision model
+            return full.vision_model
         vision = AutoModel.from_config(full.config.vision_config, dtype=dtype)
         vision.vision_model.load_state_dict(full.vision_model.state_dict())
         return vision

@@ -212,11 +212,20 @@ def _resume_key(cfg_dict: dict) -> dict:
     return {**cfg_dict, "train": train}
 
 
+MAX_EMPTY_BATCHES = 50
+
+
 def _next_nonempty(stream: BatchStream) -> dict:
-    batch = next(stream)
-    while not batch:
+    """The next micro-batch with at least one usable sample; a stream of only unusable samples
+    (unreadable images, nothing supervised) is an error rather than an endless loop."""
+    for _ in range(MAX_EMPTY_BATCHES):
         batch = next(stream)
-    return batch
+        if batch:
+            return batch
+    raise ValueError(
+        f"{MAX_EMPTY_BATCHES} micro-batches in a row had no usable sample (see the warnings above: "
+        "unreadable images — is data.image_root right? — or no supervised token)"
+    )
 
 
 def _save(acc, core, processor, optimizer, pos, stream, cfg, out: Path, resume_dir: Path) -> None:

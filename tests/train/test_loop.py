@@ -51,7 +51,7 @@ def test_stage1_then_stage2_write_checkpoints(tiny_world, tmp_path):
     s2 = tmp_path / "s2"
     over = tiny_overrides(tiny_world, s2, **{
         "train.init_from": s1, "train.max_steps": 3, "train.batch_size": 4, "model.bridge.type": "qformer",
-        "model.bridge.num_queries": 8, "data.paths": f"{tiny_world['world']}/instruct/train.jsonl",
+        "model.bridge.num_queries": 8, "data.paths": f"{tiny_world['world']}/instruct/train.jsonl", "data.image_root": tiny_world["world"],
     })
     train(load_config(STAGE2, over))
     assert json.loads((s2 / "config.json").read_text())["parts"]["lm"] in ("full", "lora")
