@@ -41,22 +41,12 @@ VERBS: tuple[Verb, ...] = (
          "seechat.model.export:add_arguments", "seechat.model.export:run_from_args"),
     Verb(("eval", "winrate"), "caption win-rate experiment scored by Chinese-CLIP",
          "seechat.eval.winrate_cli:add_winrate_arguments", "seechat.eval.winrate_cli:run_winrate_from_args"),
-    Verb(("eval", "vqa"), "run a checkpoint on a VQA set and report accuracy per type",
-         "seechat.eval.run_cli:add_vqa_arguments", "seechat.eval.run_cli:run_vqa"),
-    Verb(("eval", "caption"), "caption an eval set and report CIDEr-D, BLEU-4, CLIPScore",
-         "seechat.eval.run_cli:add_caption_arguments", "seechat.eval.run_cli:run_caption"),
-    Verb(("eval", "grounding"), "run a checkpoint on referring expressions and report Acc@0.5",
-         "seechat.eval.run_cli:add_grounding_arguments", "seechat.eval.run_cli:run_grounding"),
     Verb(("data", "shards"), "turn TSV/CSV/JSONL image-caption lists into webdataset shards",
          "seechat.data.data_cli:add_shards_arguments", "seechat.data.data_cli:run_shards"),
     Verb(("data", "convert"), "convert LLaVA / MiniGPT-4 / ShareGPT data to seechat conversations",
          "seechat.data.data_cli:add_convert_arguments", "seechat.data.data_cli:run_convert"),
     Verb(("data", "translate"), "translate instruction data EN->ZH with a transformers model",
          "seechat.data.data_cli:add_translate_arguments", "seechat.data.data_cli:run_translate"),
-    Verb(("data", "filter"), "score pairs with Chinese-CLIP and keep the best",
-         "seechat.data.filter:add_arguments", "seechat.data.filter:run_from_args"),
-    Verb(("estimate",), "memory and time estimate for a recipe on N GPUs",
-         "seechat.train.estimate:add_arguments", "seechat.train.estimate:run_from_args"),
 )
 
 

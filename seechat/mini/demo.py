@@ -24,7 +24,7 @@ from seechat.config import load_config, to_dict
 from seechat.infer.chat import ChatSession
 from seechat.infer.generate import SamplingParams
 from seechat.mini.evaluate import evaluate_split, read_jsonl
-from seechat.mini.experts import train_experts
+from seechat.mini.experts import ClipRecipe, LMRecipe, train_experts
 from seechat.mini.world import WorldConfig, build_world
 from seechat.model import load
 from seechat.train.loop import train
@@ -87,7 +87,9 @@ def sample_dialogue(checkpoint: Path, world: Path) -> list[tuple[str, str]]:
 
 def demo(out: str | Path = "runs/mini", redo: tuple[str, ...] = (), bridge: str | None = None,
          world_cfg: WorldConfig | None = None, stage_extra: dict[str, list[str]] | None = None,
-         eval_limit: int = 0) -> dict:
+         eval_limit: int = 0, clip_recipe: ClipRecipe = ClipRecipe(), lm_recipe: LMRecipe = LMRecipe()) -> dict:
+    """Run (or reuse) every step under `out`; returns the results written to `<out>/results.json`.
+    The keyword arguments after `bridge` shrink the run for tests."""
     t0 = time.time()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -97,7 +99,7 @@ def demo(out: str | Path = "runs/mini", redo: tuple[str, ...] = (), bridge: str 
           else f"[world] reusing {world}")
     build_world(world, world_cfg or WorldConfig(), force="world" in redo, workers=2)
     print("[experts] mini Chinese-CLIP and mini Chinese LM")
-    paths = train_experts(world, out / "experts", force="experts" in redo)
+    paths = train_experts(world, out / "experts", clip_recipe, lm_recipe, force="experts" in redo)
     run_stage(out, "stage1", bridge, extra.get("stage1", []), "stage1" in redo)
     s2 = run_stage(out, "stage2", bridge, extra.get("stage2", []), "stage2" in redo)
     t_train = time.time() - t0

@@ -1,0 +1,35 @@
+"""The verb table: every verb resolves to importable functions and has --help; bad verbs are clear."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from seechat.cli import VERBS, _resolve, main
+
+
+@pytest.mark.parametrize("verb", VERBS, ids=[" ".join(v.words) for v in VERBS])
+def test_every_verb_resolves_and_builds_its_parser(verb):
+    parser = argparse.ArgumentParser()
+    _resolve(verb.add_arguments)(parser)
+    assert callable(_resolve(verb.run))
+    assert parser.format_help()
+
+
+def test_help_lists_verbs(capsys):
+    assert main(["--help"]) == 0
+    assert "demo" in capsys.readouterr().out
+
+
+def test_unknown_verbs_are_clear(capsys):
+    assert main(["bogus"]) == 2
+    assert "unknown verb 'bogus'" in capsys.readouterr().err
+    assert main(["data"]) == 2
+    assert "takes a sub-verb: shards" in capsys.readouterr().err
+
+
+def test_bad_arguments_exit_2():
+    with pytest.raises(SystemExit) as e:
+        main(["train"])  # the recipe argument is missing
+    assert e.value.code == 2
