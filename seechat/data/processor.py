@@ -124,13 +124,18 @@ class SeeChatProcessor:
             pixel_values=self.preprocess_images(list(images)[:n_img]),
         )
 
-    def encode_prompt(self, messages: Sequence[dict[str, str]], images: Sequence[Image.Image] = ()) -> Encoded:
-        """An inference prompt: the conversation so far plus the assistant generation prompt."""
-        self._check_markers(messages, len(images))
+    def prompt_ids(self, messages: Sequence[dict[str, str]], n_images: int) -> torch.Tensor:
+        """Token ids of the conversation so far plus the generation prompt, image markers
+        expanded; no pixels are touched (a serving engine encodes only images it has not seen). (T,)"""
+        self._check_markers(messages, n_images)
         text = render(self.tokenizer, messages, add_generation_prompt=True)
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         ids, _ = self._expand(ids, [IGNORE_INDEX] * len(ids))
-        return Encoded(torch.tensor(ids, dtype=torch.long), None, self.preprocess_images(list(images)))
+        return torch.tensor(ids, dtype=torch.long)
+
+    def encode_prompt(self, messages: Sequence[dict[str, str]], images: Sequence[Image.Image] = ()) -> Encoded:
+        """An inference prompt: the conversation so far plus the assistant generation prompt."""
+        return Encoded(self.prompt_ids(messages, len(images)), None, self.preprocess_images(list(images)))
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)

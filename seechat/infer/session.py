@@ -17,29 +17,15 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
-from seechat.data.conversation import render
 from seechat.data.processor import SeeChatProcessor
 from seechat.infer.engine import Engine, StreamEvent
 from seechat.infer.generate import SamplingParams
 
 
 def prompt_ids(processor: SeeChatProcessor, messages: Sequence[dict[str, str]], n_images: int) -> torch.Tensor:
-    """Token ids of `messages` plus the generation prompt, each image marker expanded to the
-    bridge's token count — `processor.encode_prompt(...).input_ids` without preprocessing images
-    (the engine encodes only images it has not seen)."""
-    marker = processor.image_token
-    n_markers = sum(m["content"].count(marker) for m in messages)
-    if n_markers != n_images:
-        raise ValueError(
-            f"the conversation has {n_markers} {marker} marker(s) but {n_images} image(s); "
-            "put one marker where each image belongs"
-        )
-    text = render(processor.tokenizer, messages, add_generation_prompt=True)
-    ids = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
-    out: list[int] = []
-    for t in ids:
-        out.extend([t] * processor.num_image_tokens if t == processor.image_token_id else [t])
-    return torch.tensor(out, dtype=torch.long)
+    """`processor.encode_prompt(...).input_ids` without preprocessing images (the engine encodes
+    only images it has not seen); see `SeeChatProcessor.prompt_ids`."""
+    return processor.prompt_ids(messages, n_images)
 
 
 @dataclass

@@ -12,7 +12,6 @@ import glob
 import json
 import math
 import os
-import shutil
 import tarfile
 import time
 from collections.abc import Callable, Iterator
@@ -25,6 +24,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from seechat.atomic import atomic_directory
 from seechat.mini.tokenizer import ASCII
 from seechat.mini.world import load_manifest
 
@@ -85,20 +85,9 @@ def run_atomic(out: Path, marker: dict[str, Any], force: bool, write: Callable[[
     """Unless `out` is already done: `write(tmp) -> stats`, add `done.json`, rename tmp to `out`."""
     if not force and is_done(out, marker):
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp, old = out.with_name(f".{out.name}.tmp-{os.getpid()}"), out.with_name(f".{out.name}.old-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_directory(out) as tmp:
         stats = write(tmp)
         (tmp / DONE).write_text(json.dumps({**marker, **stats}, ensure_ascii=False, indent=1), encoding="utf-8")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        out.rename(old)  # a non-empty directory cannot be replaced by one rename
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
     return out
 
 

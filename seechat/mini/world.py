@@ -38,7 +38,6 @@ import io
 import json
 import os
 import random
-import shutil
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from multiprocessing import get_context
@@ -47,6 +46,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from seechat.atomic import atomic_directory
 from seechat.data.shards import ShardWriter
 from seechat.mini import text
 from seechat.mini.scenes import Scene, fingerprint, generate_scene, render
@@ -328,18 +328,6 @@ def build_world(out_dir: str | os.PathLike[str], cfg: WorldConfig | None = None,
             existing = None
         if existing is not None and existing.config == cfg:
             return existing
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_directory(out) as tmp:
         manifest = _build_into(tmp, cfg, workers, progress)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        out.rename(old)  # two renames: a non-empty directory cannot be replaced in one
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
     return WorldManifest(out, cfg, manifest.counts, manifest.files)

@@ -16,14 +16,13 @@ leaves a half-written checkpoint where a good one was.
 from __future__ import annotations
 
 import json
-import shutil
-import uuid
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoImageProcessor, AutoTokenizer
 
+from seechat.atomic import atomic_directory
 from seechat.config import ModelConfig, from_dict, to_dict
 from seechat.data.processor import SeeChatProcessor
 from seechat.model.build import DTYPES, assemble, load_language_model
@@ -55,14 +54,9 @@ def write_checkpoint(
     keep: tuple[str, ...] = (),
 ) -> Path:
     """Save model + processor into `directory` atomically; returns the final path.
-
-    `keep`: sub-folders of an existing `directory` to carry over into the new one (a training
-    run keeps its `train/` records beside the checkpoint it overwrites)."""
+    `keep`: sub-folders of an existing `directory` to carry over (see `atomic_directory`)."""
     final = Path(directory)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with atomic_directory(final, keep) as tmp:
         parts = {"vision": _part_mode(model, "vision"), "lm": _part_mode(model, "lm")}
         save_file(_contiguous(model.bridge.state_dict()), tmp / BRIDGE_NAME)
         _save_part(model.vision_tower.model, parts["vision"], tmp, "vision_tower", "vision_adapter")
@@ -77,13 +71,6 @@ def write_checkpoint(
             **(extra or {}),
         }
         (tmp / CONFIG_NAME).write_text(json.dumps(meta, ensure_ascii=False, indent=2), encoding="utf-8")
-        for name in keep:
-            if (final / name).exists():
-                (final / name).rename(tmp / name)
-        _swap_into_place(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
 
@@ -92,16 +79,6 @@ def _save_part(module, mode: str, root: Path, full_name: str, adapter_name: str)
         module.save_pretrained(root / full_name, safe_serialization=True)
     elif mode == "lora":
         module.save_pretrained(root / adapter_name, safe_serialization=True)
-
-
-def _swap_into_place(tmp: Path, final: Path) -> None:
-    if final.exists():
-        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(final)
 
 
 def read_meta(directory: str | Path) -> dict:

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from seechat.atomic import atomic_directory
 
 
 @dataclass
@@ -97,26 +97,13 @@ def save_resume(
     extra: dict[str, Any],
 ) -> None:
     """Write a resume point atomically (temp dir + rename); the previous one survives a crash."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with atomic_directory(directory) as tmp:
         params = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
         save_file(params, tmp / "trainable.safetensors")
         opt_tensors, opt_meta = optimizer_to_flat(optimizer)
         save_file({**opt_tensors, **rng_tensors()}, tmp / "optimizer.safetensors")
         state = {"position": asdict(position), "optimizer": opt_meta, "rng": rng_state(), **extra}
         (tmp / "state.json").write_text(json.dumps(state, ensure_ascii=False, indent=1), encoding="utf-8")
-        if directory.exists():
-            old = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex[:8]}"
-            directory.rename(old)
-            tmp.rename(directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def load_resume(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[Position, dict]:
