@@ -57,8 +57,7 @@ def _done(out_dir: Path, cfg_dict: dict) -> bool:
     summary, run = out_dir / "train" / "summary.json", out_dir / "train" / "run.yaml"
     if not summary.is_file() or not run.is_file():
         return False
-    return json.loads(summary.read_text()).get("status") == "done" and load_config(run) is not None and \
-        to_dict(load_config(run)) == cfg_dict
+    return json.loads(summary.read_text()).get("status") == "done" and to_dict(load_config(run)) == cfg_dict
 
 
 def run_stage(out: Path, stage: str, bridge: str | None, extra: list[str], redo: bool) -> Path:
