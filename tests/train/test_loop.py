@@ -75,7 +75,7 @@ def test_killed_and_resumed_run_matches_uninterrupted(tiny_world, tmp_path):
     killed = tmp_path / "killed"
     args = [sys.executable, "-m", "seechat.cli", "train", str(STAGE1), *stage1_overrides(tiny_world, killed, **common)]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])})
     state = killed / "train" / "resume" / "state.json"
     deadline = time.time() + 240
     while not state.exists() and proc.poll() is None and time.time() < deadline:

@@ -1,0 +1,200 @@
+"""Training-step throughput of the reference recipes on one accelerator: the rate a GPU consumes.
+
+Builds the reference architectures with random weights (speed does not depend on weight values):
+Chinese-CLIP ViT-L/14 @ 336 px (`ChineseCLIPVisionModel`) + Qwen2.5-7B (`Qwen2ForCausalLM`) +
+a Q-Former bridge (32 queries), stitched by seechat's own `SeeChatModel` and made trainable by
+seechat's own `apply_trainable`, in bf16, then times full training steps (forward, backward,
+AdamW step) on synthetic batches of the recipe's shapes:
+
+- stage 1: vision and LM frozen, bridge trained (the gradient still flows back through the 7B LM's
+  activations to the bridge). A sample = one image + `--s1-text` text tokens (a short caption).
+- stage 2: bridge + LM trained (full), gradient checkpointing on. A sample = one image +
+  `--s2-text` text tokens. Pure bf16 here (weights, grads and AdamW moments, ~60 GB for 7B on one
+  card); accelerate's bf16 mixed precision keeps fp32 master weights and moments, which FSDP /
+  ZeRO shard over 8 GPUs — memory differs, the compute per sample is the same.
+
+Reported: samples (= images) / s per GPU, tokens / s, achieved model TFLOP/s and MFU against the
+card's dense bf16 peak (`--peak-tflops`). Model FLOPs per sample, with N_lm the LM's parameters
+(embedding excluded, LM head included), N_v the vision tower's, T the sequence length, P the
+vision tokens per image; attention's T^2 terms are left out (T <= 1 k here):
+
+    stage 1: 2 N_v P (vision fwd) + 2 N_lm T (LM fwd) + 2 N_lm T (LM backward, input grads only)
+    stage 2: 2 N_v P + 6 N_lm T            (recomputation by checkpointing is not counted)
+
+    python benchmarks/bench_train_step.py --preset reference      # on a GPU
+    python benchmarks/bench_train_step.py --preset tiny --device cpu --steps 2  # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import dataclass
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch  # noqa: E402
+from transformers import ChineseCLIPVisionConfig, ChineseCLIPVisionModel, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+
+from seechat.config import BridgeConfig, LoraConfig, ModelConfig, TrainableConfig, VisionConfig  # noqa: E402
+from seechat.model.bridges import build_bridge  # noqa: E402
+from seechat.model.build import apply_trainable  # noqa: E402
+from seechat.model.seechat import SeeChatModel  # noqa: E402
+from seechat.model.vision import VisionTower  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Preset:
+    vision: dict
+    lm: dict
+    bridge: BridgeConfig
+
+
+PRESETS = {
+    # OFA-Sys/chinese-clip-vit-large-patch14-336px's vision tower and Qwen/Qwen2.5-7B-Instruct's config.
+    "reference": Preset(
+        vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                    image_size=336, patch_size=14, projection_dim=768),
+        lm=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768, rope_theta=1e6,
+                tie_word_embeddings=False),
+        bridge=BridgeConfig(type="qformer", num_queries=32, num_layers=2, num_heads=16, hidden_size=1024),
+    ),
+    "tiny": Preset(
+        vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    image_size=56, patch_size=14, projection_dim=32),
+        lm=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=1000, max_position_embeddings=4096, tie_word_embeddings=False),
+        bridge=BridgeConfig(type="qformer", num_queries=8, num_layers=2, num_heads=4, hidden_size=64),
+    ),
+}
+IMAGE_TOKEN_ID = 7  # any id inside the vocabulary: the synthetic batches place it themselves
+
+
+def build(preset: Preset, device: torch.device, dtype: torch.dtype) -> SeeChatModel:
+    cfg = ModelConfig(vision=VisionConfig(feature_layer=-2, select="patch"), bridge=preset.bridge,
+                      dtype={torch.bfloat16: "bfloat16", torch.float32: "float32"}[dtype], attn_implementation="sdpa")
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # initialise straight in bf16: a 7B model never exists in fp32
+    try:
+        with torch.device(device):
+            vision = ChineseCLIPVisionModel(ChineseCLIPVisionConfig(**preset.vision))
+            lm = Qwen2ForCausalLM(Qwen2Config(**preset.lm, attn_implementation="sdpa"))
+    finally:
+        torch.set_default_dtype(default)
+    tower = VisionTower(vision, cfg.vision)
+    bridge = build_bridge(cfg.bridge, tower.hidden_size, lm.config.hidden_size, tower.num_features).to(device, dtype)
+    return SeeChatModel(cfg, tower, bridge, lm, IMAGE_TOKEN_ID)
+
+
+def count(module: torch.nn.Module, skip_embeddings: bool = False) -> int:
+    emb = module.get_input_embeddings().weight.numel() if skip_embeddings else 0
+    return sum(p.numel() for p in module.parameters()) - emb
+
+
+def batch(model: SeeChatModel, b: int, text: int, device: torch.device) -> dict:
+    n_img = model.num_image_tokens
+    vocab = model.language_model.config.vocab_size
+    ids = torch.randint(100, vocab, (b, n_img + text), device=device)
+    ids[:, :n_img] = IMAGE_TOKEN_ID
+    labels = ids.clone()
+    labels[:, : n_img + text // 3] = -100  # the prompt part is not supervised
+    size = model.vision_tower.image_size
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
+            "pixel_values": torch.randn(b, 3, size, size, device=device)}
+
+
+def time_steps(model: SeeChatModel, b: int, text: int, steps: int, warmup: int, device: torch.device) -> float:
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
+    data = batch(model, b, text, device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for i in range(warmup + steps):
+        if i == warmup:
+            sync()
+            t0 = time.perf_counter()
+        model(**data).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    sync()
+    return (time.perf_counter() - t0) / steps
+
+
+def run_stage(name: str, model: SeeChatModel, trainable: TrainableConfig, checkpointing: bool, batches: list[int],
+              text: int, args, device: torch.device, flops_per_sample) -> list[dict]:
+    apply_trainable(model, trainable)
+    lm = model.language_model
+    if checkpointing:
+        lm.gradient_checkpointing_enable()
+    model.train()
+    rows = []
+    for b in batches:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            dt = time_steps(model, b, text, args.steps, args.warmup, device)
+        except torch.OutOfMemoryError:
+            rows.append({"stage": name, "batch": b, "error": "out of memory"})
+            print(json.dumps(rows[-1]), flush=True)
+            break
+        tflops = flops_per_sample * b / dt / 1e12
+        row = {"stage": name, "batch": b, "seq_len": model.num_image_tokens + text, "step_s": round(dt, 4),
+               "samples_per_s": round(b / dt, 1), "tokens_per_s": round(b * (model.num_image_tokens + text) / dt),
+               "model_tflops": round(tflops, 1), "mfu": round(tflops / args.peak_tflops, 3)}
+        if device.type == "cuda":
+            row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    for p in model.parameters():
+        p.grad = None
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="reference")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--s1-batches", default="32,64,128", help="stage-1 per-GPU batch sizes to time")
+    ap.add_argument("--s2-batches", default="4,8", help="stage-2 per-GPU batch sizes to time")
+    ap.add_argument("--s1-text", type=int, default=48, help="text tokens per stage-1 sample (template + caption)")
+    ap.add_argument("--s2-text", type=int, default=480, help="text tokens per stage-2 sample (a conversation)")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the card (H100/H200 SXM: 989)")
+    ap.add_argument("--stages", default="1,2")
+    ap.add_argument("--json", default="", help="also write the rows to this file")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    t0 = time.time()
+    model = build(PRESETS[args.preset], device, dtype)
+    n_v, n_lm = count(model.vision_tower.model), count(model.language_model, skip_embeddings=True)
+    p = model.vision_tower.num_features
+    info = {"preset": args.preset, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+            "torch": torch.__version__, "vision_params": n_v, "lm_params_no_embedding": n_lm,
+            "bridge_params": count(model.bridge), "vision_tokens": p, "image_tokens": model.num_image_tokens,
+            "build_s": round(time.time() - t0, 1)}
+    print(json.dumps(info), flush=True)
+    rows: list[dict] = []
+    stages = {s.strip() for s in args.stages.split(",")}
+    if "1" in stages:
+        t1 = model.num_image_tokens + args.s1_text
+        rows += run_stage("stage1", model, TrainableConfig(vision="frozen", bridge="full", lm="frozen"), False,
+                          [int(x) for x in args.s1_batches.split(",")], args.s1_text, args, device,
+                          2 * n_v * p + 4 * n_lm * t1)
+    if "2" in stages:
+        t2 = model.num_image_tokens + args.s2_text
+        rows += run_stage("stage2", model, TrainableConfig(vision="frozen", bridge="full", lm="full", lora=LoraConfig()),
+                          True, [int(x) for x in args.s2_batches.split(",")], args.s2_text, args, device,
+                          2 * n_v * p + 6 * n_lm * t2)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"info": info, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
