@@ -8,54 +8,29 @@ under the mini Chinese-CLIP scorer. Predictions are written next to the report.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Sequence
 from pathlib import Path
 
 from PIL import Image
-from tqdm.auto import tqdm
 
-from seechat.data.collate import collate
 from seechat.data.processor import SeeChatProcessor
 from seechat.eval.bleu import bleu
 from seechat.eval.cider import cider_d
 from seechat.eval.grounding import grounding_accuracy
+from seechat.eval.run import (
+    CAPTION_PROMPT,
+    GROUNDING_PROMPT,
+    VQA_PROMPT,
+    answer_batch,
+    read_jsonl,
+    write_jsonl,
+)
 from seechat.eval.scorer import ChineseClipScorer
 from seechat.eval.vqa import vqa_accuracy
 from seechat.eval.winrate import JsonlImages, run_winrate
-from seechat.infer.generate import SamplingParams, generate
 from seechat.model.seechat import SeeChatModel
 
-CAPTION_PROMPT = "<image>\n请用一句话描述这张图片。"
-GROUNDING_PROMPT = "<image>\n请给出{expr}的位置（坐标框）。"
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def answer_batch(
-    model: SeeChatModel,
-    processor: SeeChatProcessor,
-    prompts: Sequence[str],
-    images: Sequence[Image.Image],
-    batch_size: int = 64,
-    max_new_tokens: int = 48,
-    desc: str = "generate",
-) -> list[str]:
-    """Greedy one-turn answers, one per (prompt with one <image>, image)."""
-    out: list[str] = []
-    params = SamplingParams(max_new_tokens=max_new_tokens)
-    stops = processor.stop_token_ids
-    for i in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch"):
-        encs = [
-            processor.encode_prompt([{"role": "user", "content": p}], [im])
-            for p, im in zip(prompts[i : i + batch_size], images[i : i + batch_size], strict=True)
-        ]
-        b = collate(encs, processor.tokenizer.pad_token_id, side="left")
-        ids = generate(model, b["input_ids"], b["attention_mask"], b["pixel_values"], params, stops)
-        out.extend(processor.decode(x).strip() for x in ids)
-    return out
+# answer_batch and read_jsonl are re-exported: seechat.mini.demo and older callers import them from here.
+__all__ = ["CAPTION_PROMPT", "GROUNDING_PROMPT", "answer_batch", "evaluate_split", "read_jsonl"]
 
 
 def _load_images(world: Path, rows: list[dict]) -> dict[str, Image.Image]:
@@ -82,7 +57,7 @@ def evaluate_split(
         vqa, grd, caps = vqa[:limit], grd[:limit], caps[:limit]
     images = _load_images(world, vqa + grd + caps)
 
-    vqa_pred = answer_batch(model, processor, [f"<image>\n{r['question']}" for r in vqa],
+    vqa_pred = answer_batch(model, processor, [VQA_PROMPT.format(**r) for r in vqa],
                             [images[r["image"]] for r in vqa], desc="vqa")
     vqa_res = vqa_accuracy(vqa_pred, [r["answer"] for r in vqa], [r["type"] for r in vqa])
     grd_pred = answer_batch(model, processor, [GROUNDING_PROMPT.format(expr=r["expression"]) for r in grd],
@@ -91,18 +66,18 @@ def evaluate_split(
     cap_pred = answer_batch(model, processor, [CAPTION_PROMPT] * len(caps),
                             [images[r["image"]] for r in caps], desc="captions")
 
-    _write_jsonl(out / "vqa_predictions.jsonl",
+    write_jsonl(out / "vqa_predictions.jsonl",
                  [{**r, "prediction": p} for r, p in zip(vqa, vqa_pred, strict=True)])
-    _write_jsonl(out / "grounding_predictions.jsonl",
+    write_jsonl(out / "grounding_predictions.jsonl",
                  [{**r, "prediction": p} for r, p in zip(grd, grd_pred, strict=True)])
     captions_file = out / "captions.jsonl"
-    _write_jsonl(captions_file, [{"image": r["image"], "caption": p} for r, p in zip(caps, cap_pred, strict=True)])
+    write_jsonl(captions_file, [{"image": r["image"], "caption": p} for r, p in zip(caps, cap_pred, strict=True)])
 
     refs = [r["references"] for r in caps]
     exact = sum(p == r["references"][0] for p, r in zip(cap_pred, caps, strict=True)) / max(1, len(caps))
     alt_file = out / "alt_text.jsonl"
     alt_rows = {r["image"]: r for r in read_jsonl(world / split / "alt_text.jsonl")}
-    _write_jsonl(alt_file, [{"image": r["image"], "caption": alt_rows[r["image"]]["caption"]} for r in caps])
+    write_jsonl(alt_file, [{"image": r["image"], "caption": alt_rows[r["image"]]["caption"]} for r in caps])
     source = JsonlImages(captions_file, image_root=world)
     scorer = ChineseClipScorer.from_pretrained(str(scorer_path))
     wr = run_winrate(source.ids, source.load, {"model": captions_file, "alt_text": alt_file}, scorer,
@@ -123,6 +98,3 @@ def evaluate_split(
         "caption_images": len(caps),
     }
 
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
