@@ -4,9 +4,9 @@
   becomes a one-turn conversation, its instruction chosen by a hash of the sample key (so the
   choice is the same on every replay, whatever the RNG state).
 - `kind: conversations` reads conversation files into memory-light records; an epoch is a seeded
-  permutation cut into micro-batches (length-grouped within mega-batches to cut padding), and
-  rank r takes micro-batches r, r+W, r+2W … — so W processes see exactly the samples one process
-  would with a W-times larger batch.
+  permutation cut into global batches (length-grouped within mega-batches to cut padding), and
+  rank r takes the r-th contiguous part of each — so W processes see exactly the global batches
+  one process would with a W-times larger batch, in the same order.
 
 Either way the stream can be restarted at (epoch, micro-batches consumed) and yields exactly the
 batches an uninterrupted run would have. Encoding (tokenise, label, load + preprocess images)
@@ -120,14 +120,21 @@ def epoch_batches(dataset: ConversationDataset, spec: StreamSpec, epoch: int, gr
         mega = global_batch * 32
         chunks = [order[i : i + mega] for i in range(0, len(order), mega)]
         order = [i for c in chunks for i in sorted(c, key=dataset.length_hint, reverse=True)]
-    batches = [order[i : i + spec.batch_size] for i in range(0, len(order), spec.batch_size)]
-    n_full_rounds = len(batches) // spec.world_size  # every rank gets the same number of batches
-    batches = batches[: n_full_rounds * spec.world_size]
-    if group_by_length:  # mix long and short batches over time, keeping rank rounds together
-        rounds = [batches[i : i + spec.world_size] for i in range(0, len(batches), spec.world_size)]
+    # Cut global batches first, then split each across ranks: the batches (and the shuffle below,
+    # which draws on their count) are then those of one process with a W-times larger batch, the
+    # epoch's short last batch included. Only a short batch that cannot give every rank a sample
+    # is dropped, after the shuffle so that the others keep their order.
+    rounds = [order[i : i + global_batch] for i in range(0, len(order), global_batch)]
+    if group_by_length:  # mix long and short batches over time
         rng.shuffle(rounds)
-        batches = [b for r in rounds for b in r]
-    return batches[spec.rank :: spec.world_size]
+    return [_rank_share(r, spec.rank, spec.world_size) for r in rounds if len(r) >= spec.world_size]
+
+
+def _rank_share(global_batch: list[int], rank: int, world_size: int) -> list[int]:
+    """Rank `rank`'s contiguous part of one global batch; parts differ in size by at most one."""
+    n, extra = divmod(len(global_batch), world_size)
+    start = rank * n + min(rank, extra)
+    return global_batch[start : start + n + (rank < extra)]
 
 
 def _collate_skipping(pad_id: int, samples: list[Encoded | None]) -> dict | None:

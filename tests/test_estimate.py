@@ -1,0 +1,119 @@
+"""`seechat estimate`: the activation formula equals what autograd saves, the memory arithmetic
+equals a hand computation, the bridge is measured right, and the verb runs end to end.
+(Parameter formulas: tests/model/test_sizes.py.)"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Qwen2Config
+
+from seechat.cli import main
+from seechat.config import load_config
+from seechat.estimate import (
+    DS_REDUCE_BUCKET,
+    GIB,
+    ParamMemory,
+    Setup,
+    bridge_profile,
+    estimate,
+    lm_layer_activation_bytes,
+    parameter_memory,
+)
+from seechat.model.sizes import expert_config, lm_shape, vision_shape
+from tests.conftest import tiny_overrides
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def numel(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _saved_bytes(layers: int, config: Qwen2Config, dtype: torch.dtype, learns: bool, tokens: int) -> int:
+    """Bytes of the distinct tensors autograd saves in one forward, weights and input excluded."""
+    config.num_hidden_layers = layers
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).to(dtype).train()
+    model.requires_grad_(learns)
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    embeds = torch.randn(1, tokens, config.hidden_size, dtype=dtype, requires_grad=True)
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in weights and ptr != embeds.untyped_storage().data_ptr():
+            saved[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(inputs_embeds=embeds)
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("learns", [True, False], ids=["lm-learns", "lm-frozen"])
+def test_layer_activation_formula_equals_what_autograd_saves(dtype, learns):
+    config = Qwen2Config(vocab_size=50, hidden_size=64, intermediate_size=160, num_attention_heads=4,
+                         num_key_value_heads=2, tie_word_embeddings=False, attn_implementation="sdpa")
+    tokens = 96
+    # one layer more, the same everything else: the difference is exactly one decoder layer
+    per_token = (_saved_bytes(2, config, dtype, learns, tokens) - _saved_bytes(1, config, dtype, learns, tokens)) / tokens
+    act_bytes = 4 if dtype == torch.float32 else 2
+    assert per_token == lm_layer_activation_bytes(lm_shape(config), act_bytes, learns)
+
+
+def test_parameter_memory_matches_a_hand_computation():
+    # 1000 B of weights; 100 trainable params = 200 B (bf16); units: a layer 50 B, the root 300 B
+    m = ParamMemory(weights=1000, trainable=200, n_trainable=100, layer=50, root=300, largest_module=120)
+
+    def lines(strategy):
+        return {line.name: line.bytes for line in parameter_memory(m, strategy, gpus=4)}
+
+    assert lines("ddp") == {"weights": 1000, "gradients": 2 * 200, "optimizer": 2 * 200}
+    assert lines("fsdp") == {"weights": 1000 / 4 + 300 + 2 * 50, "gradients": 200 / 4, "optimizer": 400 / 4}
+    bucket = min(DS_REDUCE_BUCKET, 100) * 2
+    assert lines("zero2") == {"weights": 1000, "gradients": 200 / 4 + bucket, "optimizer": 12 * 100 / 4}
+    assert lines("zero3") == {"weights": 1000 / 4 + 2 * 120, "gradients": 200 / 4 + bucket, "optimizer": 300}
+    with pytest.raises(ValueError, match="ddp, fsdp, zero2, zero3"):
+        parameter_memory(m, "zero1", 4)
+
+
+def test_bridge_profile_on_the_meta_device_matches_the_real_bridge():
+    cfg = load_config(CONFIGS / "reference" / "stage1_mlp_qwen2.5-7b.yaml")
+    vision, lm = vision_shape(expert_config(cfg.model.vision.path)), lm_shape(expert_config(cfg.model.lm.path))
+    p = bridge_profile(cfg, vision, lm)
+    assert p.num_tokens == 576 and p.params == (1024 * 3584 + 3584) + (3584 * 3584 + 3584)
+    # mlp2x_gelu keeps its input, the GELU input and the GELU output: (1024 + 2 x 3584) x 576 x bf16
+    assert p.saved_bytes_per_image == (1024 + 2 * 3584) * 576 * 2
+
+
+def test_estimate_of_tiny_local_experts_counts_the_built_model(tiny_world, tmp_path):
+    from seechat.model.build import build
+
+    cfg = load_config(CONFIGS / "mini" / "stage2.yaml", tiny_overrides(tiny_world, tmp_path, **{"model.bridge.type": "qformer"}))
+    e = estimate(cfg, Setup(gpus=2, strategy="fsdp"))
+    model, _ = build(cfg.model)
+    counts = {part: n for part, _, n, _, _ in e.parts}
+    assert counts["vision"] == numel(model.vision_tower)
+    assert counts["bridge"] == numel(model.bridge)
+    assert counts["lm"] == numel(model.language_model)
+    assert all(source == "local config.json" for part, *_, source in e.parts if part != "bridge")
+
+
+def test_cli_prints_memory_time_and_assumptions(capsys):
+    recipe = str(CONFIGS / "reference" / "stage2_qformer_qwen2.5-7b.yaml")
+    assert main(["estimate", recipe, "--gpus", "8", "--gpu", "h100", "--strategy", "zero3", "--mfu", "0.5"]) == 0
+    out = capsys.readouterr().out
+    for text in ("8 x H100 SXM 80GB, zero3", "7615.6 M", "weights", "gradients", "optimizer", "activations",
+                 "gradient checkpointing on (off:", "fits", "GPU-hours", "MFU 50%", "157,712 conversations"):
+        assert text in out, text
+    cfg = load_config(recipe)
+    e = estimate(cfg, Setup(gpus=8, gpu="h100", strategy="zero3", mfu=0.5))
+    assert f"{e.total_bytes / GIB:.1f} GiB" in out
+    # the time is FLOPs / (GPUs x peak x MFU)
+    assert e.wall_seconds == pytest.approx(157_712 * sum(e.flops_per_sample.values()) / (8 * 989e12 * 0.5))
+    with pytest.raises(SystemExit):
+        main(["estimate", recipe, "--gpu", "v100"])
