@@ -18,6 +18,7 @@ import argparse
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from seechat.config import load_config, to_dict
@@ -34,22 +35,39 @@ STEPS = ("world", "experts", "stage1", "stage2", "eval")
 RECIPES = Path(__file__).resolve().parents[2] / "configs" / "mini"
 
 
-def stage_overrides(out: Path, stage: str, bridge: str | None) -> list[str]:
-    """Point a mini recipe at `out` (and optionally another bridge)."""
-    exp = out / "experts"
+@dataclass(frozen=True)
+class Assets:
+    """What the stage recipes read: the world and the two experts (the CLIP is also the scorer)."""
+
+    world: Path
+    vision: Path
+    lm: Path
+    lm_tokenizer: Path
+    scorer: Path
+
+    @classmethod
+    def of_run(cls, run: Path) -> Assets:
+        exp = Path(run) / "experts"
+        return cls(Path(run) / "world", exp / "clip", exp / "lm", exp / "lm" / "tokenizer", exp / "clip")
+
+
+def stage_overrides(assets: Assets, stage: str, out_dir: Path, bridge: str | None = None,
+                    init_from: Path | None = None) -> list[str]:
+    """Point a mini recipe at the world and experts, write to `out_dir` (optionally another bridge)."""
     over = [
-        f"model.vision.path={exp / 'clip'}",
-        f"model.lm.path={exp / 'lm'}",
-        f"model.lm.tokenizer_path={exp / 'lm' / 'tokenizer'}",
-        f"train.output_dir={out / stage}",
+        f"model.vision.path={assets.vision}",
+        f"model.lm.path={assets.lm}",
+        f"model.lm.tokenizer_path={assets.lm_tokenizer}",
+        f"train.output_dir={out_dir}",
     ]
     if bridge:
         over.append(f"model.bridge.type={bridge}")
     if stage == "stage1":
-        over.append(f"data.paths=[{out / 'world' / 'pairs' / 'train'}/*.tar]")
+        over.append(f"data.paths=[{assets.world / 'pairs' / 'train'}/*.tar]")
     else:
-        over += [f"data.paths=[{out / 'world' / 'instruct' / 'train.jsonl'}]",
-                 f"data.image_root={out / 'world'}", f"train.init_from={out / 'stage1'}"]
+        over += [f"data.paths=[{assets.world / 'instruct' / 'train.jsonl'}]", f"data.image_root={assets.world}"]
+    if init_from is not None:
+        over.append(f"train.init_from={init_from}")
     return over
 
 
@@ -60,8 +78,10 @@ def _done(out_dir: Path, cfg_dict: dict) -> bool:
     return json.loads(summary.read_text()).get("status") == "done" and to_dict(load_config(run)) == cfg_dict
 
 
-def run_stage(out: Path, stage: str, bridge: str | None, extra: list[str], redo: bool) -> Path:
-    cfg = load_config(RECIPES / f"{stage}.yaml", stage_overrides(out, stage, bridge) + extra)
+def run_stage(assets: Assets, out_dir: Path, stage: str, bridge: str | None, extra: list[str], redo: bool = False,
+              init_from: Path | None = None) -> Path:
+    """Train one mini stage (or reuse a finished run with the same config); later overrides win."""
+    cfg = load_config(RECIPES / f"{stage}.yaml", stage_overrides(assets, stage, out_dir, bridge, init_from) + extra)
     target = Path(cfg.train.output_dir)
     if not redo and _done(target, to_dict(cfg)):
         print(f"[{stage}] reusing finished run in {target}")
@@ -99,8 +119,9 @@ def demo(out: str | Path = "runs/mini", redo: tuple[str, ...] = (), bridge: str 
     build_world(world, world_cfg or WorldConfig(), force="world" in redo, workers=2)
     print("[experts] mini Chinese-CLIP and mini Chinese LM")
     paths = train_experts(world, out / "experts", clip_recipe, lm_recipe, force="experts" in redo)
-    run_stage(out, "stage1", bridge, extra.get("stage1", []), "stage1" in redo)
-    s2 = run_stage(out, "stage2", bridge, extra.get("stage2", []), "stage2" in redo)
+    assets = Assets.of_run(out)
+    s1 = run_stage(assets, out / "stage1", "stage1", bridge, extra.get("stage1", []), "stage1" in redo)
+    s2 = run_stage(assets, out / "stage2", "stage2", bridge, extra.get("stage2", []), "stage2" in redo, init_from=s1)
     t_train = time.time() - t0
 
     print("[eval] held-out test split")
