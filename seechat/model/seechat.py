@@ -26,7 +26,7 @@ from seechat.model.vision import VisionTower
 
 @dataclass
 class SeeChatOutput:
-    logits: torch.Tensor  # (B, T, V)
+    logits: torch.Tensor | None  # (B, T, V); None when the forward was asked for the loss only
     loss: torch.Tensor | None = None  # scalar
     cache: object | None = None  # the LM's KV cache when use_cache
     num_items: int = 0  # supervised tokens in this batch
@@ -92,25 +92,35 @@ class SeeChatModel(nn.Module):
         position_ids: torch.Tensor | None = None,
         num_items_in_batch: int | None = None,
         logits_to_keep: int = 0,
+        return_logits: bool = True,
     ) -> SeeChatOutput:
         """`num_items_in_batch`: divide the summed loss by this many tokens (gradient accumulation
         and data parallelism pass the global count so the mean is over the true global batch).
-        `logits_to_keep`: compute logits for only the last k positions (0 = all), as in decoding."""
+        `logits_to_keep`: compute logits for only the last k positions (0 = all), as in decoding.
+        `return_logits=False` (training, with `labels`): the LM head runs only at positions that
+        predict a supervised token, and no logits are returned. Same loss; with a 150 k vocabulary
+        the (B, T, V) fp32 logits of image and prompt positions are most of a stage-1 step's memory."""
         if image_features is None and pixel_values is not None:
             image_features = self.encode_images(pixel_values)
         embeds = self.embed(input_ids, image_features)
+        keep: int | torch.Tensor = logits_to_keep
+        if labels is not None and not return_logits:
+            keep = supervised_positions(labels)  # (K,) positions whose next token is supervised
         out = self.language_model(
             inputs_embeds=embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
             cache=cache,
             use_cache=use_cache,
-            logits_to_keep=logits_to_keep,
+            logits_to_keep=keep,
         )
         if labels is None:
             return SeeChatOutput(logits=out.logits, cache=out.cache)
-        loss, n = causal_lm_loss(out.logits, labels, num_items_in_batch)
-        return SeeChatOutput(logits=out.logits, loss=loss, cache=out.cache, num_items=n)
+        if return_logits:
+            loss, n = causal_lm_loss(out.logits, labels, num_items_in_batch)
+            return SeeChatOutput(logits=out.logits, loss=loss, cache=out.cache, num_items=n)
+        loss, n = token_loss(out.logits, labels[:, keep + 1], num_items_in_batch)
+        return SeeChatOutput(logits=None, loss=loss, cache=out.cache, num_items=n)
 
     # Persistence and generation are thin methods over seechat.model.checkpoint and
     # seechat.infer.generate, imported lazily because those modules build on this one.
@@ -135,11 +145,24 @@ class SeeChatModel(nn.Module):
         return generate(self, input_ids, attention_mask, pixel_values, params or SamplingParams(), stop_token_ids)
 
 
+def supervised_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Positions t (any row) whose next label is supervised: the only logits the loss reads. (K,)"""
+    return (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+
+
 def causal_lm_loss(
     logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: int | None = None
 ) -> tuple[torch.Tensor, int]:
     """Next-token cross-entropy summed over supervised positions, divided by the item count."""
-    shift_labels = labels[:, 1:]  # (B, T-1)
+    return token_loss(logits[:, :-1], labels[:, 1:], num_items_in_batch)
+
+
+def token_loss(
+    logits: torch.Tensor, targets: torch.Tensor, num_items_in_batch: int | None = None
+) -> tuple[torch.Tensor, int]:
+    """Cross-entropy of aligned logits (B, K, V) and targets (B, K), summed over targets != -100 and
+    divided by `num_items_in_batch` (default: their count)."""
+    shift_labels = targets
     n = int((shift_labels != IGNORE_INDEX).sum())
     if n == 0:
         raise NoSupervisedTokensError(
@@ -147,7 +170,7 @@ def causal_lm_loss(
             "zero. Usual causes: the chat template does not match the LLM's tokenizer, or every "
             "assistant reply was truncated by model.max_length"
         )
-    shift_logits = logits[:, :-1].float()  # (B, T-1, V)
+    shift_logits = logits.float()  # (B, K, V)
     loss = F.cross_entropy(
         shift_logits.reshape(-1, shift_logits.shape[-1]),
         shift_labels.reshape(-1),

@@ -27,13 +27,14 @@ import argparse
 import json
 import logging
 import math
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedType
 from tqdm.auto import tqdm
 
 from seechat.config import ModelConfig, RunConfig, from_dict, load_config, save_config, to_dict
@@ -105,9 +106,27 @@ def make_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimi
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.optim.lr, betas=cfg.optim.betas)
 
 
+def check_launch(acc: Accelerator) -> None:
+    """Refuse launches whose checkpoints would be silently wrong, before any compute is spent."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != acc.num_processes:
+        raise RuntimeError(
+            f"launched as {launched} processes (WORLD_SIZE) but accelerate runs {acc.num_processes}: each process "
+            "would train alone and write the same output. Without a GPU, set ACCELERATE_USE_CPU=1 for torchrun, "
+            "or use `accelerate launch --num_processes N`"
+        )
+    if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise RuntimeError(
+            f"{acc.distributed_type.value}: seechat's checkpoint and resume writers save rank 0's unsharded "
+            "parameters and optimizer state, which under FSDP / DeepSpeed hold one shard only, so every "
+            "checkpoint would be wrong. Use DDP (configs/accelerate/ddp.yaml); see docs/distributed.md"
+        )
+
+
 def train(cfg: RunConfig, resume: bool = True) -> TrainResult:
     t_start = time.time()
     acc = Accelerator(mixed_precision=cfg.train.mixed_precision)
+    check_launch(acc)
     out = Path(cfg.train.output_dir)
     run_dir, resume_dir = out / "train", out / "train" / "resume"
     torch.manual_seed(cfg.train.seed)
@@ -155,7 +174,7 @@ def train(cfg: RunConfig, resume: bool = True) -> TrainResult:
             batch = to_device(batch, acc.device)
             sync = i == len(micro) - 1
             with acc.no_sync(model) if not sync else nullcontext(), acc.autocast():
-                o = model(**batch, num_items_in_batch=n_items)
+                o = model(**batch, num_items_in_batch=n_items, return_logits=False)
                 loss = o.loss * acc.num_processes  # DDP averages gradients over ranks; undo it
             acc.backward(loss)
             step_loss += o.loss.detach()

@@ -86,3 +86,26 @@ def test_left_padded_batch_matches_single(experts, images):
     together = model.generate(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], SamplingParams(max_new_tokens=6))
     alone = [model.generate(e.input_ids[None], None, e.pixel_values, SamplingParams(max_new_tokens=6))[0] for e in (short, long)]
     assert together == alone
+
+
+@pytest.mark.parametrize("lm", LM_ARCHS)
+def test_loss_only_forward_equals_full_logits_loss(experts, images, lm):
+    """Training's `return_logits=False` runs the LM head only where a supervised token is predicted:
+    the loss and every gradient equal those of the full-logits forward."""
+    torch.manual_seed(0)
+    model, proc = build(model_config(experts, "clip", lm, "mlp2x_gelu"))
+    short = [*CONVERSATION[:2], {"role": "assistant", "content": "好"}]
+    encs = [proc.encode_conversation(CONVERSATION, images[:1]), proc.encode_conversation(short, images[1:2])]
+    batch = collate(encs, proc.tokenizer.pad_token_id)
+    grads = []
+    for return_logits in (True, False):
+        model.zero_grad()
+        out = model(**batch, num_items_in_batch=7, return_logits=return_logits)
+        out.loss.backward()
+        grads.append((out.loss.detach(), out.num_items, [p.grad.clone() for p in model.bridge.parameters()]))
+        assert (out.logits is None) == (not return_logits)
+    (full, n_full, g_full), (kept, n_kept, g_kept) = grads
+    torch.testing.assert_close(kept, full, rtol=1e-6, atol=1e-6)
+    assert n_kept == n_full
+    for a, b in zip(g_full, g_kept, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

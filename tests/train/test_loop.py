@@ -103,3 +103,11 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_world, tmp_path):
     assert step >= 1
     assert all(map(lambda x: x == x and abs(x) < float("inf"), losses(out)))
     load(out)  # the checkpoint on disk is complete and loadable
+
+
+def test_torchrun_that_accelerate_does_not_see_is_refused(tiny_world, tmp_path, monkeypatch):
+    """WORLD_SIZE=2 but accelerate sees one process: N separate runs into one folder; refuse."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match="WORLD_SIZE"):
+        train(load_config(STAGE1, stage1_overrides(tiny_world, tmp_path / "x", **{"train.max_steps": 1})))
+    assert not (tmp_path / "x" / "train" / "resume").exists()
