@@ -149,8 +149,10 @@ def lm_layer_activation_bytes(lm: LMShape, act_bytes: int, linear_inputs_saved: 
 
 
 def logits_peak_bytes(lm: LMShape, act_bytes: int) -> float:
-    """Per token, at the loss backward: the logits (act dtype), their fp32 log-softmax, and the
-    fp32 gradient flowing in and out of it (seechat's loss upcasts logits to fp32)."""
+    """Per position the LM head runs at, at the loss backward: the logits (act dtype), their fp32
+    log-softmax, and the fp32 gradient flowing in and out of it (seechat's loss upcasts logits to
+    fp32). Training runs the head only at positions that predict a supervised token
+    (`return_logits=False`), never at image tokens: at most the text positions."""
     return lm.vocab * (act_bytes + 12)
 
 
@@ -173,7 +175,8 @@ def activation_memory(cfg: RunConfig, lm: LMShape, vision: VisionShape, bridge: 
     if lora_dropout:
         layer += (a + 1) * sum(i for i, _ in lm.linears().values())
     final_norm = 4 * lm.hidden + (2 * a * lm.hidden if learns else 0)
-    logits = logits_peak_bytes(lm, a)
+    # the LM head runs at text positions only (at most; only supervised ones in fact)
+    logits = logits_peak_bytes(lm, a) * max(0, seq_len - bridge.num_tokens) / seq_len
     images = batch * (bridge.saved_bytes_per_image if cfg.trainable.bridge == "full" else 0)
     if cfg.trainable.vision != "frozen":  # ViT layers: norms, q/k/v/out, fc1 + gelu (approximate)
         v = vision
@@ -310,7 +313,7 @@ def estimate(cfg: RunConfig, setup: Setup, recipe: str = "") -> Estimate:
         "vision tower frozen: runs forward only and keeps no activations (no gradient reaches it)"
         if t.vision == "frozen" else "vision tower trains: ViT activations approximated, not calibrated",
         "LM activations: per-layer formula calibrated on transformers' Qwen2 code with SDPA (no S^2 attention "
-        "matrix); logits upcast to fp32 for the loss over every position, image tokens included",
+        "matrix); logits (upcast to fp32 for the loss) only at text positions: training runs the LM head where a supervised token is predicted, never at image tokens",
         "FLOPs: 2 per multiply-add; backward = 1x forward for a frozen/LoRA LM (input gradients), 2x when it "
         "learns; checkpointing adds one forward of the decoder layers; padding not counted",
         "not counted: CUDA context, NCCL buffers, allocator fragmentation (keep ~10% free); data loading "
