@@ -237,7 +237,8 @@ def detailed_caption(scene: Scene, rng: random.Random) -> str:
     n = len(scene.objects)
     parts = [rng.choice(DETAILED_INTROS).format(bg=scene.background, n=CN_NUMBER[n])]
     if n == 1:
-        parts[0] = parts[0].replace("一共有一个", "只有一个").replace("有一个图形", "只有一个图形")
+        one = "一共有一个" if "一共有一个" in parts[0] else "有一个"  # never both: "只只有"
+        parts[0] = parts[0].replace(one, "只有一个", 1)
     for o in scene.objects:
         parts.append(rng.choice(DETAILED_OBJECTS).format(
             pos=LOCATIVE[o.position], size=o.size, colour=o.colour, shape=o.shape))

@@ -156,6 +156,13 @@ def test_captions_name_every_object_and_vary(scenes: list[Scene]) -> None:
     assert len(frames) >= 6 and len(intros) >= 4, (frames, intros)
 
 
+def test_one_object_intro_says_only_one_once(scenes: list[Scene]) -> None:
+    singles = [s for s in scenes if len(s.objects) == 1]
+    intros = {T.detailed_caption(s, random.Random(i)).split("。")[0] for s in singles for i in range(8)}
+    assert len(singles) >= 10 and not any("只只" in x for x in intros), intros
+    assert any("上面只有一个图形" in x for x in intros) and any("画面中只有一个图形" in x for x in intros)
+
+
 def test_alt_text_kinds(scenes: list[Scene]) -> None:
     rng = random.Random(0)
     for s in scenes[:100]:
