@@ -58,11 +58,11 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from transformers import ChineseCLIPImageProcessor  # noqa: E402
 
 from seechat.config import DataConfig, load_config  # noqa: E402
-from seechat.data.pairs import _iter_tar_samples, check_sample, expand_shards  # noqa: E402
+from seechat.data.pairs import check_sample, expand_shards, iter_tar_samples  # noqa: E402
 from seechat.data.processor import SeeChatProcessor  # noqa: E402
 from seechat.data.shards import ShardWriter, encode_image  # noqa: E402
 from seechat.mini.tokenizer import build_char_tokenizer  # noqa: E402
-from seechat.train.data import PairToEncoded, StreamSpec, _collate_skipping, pair_batches  # noqa: E402
+from seechat.train.data import PairToEncoded, StreamSpec, collate_skipping, pair_batches  # noqa: E402
 
 REFERENCE = Path("configs/reference/stage1_qformer_qwen2.5-7b.yaml")
 INSTRUCTIONS = ("<image>\n请用一句话描述这张图片。", "<image>\n简要描述图片内容。")
@@ -97,7 +97,7 @@ def prepare(setting: Setting, world: Path, root: Path) -> tuple[str, Path, list[
     per_shard = math.ceil(setting.samples / 4)  # >= 2 shards per worker at 2 workers
     with ShardWriter(shards_dir, max_samples_per_shard=per_shard) as writer:
         for shard in expand_shards(str(world / "pairs" / "train" / "*.tar")):
-            for key, members in _iter_tar_samples(shard):
+            for key, members in iter_tar_samples(shard):
                 sample = check_sample(key, members, "txt")
                 data = sample.image_bytes
                 if setting.source_side is not None:
@@ -179,7 +179,7 @@ def naive_batches(
     dataset = FilePairs(files, rows, PairToEncoded(processor, INSTRUCTIONS))
     loader = DataLoader(
         dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
-        collate_fn=partial(_collate_skipping, processor.tokenizer.pad_token_id),
+        collate_fn=partial(collate_skipping, processor.tokenizer.pad_token_id),
         generator=torch.Generator().manual_seed(0),
     )
     return iter(loader)

@@ -46,12 +46,12 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from seechat.atomic import atomic_directory
 from seechat.data.pairs import (
     CorruptSample,
-    _image_ext,
-    _iter_tar_member_names,
-    _iter_tar_samples,
     check_sample,
     decode_rgb,
     expand_shards,
+    image_ext,
+    iter_tar_member_names,
+    iter_tar_samples,
 )
 from seechat.data.shards import MAX_LISTED_FAILURES, ShardWriter, encode_image
 from seechat.eval.scorer import ChineseClipScorer
@@ -180,13 +180,13 @@ class _ShardReader(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         for s in range(worker, len(self.shards), workers):
-            for i, (key, members) in enumerate(_iter_tar_samples(self.shards[s])):
+            for i, (key, members) in enumerate(iter_tar_samples(self.shards[s])):
                 yield _read(s, i, key, members, self.text_field)
 
 
 def count_samples(shards: Sequence[str]) -> int:
     """Samples in the shards, from tar headers only (for the progress bar's ETA)."""
-    return sum(1 for shard in shards for _ in _iter_tar_member_names(shard))
+    return sum(1 for shard in shards for _ in iter_tar_member_names(shard))
 
 
 def _progress(enabled: bool, total: int | None, desc: str, unit: str) -> Any:
@@ -273,7 +273,7 @@ def _write_kept(
     for s, shard in enumerate(shards):
         n = 0
         name = os.path.basename(shard)
-        for i, (key, members) in enumerate(_iter_tar_samples(shard)):
+        for i, (key, members) in enumerate(iter_tar_samples(shard)):
             n += 1
             if i >= len(per_shard[s]):
                 raise RuntimeError(f"{shard} changed while filtering (more samples than when scored)")
@@ -294,7 +294,7 @@ def _write_kept(
                 continue
             encoded = check_sample(key, members, text_field)  # passed in pass 1
             image = encoded.image_bytes
-            if _image_ext(members) not in JPEG_EXTS:
+            if image_ext(members) not in JPEG_EXTS:
                 image = encode_image(image, quality=95)
                 reencoded += 1
             meta = {**encoded.meta, "clip_score": round(score, 6)}

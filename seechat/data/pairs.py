@@ -91,7 +91,7 @@ def _split_key(name: str) -> tuple[str, str]:
     return (f"{directory}/{stem}" if directory else stem), (ext.lower() if dot else "")
 
 
-def _iter_tar_samples(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+def iter_tar_samples(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Stream (key, {ext: bytes}) groups of consecutive members sharing a key."""
     key, members = None, {}
     try:
@@ -112,8 +112,8 @@ def _iter_tar_samples(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
         yield key, members
 
 
-def _iter_tar_member_names(path: str) -> Iterator[tuple[str, set[str]]]:
-    """Like :func:`_iter_tar_samples` but reads headers only (seeks over the data)."""
+def iter_tar_member_names(path: str) -> Iterator[tuple[str, set[str]]]:
+    """Like :func:`iter_tar_samples` but reads headers only (seeks over the data)."""
     key, exts = None, set()
     try:
         with tarfile.open(path, "r:*") as tar:
@@ -177,7 +177,7 @@ def _raw_samples(plan: SlotPlan) -> Iterator[tuple[str, str, dict[str, bytes]]]:
     """(shard, key, members) for the samples this plan keeps, in stream order."""
     index = 0
     for shard in plan.shards:
-        for key, members in _iter_tar_samples(shard):
+        for key, members in iter_tar_samples(shard):
             if index % plan.modulus == plan.remainder:
                 yield shard, key, members
             index += 1
@@ -200,7 +200,7 @@ class CorruptSample(ValueError):
     """Raised internally for a sample that must be skipped; the message is the reason."""
 
 
-def _image_ext(members: dict[str, bytes]) -> str:
+def image_ext(members: dict[str, bytes]) -> str:
     for ext in IMAGE_EXTS:
         if ext in members:
             return ext
@@ -263,7 +263,7 @@ def _text(members: dict[str, bytes], meta: dict[str, Any], text_field: str) -> s
 
 def check_sample(key: str, members: dict[str, bytes], text_field: str) -> _Encoded:
     """The cheap, deterministic validity check (no pixel decoding). Raises :class:`CorruptSample`."""
-    ext = _image_ext(members)
+    ext = image_ext(members)
     meta = _parse_meta(members, required=text_field != "txt")
     text = _text(members, meta, text_field)
     _check_image_header(members[ext], ext)
@@ -536,7 +536,7 @@ class PairShardDataset(IterableDataset):
         plan = self._plan(worker, num_workers)
         index = samples = 0
         for shard in plan.shards:
-            for _, exts in _iter_tar_member_names(shard):
+            for _, exts in iter_tar_member_names(shard):
                 if index % plan.modulus == plan.remainder and _structurally_complete(exts, self.text_field):
                     samples += 1
                 index += 1

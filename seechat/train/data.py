@@ -137,7 +137,7 @@ def _rank_share(global_batch: list[int], rank: int, world_size: int) -> list[int
     return global_batch[start : start + n + (rank < extra)]
 
 
-def _collate_skipping(pad_id: int, samples: list[Encoded | None]) -> dict | None:
+def collate_skipping(pad_id: int, samples: list[Encoded | None]) -> dict | None:
     kept = [s for s in samples if s is not None]
     return collate(kept, pad_id) if kept else None
 
@@ -151,7 +151,7 @@ def conversation_batches(
         dataset,
         batch_sampler=plan,
         num_workers=cfg.num_workers,
-        collate_fn=partial(_collate_skipping, dataset.processor.tokenizer.pad_token_id),
+        collate_fn=partial(collate_skipping, dataset.processor.tokenizer.pad_token_id),
         persistent_workers=False,
     )
     for batch in loader:
@@ -176,7 +176,7 @@ def pair_batches(
         dataset,
         batch_size=spec.batch_size,
         num_workers=cfg.num_workers,
-        collate_fn=partial(_collate_skipping, processor.tokenizer.pad_token_id),
+        collate_fn=partial(collate_skipping, processor.tokenizer.pad_token_id),
     )
     for batch in loader:
         yield batch or {}
