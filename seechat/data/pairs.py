@@ -201,6 +201,7 @@ class CorruptSample(ValueError):
 
 
 def image_ext(members: dict[str, bytes]) -> str:
+    """The extension of a sample's image member (the first of IMAGE_EXTS present)."""
     for ext in IMAGE_EXTS:
         if ext in members:
             return ext

@@ -138,6 +138,7 @@ def _rank_share(global_batch: list[int], rank: int, world_size: int) -> list[int
 
 
 def collate_skipping(pad_id: int, samples: list[Encoded | None]) -> dict | None:
+    """Collate the samples that decoded (None marks a skipped one); None when none did."""
     kept = [s for s in samples if s is not None]
     return collate(kept, pad_id) if kept else None
 
