@@ -162,18 +162,17 @@ def token_loss(
 ) -> tuple[torch.Tensor, int]:
     """Cross-entropy of aligned logits (B, K, V) and targets (B, K), summed over targets != -100 and
     divided by `num_items_in_batch` (default: their count)."""
-    shift_labels = targets
-    n = int((shift_labels != IGNORE_INDEX).sum())
+    n = int((targets != IGNORE_INDEX).sum())
     if n == 0:
         raise NoSupervisedTokensError(
             "this batch has no supervised token (every label is -100): the loss would be silently "
             "zero. Usual causes: the chat template does not match the LLM's tokenizer, or every "
             "assistant reply was truncated by model.max_length"
         )
-    shift_logits = logits.float()  # (B, K, V)
+    logits = logits.float()  # (B, K, V)
     loss = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.shape[-1]),
-        shift_labels.reshape(-1),
+        logits.reshape(-1, logits.shape[-1]),
+        targets.reshape(-1),
         ignore_index=IGNORE_INDEX,
         reduction="sum",
     )
