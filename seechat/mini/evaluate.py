@@ -21,6 +21,7 @@ from seechat.eval.run import (
     GROUNDING_PROMPT,
     VQA_PROMPT,
     answer_batch,
+    caption_exact_match,
     read_jsonl,
     write_jsonl,
 )
@@ -74,7 +75,7 @@ def evaluate_split(
     write_jsonl(captions_file, [{"image": r["image"], "caption": p} for r, p in zip(caps, cap_pred, strict=True)])
 
     refs = [r["references"] for r in caps]
-    exact = sum(p == r["references"][0] for p, r in zip(cap_pred, caps, strict=True)) / max(1, len(caps))
+    exact = sum(caption_exact_match(p, r["references"]) for p, r in zip(cap_pred, caps, strict=True)) / max(1, len(caps))
     alt_file = out / "alt_text.jsonl"
     alt_rows = {r["image"]: r for r in read_jsonl(world / split / "alt_text.jsonl")}
     write_jsonl(alt_file, [{"image": r["image"], "caption": alt_rows[r["image"]]["caption"]} for r in caps])
