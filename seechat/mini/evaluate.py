@@ -31,11 +31,48 @@ from seechat.eval.winrate import JsonlImages, run_winrate
 from seechat.model.seechat import SeeChatModel
 
 # answer_batch and read_jsonl are re-exported: seechat.mini.demo and older callers import them from here.
-__all__ = ["CAPTION_PROMPT", "GROUNDING_PROMPT", "answer_batch", "evaluate_split", "read_jsonl"]
+__all__ = ["CAPTION_PROMPT", "GROUNDING_PROMPT", "answer_batch", "answer_split", "evaluate_split", "load_images",
+           "read_jsonl"]
 
 
-def _load_images(world: Path, rows: list[dict]) -> dict[str, Image.Image]:
+def load_images(world: Path, rows: list[dict]) -> dict[str, Image.Image]:
+    """Each row's image (paths relative to the world root), by path, each opened once."""
     return {r["image"]: Image.open(world / r["image"]).convert("RGB") for r in rows}
+
+
+def answer_split(
+    model: SeeChatModel,
+    processor: SeeChatProcessor,
+    images: dict[str, Image.Image],
+    vqa: list[dict],
+    grounding: list[dict],
+    captions: list[dict],
+    batch_size: int = 64,
+    tag: str = "",
+) -> tuple[dict, dict[str, list[str]]]:
+    """Greedy answers to the VQA questions, referring expressions and caption prompts of the given
+    rows, and the metrics that need no scorer: (VQA per type + grounding Acc@0.5, predictions by
+    task: "vqa", "grounding", "captions")."""
+
+    def ask(prompts: list[str], rows: list[dict], what: str) -> list[str]:
+        return answer_batch(model, processor, prompts, [images[r["image"]] for r in rows], batch_size,
+                            desc=f"{what} {tag}".strip())
+
+    model.eval()
+    preds = {
+        "vqa": ask([VQA_PROMPT.format(**r) for r in vqa], vqa, "vqa"),
+        "grounding": ask([GROUNDING_PROMPT.format(expr=r["expression"]) for r in grounding], grounding, "grounding"),
+        "captions": ask([CAPTION_PROMPT] * len(captions), captions, "captions"),
+    }
+    vqa_res = vqa_accuracy(preds["vqa"], [r["answer"] for r in vqa], [r["type"] for r in vqa])
+    metrics = {
+        "vqa_accuracy": vqa_res.accuracy,
+        "vqa_accuracy_by_type": vqa_res.per_type,
+        "vqa_questions": len(vqa),
+        "grounding_acc_at_0.5": grounding_accuracy(preds["grounding"], [r["box"] for r in grounding]).accuracy,
+        "grounding_items": len(grounding),
+    }
+    return metrics, preds
 
 
 def evaluate_split(
@@ -50,22 +87,13 @@ def evaluate_split(
     """All mini-world metrics of one checkpoint on `split`; writes predictions and returns results."""
     world, out = Path(world), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model.eval()
     vqa = read_jsonl(world / split / "vqa.jsonl")
     grd = read_jsonl(world / split / "grounding.jsonl")
     caps = read_jsonl(world / split / "captions.jsonl")
     if limit:
         vqa, grd, caps = vqa[:limit], grd[:limit], caps[:limit]
-    images = _load_images(world, vqa + grd + caps)
-
-    vqa_pred = answer_batch(model, processor, [VQA_PROMPT.format(**r) for r in vqa],
-                            [images[r["image"]] for r in vqa], desc="vqa")
-    vqa_res = vqa_accuracy(vqa_pred, [r["answer"] for r in vqa], [r["type"] for r in vqa])
-    grd_pred = answer_batch(model, processor, [GROUNDING_PROMPT.format(expr=r["expression"]) for r in grd],
-                            [images[r["image"]] for r in grd], desc="grounding")
-    grd_res = grounding_accuracy(grd_pred, [r["box"] for r in grd])
-    cap_pred = answer_batch(model, processor, [CAPTION_PROMPT] * len(caps),
-                            [images[r["image"]] for r in caps], desc="captions")
+    metrics, preds = answer_split(model, processor, load_images(world, vqa + grd + caps), vqa, grd, caps)
+    vqa_pred, grd_pred, cap_pred = preds["vqa"], preds["grounding"], preds["captions"]
 
     write_jsonl(out / "vqa_predictions.jsonl",
                  [{**r, "prediction": p} for r, p in zip(vqa, vqa_pred, strict=True)])
@@ -85,11 +113,7 @@ def evaluate_split(
                      out / "winrate", n_bootstrap=500)
     i_model = wr.methods.index("model")
     return {
-        "vqa_accuracy": vqa_res.accuracy,
-        "vqa_accuracy_by_type": vqa_res.per_type,
-        "vqa_questions": len(vqa),
-        "grounding_acc_at_0.5": grd_res.accuracy,
-        "grounding_items": len(grd),
+        **metrics,
         "caption_exact_match": exact,
         "caption_cider_d": cider_d(cap_pred, refs).score,
         "caption_bleu_4": bleu(cap_pred, refs).score,

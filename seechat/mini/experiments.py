@@ -36,19 +36,11 @@ import torch
 from PIL import Image
 
 from seechat.data.filter import KeepRule, count_samples, filter_shards
-from seechat.eval.grounding import grounding_accuracy
-from seechat.eval.run import (
-    CAPTION_PROMPT,
-    GROUNDING_PROMPT,
-    VQA_PROMPT,
-    answer_batch,
-    read_jsonl,
-    write_jsonl,
-)
+from seechat.eval.run import read_jsonl, write_jsonl
 from seechat.eval.scorer import ChineseClipScorer
-from seechat.eval.vqa import vqa_accuracy
 from seechat.eval.winrate import JsonlImages, WinRateResult, run_winrate
 from seechat.mini.demo import Assets, run_stage
+from seechat.mini.evaluate import answer_split, load_images
 from seechat.model import load
 
 log = logging.getLogger(__name__)
@@ -84,23 +76,16 @@ def train_pair(opts: Options, dest: Path, bridge: str, stage1_extra: Sequence[st
     return s1, s2
 
 
-def evaluate_checkpoint(checkpoint: Path, opts: Options, rows: list[dict], images: list[Image.Image]) -> dict:
-    """Greedy captions of the split images, plus VQA accuracy (per type) and grounding Acc@0.5 on
-    the split's questions and referring expressions about those images."""
+def evaluate_checkpoint(checkpoint: Path, opts: Options, rows: list[dict], images: dict[str, Image.Image]) -> dict:
+    """Greedy captions of the split images (`rows`), plus VQA accuracy (per type) and grounding
+    Acc@0.5 on the split's questions and referring expressions about those images."""
     model, processor = load(checkpoint, device=opts.device)
-    name = f"{checkpoint.parent.name}/{checkpoint.name}"
-    by_image = {r["image"]: im for r, im in zip(rows, images, strict=True)}
-    vqa = [r for r in read_jsonl(opts.assets.world / opts.split / "vqa.jsonl") if r["image"] in by_image]
-    grd = [r for r in read_jsonl(opts.assets.world / opts.split / "grounding.jsonl") if r["image"] in by_image]
-    ask = lambda prompts, items, what: answer_batch(  # noqa: E731
-        model, processor, prompts, [by_image[r["image"]] for r in items], opts.batch_size, desc=f"{what} {name}")
-    vqa_pred = ask([VQA_PROMPT.format(question=r["question"]) for r in vqa], vqa, "vqa")
-    grd_pred = ask([GROUNDING_PROMPT.format(expr=r["expression"]) for r in grd], grd, "grounding")
-    acc = vqa_accuracy(vqa_pred, [r["answer"] for r in vqa], [r["type"] for r in vqa])
-    return {"captions": ask([CAPTION_PROMPT] * len(rows), rows, "caption"),
-            "vqa_accuracy": acc.accuracy, "vqa_accuracy_by_type": acc.per_type, "vqa_questions": len(vqa),
-            "grounding_acc_at_0.5": grounding_accuracy(grd_pred, [r["box"] for r in grd]).accuracy,
-            "grounding_items": len(grd)}
+    split = opts.assets.world / opts.split
+    vqa = [r for r in read_jsonl(split / "vqa.jsonl") if r["image"] in images]
+    grd = [r for r in read_jsonl(split / "grounding.jsonl") if r["image"] in images]
+    metrics, preds = answer_split(model, processor, images, vqa, grd, rows, opts.batch_size,
+                                  tag=f"{checkpoint.parent.name}/{checkpoint.name}")
+    return {"captions": preds["captions"], **metrics}
 
 
 @torch.inference_mode()
@@ -143,16 +128,12 @@ def _summary(result: WinRateResult) -> dict[str, dict[str, float]]:
                 "mean_score": float(result.mean_score[i])} for i, m in enumerate(result.methods)}
 
 
-def _load_images(opts: Options, rows: list[dict]) -> list[Image.Image]:
-    return [Image.open(opts.assets.world / r["image"]).convert("RGB") for r in rows]
-
-
 def seed_experiment(opts: Options, out: Path) -> dict:
     """Seven methods captioning the held-out images, scored by the mini Chinese-CLIP."""
     t0 = time.time()
     out.mkdir(parents=True, exist_ok=True)
     rows = opts.caption_rows()
-    images = _load_images(opts, rows)
+    images = load_images(opts.assets.world, rows)
     alt = {r["image"]: r["caption"] for r in read_jsonl(opts.assets.world / opts.split / "alt_text.jsonl")}
     captions = {"alt_text": [alt[r["image"]] for r in rows], "blind_lm": blind_captions(opts, len(rows))}
     models: dict[str, dict] = {}
@@ -186,7 +167,7 @@ def data_quality_experiment(opts: Options, out: Path, bridge: str = "mlp2x_gelu"
         "noisy_2N": shards,
     }
     rows = opts.caption_rows()
-    images = _load_images(opts, rows)
+    images = load_images(opts.assets.world, rows)
     s1_caps, s2_caps, results = {}, {}, {"experiment": "data-quality", "split": opts.split, "variants": {}}
     for name, paths in variants.items():
         over = [f"data.paths=[{','.join(paths)}]", "data.text_field=txt"]
