@@ -178,6 +178,8 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         return from_dict(tp, value, where)
     if origin is Literal:
         choices = typing.get_args(tp)
+        if value is False and "no" in choices:
+            value = "no"  # YAML 1.1 reads a bare `no` as false: `train.mixed_precision=no` means "no"
         if value not in choices:
             raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, choices))}")
         return value

@@ -25,6 +25,15 @@ def test_unknown_key_lists_valid_ones():
         load_config(None, ["optim.learning_rate=1"])
 
 
+def test_a_bare_no_is_the_choice_no_not_yaml_false(tmp_path):
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train: {mixed_precision: no}\n")
+    assert load_config(recipe).train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="train.mixed_precision: True is not one of"):
+        load_config(None, ["train.mixed_precision=yes"])
+
+
 def test_bad_choice_and_type_are_errors():
     with pytest.raises(ConfigError, match="model.bridge.type: 'transformer' is not one of"):
         load_config(None, ["model.bridge.type=transformer"])
