@@ -40,14 +40,12 @@ def test_accelerate_loads_it_for_8_gpus_on_one_node_in_bf16(path):
     assert not ignored, f"{path.name}: accelerate launch has no argument for {ignored}"
 
 
-def test_fsdp_fully_shards_qwen2_decoder_layers():
+def test_fsdp_is_version_2_fully_sharding_qwen2_decoder_layers():
     fsdp = load_config_from_file(str(CONFIGS[[p.stem for p in CONFIGS].index("fsdp")])).fsdp_config
-    assert fsdp["fsdp_sharding_strategy"] == "FULL_SHARD"
-    assert fsdp["fsdp_sharding_strategy"] in constants.FSDP_SHARDING_STRATEGY
+    assert fsdp["fsdp_version"] == 2  # the loop saves and resumes FSDP2 shards only (it refuses version 1)
+    assert fsdp["fsdp_reshard_after_forward"] is True  # full shard: layers are gathered only while they run
     assert fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
-    assert fsdp["fsdp_backward_prefetch"] in constants.FSDP_BACKWARD_PREFETCH
     assert fsdp["fsdp_state_dict_type"] in constants.FSDP_STATE_DICT_TYPE
-    assert fsdp["fsdp_use_orig_params"] is True  # frozen and trainable parameters share units
     # the class to wrap is found in a real Qwen2 model the way accelerate's wrap policy looks it up
     lm = AutoModelForCausalLM.from_config(Qwen2Config(
         vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,

@@ -16,6 +16,7 @@ leaves a half-written checkpoint where a good one was.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -52,15 +53,20 @@ def write_checkpoint(
     directory: str | Path,
     extra: dict | None = None,
     keep: tuple[str, ...] = (),
+    state: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
     """Save model + processor into `directory` atomically; returns the final path.
-    `keep`: sub-folders of an existing `directory` to carry over (see `atomic_directory`)."""
+    `keep`: sub-folders of an existing `directory` to carry over (see `atomic_directory`).
+    `state`: full values of the trainable parameters by name (`seechat.train.state`), for a model
+    whose own parameters are FSDP shards; they replace the model's values where given."""
     final = Path(directory)
     with atomic_directory(final, keep) as tmp:
         parts = {"vision": _part_mode(model, "vision"), "lm": _part_mode(model, "lm")}
-        save_file(_contiguous(model.bridge.state_dict()), tmp / BRIDGE_NAME)
-        _save_part(model.vision_tower.model, parts["vision"], tmp, "vision_tower", "vision_adapter")
-        _save_part(model.language_model, parts["lm"], tmp, "language_model", "lm_adapter")
+        save_file(_contiguous(_values(model.bridge, "bridge.", state) or model.bridge.state_dict()), tmp / BRIDGE_NAME)
+        _save_part(model.vision_tower.model, parts["vision"], tmp, "vision_tower", "vision_adapter",
+                   _values(model.vision_tower.model, "vision_tower.model.", state))
+        _save_part(model.language_model, parts["lm"], tmp, "language_model", "lm_adapter",
+                   _values(model.language_model, "language_model.", state))
         processor.save_pretrained(tmp)
         meta = {
             "format": FORMAT,
@@ -74,11 +80,19 @@ def write_checkpoint(
     return final
 
 
-def _save_part(module, mode: str, root: Path, full_name: str, adapter_name: str) -> None:
+def _values(module: torch.nn.Module, prefix: str, state: Mapping[str, torch.Tensor] | None) -> dict | None:
+    """The module's state dict with `state`'s full values (keys `prefix` + name) where it has them;
+    None (the module's own) without `state`."""
+    if state is None:
+        return None
+    return {k: state.get(prefix + k, v) for k, v in module.state_dict().items()}
+
+
+def _save_part(module, mode: str, root: Path, full_name: str, adapter_name: str, values: dict) -> None:
     if mode == "full":
-        module.save_pretrained(root / full_name, safe_serialization=True)
+        module.save_pretrained(root / full_name, state_dict=values, safe_serialization=True)
     elif mode == "lora":
-        module.save_pretrained(root / adapter_name, safe_serialization=True)
+        module.save_pretrained(root / adapter_name, state_dict=values, safe_serialization=True)
 
 
 def read_meta(directory: str | Path) -> dict:

@@ -1,4 +1,4 @@
-"""One `train(cfg)` for every stage, on accelerate: one CPU, one GPU, or many (DDP / FSDP / ZeRO).
+"""One `train(cfg)` for every stage, on accelerate: one CPU, one GPU, or many (DDP or FSDP2).
 
 A stage is its config: `trainable` says which groups learn, `data` what they learn from,
 `train.init_from` which checkpoint they start from. The loop:
@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DistributedType
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from seechat.config import ModelConfig, RunConfig, from_dict, load_config, save_config, to_dict
@@ -42,7 +43,14 @@ from seechat.model.build import apply_trainable, build
 from seechat.model.checkpoint import load_checkpoint, read_meta, write_checkpoint
 from seechat.train.data import BatchStream, StreamSpec, count_supervised, to_device
 from seechat.train.plots import plot_loss_curve
-from seechat.train.state import Position, load_resume, save_resume
+from seechat.train.state import (
+    Position,
+    gather_training_state,
+    is_sharded,
+    load_resume,
+    read_resume_state,
+    save_resume,
+)
 
 log = logging.getLogger(__name__)
 
@@ -115,18 +123,32 @@ def check_launch(acc: Accelerator) -> None:
             "would train alone and write the same output. Without a GPU, set ACCELERATE_USE_CPU=1 for torchrun, "
             "or use `accelerate launch --num_processes N`"
         )
-    if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+    if acc.distributed_type == DistributedType.DEEPSPEED:
         raise RuntimeError(
-            f"{acc.distributed_type.value}: seechat's checkpoint and resume writers save rank 0's unsharded "
-            "parameters and optimizer state, which under FSDP / DeepSpeed hold one shard only, so every "
-            "checkpoint would be wrong. Use DDP (configs/accelerate/ddp.yaml); see docs/distributed.md"
+            "DeepSpeed: its optimizer keeps ZeRO partitions that only its own pickled checkpoints can save and "
+            "resume, and seechat never writes or reads pickles. Use FSDP (configs/accelerate/fsdp.yaml: parameters, "
+            "gradients and optimizer states sharded, like ZeRO-3) or DDP; see docs/distributed.md"
         )
+    if acc.distributed_type == DistributedType.FSDP and not acc.is_fsdp2:
+        raise RuntimeError(
+            "FSDP version 1: seechat saves and resumes sharded runs through FSDP2's per-parameter shards. "
+            "Set fsdp_version: 2 in the accelerate config (configs/accelerate/fsdp.yaml)"
+        )
+
+
+def check_sharded_parts(cfg: RunConfig, acc: Accelerator) -> None:
+    """Under FSDP a checkpoint is written from gathered trainable parameters, so every part it
+    saves whole must be trainable: a frozen bridge would be saved from rank 0's shard."""
+    if acc.distributed_type == DistributedType.FSDP and cfg.trainable.bridge == "frozen":
+        raise ValueError("FSDP with trainable.bridge=frozen is not supported: the checkpoint stores the bridge, "
+                         "which under FSDP is gathered only when it trains. Train it, or use DDP")
 
 
 def train(cfg: RunConfig, resume: bool = True) -> TrainResult:
     t_start = time.time()
     acc = Accelerator(mixed_precision=cfg.train.mixed_precision)
     check_launch(acc)
+    check_sharded_parts(cfg, acc)
     out = Path(cfg.train.output_dir)
     run_dir, resume_dir = out / "train", out / "train" / "resume"
     torch.manual_seed(cfg.train.seed)
@@ -139,21 +161,24 @@ def train(cfg: RunConfig, resume: bool = True) -> TrainResult:
 
     pos = Position()
     state: dict = {}
-    if resume and (resume_dir / "state.json").is_file():
-        pos, state = load_resume(resume_dir, model, optimizer)
+    resuming = resume and (resume_dir / "state.json").is_file()
+    if resuming:
+        state = read_resume_state(resume_dir)
         if _resume_key(state.get("config", {})) != _resume_key(to_dict(cfg)):
             raise ValueError(f"{resume_dir} was written by a different config; pass --no-resume to start over")
-        log.info("resuming from step %d (%s)", pos.step, resume_dir)
-        if acc.is_main_process:
-            _truncate_metrics(run_dir / "metrics.jsonl", pos.step)
     elif acc.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "run.yaml")
         (run_dir / "metrics.jsonl").write_text("")
-    ranks_pos = state.get("data_positions", [[pos.epoch, pos.batches_in_epoch]] * acc.num_processes)
-    epoch, in_epoch = ranks_pos[acc.process_index]
 
     model, optimizer = acc.prepare(model, optimizer)
+    if resuming:  # into the prepared model: under FSDP each rank takes its shards of the full tensors
+        pos, state = load_resume(resume_dir, model, optimizer)
+        log.info("resuming from step %d (%s)", pos.step, resume_dir)
+        if acc.is_main_process:
+            _truncate_metrics(run_dir / "metrics.jsonl", pos.step)
+    ranks_pos = state.get("data_positions", [[pos.epoch, pos.batches_in_epoch]] * acc.num_processes)
+    epoch, in_epoch = ranks_pos[acc.process_index]
     spec = StreamSpec(cfg.train.batch_size, cfg.train.seed, acc.process_index, acc.num_processes)
     stream = BatchStream(cfg.data, processor, spec, cfg.train.group_by_length, epoch, in_epoch, run_dir / "skipped")
     core = acc.unwrap_model(model)
@@ -175,7 +200,7 @@ def train(cfg: RunConfig, resume: bool = True) -> TrainResult:
             sync = i == len(micro) - 1
             with acc.no_sync(model) if not sync else nullcontext(), acc.autocast():
                 o = model(**batch, num_items_in_batch=n_items, return_logits=False)
-                loss = o.loss * acc.num_processes  # DDP averages gradients over ranks; undo it
+                loss = o.loss * acc.num_processes  # DDP and FSDP average gradients over ranks; undo it
             acc.backward(loss)
             step_loss += o.loss.detach()
         step_loss = acc.reduce(step_loss, reduction="sum")
@@ -187,7 +212,7 @@ def train(cfg: RunConfig, resume: bool = True) -> TrainResult:
                 f"The last good resume point and checkpoint are in {out} (step {_last_saved(resume_dir)}). "
                 "Lower optim.lr, raise optim.warmup_steps, or check the data."
             )
-        grad_norm = float(acc.clip_grad_norm_(core.parameters(), cfg.optim.grad_clip)) if cfg.optim.grad_clip else 0.0
+        grad_norm = _clip(acc, model, cfg.optim.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         pos.step += 1
@@ -209,16 +234,17 @@ def train(cfg: RunConfig, resume: bool = True) -> TrainResult:
             window_t, window_samples, window_tokens = time.time(), 0, 0
 
         if cfg.train.save_every and pos.step % cfg.train.save_every == 0 and pos.step < cfg.train.max_steps:
-            _save(acc, core, processor, optimizer, pos, stream, cfg, out, resume_dir)
+            _save(acc, model, core, processor, optimizer, pos, stream, cfg, out, resume_dir)
     bar.close()
 
-    _save(acc, core, processor, optimizer, pos, stream, cfg, out, resume_dir)
+    _save(acc, model, core, processor, optimizer, pos, stream, cfg, out, resume_dir)
     wall = time.time() - t_start
     if acc.is_main_process:
         plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss.png", title=f"{out.name}")
         summary = {"status": "done", "steps": pos.step, "final_loss": loss_value, "wall_seconds": wall,
                    "samples_seen": pos.samples_seen, "tokens_seen": pos.tokens_seen,
-                   "num_processes": acc.num_processes, "skipped_samples": _skipped(run_dir / "skipped")}
+                   "num_processes": acc.num_processes, "distributed_type": acc.distributed_type.value,
+                   "skipped_samples": _skipped(run_dir / "skipped")}
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False))
         log.info("trained %d steps in %.1f s; final loss %.4f; checkpoint %s", pos.step, wall, loss_value, out)
     acc.wait_for_everyone()
@@ -247,13 +273,23 @@ def _next_nonempty(stream: BatchStream) -> dict:
     )
 
 
-def _save(acc, core, processor, optimizer, pos, stream, cfg, out: Path, resume_dir: Path) -> None:
+def _clip(acc: Accelerator, model: torch.nn.Module, max_norm: float) -> float:
+    """Clip the global gradient norm (across ranks and FSDP shards); returns it before clipping."""
+    if not max_norm:
+        return 0.0
+    norm = acc.clip_grad_norm_(model.parameters(), max_norm)
+    return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+
+
+def _save(acc, model, core, processor, optimizer, pos, stream, cfg, out: Path, resume_dir: Path) -> None:
+    """Checkpoint + resume point. Every rank gathers (FSDP shards travel to rank 0); rank 0 writes."""
     pos.epoch, pos.batches_in_epoch = stream.epoch, stream.batches_in_epoch
     positions = acc.gather(torch.tensor([[stream.epoch, stream.batches_in_epoch]], device=acc.device))
+    state = gather_training_state(model, optimizer)
     if acc.is_main_process:
         extra = {"config": to_dict(cfg), "data_positions": positions.cpu().tolist()}
-        write_checkpoint(core, processor, out, keep=("train",))
-        save_resume(resume_dir, core, optimizer, pos, extra)
+        write_checkpoint(core, processor, out, keep=("train",), state=state.params if is_sharded(model) else None)
+        save_resume(resume_dir, state, pos, extra)
     acc.wait_for_everyone()
 
 

@@ -2,13 +2,20 @@
 
 A resume point is a directory, written atomically:
 
-    trainable.safetensors   every parameter with requires_grad (bridge, LM / LoRA, vision)
-    optimizer.safetensors   the optimizer's per-parameter tensors (AdamW moments, step counts)
+    trainable.safetensors   every parameter with requires_grad (bridge, LM / LoRA, vision), full size
+    optimizer.safetensors   the optimizer's per-parameter tensors (AdamW moments, step counts), by
+                            parameter name, full size; and the RNG states
     state.json              step, data position, optimizer hyper-parameters, RNG states, config
 
 `torch.save` / `accelerator.save_state` pickle the optimizer; loading a pickle executes code, so a
 checkpoint downloaded from someone else would be a security hole. This format cannot execute
 anything on load.
+
+Tensors go through `torch.distributed.checkpoint.state_dict`, so one format serves a plain module,
+DDP and FSDP2: under FSDP every rank takes part in gathering the full tensors to rank 0
+(`gather_training_state`), and on resume rank 0 reads the files and broadcasts each tensor, which
+every rank re-shards as its own parameters are sharded (`load_resume`). A resume point written by
+8 sharded GPUs therefore resumes on 1 GPU, or under DDP, and the other way round.
 """
 
 from __future__ import annotations
@@ -21,9 +28,20 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.tensor import DTensor
 
 from seechat.atomic import atomic_directory
+
+FORMAT = "seechat-resume/2"  # 2: optimizer tensors keyed by parameter name (1: by index)
 
 
 @dataclass
@@ -35,6 +53,15 @@ class Position:
     batches_in_epoch: int = 0  # micro-batches this rank consumed in the current epoch
     samples_seen: int = 0  # global
     tokens_seen: int = 0  # global supervised tokens
+
+
+@dataclass
+class TrainingState:
+    """Full (unsharded) CPU copies of what a resume point and a checkpoint hold. Under FSDP only
+    rank 0's copy is filled; the other ranks hold empty dicts."""
+
+    params: dict[str, torch.Tensor]  # trainable parameters by name, tied aliases included
+    optimizer: dict[str, Any]  # {"state": {name: {key: value}}, "param_groups": [{..., "params": [names]}]}
 
 
 def rng_state() -> dict[str, Any]:
@@ -65,63 +92,97 @@ def set_rng(state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
-def optimizer_to_flat(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Split an optimizer state_dict into named tensors and a JSON-able remainder."""
-    sd = opt.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict[str, Any]] = {}
-    for pid, st in sd["state"].items():
-        for k, v in st.items():
-            if torch.is_tensor(v):
-                tensors[f"state.{pid}.{k}"] = v.detach().contiguous().cpu()
-            else:
-                scalars.setdefault(str(pid), {})[k] = v
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether the model's parameters are FSDP2 shards (DTensors) rather than whole tensors."""
+    return any(isinstance(p, DTensor) for p in model.parameters())
 
 
-def optimizer_from_flat(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    state: dict[int, dict[str, Any]] = {}
-    for name, v in tensors.items():
-        _, pid, k = name.split(".", 2)
-        state.setdefault(int(pid), {})[k] = v
-    for pid, kv in meta["scalars"].items():
-        state.setdefault(int(pid), {}).update(kv)
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+def trainable_names(model: torch.nn.Module) -> set[str]:
+    """Names of the trainable parameters, tied aliases included (`lm_head.weight` next to
+    `embed_tokens.weight`), as `get_model_state_dict` names them (no DDP / FSDP prefixes)."""
+    return {k for k, v in _unwrap(model).state_dict(keep_vars=True).items()
+            if isinstance(v, torch.nn.Parameter) and v.requires_grad}
 
 
-def save_resume(
-    directory: Path,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    position: Position,
-    extra: dict[str, Any],
-) -> None:
-    """Write a resume point atomically (temp dir + rename); the previous one survives a crash."""
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def _inner(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    return getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
+
+
+def gather_training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> TrainingState:
+    """Full CPU copies of the trainable parameters and the optimizer state. Collective under FSDP:
+    every rank must call it; rank 0 receives the tensors."""
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    names = trainable_names(model)
+    params = {k: v for k, v in get_model_state_dict(model, options=opts).items() if k in names}
+    optim = get_optimizer_state_dict(model, _inner(optimizer), options=opts)
+    return TrainingState(params, optim)
+
+
+def save_resume(directory: Path, state: TrainingState, position: Position, extra: dict[str, Any]) -> None:
+    """Write a resume point atomically (temp dir + rename); the previous one survives a crash.
+    Called on rank 0 only, with what `gather_training_state` gave it."""
     with atomic_directory(directory) as tmp:
-        params = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
-        save_file(params, tmp / "trainable.safetensors")
-        opt_tensors, opt_meta = optimizer_to_flat(optimizer)
-        save_file({**opt_tensors, **rng_tensors()}, tmp / "optimizer.safetensors")
-        state = {"position": asdict(position), "optimizer": opt_meta, "rng": rng_state(), **extra}
-        (tmp / "state.json").write_text(json.dumps(state, ensure_ascii=False, indent=1), encoding="utf-8")
+        unique: dict[str, torch.Tensor] = {}
+        seen: set[int] = set()
+        for k, v in sorted(state.params.items()):  # tied aliases share storage: keep one name
+            if v.data_ptr() not in seen:
+                seen.add(v.data_ptr())
+                unique[k] = v.detach().contiguous()
+        save_file(unique, tmp / "trainable.safetensors")
+        tensors, scalars = {}, {}
+        for name, st in state.optimizer["state"].items():
+            for k, v in st.items():
+                if torch.is_tensor(v):
+                    tensors[f"state.{name}.{k}"] = v.detach().contiguous().cpu()
+                else:
+                    scalars.setdefault(name, {})[k] = v
+        save_file({**tensors, **rng_tensors()}, tmp / "optimizer.safetensors")
+        meta = {"param_groups": state.optimizer["param_groups"], "scalars": scalars}
+        doc = {"format": FORMAT, "position": asdict(position), "optimizer": meta, "rng": rng_state(), **extra}
+        (tmp / "state.json").write_text(json.dumps(doc, ensure_ascii=False, indent=1), encoding="utf-8")
+
+
+def read_resume_state(directory: Path) -> dict[str, Any]:
+    """The resume point's state.json (position, config, data positions), checked for format."""
+    state = json.loads((directory / "state.json").read_text(encoding="utf-8"))
+    if state.get("format") != FORMAT:
+        raise ValueError(f"resume point {directory} was written by an older seechat (format "
+                         f"{state.get('format', 'seechat-resume/1')!r}, this one reads {FORMAT!r}); "
+                         "pass --no-resume to start over")
+    return state
 
 
 def load_resume(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[Position, dict]:
-    """Restore trainable weights, optimizer and RNG; returns the position and the state.json dict."""
-    state = json.loads((directory / "state.json").read_text(encoding="utf-8"))
-    params = load_file(directory / "trainable.safetensors")
-    named = dict(model.named_parameters())
-    expected = {n for n, p in named.items() if p.requires_grad}
-    if set(params) != expected:
-        missing, unexpected = sorted(expected - set(params)), sorted(set(params) - expected)
-        raise ValueError(
-            f"resume point {directory} does not match this run's trainable parameters "
-            f"(missing {missing[:3]}…, unexpected {unexpected[:3]}…); was the config changed?"
-        )
-    with torch.no_grad():
-        for n, v in params.items():
-            named[n].copy_(v)
-    tensors = load_file(directory / "optimizer.safetensors")
-    optimizer_from_flat(optimizer, {k: v for k, v in tensors.items() if k.startswith("state.")}, state["optimizer"])
+    """Restore trainable weights, optimizer and RNG into a model and optimizer already prepared
+    (DDP- or FSDP-wrapped, or plain); returns the position and the state.json dict. Collective
+    under FSDP: rank 0 reads the files and broadcasts, the others receive their shards."""
+    state = read_resume_state(directory)
+    broadcast = is_sharded(model) and dist.is_initialized() and dist.get_world_size() > 1
+    reads = not broadcast or dist.get_rank() == 0
+    params = load_file(directory / "trainable.safetensors") if reads else {}
+    tensors = load_file(directory / "optimizer.safetensors")  # also the RNG states, which every rank sets
+    if reads:
+        expected = {n for n, p in _unwrap(model).named_parameters() if p.requires_grad}
+        if set(params) != expected:
+            missing, unexpected = sorted(expected - set(params)), sorted(set(params) - expected)
+            raise ValueError(
+                f"resume point {directory} does not match this run's trainable parameters "
+                f"(missing {missing[:3]}…, unexpected {unexpected[:3]}…); was the config changed?"
+            )
+    opts = StateDictOptions(full_state_dict=True, strict=False, broadcast_from_rank0=broadcast)
+    set_model_state_dict(model, params, options=opts)
+    optim: dict[str, Any] = {"state": {}, "param_groups": state["optimizer"]["param_groups"]}
+    if reads:
+        for key, v in tensors.items():
+            if key.startswith("state."):
+                name, k = key[len("state."):].rsplit(".", 1)
+                optim["state"].setdefault(name, {})[k] = v
+        for name, kv in state["optimizer"]["scalars"].items():
+            optim["state"].setdefault(name, {}).update(kv)
+    set_optimizer_state_dict(model, _inner(optimizer), optim, options=opts)
     set_rng(state["rng"], {k: v for k, v in tensors.items() if k.startswith("rng.")})
     return Position(**state["position"]), state
