@@ -32,44 +32,64 @@ import json
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+ROOT = Path(__file__).resolve().parents[1]
 
 import torch  # noqa: E402
-from transformers import ChineseCLIPVisionConfig, ChineseCLIPVisionModel, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModelForCausalLM,
+    ChineseCLIPVisionConfig,
+    ChineseCLIPVisionModel,
+    PretrainedConfig,
+    Qwen2Config,
+)
 
-from seechat.config import BridgeConfig, LoraConfig, ModelConfig, TrainableConfig, VisionConfig  # noqa: E402
+from seechat.config import (  # noqa: E402
+    BridgeConfig,
+    LoraConfig,
+    ModelConfig,
+    TrainableConfig,
+    VisionConfig,
+    load_config,
+)
 from seechat.model.bridges import build_bridge  # noqa: E402
 from seechat.model.build import apply_trainable  # noqa: E402
 from seechat.model.seechat import SeeChatModel  # noqa: E402
+from seechat.model.sizes import expert_config  # noqa: E402
 from seechat.model.vision import VisionTower  # noqa: E402
 
 
 @dataclass(frozen=True)
 class Preset:
-    vision: dict
-    lm: dict
+    vision: ChineseCLIPVisionConfig
+    lm: PretrainedConfig
     bridge: BridgeConfig
 
 
-PRESETS = {
-    # OFA-Sys/chinese-clip-vit-large-patch14-336px's vision tower and Qwen/Qwen2.5-7B-Instruct's config.
-    "reference": Preset(
-        vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                    image_size=336, patch_size=14, projection_dim=768),
-        lm=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768, rope_theta=1e6,
-                tie_word_embeddings=False),
-        bridge=BridgeConfig(type="qformer", num_queries=32, num_layers=2, num_heads=16, hidden_size=1024),
-    ),
-    "tiny": Preset(
-        vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                    image_size=56, patch_size=14, projection_dim=32),
-        lm=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, vocab_size=1000, max_position_embeddings=4096, tie_word_embeddings=False),
+REFERENCE_RECIPE = ROOT / "configs" / "reference" / "stage1_qformer_qwen2.5-7b.yaml"
+
+
+def reference_preset(recipe: Path = REFERENCE_RECIPE) -> Preset:
+    """The recipe's experts and bridge, shapes from `seechat.model.sizes` (the registry `seechat
+    estimate` sizes runs with; nothing is downloaded): ViT-L/14 @ 336 px + Qwen2.5-7B + Q-Former.
+    The H200 rows in benchmarks/RESULTS.md were timed with these shapes written out here."""
+    model = load_config(recipe).model
+    return Preset(vision=expert_config(model.vision.path), lm=expert_config(model.lm.path), bridge=model.bridge)
+
+
+def tiny_preset() -> Preset:
+    return Preset(
+        vision=ChineseCLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                       image_size=56, patch_size=14, projection_dim=32),
+        lm=Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=1000, max_position_embeddings=4096, tie_word_embeddings=False),
         bridge=BridgeConfig(type="qformer", num_queries=8, num_layers=2, num_heads=4, hidden_size=64),
-    ),
-}
+    )
+
+
+PRESETS = {"reference": reference_preset, "tiny": tiny_preset}
 IMAGE_TOKEN_ID = 7  # any id inside the vocabulary: the synthetic batches place it themselves
 
 
@@ -80,8 +100,8 @@ def build(preset: Preset, device: torch.device, dtype: torch.dtype) -> SeeChatMo
     torch.set_default_dtype(dtype)  # initialise straight in bf16: a 7B model never exists in fp32
     try:
         with torch.device(device):
-            vision = ChineseCLIPVisionModel(ChineseCLIPVisionConfig(**preset.vision))
-            lm = Qwen2ForCausalLM(Qwen2Config(**preset.lm, attn_implementation="sdpa"))
+            vision = ChineseCLIPVisionModel(preset.vision)
+            lm = AutoModelForCausalLM.from_config(preset.lm, attn_implementation="sdpa")
     finally:
         torch.set_default_dtype(default)
     tower = VisionTower(vision, cfg.vision)
@@ -127,7 +147,7 @@ def run_stage(name: str, model: SeeChatModel, trainable: TrainableConfig, checkp
     apply_trainable(model, trainable)
     lm = model.language_model
     if checkpointing:
-        lm.gradient_checkpointing_enable()
+        lm.activation_checkpointing_enable()
     model.train()
     rows = []
     for b in batches:
@@ -171,7 +191,7 @@ def main() -> None:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
     t0 = time.time()
-    model = build(PRESETS[args.preset], device, dtype)
+    model = build(PRESETS[args.preset](), device, dtype)
     n_v, n_lm = count(model.vision_tower.model), count(model.language_model, skip_embeddings=True)
     p = model.vision_tower.num_features
     info = {"preset": args.preset, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",

@@ -21,7 +21,8 @@ def _qwen2_7b():
     from transformers import Qwen2Config
 
     return Qwen2Config(hidden_size=3584, num_hidden_layers=28, intermediate_size=18944, num_attention_heads=28,
-                       num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False)
+                       num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False, rope_theta=1e6,
+                       max_position_embeddings=32768)
 
 
 def _chinese_clip_vit_l14(image_size: int) -> Callable:
