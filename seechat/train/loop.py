@@ -155,7 +155,7 @@ def train(cfg: RunConfig, resume: bool = True) -> TrainResult:
 
     model, processor = build_model(cfg)
     if cfg.train.gradient_checkpointing:
-        model.language_model.gradient_checkpointing_enable()
+        model.language_model.activation_checkpointing_enable()  # transformers 5 name of gradient checkpointing
     model.train()
     optimizer = make_optimizer(model, cfg)
 
