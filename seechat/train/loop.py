@@ -125,8 +125,9 @@ def check_launch(acc: Accelerator) -> None:
         )
     if acc.distributed_type == DistributedType.DEEPSPEED:
         raise RuntimeError(
-            "DeepSpeed: its optimizer keeps ZeRO partitions that only its own pickled checkpoints can save and "
-            "resume, and seechat never writes or reads pickles. Use FSDP (configs/accelerate/fsdp.yaml: parameters, "
+            "DeepSpeed is not supported by seechat's loop: its ZeRO optimizer partitions would need their own "
+            "gather/scatter for seechat's safetensors resume points (DeepSpeed's own checkpoints are pickles), and "
+            "it steps, scales and clips by its own config. Use FSDP (configs/accelerate/fsdp.yaml: parameters, "
             "gradients and optimizer states sharded, like ZeRO-3) or DDP; see docs/distributed.md"
         )
     if acc.distributed_type == DistributedType.FSDP and not acc.is_fsdp2:
