@@ -151,8 +151,8 @@ def read_resume_state(directory: Path) -> dict[str, Any]:
     state = json.loads((directory / "state.json").read_text(encoding="utf-8"))
     if state.get("format") != FORMAT:
         raise ValueError(f"resume point {directory} was written by an older seechat (format "
-                         f"{state.get('format', 'seechat-resume/1')!r}, this one reads {FORMAT!r}); "
-                         "pass --no-resume to start over")
+                         f"{state.get('format', 'seechat-resume/1')!r}, this one reads {FORMAT!r}); start over "
+                         f"with `seechat train --no-resume` (or `seechat demo --redo STAGE`), or delete {directory}")
     return state
 
 
