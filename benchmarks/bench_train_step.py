@@ -135,7 +135,7 @@ def time_steps(model: SeeChatModel, b: int, text: int, steps: int, warmup: int, 
         if i == warmup:
             sync()
             t0 = time.perf_counter()
-        model(**data).loss.backward()
+        model(**data, return_logits=False).loss.backward()  # as training runs it: LM head at supervised positions only
         opt.step()
         opt.zero_grad(set_to_none=True)
     sync()
