@@ -62,6 +62,7 @@ class TrainingState:
 
     params: dict[str, torch.Tensor]  # trainable parameters by name, tied aliases included
     optimizer: dict[str, Any]  # {"state": {name: {key: value}}, "param_groups": [{..., "params": [names]}]}
+    names: set[str]  # one name per trainable parameter, as named_parameters gives it: what a resume point holds
 
 
 def rng_state() -> dict[str, Any]:
@@ -97,11 +98,14 @@ def is_sharded(model: torch.nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
-def trainable_names(model: torch.nn.Module) -> set[str]:
-    """Names of the trainable parameters, tied aliases included (`lm_head.weight` next to
-    `embed_tokens.weight`), as `get_model_state_dict` names them (no DDP / FSDP prefixes)."""
-    return {k for k, v in _unwrap(model).state_dict(keep_vars=True).items()
-            if isinstance(v, torch.nn.Parameter) and v.requires_grad}
+def trainable_names(model: torch.nn.Module, aliases: bool = False) -> set[str]:
+    """Names of the trainable parameters without DDP / FSDP prefixes: one per parameter, as
+    `named_parameters` gives them, or with `aliases` every name `get_model_state_dict` uses, tied
+    ones included (`lm_head.weight` next to `embed_tokens.weight`)."""
+    core = _unwrap(model)
+    if not aliases:
+        return {n for n, p in core.named_parameters() if p.requires_grad}
+    return {k for k, v in core.state_dict(keep_vars=True).items() if isinstance(v, torch.nn.Parameter) and v.requires_grad}
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -116,23 +120,18 @@ def gather_training_state(model: torch.nn.Module, optimizer: torch.optim.Optimiz
     """Full CPU copies of the trainable parameters and the optimizer state. Collective under FSDP:
     every rank must call it; rank 0 receives the tensors."""
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
-    names = trainable_names(model)
+    names = trainable_names(model, aliases=True)
     params = {k: v for k, v in get_model_state_dict(model, options=opts).items() if k in names}
     optim = get_optimizer_state_dict(model, _inner(optimizer), options=opts)
-    return TrainingState(params, optim)
+    return TrainingState(params, optim, trainable_names(model))
 
 
 def save_resume(directory: Path, state: TrainingState, position: Position, extra: dict[str, Any]) -> None:
     """Write a resume point atomically (temp dir + rename); the previous one survives a crash.
     Called on rank 0 only, with what `gather_training_state` gave it."""
     with atomic_directory(directory) as tmp:
-        unique: dict[str, torch.Tensor] = {}
-        seen: set[int] = set()
-        for k, v in sorted(state.params.items()):  # tied aliases share storage: keep one name
-            if v.data_ptr() not in seen:
-                seen.add(v.data_ptr())
-                unique[k] = v.detach().contiguous()
-        save_file(unique, tmp / "trainable.safetensors")
+        params = {k: v.detach().contiguous() for k, v in state.params.items() if k in state.names}  # no aliases
+        save_file(params, tmp / "trainable.safetensors")
         tensors, scalars = {}, {}
         for name, st in state.optimizer["state"].items():
             for k, v in st.items():
@@ -166,7 +165,7 @@ def load_resume(directory: Path, model: torch.nn.Module, optimizer: torch.optim.
     params = load_file(directory / "trainable.safetensors") if reads else {}
     tensors = load_file(directory / "optimizer.safetensors")  # also the RNG states, which every rank sets
     if reads:
-        expected = {n for n, p in _unwrap(model).named_parameters() if p.requires_grad}
+        expected = trainable_names(model)
         if set(params) != expected:
             missing, unexpected = sorted(expected - set(params)), sorted(set(params) - expected)
             raise ValueError(
