@@ -57,8 +57,8 @@ def write_checkpoint(
 ) -> Path:
     """Save model + processor into `directory` atomically; returns the final path.
     `keep`: sub-folders of an existing `directory` to carry over (see `atomic_directory`).
-    `state`: full values of the trainable parameters by name (`seechat.train.state`), for a model
-    whose own parameters are FSDP shards; they replace the model's values where given."""
+    `state`: full values of the trainable parameters by name (`seechat.train.state`); they replace
+    the model's own values where given, which is how a model whose parameters are FSDP shards saves."""
     final = Path(directory)
     with atomic_directory(final, keep) as tmp:
         parts = {"vision": _part_mode(model, "vision"), "lm": _part_mode(model, "lm")}

@@ -46,7 +46,6 @@ from seechat.train.plots import plot_loss_curve
 from seechat.train.state import (
     Position,
     gather_training_state,
-    is_sharded,
     load_resume,
     read_resume_state,
     save_resume,
@@ -182,7 +181,6 @@ def train(cfg: RunConfig, resume: bool = True) -> TrainResult:
     epoch, in_epoch = ranks_pos[acc.process_index]
     spec = StreamSpec(cfg.train.batch_size, cfg.train.seed, acc.process_index, acc.num_processes)
     stream = BatchStream(cfg.data, processor, spec, cfg.train.group_by_length, epoch, in_epoch, run_dir / "skipped")
-    core = acc.unwrap_model(model)
 
     bar = tqdm(total=cfg.train.max_steps, initial=pos.step, desc=f"train {out.name}", unit="step",
                disable=not acc.is_main_process, dynamic_ncols=True)
@@ -235,10 +233,10 @@ def train(cfg: RunConfig, resume: bool = True) -> TrainResult:
             window_t, window_samples, window_tokens = time.time(), 0, 0
 
         if cfg.train.save_every and pos.step % cfg.train.save_every == 0 and pos.step < cfg.train.max_steps:
-            _save(acc, model, core, processor, optimizer, pos, stream, cfg, out, resume_dir)
+            _save(acc, model, processor, optimizer, pos, stream, cfg, out, resume_dir)
     bar.close()
 
-    _save(acc, model, core, processor, optimizer, pos, stream, cfg, out, resume_dir)
+    _save(acc, model, processor, optimizer, pos, stream, cfg, out, resume_dir)
     wall = time.time() - t_start
     if acc.is_main_process:
         plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss.png", title=f"{out.name}")
@@ -282,14 +280,15 @@ def _clip(acc: Accelerator, model: torch.nn.Module, max_norm: float) -> float:
     return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
 
 
-def _save(acc, model, core, processor, optimizer, pos, stream, cfg, out: Path, resume_dir: Path) -> None:
+def _save(acc, model, processor, optimizer, pos, stream, cfg, out: Path, resume_dir: Path) -> None:
     """Checkpoint + resume point. Every rank gathers (FSDP shards travel to rank 0); rank 0 writes."""
     pos.epoch, pos.batches_in_epoch = stream.epoch, stream.batches_in_epoch
     positions = acc.gather(torch.tensor([[stream.epoch, stream.batches_in_epoch]], device=acc.device))
     state = gather_training_state(model, optimizer)
     if acc.is_main_process:
         extra = {"config": to_dict(cfg), "data_positions": positions.cpu().tolist()}
-        write_checkpoint(core, processor, out, keep=("train",), state=state.params if is_sharded(model) else None)
+        # the gathered values, not the live parameters: under FSDP those are shards
+        write_checkpoint(acc.unwrap_model(model), processor, out, keep=("train",), state=state.params)
         save_resume(resume_dir, state, pos, extra)
     acc.wait_for_everyone()
 

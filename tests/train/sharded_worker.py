@@ -68,7 +68,7 @@ def main() -> None:
         state = gather_training_state(model, optimizer)
         if rank0:
             save_resume(out / "resume", state, Position(step=2), {"note": "sharded_worker"})
-            write_checkpoint(model, processor, out / "ckpt", state=state.params if a.shard else None)
+            write_checkpoint(model, processor, out / "ckpt", state=state.params)
         result["losses"].append(step())
     else:
         pos, _ = load_resume(Path(a.resume_from), model, optimizer)
