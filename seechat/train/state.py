@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -163,7 +164,9 @@ def load_resume(directory: Path, model: torch.nn.Module, optimizer: torch.optim.
     broadcast = is_sharded(model) and dist.is_initialized() and dist.get_world_size() > 1
     reads = not broadcast or dist.get_rank() == 0
     params = load_file(directory / "trainable.safetensors") if reads else {}
-    tensors = load_file(directory / "optimizer.safetensors")  # also the RNG states, which every rank sets
+    with safe_open(directory / "optimizer.safetensors", framework="pt") as f:
+        # every rank sets the RNG states kept here; only a reading rank needs the (full-size) moments
+        tensors = {k: f.get_tensor(k) for k in f.keys() if reads or k.startswith("rng.")}
     if reads:
         expected = trainable_names(model)
         if set(params) != expected:
