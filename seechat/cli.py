@@ -69,13 +69,16 @@ def _resolve(ref: str) -> Callable:
     return getattr(importlib.import_module(module), func)
 
 
+def _rows(verbs: Sequence[Verb]) -> str:
+    width = max(len(" ".join(v.words)) for v in verbs)
+    return "\n".join(f"  {' '.join(v.words):<{width}}  {v.help}" for v in verbs)
+
+
 def _overview() -> str:
-    width = max(len(" ".join(v.words)) for v in VERBS)
-    rows = "\n".join(f"  {' '.join(v.words):<{width}}  {v.help}" for v in VERBS)
     return (
         "usage: seechat <verb> [options]   (seechat <verb> --help for a verb's options)\n\n"
         "Stitch a vision encoder to a Chinese LLM with a small bridge; train, serve and evaluate.\n\n"
-        f"verbs:\n{rows}\n"
+        f"verbs:\n{_rows(VERBS)}\n"
     )
 
 
@@ -112,6 +115,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     verb, rest = _match(argv)
     if verb is None:
         group = [v for v in VERBS if v.words[0] == argv[0] and len(v.words) > 1]
+        if group and len(argv) > 1 and argv[1] in ("-h", "--help", "help"):
+            print(f"usage: seechat {argv[0]} <sub-verb> [options]\n\nsub-verbs:\n{_rows(group)}\n")
+            return 0
         if group:
             subs = ", ".join(v.words[1] for v in group)
             said = f"unknown verb '{argv[0]} {argv[1]}'; " if len(argv) > 1 else ""

@@ -22,6 +22,12 @@ def test_help_lists_verbs(capsys):
     assert "demo" in capsys.readouterr().out
 
 
+def test_a_verb_group_help_lists_its_sub_verbs(capsys):
+    assert main(["data", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "data filter" in out and "Chinese-CLIP score" in out and "eval vqa" not in out
+
+
 def test_unknown_verbs_are_clear(capsys):
     assert main(["bogus"]) == 2
     assert "unknown verb 'bogus'" in capsys.readouterr().err
