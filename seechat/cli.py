@@ -25,6 +25,8 @@ class Verb:
 VERBS: tuple[Verb, ...] = (
     Verb(("demo",), "build the mini world, train experts + stage 1 + stage 2, evaluate (the main job)",
          "seechat.mini.demo:add_arguments", "seechat.mini.demo:run_from_args"),
+    Verb(("mini", "experts"), "retrain the shipped mini experts (mini Chinese-CLIP, mini Chinese LM) from scratch",
+         "seechat.mini.experts:add_arguments", "seechat.mini.experts:run_from_args"),
     Verb(("selfcheck",), "build a tiny random model from real architectures and chat one turn",
          "seechat.selfcheck:add_arguments", "seechat.selfcheck:run_from_args"),
     Verb(("train",), "train a stage from a YAML recipe plus key=value overrides",

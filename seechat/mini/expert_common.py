@@ -25,8 +25,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from seechat.atomic import atomic_directory
+from seechat.mini.fresh import text_fingerprint
 from seechat.mini.tokenizer import ASCII
-from seechat.mini.world import load_manifest
 
 PathLike = str | os.PathLike[str]
 DONE = "done.json"
@@ -66,10 +66,11 @@ def torch_threads(n: int | None = None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def done_marker(recipe: Any, world_root: Path) -> dict[str, Any]:
-    """What `done.json` must hold for a finished output to be reused: the recipe and the world
-    (in JSON form, tuples as lists, so that it compares equal to what was written)."""
-    marker = {"recipe": asdict(recipe), "world_config": asdict(load_manifest(world_root).config)}
+def done_marker(recipe: Any) -> dict[str, Any]:
+    """What `done.json` must hold for a finished output to be reused: the recipe and the fingerprint
+    of the world's generators that made its training data (in JSON form, tuples as lists, so that it
+    compares equal to what was written)."""
+    marker = {"recipe": asdict(recipe), "world_fingerprint": text_fingerprint()}
     return json.loads(json.dumps(marker))
 
 

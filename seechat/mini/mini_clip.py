@@ -30,6 +30,7 @@ Not here: the shared recipe plumbing (`seechat.mini.expert_common`), the scorer
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ from transformers import (
 )
 from transformers.models.chinese_clip import ChineseCLIPImageProcessorPil
 
+from seechat.eval.grounding import box_iou
 from seechat.mini import text
 from seechat.mini.expert_common import (
     PathLike,
@@ -58,8 +60,8 @@ from seechat.mini.expert_common import (
     run_atomic,
     torch_threads,
     train_loop,
-    world_chars,
 )
+from seechat.mini.fresh import fresh_scenes, render_batch, step_batches, step_rng
 from seechat.mini.scenes import COLOURS, SHAPES, SIZES, Scene, fingerprint
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's pixel statistics, as Chinese-CLIP
@@ -69,7 +71,7 @@ BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 @dataclass(frozen=True)
 class ClipRecipe:
-    """Mini Chinese-CLIP sizes and optimisation; the defaults train in ~90 s on 2 CPU cores."""
+    """Mini Chinese-CLIP sizes and optimisation (the shipped CLIP: `seechat.mini.shipped`)."""
 
     image_size: int = 64
     patch_size: int = 8  # 64 px / 8 = an 8x8 grid of patches
@@ -85,12 +87,13 @@ class ClipRecipe:
     detailed_fraction: float = 0.2  # share of captions that are detailed (positions, sizes, relations)
     region_weight: float = 4.0  # weight of the region-phrase loss (what the stitched model reads)
     region_position_prob: float = 0.5  # share of region phrases that also name the grid cell
-    feature_layer: int = -2  # the hidden_states index the region loss trains: what stitching reads
-    steps: int = 175
-    batch_size: int = 64
+    box_weight: float = 1.0  # weight of the per-patch box regression (OWL-ViT-style box head)
+    feature_layer: int = -2  # the hidden_states index the region and box losses train: what stitching reads
+    steps: int = 6000
+    batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 0.1
-    warmup_steps: int = 10
+    warmup_steps: int = 200
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     grad_clip: float = 1.0
     seed: int = 0
@@ -145,22 +148,6 @@ def clip_config(recipe: ClipRecipe, vocab_size: int) -> ChineseCLIPConfig:
 
 
 @dataclass(frozen=True)
-class _ClipData:
-    pixels: torch.Tensor  # (N, 3, H, W) uint8
-    scenes: list[Scene]
-    canonical: list[str]  # canonical concise caption: the meaning of any concise text about the image
-    meaning: list[str]  # `scenes.fingerprint`: the meaning of any detailed text about the image
-
-
-def _clip_data(world: Path) -> _ClipData:
-    rows = read_jsonl(world / "clip" / "train.jsonl")
-    metas = pair_meta(world, "train")
-    scenes = [Scene.from_dict(metas[Path(r["image"]).stem]["scene"]) for r in rows]
-    return _ClipData(load_pixels(world, [r["image"] for r in rows]), scenes,
-                     [text.concise_caption(s) for s in scenes], [fingerprint(s) for s in scenes])
-
-
-@dataclass(frozen=True)
 class _ClipBatch:
     texts: list[str]  # (B,) one caption per image
     positive: torch.Tensor  # (B, B) bool: caption t is true of image j
@@ -168,32 +155,55 @@ class _ClipBatch:
     region_image: torch.Tensor  # (R,) long: the batch image each object is in
     region_weights: torch.Tensor  # (R, P) float: each object's share of each patch; rows sum to 1
     region_positive: torch.Tensor  # (R, R) bool: phrase r is true of object q
+    patch_boxes: torch.Tensor  # (B, P, 4) float: box (x1, y1, x2, y2) / image size of the object a patch shows
+    patch_has_box: torch.Tensor  # (B, P) bool: an object covers at least a quarter of the patch
 
 
-def _captions(data: _ClipData, idx: list[int], rng: random.Random, recipe: ClipRecipe) -> dict[str, Any]:
-    detailed = [rng.random() < recipe.detailed_fraction for _ in idx]
-    texts = [text.detailed_caption(data.scenes[i], rng) if d else text.concise_caption(data.scenes[i], rng)
-             for i, d in zip(idx, detailed, strict=True)]
-    keys = [data.meaning[i] if d else data.canonical[i] for i, d in zip(idx, detailed, strict=True)]
-    positive = torch.tensor([[key == (data.meaning[j] if d else data.canonical[j]) for j in idx]
+def _captions(scenes: list[Scene], rng: random.Random, recipe: ClipRecipe) -> dict[str, Any]:
+    """A concise or detailed caption per image; a caption is true of every image with its meaning
+    (the canonical caption for concise ones, the scene fingerprint for detailed ones)."""
+    detailed = [rng.random() < recipe.detailed_fraction for _ in scenes]
+    texts = [text.detailed_caption(s, rng) if d else text.concise_caption(s, rng)
+             for s, d in zip(scenes, detailed, strict=True)]
+    canonical, meaning = [text.concise_caption(s) for s in scenes], [fingerprint(s) for s in scenes]
+    keys = [m if d else c for c, m, d in zip(canonical, meaning, detailed, strict=True)]
+    positive = torch.tensor([[key == (meaning[j] if d else canonical[j]) for j in range(len(scenes))]
                              for key, d in zip(keys, detailed, strict=True)])
     return {"texts": texts, "positive": positive}
 
 
-def patch_weights(bbox: tuple[int, int, int, int], image_size: int, patch_size: int) -> torch.Tensor:
-    """(P,) share of a pixel box (x1, y1, x2, y2; half-open) in each patch, row-major, summing to 1."""
+def patch_areas(bbox: tuple[int, int, int, int], image_size: int, patch_size: int) -> torch.Tensor:
+    """(P,) pixels of a box (x1, y1, x2, y2; half-open) inside each patch, row-major."""
     edges = torch.arange(0, image_size + 1, patch_size, dtype=torch.float)  # (G+1,)
     x1, y1, x2, y2 = (torch.tensor(float(v)) for v in bbox)
     wx = (torch.minimum(edges[1:], x2) - torch.maximum(edges[:-1], x1)).clamp(min=0)  # (G,)
     wy = (torch.minimum(edges[1:], y2) - torch.maximum(edges[:-1], y1)).clamp(min=0)  # (G,)
-    w = wy[:, None] * wx[None, :]  # (G, G), rows are y
-    return (w / w.sum()).flatten()
+    return (wy[:, None] * wx[None, :]).flatten()  # (G, G) flattened, rows are y
 
 
-def _regions(data: _ClipData, idx: list[int], rng: random.Random, recipe: ClipRecipe) -> dict[str, Any]:
+def patch_weights(bbox: tuple[int, int, int, int], image_size: int, patch_size: int) -> torch.Tensor:
+    """(P,) share of a pixel box in each patch, row-major, summing to 1."""
+    w = patch_areas(bbox, image_size, patch_size)
+    return w / w.sum()
+
+
+def patch_box_targets(scene: Scene, patch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per patch, the box of the object covering most of it, / image size: (P, 4), and whether that
+    object covers at least a quarter of the patch: (P,) bool."""
+    n = scene.image_size
+    grid = (n // patch_size) ** 2
+    if not scene.objects:
+        return torch.zeros(grid, 4), torch.zeros(grid, dtype=torch.bool)
+    areas = torch.stack([patch_areas(o.bbox, n, patch_size) for o in scene.objects])  # (O, P)
+    best, which = areas.max(0)  # (P,)
+    boxes = torch.tensor([o.bbox for o in scene.objects], dtype=torch.float) / n  # (O, 4)
+    return boxes[which], best >= patch_size * patch_size / 4
+
+
+def _regions(scenes: list[Scene], rng: random.Random, recipe: ClipRecipe) -> dict[str, Any]:
     phrases, image, weights, facts, claims = [], [], [], [], []
-    for b, i in enumerate(idx):
-        for o in data.scenes[i].objects:
+    for b, scene in enumerate(scenes):
+        for o in scene.objects:
             named_cell = rng.random() < recipe.region_position_prob
             phrases.append(text.phrase(o.shape, o.colour, o.size, text.LOCATIVE[o.position] if named_cell else None))
             image.append(b)
@@ -201,12 +211,16 @@ def _regions(data: _ClipData, idx: list[int], rng: random.Random, recipe: ClipRe
             facts.append((o.shape, o.colour, o.size, o.position))
             claims.append((o.shape, o.colour, o.size, o.position if named_cell else None))
     positive = torch.tensor([[c[:3] == f[:3] and c[3] in (None, f[3]) for f in facts] for c in claims])
+    boxes, has_box = zip(*(patch_box_targets(s, recipe.patch_size) for s in scenes), strict=True)
     return {"phrases": phrases, "region_image": torch.tensor(image), "region_weights": torch.stack(weights),
-            "region_positive": positive}
+            "region_positive": positive, "patch_boxes": torch.stack(boxes), "patch_has_box": torch.stack(has_box)}
 
 
-def _clip_batch(data: _ClipData, idx: list[int], rng: random.Random, recipe: ClipRecipe) -> _ClipBatch:
-    return _ClipBatch(**_captions(data, idx, rng, recipe), **_regions(data, idx, rng, recipe))
+def clip_batch(recipe: ClipRecipe, step: int) -> tuple[torch.Tensor, _ClipBatch]:
+    """Step `step`'s fresh scenes: uint8 pixels (B, 3, H, W) and what the losses compare them with."""
+    rng = step_rng("clip", recipe.seed, step)
+    scenes = fresh_scenes(rng, recipe.batch_size, recipe.image_size)
+    return render_batch(scenes), _ClipBatch(**_captions(scenes, rng, recipe), **_regions(scenes, rng, recipe))
 
 
 # --------------------------------------------------------------------------- model pieces
@@ -234,9 +248,10 @@ def text_embeds(model: ChineseCLIPModel, tokenizer: PreTrainedTokenizerBase, tex
     parts = []
     for c in range(0, len(unique), size):
         tokens = tokenizer(unique[c:c + size], padding=True, truncation=True, max_length=limit, return_tensors="pt")
+        tokens = tokens.to(model.device)
         parts.append(model.get_text_features(**tokens).pooler_output)
     row = {t: i for i, t in enumerate(unique)}
-    return torch.cat(parts)[torch.tensor([row[t] for t in texts])]
+    return torch.cat(parts)[torch.tensor([row[t] for t in texts], device=model.device)]
 
 
 def region_embeds(model: ChineseCLIPModel, hidden: torch.Tensor, image: torch.Tensor,
@@ -250,53 +265,55 @@ def region_embeds(model: ChineseCLIPModel, hidden: torch.Tensor, image: torch.Te
 # --------------------------------------------------------------------------- training
 
 
-def _clip_train(world: Path, recipe: ClipRecipe, out: Path) -> dict[str, Any]:
-    tokenizer = build_clip_tokenizer(world_chars(world), recipe.max_text_length, out)
-    data = _clip_data(world)
+def _clip_train(recipe: ClipRecipe, out: Path, device: str, workers: int) -> dict[str, Any]:
+    tokenizer = build_clip_tokenizer(text.charset(), recipe.max_text_length, out)
     torch.manual_seed(recipe.seed)
-    model = ChineseCLIPModel(clip_config(recipe, len(tokenizer))).train()
-    order = torch.Generator().manual_seed(recipe.seed)
-    perm: list[int] = []
+    model = ChineseCLIPModel(clip_config(recipe, len(tokenizer))).to(device).train()
+    # The box head reads the feature layer as the bridge will, then is dropped: it only shapes the features.
+    box_head = torch.nn.Linear(recipe.vision_hidden, 4).to(device)
+    batches = step_batches(functools.partial(clip_batch, recipe), recipe.steps, workers)
 
     def loss_at(step: int) -> torch.Tensor:
-        nonlocal perm
-        if len(perm) < recipe.batch_size:  # epoch boundary: reshuffle
-            perm += torch.randperm(len(data.scenes), generator=order).tolist()
-        idx, perm = perm[: recipe.batch_size], perm[recipe.batch_size:]
-        batch = _clip_batch(data, idx, random.Random(f"{recipe.seed}/{step}"), recipe)
+        pixels, batch = next(batches)
         scale = model.logit_scale.exp()
-        vision = model.get_image_features(pixel_values=normalize_pixels(data.pixels[idx]), output_hidden_states=True)
+        vision = model.get_image_features(pixel_values=normalize_pixels(pixels).to(device), output_hidden_states=True)
         images = F.normalize(vision.pooler_output, dim=-1)  # (B, D)
         texts = F.normalize(text_embeds(model, tokenizer, batch.texts + batch.phrases), dim=-1)  # (B + R, D)
-        captions, phrases = texts[: len(idx)], texts[len(idx):]
-        regions = region_embeds(model, vision.hidden_states[recipe.feature_layer], batch.region_image,
-                                batch.region_weights)  # (R, D)
-        return (clip_loss(scale * captions @ images.T, batch.positive)
-                + recipe.region_weight * clip_loss(scale * phrases @ regions.T, batch.region_positive))
+        captions, phrases = texts[: len(pixels)], texts[len(pixels):]
+        hidden = vision.hidden_states[recipe.feature_layer]  # (B, 1 + P, D_v)
+        regions = region_embeds(model, hidden, batch.region_image.to(device), batch.region_weights.to(device))  # (R, D)
+        has_box = batch.patch_has_box.to(device)
+        box_err = F.smooth_l1_loss(box_head(hidden[:, 1:])[has_box], batch.patch_boxes.to(device)[has_box], beta=0.02)
+        return (clip_loss(scale * captions @ images.T, batch.positive.to(device))
+                + recipe.region_weight * clip_loss(scale * phrases @ regions.T, batch.region_positive.to(device))
+                + recipe.box_weight * box_err / 0.02)
 
     def clamp_temperature() -> None:
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))  # as CLIP: logit scale at most 100
 
-    stats = train_loop("mini-clip", out, list(model.parameters()), recipe, loss_at, clamp_temperature)
-    model.eval().save_pretrained(out)
+    params = list(model.parameters()) + list(box_head.parameters())
+    stats = train_loop("mini-clip", out, params, recipe, loss_at, clamp_temperature)
+    model.to("cpu").eval().half().save_pretrained(out)
     # processor_config.json + tokenizer + preprocessor_config.json: AutoProcessor, AutoTokenizer and
     # AutoImageProcessor all load from this one folder.
     ChineseCLIPProcessor(image_processor=build_clip_image_processor(recipe.image_size),
                          tokenizer=tokenizer).save_pretrained(out)
-    return {**stats, "logit_scale": model.logit_scale.exp().item()}
+    return {**stats, "logit_scale": model.logit_scale.exp().item(), "images_seen": recipe.steps * recipe.batch_size,
+            "device": device}
 
 
-def train_mini_clip(world_root: PathLike, out_dir: PathLike, recipe: ClipRecipe = ClipRecipe(), *,
-                    force: bool = False, threads: int | None = None) -> Path:
-    """Train the mini Chinese-CLIP on the world's `clip/train.jsonl` images into `out_dir` (returned).
+def train_mini_clip(out_dir: PathLike, recipe: ClipRecipe = ClipRecipe(), *, force: bool = False,
+                    threads: int | None = None, device: str = "cpu", workers: int = 0) -> Path:
+    """Train the mini Chinese-CLIP on fresh scenes into `out_dir` (returned; fp16 weights).
 
-    Skipped when `out_dir/done.json` records the same recipe and world, unless `force`.
-    `threads`: torch intra-op threads (default: all cores, at most 8).
+    Skipped when `out_dir/done.json` records the same recipe and world generators, unless `force`.
+    `threads`: torch intra-op threads (default: all cores, at most 8); `workers`: background
+    processes that render the batches (each is a pure function of the step).
     """
-    world, out = Path(world_root), Path(out_dir)
+    out = Path(out_dir)
     with torch_threads(threads):
-        return run_atomic(out, done_marker(recipe, world), force, lambda tmp: _clip_train(world, recipe, tmp))
+        return run_atomic(out, done_marker(recipe), force, lambda tmp: _clip_train(recipe, tmp, device, workers))
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -344,7 +361,7 @@ def evaluate_clip(model_dir: PathLike, world_root: PathLike, split: str = "val",
     rows = read_jsonl(world / split / "captions.jsonl")
     metas = pair_meta(world, split)
     scenes = [Scene.from_dict(metas[Path(r["image"]).stem]["scene"]) for r in rows]
-    model = ChineseCLIPModel.from_pretrained(model_dir).eval()
+    model = ChineseCLIPModel.from_pretrained(model_dir, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     concise, detailed = [r["references"][0] for r in rows], [r["detailed"] for r in rows]
     captions = sorted(set(concise))
@@ -356,4 +373,38 @@ def evaluate_clip(model_dir: PathLike, world_root: PathLike, split: str = "val",
         result = _retrieval(images, texts[: len(captions)], concise, captions)
         result |= {f"{k}_detailed": v for k, v in _retrieval(images, texts[len(captions):], detailed, detailed).items()}
         result |= _region_attributes(model, tokenizer, vision.hidden_states[feature_layer], scenes)
+        result |= box_probe(model, vision.hidden_states[feature_layer], scenes, feature_layer)
     return {**result, "n_images": len(rows), "n_captions": len(captions)}
+
+
+def _patch_features(model: ChineseCLIPModel, scenes: list[Scene], feature_layer: int) -> torch.Tensor:
+    pixels = normalize_pixels(render_batch(scenes))
+    out = model.get_image_features(pixel_values=pixels, output_hidden_states=True)
+    return out.hidden_states[feature_layer][:, 1:]  # (N, P, D_v)
+
+
+def box_probe(model: ChineseCLIPModel, hidden: torch.Tensor, scenes: list[Scene], feature_layer: int = -2,
+              n_fit: int = 2000, ridge: float = 1e-2) -> dict[str, float]:
+    """Is an object's box linearly readable from the patch features the bridge reads?
+
+    A ridge regression shared by all patches maps one patch's `feature_layer` vector (plus a bias)
+    to the box of the object covering most of that patch (/ image size); it is fitted on `n_fit`
+    fresh scenes (`seechat.mini.fresh`, never the evaluated ones). Each evaluated object's box is then
+    read from the single patch it covers most; `box_probe_acc@0.5` is the share of objects whose
+    read box has IoU >= 0.5 with the truth (what grounding Acc@0.5 asks of the stitched model)."""
+    patch = model.config.vision_config.patch_size
+    fit_scenes = fresh_scenes(random.Random("seechat-mini/box-probe"), n_fit, scenes[0].image_size)
+    feats = torch.cat([_patch_features(model, fit_scenes[i:i + 256], feature_layer)
+                       for i in range(0, n_fit, 256)])  # (N, P, D)
+    targets, keep = zip(*(patch_box_targets(s, patch) for s in fit_scenes), strict=True)
+    x = F.pad(feats[torch.stack(keep)], (0, 1), value=1.0).double()  # (K, D + 1)
+    y = torch.stack(targets)[torch.stack(keep)].double()  # (K, 4)
+    w = torch.linalg.solve(x.T @ x + ridge * len(x) * torch.eye(x.shape[1], dtype=x.dtype), x.T @ y)  # (D + 1, 4)
+    read, truth = [], []
+    for b, scene in enumerate(scenes):
+        for o in scene.objects:
+            p = int(patch_areas(o.bbox, scene.image_size, patch).argmax())
+            read.append((F.pad(hidden[b, 1 + p], (0, 1), value=1.0).double() @ w).clamp(0, 1) * 1000)
+            truth.append(torch.tensor(o.bbox, dtype=torch.double) / scene.image_size * 1000)
+    ious = box_iou(torch.stack(read).numpy(), torch.stack(truth).numpy())  # (O,); a flipped box has IoU 0
+    return {"box_probe_acc@0.5": float((ious >= 0.5).mean())}

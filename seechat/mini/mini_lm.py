@@ -1,23 +1,28 @@
 """The mini Chinese LM: a tiny `Qwen2ForCausalLM` pretrained on the mini world's text, no images.
 
 The tokenizer is `seechat.mini.tokenizer.build_char_tokenizer` (one token per character, ChatML
-template, eos = `<|im_end|>`) over *all* world text — LM corpus, instructions, captions, questions,
-answers, alt-text — so stage 2 never meets an unknown character. It is saved in `out_dir/tokenizer`,
-never next to the model's `config.json`: `AutoTokenizer` on a folder whose config says `qwen2` picks
-Qwen's byte-level class, which cannot read a character vocabulary.
+template, eos = `<|im_end|>`) over `seechat.mini.text.charset()`, every character any mini world
+can write, so stage 2 never meets an unknown character whatever the world's seed. It is saved in
+`out_dir/tokenizer`, never next to the model's `config.json`: `AutoTokenizer` on a folder whose
+config says `qwen2` picks Qwen's byte-level class, which cannot read a character vocabulary.
 
-Pretraining reads `text/lm_corpus.jsonl`: `{"messages"}` rows rendered with the chat template,
-`{"text"}` rows as text + eos, packed back to back and cut into random fixed-length windows. The
-loss is on every token: this is a base model's pretraining, and the user turns (scene descriptions,
-questions) are half of the corpus's language — predicting them is what teaches the LM the world's
-vocabulary and the ChatML layout. Stage 2 then supervises assistant replies only.
+Pretraining reads *fresh* rows (`seechat.mini.fresh`): every step draws new scenes, so no row is
+seen twice and the LM must learn to read rather than memorise (on a fixed corpus it memorised:
+docs/mini-world-results.md). A row is, with `recipe.qa_fraction`, a reading exercise — a detailed
+scene description (with each object's ``<box>`` half of the time) followed by 2-6 questions of
+every kind the world asks (the seven VQA types, boxes when the description gives them, a one-line
+caption, follow-up dialogues) — and otherwise plain text (captions, descriptions) or small talk.
+The loss is on the assistant replies + `<|im_end|>` of chat rows (what the LM must learn to do)
+and on every token of text rows (what keeps it a language model of the world's Chinese).
 
 Not here: the shared recipe plumbing (`seechat.mini.expert_common`), stage 1/2 training.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,50 +31,114 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, Qwen2Config
 
+from seechat.mini import text
 from seechat.mini.expert_common import (
     PathLike,
     done_marker,
+    pair_meta,
     read_jsonl,
     run_atomic,
     torch_threads,
     train_loop,
-    world_texts,
 )
+from seechat.mini.fresh import fresh_scenes, step_batches, step_rng
+from seechat.mini.scenes import Scene
 from seechat.mini.tokenizer import build_char_tokenizer
+
+IGNORE = -100
+CONTEXTS = ("图片描述：{d}\n", "下面是一张图片的描述：{d}\n请回答：", "{d}\n根据上面的描述回答：")
 
 
 @dataclass(frozen=True)
 class LMRecipe:
-    """Mini Chinese LM sizes and optimisation; the defaults train in ~80 s on 2 CPU cores."""
+    """Mini Chinese LM sizes and optimisation (the shipped LM: `seechat.mini.shipped`)."""
 
-    hidden: int = 128
+    hidden: int = 256
     layers: int = 4
-    heads: int = 4
-    kv_heads: int = 2
-    intermediate: int = 384
+    heads: int = 8
+    kv_heads: int = 4
+    intermediate: int = 768
     max_positions: int = 1024  # room for image tokens + a conversation in stage 2 (RoPE: no weights)
-    seq_len: int = 256  # training window over the packed corpus
-    steps: int = 280
-    batch_size: int = 16
-    lr: float = 3e-3
+    steps: int = 12000
+    batch_size: int = 64  # rows (documents) per step, padded to the longest
+    qa_fraction: float = 0.8  # share of rows that are description -> questions reading exercises
+    box_fraction: float = 0.5  # share of descriptions that give each object's <box>
+    lr: float = 2e-3
     weight_decay: float = 0.1
-    warmup_steps: int = 30
-    min_lr_ratio: float = 0.1
+    warmup_steps: int = 200
+    min_lr_ratio: float = 0.05
     grad_clip: float = 1.0
     seed: int = 0
-    log_every: int = 10
+    log_every: int = 50
 
 
-def lm_documents(rows: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase) -> list[str]:
-    """`{"messages"}` rows rendered with the chat template; `{"text"}` rows as text + eos."""
-    return [tokenizer.apply_chat_template(r["messages"], tokenize=False) if "messages" in r
-            else r["text"] + tokenizer.eos_token for r in rows]
+Message = tuple[str, str]  # (role, content)
 
 
-def _pack(docs: list[str], tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
-    """All documents' ids back to back: (T,) int64."""
-    ids = tokenizer(docs, add_special_tokens=False)["input_ids"]
-    return torch.tensor([i for doc in ids for i in doc], dtype=torch.long)
+def _question(scene: Scene, rng: random.Random, boxes: bool) -> list[tuple[str, str]]:
+    """One exercise about `scene`: a VQA item, a box, a caption or a short follow-up dialogue."""
+    kind = rng.choices(("vqa", "grounding", "caption", "dialogue"), weights=(7, 2 if boxes else 0, 1, 1))[0]
+    if kind == "grounding" and (g := text.grounding(scene, rng)) is not None:
+        return [(text.grounding_instruction(g.expression, rng), g.answer)]
+    if kind == "caption":
+        return [(text.caption_instruction(rng), text.concise_caption(scene))]
+    if kind == "dialogue":
+        return text.dialogue(scene, rng)
+    qa = text.vqa(scene, rng)
+    return [(qa.question, qa.answer)] if qa else [(text.caption_instruction(rng), text.concise_caption(scene))]
+
+
+def reading_row(scene: Scene, rng: random.Random, box_fraction: float, turns: int) -> list[Message]:
+    """A description of `scene` in the user's first turn, then `turns` exercises about it."""
+    boxes = rng.random() < box_fraction
+    context = rng.choice(CONTEXTS).format(d=text.detailed_caption(scene, rng, boxes=boxes))
+    pairs: list[tuple[str, str]] = []
+    while len(pairs) < turns:
+        pairs += _question(scene, rng, boxes)
+    messages: list[Message] = []
+    for k, (q, a) in enumerate(pairs[:turns]):
+        messages += [("user", context + q if k == 0 else q), ("assistant", a)]
+    return messages
+
+
+def text_row(scene: Scene, rng: random.Random) -> str | list[Message]:
+    """Plain text about `scene` (a caption or a description), or one exchange of small talk."""
+    r = rng.random()
+    if r < 0.4:
+        return text.concise_caption(scene, rng)
+    if r < 0.85:
+        return text.detailed_caption(scene, rng, boxes=rng.random() < 0.3)
+    q, a = text.chitchat(rng)
+    return [("user", q), ("assistant", a)]
+
+
+def encode_row(row: str | list[Message], tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
+    """Token ids and labels of one row: ChatML chat rows supervise the assistant replies and their
+    `<|im_end|>`; text rows (text + eos) supervise every token."""
+    encode = functools.partial(tokenizer.encode, add_special_tokens=False)
+    if isinstance(row, str):
+        ids = encode(row + tokenizer.eos_token)
+        return ids, list(ids)
+    ids, labels = [], []
+    for role, content in row:
+        head, body, tail = encode(f"<|im_start|>{role}\n"), encode(content + "<|im_end|>"), encode("\n")
+        ids += head + body + tail
+        labels += [IGNORE] * len(head) + (body if role == "assistant" else [IGNORE] * len(body)) + [IGNORE] * len(tail)
+    return ids, labels
+
+
+def lm_batch(recipe: LMRecipe, tokenizer: PreTrainedTokenizerBase, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step `step`'s rows, right-padded: ids (B, L) and labels (B, L) with -100 where unsupervised."""
+    rng = step_rng("lm", recipe.seed, step)
+    rows = [reading_row(s, rng, recipe.box_fraction, rng.randint(2, 6)) if rng.random() < recipe.qa_fraction
+            else text_row(s, rng) for s in fresh_scenes(rng, recipe.batch_size)]
+    encoded = [encode_row(r, tokenizer) for r in rows]
+    width = max(len(i) for i, _ in encoded)
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    for r, (i, lab) in enumerate(encoded):
+        ids[r, :len(i)], labels[r, :len(lab)] = torch.tensor(i), torch.tensor(lab)
+    return ids, labels
 
 
 def lm_config(recipe: LMRecipe, tokenizer: PreTrainedTokenizerBase) -> Qwen2Config:
@@ -80,96 +149,114 @@ def lm_config(recipe: LMRecipe, tokenizer: PreTrainedTokenizerBase) -> Qwen2Conf
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
 
 
-def _lm_train(world: Path, recipe: LMRecipe, out: Path) -> dict[str, Any]:
-    tokenizer = build_char_tokenizer(world_texts(world))
-    stream = _pack(lm_documents(read_jsonl(world / "text" / "lm_corpus.jsonl"), tokenizer), tokenizer)  # (T,)
+def _lm_train(recipe: LMRecipe, out: Path, device: str, workers: int) -> dict[str, Any]:
+    tokenizer = build_char_tokenizer(extra_chars=text.charset())
     torch.manual_seed(recipe.seed)
-    model = AutoModelForCausalLM.from_config(lm_config(recipe, tokenizer)).train()
-    windows = torch.Generator().manual_seed(recipe.seed)
-    span = recipe.seq_len + 1
+    model = AutoModelForCausalLM.from_config(lm_config(recipe, tokenizer)).to(device).train()
+    batches = step_batches(functools.partial(lm_batch, recipe, tokenizer), recipe.steps, workers)
+    seen = {"tokens": 0, "supervised": 0}
 
     def loss_at(step: int) -> torch.Tensor:
-        starts = torch.randint(0, len(stream) - span, (recipe.batch_size,), generator=windows).tolist()
-        batch = torch.stack([stream[s:s + recipe.seq_len] for s in starts])  # (B, L)
-        return model(input_ids=batch, labels=batch).loss  # labels are shifted inside the model
+        ids, labels = (t.to(device, non_blocking=True) for t in next(batches))
+        seen["tokens"] += int((ids != tokenizer.pad_token_id).sum())
+        seen["supervised"] += int((labels != IGNORE).sum())
+        mask = (ids != tokenizer.pad_token_id).long()
+        return model(input_ids=ids, attention_mask=mask, labels=labels).loss  # labels are shifted inside
 
     stats = train_loop("mini-lm", out, list(model.parameters()), recipe, loss_at)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.eval().save_pretrained(out)
+    model.to("cpu").eval().half().save_pretrained(out)
     tokenizer.save_pretrained(out / "tokenizer")
-    return {**stats, "corpus_tokens": len(stream),
-            "tokens_seen": recipe.steps * recipe.batch_size * recipe.seq_len}
+    return {**stats, "tokens_seen": seen["tokens"], "supervised_tokens_seen": seen["supervised"],
+            "rows_seen": recipe.steps * recipe.batch_size, "device": device}
 
 
-def train_mini_lm(world_root: PathLike, out_dir: PathLike, recipe: LMRecipe = LMRecipe(), *,
-                  force: bool = False, threads: int | None = None) -> Path:
-    """Pretrain the mini Chinese LM on the world's `text/lm_corpus.jsonl` into `out_dir` (returned):
-    weights there, tokenizer in `out_dir/tokenizer` (`LMConfig(path=out, tokenizer_path=out/"tokenizer")`).
+def train_mini_lm(out_dir: PathLike, recipe: LMRecipe = LMRecipe(), *, force: bool = False,
+                  threads: int | None = None, device: str = "cpu", workers: int = 0) -> Path:
+    """Pretrain the mini Chinese LM on fresh rows into `out_dir` (returned): fp16 weights there,
+    tokenizer in `out_dir/tokenizer` (`LMConfig(path=out, tokenizer_path=out/"tokenizer")`).
 
-    Skipped when `out_dir/done.json` records the same recipe and world, unless `force`.
-    """
-    world, out = Path(world_root), Path(out_dir)
+    Skipped when `out_dir/done.json` records the same recipe and world generators, unless `force`.
+    `workers` background processes build the batches (each is a pure function of the step)."""
+    out = Path(out_dir)
     with torch_threads(threads):
-        return run_atomic(out, done_marker(recipe, world), force, lambda tmp: _lm_train(world, recipe, tmp))
+        return run_atomic(out, done_marker(recipe), force, lambda tmp: _lm_train(recipe, tmp, device, workers))
 
 
 # --------------------------------------------------------------------------- evaluation
 
 
-def _held_out_rows(world: Path, split: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The split's text in the corpus's two formats: captions as `{"text"}` rows, and its VQA items
-    as description-grounded `{"messages"}` (the corpus's QA format, with the detailed caption)."""
-    captions = read_jsonl(world / split / "captions.jsonl")
-    detailed = {r["image"]: r["detailed"] for r in captions}
-    texts = [{"text": t} for r in captions for t in [*r["references"], r["detailed"]]]
-    qa = [{"messages": [{"role": "user", "content": f"图片描述：{detailed[r['image']]}\n{r['question']}"},
-                        {"role": "assistant", "content": r["answer"]}]}
-          for r in read_jsonl(world / split / "vqa.jsonl")]
-    return texts, qa
+def split_scenes_of(world: Path, split: str) -> list[Scene]:
+    """The ground-truth scenes of a world split, from its pair shards' metadata (key order)."""
+    metas = pair_meta(world, split)
+    return [Scene.from_dict(metas[k]["scene"]) for k in sorted(metas)]
 
 
-def _nll(model: torch.nn.Module, ids: list[list[int]], first_scored: list[int], batch: int = 64) -> tuple[float, int, int]:
-    """Summed NLL of the tokens at positions >= `first_scored[i]` of each row, how many such tokens,
-    and how many rows the greedy next-token prediction gets right on all of them."""
-    total, count, exact = 0.0, 0, 0
-    for i in range(0, len(ids), batch):
-        rows, starts = ids[i:i + batch], torch.tensor(first_scored[i:i + batch])
-        width = max(map(len, rows))
-        tokens = torch.zeros(len(rows), width, dtype=torch.long)
-        mask = torch.zeros(len(rows), width, dtype=torch.long)
-        for r, row in enumerate(rows):
-            tokens[r, :len(row)], mask[r, :len(row)] = torch.tensor(row), 1
+def reading_exam(scenes: list[Scene], seed: int = 0) -> list[tuple[str, list[Message]]]:
+    """Held-out reading items, (type, one-question chat row): for each scene one question of each
+    VQA type about its plain description, and one box question about its description with boxes."""
+    items: list[tuple[str, list[Message]]] = []
+    for n, scene in enumerate(scenes):
+        rng = random.Random(f"seechat-mini/reading-exam/{seed}/{n}")
+        context = rng.choice(CONTEXTS).format(d=text.detailed_caption(scene, rng))
+        for qtype in text.QUESTION_TYPES:
+            if (qa := text.vqa(scene, rng, qtype)) is not None:
+                items.append((qtype, [("user", context + qa.question), ("assistant", qa.answer)]))
+        if (g := text.grounding(scene, rng)) is not None:
+            boxed = rng.choice(CONTEXTS).format(d=text.detailed_caption(scene, rng, boxes=True))
+            items.append(("grounding", [("user", boxed + text.grounding_instruction(g.expression, rng)),
+                                        ("assistant", g.answer)]))
+    return items
+
+
+def _nll(model: torch.nn.Module, rows: list[tuple[list[int], list[int]]], batch: int = 64) -> tuple[float, int, list[bool]]:
+    """Summed NLL of the supervised tokens (labels != -100) of each row, how many there are, and per
+    row whether the greedy next-token prediction is right on all of them (what greedy decoding prints)."""
+    total, count, exact = 0.0, 0, []
+    for i in range(0, len(rows), batch):
+        chunk = rows[i:i + batch]
+        width = max(len(ids) for ids, _ in chunk)
+        tokens = torch.zeros(len(chunk), width, dtype=torch.long)
+        labels = torch.full((len(chunk), width), IGNORE, dtype=torch.long)
+        mask = torch.zeros(len(chunk), width, dtype=torch.long)
+        for r, (ids, lab) in enumerate(chunk):
+            tokens[r, :len(ids)], labels[r, :len(lab)], mask[r, :len(ids)] = torch.tensor(ids), torch.tensor(lab), 1
         logits = model(input_ids=tokens, attention_mask=mask).logits[:, :-1].float()  # (b, L-1, V)
-        targets = tokens[:, 1:]  # (b, L-1): target j is the token at position j + 1
-        scored = mask[:, 1:].bool() & (torch.arange(1, width)[None] >= starts[:, None])
-        nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # (b, L-1)
+        targets = labels[:, 1:]  # (b, L-1): target j is the token at position j + 1
+        scored = targets != IGNORE
+        nll = F.cross_entropy(logits.transpose(1, 2), targets.clamp(min=0), reduction="none")  # (b, L-1)
         total += nll[scored].sum().item()
         count += int(scored.sum())
-        exact += int(((logits.argmax(-1) == targets) | ~scored).all(1).sum())
+        exact += ((logits.argmax(-1) == targets) | ~scored).all(1).tolist()
     return total, count, exact
 
 
 @torch.inference_mode()
 def evaluate_lm(model_dir: PathLike, world_root: PathLike, split: str = "val", *,
-                threads: int | None = None) -> dict[str, float]:
-    """Held-out text of the world's `split` (its scenes are not in the LM corpus):
+                threads: int | None = None, limit: int = 0) -> dict[str, Any]:
+    """How well the LM reads, on a world split's scenes (never in its training rows):
 
-    - `val_ppl`: perplexity over its captions (concise references and detailed), text + eos;
-    - `qa_answer_ppl` / `qa_exact`: over its VQA items asked about the detailed caption in the
-      corpus's QA format, on the assistant reply + `<|im_end|>` only; exact = the greedy prediction
-      gets every reply token right (greedy decoding would print exactly the answer and stop).
+    - `val_ppl`: perplexity over the split's captions (concise references and detailed), text + eos;
+    - `qa_exact` / `qa_exact_by_type`: the `reading_exam` — a question of every VQA type about each
+      scene's plain description, and a box question (`grounding`) about its description with
+      boxes; exact = the greedy prediction gets every reply token right (greedy decoding would
+      print exactly the answer and stop); `qa_answer_ppl` over those reply tokens.
     """
     world, model_dir = Path(world_root), Path(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir / "tokenizer")
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    texts, qa = _held_out_rows(world, split)
-    encode = lambda docs: tokenizer(docs, add_special_tokens=False)["input_ids"]  # noqa: E731
-    text_ids, qa_ids = encode(lm_documents(texts, tokenizer)), encode(lm_documents(qa, tokenizer))
-    prompts = [tokenizer.apply_chat_template(r["messages"][:1], add_generation_prompt=True, tokenize=False) for r in qa]
-    prompt_lens = [len(p) for p in encode(prompts)]
-    qa_ids = [row[:-1] for row in qa_ids]  # drop the template's "\n" after the final <|im_end|>
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    captions = read_jsonl(world / split / "captions.jsonl")
+    scenes = split_scenes_of(world, split)
+    if limit:
+        captions, scenes = captions[:limit], scenes[:limit]
+    texts = [encode_row(t, tokenizer) for r in captions for t in [*r["references"], r["detailed"]]]
+    exam = reading_exam(scenes)
     with torch_threads(threads):
-        t_nll, t_n, _ = _nll(model, text_ids, [1] * len(text_ids))
-        q_nll, q_n, q_exact = _nll(model, qa_ids, prompt_lens)
+        t_nll, t_n, _ = _nll(model, texts)
+        q_nll, q_n, exact = _nll(model, [encode_row(row, tokenizer) for _, row in exam])
+    by_type: dict[str, list[bool]] = {}
+    for (qtype, _), ok in zip(exam, exact, strict=True):
+        by_type.setdefault(qtype, []).append(ok)
     return {"val_ppl": math.exp(t_nll / t_n), "val_tokens": t_n, "qa_answer_ppl": math.exp(q_nll / q_n),
-            "qa_exact": q_exact / len(qa), "n_qa": len(qa)}
+            "qa_exact": sum(exact) / len(exact), "n_qa": len(exact),
+            "qa_exact_by_type": {k: sum(v) / len(v) for k, v in sorted(by_type.items())}}

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import combinations
 
@@ -232,16 +232,19 @@ def _relation(a: SceneObject, b: SceneObject, rng: random.Random) -> str | None:
     return rng.choice(options) if options else None
 
 
-def detailed_caption(scene: Scene, rng: random.Random) -> str:
-    """Background, every object with position and size, and one spatial relation when possible."""
+def detailed_caption(scene: Scene, rng: random.Random, boxes: bool = False) -> str:
+    """Background, every object with position and size, and one spatial relation when possible.
+    `boxes=True` appends each object's ``<box>`` right after its phrase (the random choices, and so
+    every other word, stay the same), which is how the mini LM learns to read and copy boxes."""
     n = len(scene.objects)
     parts = [rng.choice(DETAILED_INTROS).format(bg=scene.background, n=CN_NUMBER[n])]
     if n == 1:
         one = "一共有一个" if "一共有一个" in parts[0] else "有一个"  # never both: "只只有"
         parts[0] = parts[0].replace(one, "只有一个", 1)
     for o in scene.objects:
-        parts.append(rng.choice(DETAILED_OBJECTS).format(
-            pos=LOCATIVE[o.position], size=o.size, colour=o.colour, shape=o.shape))
+        sentence = rng.choice(DETAILED_OBJECTS).format(
+            pos=LOCATIVE[o.position], size=o.size, colour=o.colour, shape=o.shape)
+        parts.append(sentence[:-1] + format_box(o.bbox, scene.image_size) + "。" if boxes else sentence)
     pairs = list(combinations(range(n), 2))
     rng.shuffle(pairs)
     for i, j in pairs:
@@ -583,3 +586,42 @@ def chitchat(rng: random.Random) -> Turn:
         return _chat_arith(rng)
     return rng.choice(_FACTS if kind == "fact" else _SMALL_TALK)
 
+
+
+# --------------------------------------------------------------------------- the character set
+
+
+def _strings_of(value: object) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _strings_of(k)
+            yield from _strings_of(v)
+    elif isinstance(value, tuple | list | frozenset | set):
+        for v in value:
+            yield from _strings_of(v)
+
+
+# Characters the world's generators do not hold as constants but its users type: the evaluation and
+# demo prompts and the stage-1 pair instructions (seechat.eval.run, seechat.mini.demo, configs/mini).
+PROMPT_TEXT = ("请用一句话描述这张图片。简要描述图片内容。这张图里有什么？请给出的位置（坐标框）。图中有几个图形？"
+               "请给出第一个图形的位置（坐标框）。，。：；！？、（）【】《》“”‘’…—")
+
+
+def charset() -> list[str]:
+    """Every character the mini world can write, sorted: the strings of this module and of
+    `seechat.mini.scenes` (names, templates, phrasings), the prompts above, and printable ASCII.
+
+    A pure function of the code, not of a generated world, so the shipped experts' vocabularies
+    cover every world any seed generates (a test checks a fresh world against it)."""
+    from seechat.mini import scenes
+    from seechat.mini.tokenizer import ASCII
+
+    chars = set(ASCII) | set(PROMPT_TEXT)
+    for module in (globals(), vars(scenes)):
+        for name, value in module.items():
+            if not name.startswith("__"):
+                for s in _strings_of(value):
+                    chars.update(s)
+    return sorted(chars)
