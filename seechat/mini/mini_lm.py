@@ -46,7 +46,6 @@ from seechat.mini.scenes import Scene
 from seechat.mini.tokenizer import build_char_tokenizer
 
 IGNORE = -100
-CONTEXTS = ("图片描述：{d}\n", "下面是一张图片的描述：{d}\n请回答：", "{d}\n根据上面的描述回答：")
 
 
 @dataclass(frozen=True)
@@ -54,7 +53,7 @@ class LMRecipe:
     """Mini Chinese LM sizes and optimisation (the shipped LM: `seechat.mini.shipped`)."""
 
     hidden: int = 256
-    layers: int = 4
+    layers: int = 6
     heads: int = 8
     kv_heads: int = 4
     intermediate: int = 768
@@ -91,7 +90,7 @@ def _question(scene: Scene, rng: random.Random, boxes: bool) -> list[tuple[str, 
 def reading_row(scene: Scene, rng: random.Random, box_fraction: float, turns: int) -> list[Message]:
     """A description of `scene` in the user's first turn, then `turns` exercises about it."""
     boxes = rng.random() < box_fraction
-    context = rng.choice(CONTEXTS).format(d=text.detailed_caption(scene, rng, boxes=boxes))
+    context = rng.choice(text.DESCRIPTION_CONTEXTS).format(d=text.detailed_caption(scene, rng, boxes=boxes))
     pairs: list[tuple[str, str]] = []
     while len(pairs) < turns:
         pairs += _question(scene, rng, boxes)
@@ -114,17 +113,30 @@ def text_row(scene: Scene, rng: random.Random) -> str | list[Message]:
 
 def encode_row(row: str | list[Message], tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
     """Token ids and labels of one row: ChatML chat rows supervise the assistant replies and their
-    `<|im_end|>`; text rows (text + eos) supervise every token."""
-    encode = functools.partial(tokenizer.encode, add_special_tokens=False)
+    `<|im_end|>`; text rows (text + eos) supervise every token. One token per character (the mini
+    tokenizer), looked up directly: tokenizing piece by piece would cost most of a training step."""
+    vocab = _char_ids(tokenizer)
+    unk = tokenizer.unk_token_id
+
+    def ids_of(s: str) -> list[int]:
+        return [vocab.get(c, unk) for c in s]
+
     if isinstance(row, str):
-        ids = encode(row + tokenizer.eos_token)
+        ids = ids_of(row) + [tokenizer.eos_token_id]
         return ids, list(ids)
+    start, end, newline = vocab["<|im_start|>"], vocab["<|im_end|>"], vocab["\n"]
     ids, labels = [], []
     for role, content in row:
-        head, body, tail = encode(f"<|im_start|>{role}\n"), encode(content + "<|im_end|>"), encode("\n")
-        ids += head + body + tail
-        labels += [IGNORE] * len(head) + (body if role == "assistant" else [IGNORE] * len(body)) + [IGNORE] * len(tail)
+        head, body = [start, *ids_of(role), newline], [*ids_of(content), end]
+        ids += head + body + [newline]
+        labels += [IGNORE] * len(head) + (body if role == "assistant" else [IGNORE] * len(body)) + [IGNORE]
     return ids, labels
+
+
+@functools.lru_cache(maxsize=4)
+def _char_ids(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
+    """The vocabulary (characters and special tokens) -> id; the mini tokenizer has one id per character."""
+    return dict(tokenizer.get_vocab())
 
 
 def lm_batch(recipe: LMRecipe, tokenizer: PreTrainedTokenizerBase, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -198,12 +210,12 @@ def reading_exam(scenes: list[Scene], seed: int = 0) -> list[tuple[str, list[Mes
     items: list[tuple[str, list[Message]]] = []
     for n, scene in enumerate(scenes):
         rng = random.Random(f"seechat-mini/reading-exam/{seed}/{n}")
-        context = rng.choice(CONTEXTS).format(d=text.detailed_caption(scene, rng))
+        context = rng.choice(text.DESCRIPTION_CONTEXTS).format(d=text.detailed_caption(scene, rng))
         for qtype in text.QUESTION_TYPES:
             if (qa := text.vqa(scene, rng, qtype)) is not None:
                 items.append((qtype, [("user", context + qa.question), ("assistant", qa.answer)]))
         if (g := text.grounding(scene, rng)) is not None:
-            boxed = rng.choice(CONTEXTS).format(d=text.detailed_caption(scene, rng, boxes=True))
+            boxed = rng.choice(text.DESCRIPTION_CONTEXTS).format(d=text.detailed_caption(scene, rng, boxes=True))
             items.append(("grounding", [("user", boxed + text.grounding_instruction(g.expression, rng)),
                                         ("assistant", g.answer)]))
     return items

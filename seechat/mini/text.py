@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import random
 import re
+import types
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import combinations
@@ -260,6 +261,8 @@ CONCISE_INSTRUCTIONS = ("请用一句话描述这张图片。", "简要描述一
                         "给这张图配一句简短的说明。", "用简短的话说说图中的内容。")
 DETAILED_INSTRUCTIONS = ("请详细描述这张图片。", "详细说说图里每个图形的位置和大小。",
                          "请仔细描述图片中的内容，包括位置和大小。", "描述一下这张图片，越详细越好。")
+# How a reading exercise hands the LM a scene's description before asking about it.
+DESCRIPTION_CONTEXTS = ("图片描述：{d}\n", "下面是一张图片的描述：{d}\n请回答：", "{d}\n根据上面的描述回答：")
 GROUNDING_INSTRUCTIONS = ("请给出{e}的位置（坐标框）。", "{e}在哪里？请用坐标框回答。", "找到{e}，输出它的边界框。",
                           "请框出{e}。", "给出{e}的边界框坐标。")
 
@@ -592,8 +595,14 @@ def chitchat(rng: random.Random) -> Turn:
 
 
 def _strings_of(value: object) -> Iterator[str]:
+    """Every string in a value: containers are walked, and so are the constants of functions'
+    code (the literals inside function bodies, e.g. "它们分别在什么位置？")."""
     if isinstance(value, str):
         yield value
+    elif isinstance(value, types.CodeType):
+        yield from _strings_of(value.co_consts)
+    elif isinstance(value, types.FunctionType):
+        yield from _strings_of(value.__code__)
     elif isinstance(value, dict):
         for k, v in value.items():
             yield from _strings_of(k)
@@ -611,7 +620,8 @@ PROMPT_TEXT = ("请用一句话描述这张图片。简要描述图片内容。�
 
 def charset() -> list[str]:
     """Every character the mini world can write, sorted: the strings of this module and of
-    `seechat.mini.scenes` (names, templates, phrasings), the prompts above, and printable ASCII.
+    `seechat.mini.scenes` (names, templates, phrasings, literals in function bodies), the prompts
+    above, and printable ASCII.
 
     A pure function of the code, not of a generated world, so the shipped experts' vocabularies
     cover every world any seed generates (a test checks a fresh world against it)."""

@@ -213,8 +213,7 @@ def _eval_rows(scene: Scene, key: str, image: str, alt: text.AltText, cfg: World
 
 def _lm_rows(scene: Scene, detailed: str, cfg: WorldConfig, rng: random.Random) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = [{"text": text.concise_caption(scene, rng)}, {"text": detailed}]
-    context = rng.choice(("图片描述：{d}\n", "下面是一张图片的描述：{d}\n请回答：", "{d}\n根据上面的描述回答："))
-    context = context.format(d=detailed)
+    context = rng.choice(text.DESCRIPTION_CONTEXTS).format(d=detailed)
     qa = text.vqa(scene, rng)
     if qa is not None:
         rows.append({"messages": [{"role": "user", "content": context + qa.question},

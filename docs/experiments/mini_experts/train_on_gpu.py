@@ -22,7 +22,7 @@ from pathlib import Path
 from seechat.mini.world import WorldConfig, build_world
 
 OUT, BUDGET = Path(sys.argv[1]), float(sys.argv[2])
-RUNS = {"clip": ("clip", [], 8), "lm": ("lm", [], 3)}
+RUNS = {"clip": ("clip", [], 6), "lm": ("lm", [], 9)}  # name: (expert, settings, loader workers)
 for arg in sys.argv[3:]:  # e.g. lm6=lm.layers=6,lm.heads=8
     name, _, sets = arg.partition("=")
     RUNS[name] = (sets.split(".")[0], sets.split(","), 3)
