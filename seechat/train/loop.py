@@ -56,7 +56,13 @@ from seechat.train.state import (
     read_resume_state,
     save_resume,
 )
-from seechat.train.trackers import build_trackers, finish_trackers, record_config, reset_tracker_files
+from seechat.train.trackers import (
+    build_trackers,
+    finish_trackers,
+    record_config,
+    reset_tracker_files,
+    truncate_tracker_files,
+)
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +194,7 @@ def train(cfg: RunConfig, resume: bool = True) -> TrainResult:
         if acc.is_main_process:
             _truncate_metrics(run_dir / "metrics.jsonl", pos.step)
             _truncate_metrics(run_dir / "eval.jsonl", pos.step)
+            truncate_tracker_files(run_dir, pos.step)
     acc.init_trackers(out.name)  # starts them on rank 0 only
     if acc.is_main_process:
         record_config(acc.trackers, run_dir, to_dict(cfg), resumed=resuming)

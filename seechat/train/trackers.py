@@ -6,9 +6,10 @@ resolved config as hyperparameters (dotted keys, as in `key=value` overrides). O
 tracker, so only rank 0 writes.
 
 A resumed run continues the same curves:
-    tensorboard  events go to `<output_dir>/train/tensorboard/`. The writer of a resumed run is
-                 opened with `purge_step` = the resume step + 1, so TensorBoard's reader drops what
-                 the interrupted run logged after its last resume point; those steps are logged again.
+    tensorboard  events go to `<output_dir>/train/tensorboard/`. Resuming cuts the event files
+                 back to the resume step, as it cuts metrics.jsonl: what the interrupted run logged
+                 after its last resume point is logged again, once, by the resumed run. (The files
+                 themselves are cut, not just hidden with `purge_step`, so every reader agrees.)
     wandb        the run id is kept in `train/trackers.json`; a resumed run reopens that run
                  (`resume="allow"`), and W&B ignores the re-logged steps it already has (their loss
                  is bit-identical: resume is exact). Files go to `<output_dir>/train/wandb/`; the
@@ -48,8 +49,7 @@ class TrackerSpec:
 
 
 def _tensorboard(run_dir: Path, name: str, resume_step: int | None, state: dict) -> GeneralTracker:
-    kwargs = {} if resume_step is None else {"purge_step": resume_step + 1}
-    return TensorBoardTracker("tensorboard", run_dir, **kwargs)
+    return TensorBoardTracker("tensorboard", run_dir)
 
 
 def _wandb(run_dir: Path, name: str, resume_step: int | None, state: dict) -> GeneralTracker:
@@ -59,9 +59,8 @@ def _wandb(run_dir: Path, name: str, resume_step: int | None, state: dict) -> Ge
 
 
 TRACKERS: dict[str, TrackerSpec] = {
-    # accelerate's TensorBoard tracker writes through torch.utils.tensorboard (needs `tensorboard`)
-    # or falls back to tensorboardX
-    "tensorboard": TrackerSpec(("tensorboard", "tensorboardX"), "tensorboard", _tensorboard),
+    # accelerate writes through torch.utils.tensorboard; resuming reads and cuts with tensorboard's own code
+    "tensorboard": TrackerSpec(("tensorboard",), "tensorboard", _tensorboard),
     "wandb": TrackerSpec(("wandb",), "wandb", _wandb),
 }
 
@@ -119,6 +118,29 @@ def reset_tracker_files(run_dir: Path) -> None:
     as it empties metrics.jsonl (W&B runs are kept: a new run gets a new id)."""
     shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
     (run_dir / STATE_FILE).unlink(missing_ok=True)
+
+
+def truncate_tracker_files(run_dir: Path, step: int) -> None:
+    """Cut the TensorBoard event files of `run_dir` back to `step` (a resume point): events of later
+    steps are dropped, a record torn by a kill included. Rank 0, before the trackers start."""
+    tb = run_dir / "tensorboard"
+    if not tb.is_dir() or importlib.util.find_spec("tensorboard") is None:
+        return
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    for path in sorted(tb.glob("events.out.tfevents.*")):
+        records = list(RawEventFileLoader(str(path)).Load())
+        kept = [r for r in records if Event.FromString(r).step <= step]
+        if len(kept) == len(records) and path.stat().st_size == sum(len(r) + 16 for r in records):
+            continue  # nothing after the resume point, nothing torn
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            writer = RecordWriter(f)
+            for r in kept:
+                writer.write(r)
+        os.replace(tmp, path)
 
 
 def finish_trackers(trackers: Sequence[GeneralTracker]) -> None:
