@@ -53,8 +53,12 @@ def test_stage1_then_stage2_write_checkpoints(tiny_world, tmp_path):
     over = tiny_overrides(tiny_world, s2, **{
         "train.init_from": s1, "train.max_steps": 3, "train.batch_size": 4, "model.bridge.type": "qformer",
         "model.bridge.num_queries": 8, "data.paths": f"{tiny_world['world']}/instruct/train.jsonl", "data.image_root": tiny_world["world"],
+        "data.eval_paths": f"{tiny_world['world']}/instruct/val.jsonl", "train.eval_batches": 1,
     })
     train(load_config(STAGE2, over))
+    (held_out,) = [json.loads(r) for r in (s2 / "train" / "eval.jsonl").read_text().splitlines()]
+    assert held_out["step"] == 3 and held_out["samples"] == 4  # eval_batches=1: one global batch
+    assert held_out["loss"] > 0 and held_out["supervised_tokens"] > 4
     assert json.loads((s2 / "config.json").read_text())["parts"]["lm"] in ("full", "lora")
     model, _ = load(s2)
     assert model.num_image_tokens == 8
