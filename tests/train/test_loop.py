@@ -121,6 +121,21 @@ def _rows(path: Path) -> list[dict]:
         return [{"step": 0}]
 
 
+def test_resume_point_written_before_a_config_field_existed_still_resumes(tiny_world, tmp_path):
+    """A resume point's config lacks the fields added since (here train.report_to, data.eval_paths):
+    they take their defaults, so the run resumes instead of calling its own config different."""
+    out = tmp_path / "old"
+    over = stage1_overrides(tiny_world, out, **{"train.max_steps": 1})
+    train(load_config(STAGE1, over))
+    state_file = out / "train" / "resume" / "state.json"
+    state = json.loads(state_file.read_text())
+    del state["config"]["train"]["report_to"], state["config"]["data"]["eval_paths"]
+    state_file.write_text(json.dumps(state))
+    assert train(load_config(STAGE1, over)).steps == 1
+    with pytest.raises(ValueError, match="different config"):
+        train(load_config(STAGE1, [*over, "optim.lr=0.5"]))
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_world, tmp_path):
     out = tmp_path / "nan"
     over = stage1_overrides(tiny_world, out, **{"train.max_steps": 6, "train.save_every": 1, "optim.lr": 1e30,
