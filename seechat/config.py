@@ -25,6 +25,7 @@ from typing import Any, Literal
 import yaml
 
 Trainable = Literal["frozen", "full", "lora"]
+Tracker = Literal["tensorboard", "wandb"]  # experiment trackers of `train.report_to` (seechat.train.trackers)
 
 
 class ConfigError(ValueError):
@@ -108,6 +109,7 @@ class DataConfig:
     pair_instructions: tuple[str, ...] = ("<image>\n请用一句话描述这张图片。",)
     shuffle_buffer: int = 1000
     num_workers: int = 0
+    eval_paths: tuple[str, ...] = ()  # held-out data of the same kind; its loss is evaluated during training
 
 
 @dataclass(frozen=True)
@@ -133,6 +135,9 @@ class TrainConfig:
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     gradient_checkpointing: bool = False
     group_by_length: bool = True  # conversations: batch similar lengths to waste less on padding
+    eval_every: int = 0  # with data.eval_paths: held-out loss every N steps (0 = only at the end)
+    eval_batches: int = 0  # global batches per evaluation (0 = the whole of data.eval_paths)
+    report_to: tuple[Tracker, ...] = ()  # experiment trackers, besides train/metrics.jsonl and loss.png
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,14 @@
 """Rendering conversations with the LLM's own chat template, and finding what to supervise.
 
-A conversation is a list of `{"role": "system"|"user"|"assistant", "content": str}` dicts. It is
-rendered with the tokenizer's chat template when it has one; otherwise with the documented Chinese
-fallback `FALLBACK_TEMPLATE`:
+A conversation is a list of `{"role": "system"|"user"|"assistant", "content": str}` dicts, images
+marked in the text by the image token (`"<image>\n图里有什么？"`). transformers' multimodal form,
+content as a list of parts (`[{"type": "image"}, {"type": "text", "text": "图里有什么？"}]`), is
+the same conversation: `text_messages` turns it into the string form (each image part is the image
+token and a newline, text parts are their text, in order), and `accept_content_parts` puts the
+same rule in front of a Jinja chat template, for exported checkpoints that other tools render.
+
+A conversation is rendered with the tokenizer's chat template when it has one; otherwise with the
+documented Chinese fallback `FALLBACK_TEMPLATE`:
 
     <system text>\\n            (only when there is a system message)
     问：<user text>\\n
@@ -19,6 +25,7 @@ This module does strings and token ids; it knows nothing about images or tensors
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,6 +48,61 @@ class TemplateError(ValueError):
 
 class NoSupervisedTokensError(ValueError):
     """A sample (or batch) would train on nothing: every label is -100."""
+
+
+def _part_text(part: Any, image_token: str, where: str) -> str:
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind == "image":
+        return image_token + "\n"
+    if kind == "text" and isinstance(part.get("text"), str):
+        return part["text"]
+    raise ValueError(f"{where}: a content part must be {{'type': 'image'}} or {{'type': 'text', 'text': str}}, "
+                     f"got {part!r}")
+
+
+def text_messages(messages: Sequence[dict[str, Any]], image_token: str) -> list[dict[str, Any]]:
+    """Messages whose content may be a list of parts, with every content as a string (see the
+    module docstring); string contents are kept as they are."""
+    out = []
+    for i, m in enumerate(messages):
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, list):
+            text = "".join(_part_text(p, image_token, f"message {i} part {j}") for j, p in enumerate(content))
+            m = {**m, "content": text}
+        out.append(m)
+    return out
+
+
+def part_images(messages: Sequence[dict[str, Any]]) -> list[Any]:
+    """The images that image parts carry themselves (`{"type": "image", "image": PIL.Image}`), in order."""
+    return [p["image"] for m in messages if isinstance(m, dict) and isinstance(m.get("content"), list)
+            for p in m["content"] if isinstance(p, dict) and p.get("type") == "image" and p.get("image") is not None]
+
+
+def accept_content_parts(template: str, image_token: str) -> str:
+    """`template` preceded by Jinja that rewrites list-of-parts messages into the string form, by
+    the rule of `text_messages`, so one template renders both forms identically. The preamble
+    emits no text; messages keep their other keys."""
+    token = json.dumps(image_token + "\n")  # a Jinja string literal (Jinja reads JSON-style escapes)
+    preamble = (
+        "{% set _seechat = namespace(messages=[]) %}"
+        "{% for _m in messages %}"
+        "{% if _m['content'] is string %}"
+        "{% set _seechat.messages = _seechat.messages + [_m] %}"
+        "{% else %}"
+        "{% set _text = namespace(value='') %}"
+        "{% for _p in _m['content'] %}"
+        "{% if _p['type'] == 'image' %}{% set _text.value = _text.value + " + token + " %}"
+        "{% elif _p['type'] == 'text' %}{% set _text.value = _text.value + _p['text'] %}"
+        "{% else %}{{ raise_exception('a content part must be of type image or text, not ' + _p['type']) }}"
+        "{% endif %}"
+        "{% endfor %}"
+        "{% set _seechat.messages = _seechat.messages + [dict(_m, content=_text.value)] %}"
+        "{% endif %}"
+        "{% endfor %}"
+        "{% set messages = _seechat.messages %}"
+    )
+    return preamble + template
 
 
 def ensure_chat_template(tokenizer: Any) -> None:

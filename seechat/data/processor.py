@@ -3,6 +3,9 @@
 Each `<image>` marker in a message is one reserved image token after tokenisation; the processor
 expands it to `num_image_tokens` copies (the bridge's output length), so the model can merge image
 features with a single `masked_scatter`. Labels are -100 everywhere except assistant replies.
+Message content is a string with markers, or transformers' list of parts (`{"type": "image"}`,
+`{"type": "text", ...}`; see `seechat.data.conversation.text_messages`), whose image parts may
+carry the image itself (`"image": PIL.Image`) instead of it being passed in `images`.
 
 It pairs a tokenizer (the LLM's own, with the image token added when missing) and an image
 processor (the vision encoder's own). It does not batch; `seechat.data.collate` does.
@@ -23,8 +26,10 @@ from seechat.data.conversation import (
     IGNORE_INDEX,
     NoSupervisedTokensError,
     ensure_chat_template,
+    part_images,
     render,
     render_with_spans,
+    text_messages,
     tokenize_with_labels,
 )
 
@@ -82,6 +87,15 @@ class SeeChatProcessor:
                 out_labels.append(lab)
         return out_ids, out_labels
 
+    def _as_text(
+        self, messages: Sequence[dict[str, Any]], images: Sequence[Image.Image]
+    ) -> tuple[list[dict[str, str]], list[Image.Image]]:
+        """String-content messages, and the images: those passed, or those the image parts carry."""
+        carried = part_images(messages)
+        if carried and images:
+            raise ValueError("images were passed both inside the content parts and as `images`; pass them one way")
+        return text_messages(messages, self.image_token), list(carried or images)
+
     def _check_markers(self, messages: Sequence[dict[str, str]], n_images: int) -> None:
         n_markers = sum(m["content"].count(self.image_token) for m in messages)
         if n_markers != n_images:
@@ -103,9 +117,10 @@ class SeeChatProcessor:
         return ids[:cut], labels[:cut], n_tok // self.num_image_tokens
 
     def encode_conversation(
-        self, messages: Sequence[dict[str, str]], images: Sequence[Image.Image] = (), sample_id: str = ""
+        self, messages: Sequence[dict[str, Any]], images: Sequence[Image.Image] = (), sample_id: str = ""
     ) -> Encoded:
         """A training sample: ids, labels (assistant replies only) and pixel values."""
+        messages, images = self._as_text(messages, images)
         self._check_markers(messages, len(images))
         text, spans = render_with_spans(self.tokenizer, messages)
         ids, labels = tokenize_with_labels(self.tokenizer, text, spans)
@@ -124,18 +139,20 @@ class SeeChatProcessor:
             pixel_values=self.preprocess_images(list(images)[:n_img]),
         )
 
-    def prompt_ids(self, messages: Sequence[dict[str, str]], n_images: int) -> torch.Tensor:
+    def prompt_ids(self, messages: Sequence[dict[str, Any]], n_images: int) -> torch.Tensor:
         """Token ids of the conversation so far plus the generation prompt, image markers
         expanded; no pixels are touched (a serving engine encodes only images it has not seen). (T,)"""
+        messages = text_messages(messages, self.image_token)
         self._check_markers(messages, n_images)
         text = render(self.tokenizer, messages, add_generation_prompt=True)
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         ids, _ = self._expand(ids, [IGNORE_INDEX] * len(ids))
         return torch.tensor(ids, dtype=torch.long)
 
-    def encode_prompt(self, messages: Sequence[dict[str, str]], images: Sequence[Image.Image] = ()) -> Encoded:
+    def encode_prompt(self, messages: Sequence[dict[str, Any]], images: Sequence[Image.Image] = ()) -> Encoded:
         """An inference prompt: the conversation so far plus the assistant generation prompt."""
-        return Encoded(self.prompt_ids(messages, len(images)), None, self.preprocess_images(list(images)))
+        messages, images = self._as_text(messages, images)
+        return Encoded(self.prompt_ids(messages, len(images)), None, self.preprocess_images(images))
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)

@@ -5,6 +5,9 @@ projector with the same parameter names, same image-token merge. The export writ
 transformers `LlavaForConditionalGeneration` layout (config.json with `model_type: llava`,
 `model.safetensors`, tokenizer, image processor, processor and generation configs), which
 transformers, vLLM, SGLang and llama.cpp's converters read. LoRA parts are folded in first.
+The chat template (processor's and tokenizer's) renders messages whose content is a string with
+`<image>` markers and transformers' list-of-parts form (`[{"type": "image"}, {"type": "text", ...}]`)
+alike, so `AutoProcessor.apply_chat_template` takes either (seechat.data.conversation).
 
 Other bridges (`linear`, `qformer`, `resampler`) have no LLaVA counterpart and are refused with a
 message that says so; this module does not approximate one architecture with another.
@@ -20,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from seechat.data.conversation import accept_content_parts
 from seechat.model.seechat import SeeChatModel
 
 FORMATS = ("llava-hf",)
@@ -116,6 +120,7 @@ def export_llava_hf(directory: str | Path, out: str | Path) -> Path:
     try:
         llava.save_pretrained(tmp, safe_serialization=True)
         tok = processor.tokenizer
+        tok.chat_template = accept_content_parts(tok.chat_template, processor.image_token)
         hf_processor = LlavaProcessor(
             image_processor=processor.image_processor,
             tokenizer=tok,

@@ -19,7 +19,7 @@ import hashlib
 import logging
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -218,6 +218,34 @@ class BatchStream:
 
     def __iter__(self) -> BatchStream:
         return self
+
+
+def _usable(samples: list[Encoded | None]) -> list[Encoded]:
+    return [s for s in samples if s is not None]
+
+
+def eval_batches(cfg: DataConfig, processor: SeeChatProcessor, spec: StreamSpec, max_batches: int = 0) -> Iterator[dict]:
+    """One pass over `cfg.eval_paths` in file order: this rank's part of each global batch.
+
+    Every rank reads the whole held-out set and takes its contiguous share of each global batch
+    (batch_size x world size), so all ranks run the same number of forwards (FSDP's forward is a
+    collective); a global batch with fewer usable samples than ranks is skipped on every rank
+    alike. `max_batches` > 0 stops after that many global batches. The loader draws its seed from
+    its own generator, so evaluating leaves the training RNG (and exact resume) untouched.
+    """
+    if cfg.kind == "conversations":
+        dataset = load_conversation_dataset(replace(cfg, paths=cfg.eval_paths), processor)
+    else:
+        dataset = PairShardDataset(list(cfg.eval_paths), text_field=cfg.text_field, shuffle_buffer=0, seed=spec.seed,
+                                   shuffle_shards=False, rank=0, world_size=1,
+                                   transform=PairToEncoded(processor, cfg.pair_instructions))
+    loader = DataLoader(dataset, batch_size=spec.batch_size * spec.world_size, num_workers=cfg.num_workers,
+                        collate_fn=_usable, generator=torch.Generator().manual_seed(spec.seed))
+    for i, samples in enumerate(loader):
+        if max_batches and i >= max_batches:
+            break
+        if len(samples) >= spec.world_size:
+            yield collate(_rank_share(samples, spec.rank, spec.world_size), processor.tokenizer.pad_token_id)
 
 
 def count_supervised(batch: dict) -> int:

@@ -7,7 +7,8 @@ A stage is its config: `trainable` says which groups learn, `data` what they lea
         take grad_accum micro-batches; count their supervised tokens across all ranks (N)
         for each micro-batch: loss = sum of token losses / N (x world size, undoing DDP's mean)
         clip, set the warmup + cosine learning rate, step
-        log loss / lr / throughput; every save_every steps write a resume point + checkpoint
+        log loss / lr / grad norm / throughput; with data.eval_paths, every eval_every steps (and at
+        the end) the held-out loss; every save_every steps write a resume point + checkpoint
 
 A non-finite loss stops the run before the optimizer step: the last resume point and checkpoint
 on disk are the last good ones. Resume restores weights, optimizer, RNG and the data position,
@@ -16,7 +17,12 @@ so a killed and resumed run produces the same numbers as an uninterrupted one.
 Outputs, in `train.output_dir`:
     config.json, bridge.safetensors, …   the final seechat checkpoint (see seechat.model.checkpoint)
     train/run.yaml                       the resolved run config
-    train/metrics.jsonl, train/loss.png  per-log-step metrics and the loss curve
+    train/metrics.jsonl, train/loss.png  per-log-step metrics and the loss curve; tokens_per_s counts
+                                         every input token (image tokens included), the supervised
+                                         ones are supervised_tokens_per_step
+    train/eval.jsonl                     held-out loss per evaluation (with data.eval_paths)
+    train/tensorboard/, train/wandb/     with train.report_to: the same metrics, through accelerate's
+                                         trackers, on rank 0 (seechat.train.trackers)
     train/resume/                        the latest resume point (seechat.train.state)
     train/summary.json                   wall time, steps, final loss, skipped samples
 """
@@ -41,7 +47,7 @@ from tqdm.auto import tqdm
 from seechat.config import ModelConfig, RunConfig, from_dict, load_config, save_config, to_dict
 from seechat.model.build import apply_trainable, build
 from seechat.model.checkpoint import load_checkpoint, read_meta, write_checkpoint
-from seechat.train.data import BatchStream, StreamSpec, count_supervised, to_device
+from seechat.train.data import BatchStream, StreamSpec, count_supervised, eval_batches, to_device
 from seechat.train.plots import plot_loss_curve
 from seechat.train.state import (
     Position,
@@ -49,6 +55,13 @@ from seechat.train.state import (
     load_resume,
     read_resume_state,
     save_resume,
+)
+from seechat.train.trackers import (
+    build_trackers,
+    finish_trackers,
+    record_config,
+    reset_tracker_files,
+    truncate_tracker_files,
 )
 
 log = logging.getLogger(__name__)
@@ -146,11 +159,13 @@ def check_sharded_parts(cfg: RunConfig, acc: Accelerator) -> None:
 
 def train(cfg: RunConfig, resume: bool = True) -> TrainResult:
     t_start = time.time()
-    acc = Accelerator(mixed_precision=cfg.train.mixed_precision)
-    check_launch(acc)
-    check_sharded_parts(cfg, acc)
     out = Path(cfg.train.output_dir)
     run_dir, resume_dir = out / "train", out / "train" / "resume"
+    resuming = resume and (resume_dir / "state.json").is_file()
+    trackers = build_trackers(cfg.train.report_to, run_dir, out.name, _last_saved(resume_dir) if resuming else None)
+    acc = Accelerator(mixed_precision=cfg.train.mixed_precision, log_with=trackers or None)
+    check_launch(acc)
+    check_sharded_parts(cfg, acc)
     torch.manual_seed(cfg.train.seed)
 
     model, processor = build_model(cfg)
@@ -161,15 +176,17 @@ def train(cfg: RunConfig, resume: bool = True) -> TrainResult:
 
     pos = Position()
     state: dict = {}
-    resuming = resume and (resume_dir / "state.json").is_file()
     if resuming:
         state = read_resume_state(resume_dir)
-        if _resume_key(state.get("config", {})) != _resume_key(to_dict(cfg)):
+        # through RunConfig, so that a field added since the resume point was written takes its default
+        if _resume_key(to_dict(from_dict(RunConfig, state.get("config", {})))) != _resume_key(to_dict(cfg)):
             raise ValueError(f"{resume_dir} was written by a different config; pass --no-resume to start over")
     elif acc.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "run.yaml")
         (run_dir / "metrics.jsonl").write_text("")
+        (run_dir / "eval.jsonl").unlink(missing_ok=True)
+        reset_tracker_files(run_dir)
 
     model, optimizer = acc.prepare(model, optimizer)
     if resuming:  # into the prepared model: under FSDP each rank takes its shards of the full tensors
@@ -177,6 +194,11 @@ def train(cfg: RunConfig, resume: bool = True) -> TrainResult:
         log.info("resuming from step %d (%s)", pos.step, resume_dir)
         if acc.is_main_process:
             _truncate_metrics(run_dir / "metrics.jsonl", pos.step)
+            _truncate_metrics(run_dir / "eval.jsonl", pos.step)
+            truncate_tracker_files(run_dir, pos.step)
+    acc.init_trackers(out.name)  # starts them on rank 0 only
+    if acc.is_main_process:
+        record_config(acc.trackers, run_dir, to_dict(cfg), resumed=resuming)
     ranks_pos = state.get("data_positions", [[pos.epoch, pos.batches_in_epoch]] * acc.num_processes)
     epoch, in_epoch = ranks_pos[acc.process_index]
     spec = StreamSpec(cfg.train.batch_size, cfg.train.seed, acc.process_index, acc.num_processes)
@@ -184,12 +206,13 @@ def train(cfg: RunConfig, resume: bool = True) -> TrainResult:
 
     bar = tqdm(total=cfg.train.max_steps, initial=pos.step, desc=f"train {out.name}", unit="step",
                disable=not acc.is_main_process, dynamic_ncols=True)
-    window_t, window_samples, window_tokens, loss_value = time.time(), 0, 0, float("nan")
+    window = _Window()
+    loss_value = float("nan")
     while pos.step < cfg.train.max_steps:
         micro = [_next_nonempty(stream) for _ in range(cfg.train.grad_accum)]
-        local = torch.tensor([sum(count_supervised(b) for b in micro), sum(b["input_ids"].shape[0] for b in micro)],
-                             device=acc.device)
-        n_items, n_samples = (int(x) for x in acc.reduce(local, reduction="sum"))
+        local = torch.tensor([sum(count_supervised(b) for b in micro), sum(b["input_ids"].shape[0] for b in micro),
+                              sum(int(b["attention_mask"].sum()) for b in micro)], device=acc.device)
+        n_items, n_samples, n_tokens = (int(x) for x in acc.reduce(local, reduction="sum"))
         lr = lr_at(pos.step, cfg)
         for g in optimizer.param_groups:
             g["lr"] = lr
@@ -206,6 +229,7 @@ def train(cfg: RunConfig, resume: bool = True) -> TrainResult:
         loss_value = float(step_loss)
         if not math.isfinite(loss_value):
             bar.close()
+            finish_trackers(acc.trackers)
             raise NonFiniteLossError(
                 f"loss became {loss_value} at step {pos.step + 1}; stopped before the optimizer step. "
                 f"The last good resume point and checkpoint are in {out} (step {_last_saved(resume_dir)}). "
@@ -217,20 +241,19 @@ def train(cfg: RunConfig, resume: bool = True) -> TrainResult:
         pos.step += 1
         pos.samples_seen += n_samples
         pos.tokens_seen += n_items
-        window_samples += n_samples
-        window_tokens += n_items
+        window.add(n_samples, n_tokens, n_items)
         bar.update(1)
 
         if pos.step % cfg.train.log_every == 0 or pos.step == cfg.train.max_steps:
-            dt = max(time.time() - window_t, 1e-9)
-            row = {"step": pos.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
-                   "samples_per_s": window_samples / dt, "tokens_per_s": window_tokens / dt,
+            row = {"step": pos.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, **window.rates(),
                    "epoch": stream.epoch, "elapsed_s": time.time() - t_start}
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", sps=f"{row['samples_per_s']:.1f}")
-            if acc.is_main_process:
-                with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-                    f.write(json.dumps(row) + "\n")
-            window_t, window_samples, window_tokens = time.time(), 0, 0
+            _record(acc, run_dir / "metrics.jsonl", "train", row)
+            window = _Window()
+
+        if cfg.data.eval_paths and (pos.step == cfg.train.max_steps
+                                    or (cfg.train.eval_every and pos.step % cfg.train.eval_every == 0)):
+            _record(acc, run_dir / "eval.jsonl", "eval", {"step": pos.step, **evaluate(acc, model, processor, cfg)})
 
         if cfg.train.save_every and pos.step % cfg.train.save_every == 0 and pos.step < cfg.train.max_steps:
             _save(acc, model, processor, optimizer, pos, stream, cfg, out, resume_dir)
@@ -238,8 +261,10 @@ def train(cfg: RunConfig, resume: bool = True) -> TrainResult:
 
     _save(acc, model, processor, optimizer, pos, stream, cfg, out, resume_dir)
     wall = time.time() - t_start
+    finish_trackers(acc.trackers)
     if acc.is_main_process:
-        plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss.png", title=f"{out.name}")
+        plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss.png", title=f"{out.name}",
+                        eval_metrics=run_dir / "eval.jsonl")
         summary = {"status": "done", "steps": pos.step, "final_loss": loss_value, "wall_seconds": wall,
                    "samples_seen": pos.samples_seen, "tokens_seen": pos.tokens_seen,
                    "num_processes": acc.num_processes, "distributed_type": acc.distributed_type.value,
@@ -250,10 +275,62 @@ def train(cfg: RunConfig, resume: bool = True) -> TrainResult:
     return TrainResult(out, pos.step, loss_value, wall)
 
 
+_MAY_CHANGE_ON_RESUME = ("log_every", "save_every", "eval_every", "report_to")
+
+
 def _resume_key(cfg_dict: dict) -> dict:
-    """The config fields a resume must not change (logging/saving cadence may change)."""
-    train = {k: v for k, v in cfg_dict.get("train", {}).items() if k not in ("log_every", "save_every")}
+    """The config fields a resume must not change (logging, saving and evaluation cadence, and
+    where metrics are reported, may change)."""
+    train = {k: v for k, v in cfg_dict.get("train", {}).items() if k not in _MAY_CHANGE_ON_RESUME}
     return {**cfg_dict, "train": train}
+
+
+class _Window:
+    """Throughput since the last logged step."""
+
+    def __init__(self):
+        self.t0, self.steps, self.samples, self.tokens, self.supervised = time.time(), 0, 0, 0, 0
+
+    def add(self, samples: int, tokens: int, supervised: int) -> None:
+        self.steps += 1
+        self.samples += samples
+        self.tokens += tokens
+        self.supervised += supervised
+
+    def rates(self) -> dict[str, float]:
+        dt = max(time.time() - self.t0, 1e-9)
+        return {"samples_per_s": self.samples / dt, "tokens_per_s": self.tokens / dt,
+                "supervised_tokens_per_step": self.supervised / max(self.steps, 1)}
+
+
+def _record(acc: Accelerator, jsonl: Path, section: str, row: dict) -> None:
+    """One metrics row: appended to its JSONL file and sent to the trackers as `section/name`, by rank 0."""
+    if acc.is_main_process:
+        with open(jsonl, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+    acc.log({f"{section}/{k}": v for k, v in row.items() if k != "step"}, step=row["step"])
+
+
+def evaluate(acc: Accelerator, model: torch.nn.Module, processor, cfg: RunConfig) -> dict[str, float]:
+    """Held-out loss over data.eval_paths: summed token loss / supervised tokens, over all ranks.
+    Every rank must call it (the forwards and the reduction are collective under DDP / FSDP)."""
+    t0 = time.time()
+    spec = StreamSpec(cfg.train.batch_size, cfg.train.seed, acc.process_index, acc.num_processes)
+    totals = torch.zeros(3, dtype=torch.float64, device=acc.device)  # summed loss, supervised tokens, samples
+    model.eval()
+    with torch.no_grad():
+        for batch in eval_batches(cfg.data, processor, spec, cfg.train.eval_batches):
+            batch = to_device(batch, acc.device)
+            with acc.autocast():
+                o = model(**batch, num_items_in_batch=1, return_logits=False)  # divided by 1: the sum
+            totals += torch.tensor([float(o.loss), count_supervised(batch), batch["input_ids"].shape[0]],
+                                   dtype=torch.float64, device=acc.device)
+    model.train()
+    loss_sum, tokens, samples = acc.reduce(totals, reduction="sum").tolist()
+    if not tokens:
+        raise ValueError(f"data.eval_paths={list(cfg.data.eval_paths)} gave no usable sample to evaluate")
+    return {"loss": loss_sum / tokens, "supervised_tokens": int(tokens), "samples": int(samples),
+            "seconds": time.time() - t0}
 
 
 MAX_EMPTY_BATCHES = 50

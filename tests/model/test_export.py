@@ -10,12 +10,14 @@ from transformers import AutoModelForCausalLM, AutoProcessor, LlavaForConditiona
 
 from seechat.cli import main
 from seechat.config import TrainableConfig
+from seechat.data.conversation import text_messages
 from seechat.infer.generate import SamplingParams
 from seechat.model import apply_trainable, build, load
 from seechat.model.export import ExportError, export_llava_hf
 from tests.helpers import model_config
 
 QUESTION = [{"role": "user", "content": "<image>\n图里有什么？"}]
+QUESTION_PARTS = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "图里有什么？"}]}]
 
 
 def _perturb(model) -> None:
@@ -82,3 +84,46 @@ def test_other_bridges_are_refused_clearly(experts, tmp_path, capsys):
         export_llava_hf(tmp_path / "ckpt", tmp_path / "out")
     assert main(["export", "--format", "llava-hf", str(tmp_path / "ckpt"), str(tmp_path / "out")]) == 2
     assert "mlp2x_gelu" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_exported_chat_template_takes_string_and_list_of_parts_messages(experts, images, tmp_path):
+    """transformers' multimodal form and the string form with a literal <image> render the same
+    prompt through AutoProcessor, and LLaVA's greedy reply to it is seechat's."""
+    torch.manual_seed(0)
+    model, processor = build(model_config(experts, "clip", "qwen2", "mlp2x_gelu"))
+    _perturb(model)
+    model.provenance["vision"] = model.provenance["lm"] = "full"
+    model.save_pretrained(tmp_path / "ckpt", processor)
+    export_llava_hf(tmp_path / "ckpt", tmp_path / "llava")
+    model, processor = load(tmp_path / "ckpt")
+    llava = LlavaForConditionalGeneration.from_pretrained(tmp_path / "llava").eval()
+    hf = AutoProcessor.from_pretrained(tmp_path / "llava")
+    enc = processor.encode_prompt(QUESTION, images[:1])
+    ours = model.generate(enc.input_ids[None], None, enc.pixel_values, SamplingParams(max_new_tokens=8))[0]
+    assert len(ours) >= 4  # a reply long enough for the comparison to mean something
+
+    history = [*QUESTION_PARTS, {"role": "assistant", "content": [{"type": "text", "text": "红色的圆形。"}]},
+               {"role": "user", "content": [{"type": "text", "text": "是什么颜色？"}]}]
+    for parts, string in ((QUESTION_PARTS, QUESTION), (history, text_messages(history, "<image>"))):
+        assert hf.apply_chat_template(parts, add_generation_prompt=True) == \
+            hf.apply_chat_template(string, add_generation_prompt=True) == \
+            processor.tokenizer.apply_chat_template(string, tokenize=False, add_generation_prompt=True)
+        assert hf.tokenizer.apply_chat_template(parts, tokenize=False) == hf.apply_chat_template(string)
+    # seechat's own processor takes the list form too, with the image passed or carried by its part
+    carried = [{"role": "user", "content": [{"type": "image", "image": images[0]}, {"type": "text", "text": "图里有什么？"}]}]
+    for form, imgs in ((QUESTION_PARTS, images[:1]), (carried, [])):
+        mine = processor.encode_prompt(form, imgs)
+        assert torch.equal(mine.input_ids, enc.input_ids) and torch.equal(mine.pixel_values, enc.pixel_values)
+
+    for messages in (QUESTION, QUESTION_PARTS):
+        text = hf.apply_chat_template(messages, add_generation_prompt=True)
+        inputs = hf(images=images[:1], text=[text], return_tensors="pt")
+        assert torch.equal(inputs["input_ids"][0], enc.input_ids)
+        with torch.no_grad():
+            theirs = llava.generate(**inputs, max_new_tokens=8, do_sample=False)[0, enc.input_ids.numel():].tolist()
+        assert theirs[: len(ours)] == ours
+    # the one-call transformers path: the image inside the message, tokenized and preprocessed
+    inputs = hf.apply_chat_template(carried, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                    return_tensors="pt")
+    assert torch.equal(inputs["input_ids"][0], enc.input_ids)
+    torch.testing.assert_close(inputs["pixel_values"], enc.pixel_values)

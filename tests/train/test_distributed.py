@@ -46,6 +46,7 @@ from seechat.model.checkpoint import load_checkpoint
 from seechat.train.data import StreamSpec, epoch_batches, load_conversation_dataset
 from seechat.train.loop import train
 from tests.conftest import tiny_overrides
+from tests.train.tracker_readers import HAS_TENSORBOARD, tensorboard_scalars
 
 ROOT = Path(__file__).resolve().parents[2]
 STAGE1 = ROOT / "configs" / "mini" / "stage1.yaml"
@@ -117,10 +118,13 @@ def stage1(tiny_world, tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def stage2(tiny_world, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("dist_stage2")
-    train(load_config(STAGE2, stage2_overrides(tiny_world, root / "one", **{"train.batch_size": 10})))
+    # both evaluate the held-out conversations at the end; the 2-process run also reports to TensorBoard
+    held_out = {"data.eval_paths": f"{tiny_world['world']}/instruct/val.jsonl"}
+    train(load_config(STAGE2, stage2_overrides(tiny_world, root / "one", **{"train.batch_size": 10, **held_out})))
     # the 2-process run also checkpoints the LM's layers: recomputation must not change the numbers
-    torchrun(STAGE2, stage2_overrides(tiny_world, root / "two", **{"train.batch_size": 5,
-                                                                     "train.gradient_checkpointing": "true"}))
+    torchrun(STAGE2, stage2_overrides(tiny_world, root / "two", **{
+        "train.batch_size": 5, "train.gradient_checkpointing": "true", **held_out,
+        "train.report_to": "tensorboard" if HAS_TENSORBOARD else "[]"}))
     return {"one": root / "one", "two": root / "two"}
 
 
@@ -158,6 +162,26 @@ def test_stage1_two_processes_match_one_with_the_same_global_batch(stage1):
 
 def test_stage2_two_processes_match_one_with_the_same_global_batch(stage2):
     assert_same_curve(stage2["one"], stage2["two"])
+
+
+def test_two_processes_evaluate_the_held_out_loss_of_one(stage2):
+    """Each rank takes its share of the same global eval batches: one held-out set, one loss."""
+    (one,), (two,) = ([json.loads(r) for r in (stage2[k] / "train" / "eval.jsonl").read_text().splitlines()]
+                      for k in ("one", "two"))
+    assert one["step"] == two["step"] == 6
+    assert one["samples"] == 24  # the whole validation split: 8 images x 3 conversations
+    assert (two["samples"], two["supervised_tokens"]) == (one["samples"], one["supervised_tokens"])
+    assert two["loss"] == pytest.approx(one["loss"], rel=LOSS_RTOL)
+
+
+@pytest.mark.skipif(not HAS_TENSORBOARD, reason="tensorboard not installed (pip install 'seechat[tensorboard]')")
+def test_only_rank_0_writes_tracker_events(stage2):
+    tb = stage2["two"] / "train" / "tensorboard"
+    assert len(list(tb.glob("events.out.tfevents.*"))) == 1  # one writer: rank 0's
+    curve = tensorboard_scalars(tb)
+    assert [s for s, _ in curve["train/loss"]] == [r["step"] for r in metrics(stage2["two"])]
+    assert [v for _, v in curve["train/loss"]] == pytest.approx([r["loss"] for r in metrics(stage2["two"])], rel=1e-6)
+    assert [s for s, _ in curve["eval/loss"]] == [6]
 
 
 def test_two_process_checkpoint_loads_in_one_process(stage2, tiny_world):

@@ -17,6 +17,7 @@ from seechat.config import load_config
 from seechat.model import load
 from seechat.train.loop import NonFiniteLossError, lr_at, train
 from tests.conftest import tiny_overrides
+from tests.train.tracker_readers import HAS_TENSORBOARD, tensorboard_raw_steps, tensorboard_scalars
 
 ROOT = Path(__file__).resolve().parents[2]
 STAGE1 = ROOT / "configs" / "mini" / "stage1.yaml"
@@ -52,8 +53,12 @@ def test_stage1_then_stage2_write_checkpoints(tiny_world, tmp_path):
     over = tiny_overrides(tiny_world, s2, **{
         "train.init_from": s1, "train.max_steps": 3, "train.batch_size": 4, "model.bridge.type": "qformer",
         "model.bridge.num_queries": 8, "data.paths": f"{tiny_world['world']}/instruct/train.jsonl", "data.image_root": tiny_world["world"],
+        "data.eval_paths": f"{tiny_world['world']}/instruct/val.jsonl", "train.eval_batches": 1,
     })
     train(load_config(STAGE2, over))
+    (held_out,) = [json.loads(r) for r in (s2 / "train" / "eval.jsonl").read_text().splitlines()]
+    assert held_out["step"] == 3 and held_out["samples"] == 4  # eval_batches=1: one global batch
+    assert held_out["loss"] > 0 and held_out["supervised_tokens"] > 4
     assert json.loads((s2 / "config.json").read_text())["parts"]["lm"] in ("full", "lora")
     model, _ = load(s2)
     assert model.num_image_tokens == 8
@@ -68,29 +73,67 @@ def test_init_from_with_other_bridge_is_refused(tiny_world, tmp_path):
 
 
 def test_killed_and_resumed_run_matches_uninterrupted(tiny_world, tmp_path):
+    """Killed after it logged steps past its last resume point, the run resumes to the same numbers;
+    its TensorBoard curves and held-out losses have every step exactly once, and evaluating (which
+    the reference run does not do) leaves training untouched."""
     common = {"train.max_steps": 8, "train.save_every": 3}
     ref = tmp_path / "ref"
     train(load_config(STAGE1, stage1_overrides(tiny_world, ref, **common)))
 
     killed = tmp_path / "killed"
-    args = [sys.executable, "-m", "seechat.cli", "train", str(STAGE1), *stage1_overrides(tiny_world, killed, **common)]
+    extra = {**common, "train.eval_every": 2, "data.eval_paths": f"{tiny_world['world']}/pairs/val/*.tar",
+             "train.report_to": "tensorboard" if HAS_TENSORBOARD else "[]"}
+    args = [sys.executable, "-m", "seechat.cli", "train", str(STAGE1), *stage1_overrides(tiny_world, killed, **extra)]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])})
-    state = killed / "train" / "resume" / "state.json"
+    state, metrics = killed / "train" / "resume" / "state.json", killed / "train" / "metrics.jsonl"
     deadline = time.time() + 240
-    while not state.exists() and proc.poll() is None and time.time() < deadline:
+    while proc.poll() is None and time.time() < deadline and not (
+            state.exists() and max(r["step"] for r in _rows(metrics)) > json.loads(state.read_text())["position"]["step"]):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     saved_step = json.loads(state.read_text())["position"]["step"]
     assert saved_step in (3, 6)
 
-    train(load_config(STAGE1, stage1_overrides(tiny_world, killed, **common)))
+    train(load_config(STAGE1, stage1_overrides(tiny_world, killed, **extra)))
     assert losses(killed) == losses(ref)  # bit-identical: same data, optimizer, RNG
     a, _ = load(ref)
     b, _ = load(killed)
     for (n, p), (_, q) in zip(a.bridge.named_parameters(), b.bridge.named_parameters(), strict=True):
         assert torch.equal(p, q), n
+    assert [r["step"] for r in _rows(killed / "train" / "eval.jsonl")] == [2, 4, 6, 8]
+    if HAS_TENSORBOARD:
+        tb = killed / "train" / "tensorboard"
+        curve = tensorboard_scalars(tb)["train/loss"]
+        assert [s for s, _ in curve] == list(range(1, 9))
+        assert [v for _, v in curve] == pytest.approx(losses(ref), rel=1e-6)
+        assert [s for s, _ in tensorboard_scalars(tb)["eval/loss"]] == [2, 4, 6, 8]
+        # on disk too, for any reader: the interrupted run's steps after its resume point were cut
+        assert tensorboard_raw_steps(tb, "train/loss") == {s: 1 for s in range(1, 9)}
+        assert tensorboard_raw_steps(tb, "eval/loss") == {s: 1 for s in (2, 4, 6, 8)}
+
+
+def _rows(path: Path) -> list[dict]:
+    try:
+        return [json.loads(r) for r in path.read_text().splitlines() if r.strip()] or [{"step": 0}]
+    except (OSError, ValueError):
+        return [{"step": 0}]
+
+
+def test_resume_point_written_before_a_config_field_existed_still_resumes(tiny_world, tmp_path):
+    """A resume point's config lacks the fields added since (here train.report_to, data.eval_paths):
+    they take their defaults, so the run resumes instead of calling its own config different."""
+    out = tmp_path / "old"
+    over = stage1_overrides(tiny_world, out, **{"train.max_steps": 1})
+    train(load_config(STAGE1, over))
+    state_file = out / "train" / "resume" / "state.json"
+    state = json.loads(state_file.read_text())
+    del state["config"]["train"]["report_to"], state["config"]["data"]["eval_paths"]
+    state_file.write_text(json.dumps(state))
+    assert train(load_config(STAGE1, over)).steps == 1
+    with pytest.raises(ValueError, match="different config"):
+        train(load_config(STAGE1, [*over, "optim.lr=0.5"]))
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_world, tmp_path):
