@@ -20,11 +20,11 @@ from seechat.atomic import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-KILLED = 99
+KILLED = 99  # the writer's exit status when it killed itself
 
 # Replaces OUT (version v1, with train/ records) by v2, keeping train/. Every file-system call that
 # the replace makes is counted; at call number KILL_AT the process dies on the spot (os._exit: no
-# cleanup, no finally), exactly as a SIGKILL or a power cut would leave it.
+# cleanup, no finally), as a SIGKILL would leave it.
 WRITER = """
 import os, sys
 from pathlib import Path
@@ -38,7 +38,7 @@ def killing(fn):
         global calls
         calls += 1
         if calls == kill_at:
-            os._exit(%d)
+            os._exit(99)
         return fn(*args, **kwargs)
     return call
 
@@ -49,7 +49,7 @@ with atomic_directory(out, keep=("train",)) as d:
     (d / "parts").mkdir()
     (d / "parts" / "config.json").write_text("v2")
 print(calls)
-""" % KILLED
+"""
 
 
 def write_version(out: Path, version: str, keep: tuple[str, ...] = ("train",)) -> None:

@@ -82,3 +82,18 @@ def test_other_bridges_are_refused_clearly(experts, tmp_path, capsys):
         export_llava_hf(tmp_path / "ckpt", tmp_path / "out")
     assert main(["export", "--format", "llava-hf", str(tmp_path / "ckpt"), str(tmp_path / "out")]) == 2
     assert "mlp2x_gelu" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_export_onto_its_own_source_is_refused_and_loses_nothing(experts, tmp_path, capsys):
+    """`seechat export CK CK` used to delete CK (the output was removed before the rename)."""
+    ckpt = tmp_path / "ckpt"
+    model, processor = build(model_config(experts, "clip", "qwen2", "mlp2x_gelu"))
+    model.save_pretrained(ckpt, processor)
+    before = sorted(p.relative_to(ckpt) for p in ckpt.rglob("*"))
+    for out in (ckpt, ckpt / "llava", tmp_path):
+        assert main(["export", "--format", "llava-hf", str(ckpt), str(out)]) == 2
+        assert "would replace the source" in capsys.readouterr().err
+    assert sorted(p.relative_to(ckpt) for p in ckpt.rglob("*")) == before
+    load(ckpt)
+    with pytest.raises(ExportError, match="is the source itself"):
+        export_llava_hf(ckpt, ckpt)
