@@ -37,6 +37,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from seechat.atomic import atomic_file
+
 IMAGE_MARKER = "<image>"
 ROLES = ("system", "user", "assistant")
 DEFAULT_CAPTION_INSTRUCTION = "<image>\n请详细描述这张图片。"
@@ -328,16 +330,11 @@ def convert_file(
 ) -> int:
     """``source`` (any supported format) -> our JSONL at ``destination``; returns the count.
 
-    Written to a temporary name and renamed, so a failed conversion leaves no partial output.
+    Written to a temporary name, synced and renamed (`seechat.atomic.atomic_file`), so a failed or
+    killed conversion leaves no partial output and the previous ``destination`` in place.
     """
-    destination = Path(destination)
-    tmp = destination.with_name(destination.name + ".tmp")
-    try:
+    with atomic_file(destination) as tmp:
         count = write_conversations(
             iter_conversations(source, format, image_root=image_root, options=options), tmp
         )
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, destination)
     return count
