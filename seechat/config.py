@@ -108,6 +108,7 @@ class DataConfig:
     pair_instructions: tuple[str, ...] = ("<image>\n请用一句话描述这张图片。",)
     shuffle_buffer: int = 1000
     num_workers: int = 0
+    max_sample_mb: int = 64  # pairs: a sample whose tar members together are larger is skipped unread
 
 
 @dataclass(frozen=True)
