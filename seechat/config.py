@@ -110,6 +110,7 @@ class DataConfig:
     shuffle_buffer: int = 1000
     num_workers: int = 0
     eval_paths: tuple[str, ...] = ()  # held-out data of the same kind; its loss is evaluated during training
+    max_sample_mb: int = 64  # pairs: a sample whose tar members together are larger is skipped unread
 
 
 @dataclass(frozen=True)

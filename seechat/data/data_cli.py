@@ -306,6 +306,11 @@ def add_filter_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-shard-size", type=_size, default=1 << 30,
         help="max bytes per output shard, e.g. 512M (default: 1G)",
     )
+    parser.add_argument(
+        "--max-sample-size", type=_size, default="64M",
+        help="an input sample whose tar members together are larger is listed as corrupt without being read, "
+        "so a hostile shard (a gzip bomb) cannot exhaust memory (default: 64M)",
+    )
     parser.add_argument("--prefix", default="", help="output shard file name prefix, e.g. 'train-'")
     parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -342,6 +347,7 @@ def run_filter(args: argparse.Namespace) -> int:
             num_workers=args.workers,
             overwrite=args.overwrite,
             progress=not args.no_progress,
+            max_sample_bytes=args.max_sample_size,
         )
     except (FileExistsError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -10,7 +10,8 @@ Two passes over the input, so memory holds one float per sample, not the data se
 
 1. **score**: read every sample (the same structural checks as training, :func:`seechat.data.pairs
    .check_sample`, then a full decode), score readable pairs in batches; a corrupt or unreadable
-   sample is recorded with its key and reason, never fatal, never silently dropped;
+   sample, or one larger than ``max_sample_bytes`` (not read), is recorded with its key and
+   reason, never fatal, never silently dropped;
 2. **write**: decide what is kept, then re-read the shards and copy kept samples unchanged (image
    bytes, ``.txt``, ``.json`` with ``clip_score`` added) through :class:`seechat.data.shards
    .ShardWriter` (size-balanced shards; corrupt samples are listed as its failures).
@@ -45,6 +46,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from seechat.atomic import atomic_directory
 from seechat.data.pairs import (
+    DEFAULT_MAX_SAMPLE_BYTES,
     CorruptSample,
     check_sample,
     decode_rgb,
@@ -156,7 +158,7 @@ class _Read:
     reason: str | None
 
 
-def _read(shard: int, index: int, key: str, members: dict[str, bytes], text_field: str) -> _Read:
+def _read(shard: int, index: int, key: str, members: dict, text_field: str) -> _Read:
     try:
         encoded = check_sample(key, members, text_field)
     except CorruptSample as e:
@@ -171,16 +173,17 @@ def _read(shard: int, index: int, key: str, members: dict[str, bytes], text_fiel
 class _ShardReader(IterableDataset):
     """Every sample of every shard, in shard order; DataLoader workers take whole shards."""
 
-    def __init__(self, shards: Sequence[str], text_field: str) -> None:
+    def __init__(self, shards: Sequence[str], text_field: str, max_sample_bytes: int) -> None:
         super().__init__()
         self.shards = list(shards)
         self.text_field = text_field
+        self.max_sample_bytes = max_sample_bytes
 
     def __iter__(self) -> Iterator[_Read]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         for s in range(worker, len(self.shards), workers):
-            for i, (key, members) in enumerate(iter_tar_samples(self.shards[s])):
+            for i, (key, members) in enumerate(iter_tar_samples(self.shards[s], self.max_sample_bytes)):
                 yield _read(s, i, key, members, self.text_field)
 
 
@@ -202,6 +205,7 @@ def score_shards(
     text_field: str = "txt",
     num_workers: int = 0,
     progress: bool = False,
+    max_sample_bytes: int = DEFAULT_MAX_SAMPLE_BYTES,
 ) -> tuple[list[np.ndarray], dict[tuple[int, int], dict[str, str]]]:
     """Score every sample: per shard a float32 array in sample order (NaN = corrupt), and the
     corrupt samples as {(shard index, sample index): {"key", "reason"}}.
@@ -210,7 +214,7 @@ def score_shards(
     the scorer (tokenise, preprocess, forward) runs in this process in batches of
     ``scorer.batch_size``.
     """
-    reader = _ShardReader(shards, text_field)
+    reader = _ShardReader(shards, text_field, max_sample_bytes)
     items: Iterator[_Read] = (
         iter(DataLoader(reader, batch_size=None, num_workers=num_workers)) if num_workers > 0 else iter(reader)
     )
@@ -265,6 +269,7 @@ def _write_kept(
     scores_out: Any,
     text_field: str,
     progress: bool,
+    max_sample_bytes: int,
 ) -> int:
     """Copy kept samples into ``writer`` and write every sample's row to ``scores_out``; returns
     the number of images re-encoded to JPEG."""
@@ -273,7 +278,7 @@ def _write_kept(
     for s, shard in enumerate(shards):
         n = 0
         name = os.path.basename(shard)
-        for i, (key, members) in enumerate(iter_tar_samples(shard)):
+        for i, (key, members) in enumerate(iter_tar_samples(shard, max_sample_bytes)):
             n += 1
             if i >= len(per_shard[s]):
                 raise RuntimeError(f"{shard} changed while filtering (more samples than when scored)")
@@ -345,6 +350,7 @@ def filter_shards(
     num_workers: int = 0,
     overwrite: bool = False,
     progress: bool = False,
+    max_sample_bytes: int = DEFAULT_MAX_SAMPLE_BYTES,
 ) -> FilterReport:
     """Score the pairs of ``shards`` (paths, globs or brace patterns) and write those ``rule``
     keeps to ``out_dir``, atomically; see the module docstring for the files written."""
@@ -359,7 +365,8 @@ def filter_shards(
         raise FileExistsError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it")
     start = time.time()
     per_shard, corrupt = score_shards(
-        paths, scorer, text_field=text_field, num_workers=num_workers, progress=progress
+        paths, scorer, text_field=text_field, num_workers=num_workers, progress=progress,
+        max_sample_bytes=max_sample_bytes,
     )
     flat = np.concatenate(per_shard) if per_shard else np.zeros(0, dtype=np.float32)
     mask, threshold = rule.keep_mask(flat)
@@ -385,7 +392,7 @@ def filter_shards(
             (tmp / SCORES_FILE).open("w", encoding="utf-8") as scores_out,
         ):
             report.n_reencoded = _write_kept(
-                paths, per_shard, keep, corrupt, writer, scores_out, text_field, progress
+                paths, per_shard, keep, corrupt, writer, scores_out, text_field, progress, max_sample_bytes
             )
         report.shards_out = len(writer.stats.shards)
         title = f"{report.n_kept} of {report.n_scored} scored pairs kept ({report.n_corrupt} corrupt)"

@@ -21,7 +21,8 @@ marker, one ``<image>\\n`` is put at the start of the first user message (LLaVA'
 otherwise the number of markers must equal ``len(images)``. Markers may only appear in user
 messages. After an optional leading system message, roles must alternate user, assistant, …,
 ending with an assistant reply; contents must be non-empty. With ``image_root`` given, every image
-file must exist. Any violation raises :class:`DataFormatError` naming the file, line or record
+file must exist inside it (:func:`image_path`: a path that leads outside the root is refused, as
+the trainer refuses it). Any violation raises :class:`DataFormatError` naming the file, line or record
 index and record id.
 
 What this module is not: chat-template rendering or label masking (``seechat.data.conversation``),
@@ -36,6 +37,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from seechat.atomic import atomic_file
 
 IMAGE_MARKER = "<image>"
 ROLES = ("system", "user", "assistant")
@@ -262,10 +265,36 @@ def validation_errors(
     if markers != len(conversation.images):
         errors.append(f"{markers} {IMAGE_MARKER} markers but {len(conversation.images)} images")
     if image_root is not None:
-        missing = [p for p in conversation.images if not (Path(image_root) / p).is_file()]
+        missing = []
+        for p in conversation.images:
+            try:
+                if not image_path(image_root, p).is_file():
+                    missing.append(p)
+            except ImagePathError as e:
+                errors.append(str(e))
         if missing:
             errors.append(f"image files not found under {image_root}: {missing}")
     return errors
+
+
+class ImagePathError(ValueError):
+    """An image path in a data file points outside its image root."""
+
+
+def image_path(image_root: str | os.PathLike[str], name: str) -> Path:
+    """Where image ``name`` of a data file is: under ``image_root``, never outside it.
+
+    The check is on the path as written (``..`` and absolute paths are resolved lexically): a row
+    cannot reach ``/etc/passwd`` or ``../../secrets``, while a symbolic link the root's owner put
+    inside the root (``images -> /mnt/big/images``) still works. Raises :class:`ImagePathError`."""
+    root = Path(os.path.abspath(image_root))
+    path = Path(os.path.normpath(root / name))  # an absolute name replaces the root here
+    if not path.is_relative_to(root):
+        raise ImagePathError(
+            f"image path {name!r} leads outside the image root {root}; paths in data files must stay "
+            "inside it (set data.image_root / --image-root to the folder that holds the images)"
+        )
+    return path
 
 
 # -- public entry points ----------------------------------------------------------------------------------
@@ -328,16 +357,11 @@ def convert_file(
 ) -> int:
     """``source`` (any supported format) -> our JSONL at ``destination``; returns the count.
 
-    Written to a temporary name and renamed, so a failed conversion leaves no partial output.
+    Written to a temporary name, synced and renamed (`seechat.atomic.atomic_file`), so a failed or
+    killed conversion leaves no partial output and the previous ``destination`` in place.
     """
-    destination = Path(destination)
-    tmp = destination.with_name(destination.name + ".tmp")
-    try:
+    with atomic_file(destination) as tmp:
         count = write_conversations(
             iter_conversations(source, format, image_root=image_root, options=options), tmp
         )
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, destination)
     return count

@@ -11,7 +11,10 @@ Per epoch, for every consumer ("slot" = distributed rank × DataLoader worker):
    are fewer shards than consumers the split falls back to samples (``sample_index % n``), so every
    sample still goes to exactly one consumer;
 3. samples pass a cheap structural check (members present, JSON parses, image header parses,
-   JPEG not truncated); failures are skipped, counted and their keys remembered;
+   JPEG not truncated); failures are skipped, counted and their keys remembered. A sample whose
+   members together exceed ``max_sample_bytes`` (default 64 MiB) is skipped the same way without
+   its data being read into memory: a shard cannot run a loader out of memory (a gzip bomb: a
+   small ``.tar.gz`` whose member inflates to gigabytes);
 4. a shuffle buffer of still-encoded samples, seeded by (seed, epoch, rank, worker), reorders them;
 5. images are decoded to RGB (a decode failure is skipped and counted too).
 
@@ -60,6 +63,7 @@ logger = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 MAX_REMEMBERED_KEYS = 1000
+DEFAULT_MAX_SAMPLE_BYTES = 64 << 20  # one sample's members together; a web image is far smaller
 
 Sample = dict[str, Any]
 
@@ -91,9 +95,25 @@ def _split_key(name: str) -> tuple[str, str]:
     return (f"{directory}/{stem}" if directory else stem), (ext.lower() if dot else "")
 
 
-def iter_tar_samples(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Stream (key, {ext: bytes}) groups of consecutive members sharing a key."""
-    key, members = None, {}
+@dataclass(frozen=True)
+class UnreadMember:
+    """Stands in :func:`iter_tar_samples`'s output for a member whose data was not read because
+    its sample's members together exceed the size limit; :func:`check_sample` rejects the sample."""
+
+    size: int  # bytes, from the tar header
+    sample_size: int  # the sample's members together, up to and including this one
+    limit: int
+
+
+def iter_tar_samples(
+    path: str, max_sample_bytes: int = DEFAULT_MAX_SAMPLE_BYTES
+) -> Iterator[tuple[str, dict[str, bytes | UnreadMember]]]:
+    """Stream (key, {ext: bytes}) groups of consecutive members sharing a key.
+
+    A member that would take its sample past ``max_sample_bytes`` (by the sizes in the tar headers)
+    is not read: it is skipped over in the stream (memory stays bounded, even for a gzip bomb) and
+    stands as an :class:`UnreadMember`."""
+    key, members, held = None, {}, 0
     try:
         with tarfile.open(path, "r|*") as tar:
             for info in tar:
@@ -102,9 +122,13 @@ def iter_tar_samples(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
                 k, ext = _split_key(info.name)
                 if k != key and key is not None:
                     yield key, members
-                    members = {}
+                    members, held = {}, 0
                 key = k
-                members[ext] = tar.extractfile(info).read()
+                held += info.size
+                if held > max_sample_bytes:
+                    members[ext] = UnreadMember(info.size, held, max_sample_bytes)
+                else:
+                    members[ext] = tar.extractfile(info).read()
     except (tarfile.TarError, OSError, EOFError) as e:
         logger.warning("shard %s is damaged after key %r (%s); reading stops there", path, key, e)
         return  # the group in flight may be incomplete: drop it
@@ -112,9 +136,10 @@ def iter_tar_samples(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
         yield key, members
 
 
-def iter_tar_member_names(path: str) -> Iterator[tuple[str, set[str]]]:
-    """Like :func:`iter_tar_samples` but reads headers only (seeks over the data)."""
-    key, exts = None, set()
+def iter_tar_member_names(path: str) -> Iterator[tuple[str, set[str], int]]:
+    """Like :func:`iter_tar_samples` but reads headers only (seeks over the data): (key, member
+    extensions, the members' bytes together)."""
+    key, exts, size = None, set(), 0
     try:
         with tarfile.open(path, "r:*") as tar:
             for info in tar:
@@ -122,14 +147,15 @@ def iter_tar_member_names(path: str) -> Iterator[tuple[str, set[str]]]:
                     continue
                 k, ext = _split_key(info.name)
                 if k != key and key is not None:
-                    yield key, exts
-                    exts = set()
+                    yield key, exts, size
+                    exts, size = set(), 0
                 key = k
                 exts.add(ext)
+                size += info.size
     except (tarfile.TarError, OSError, EOFError):
         return
     if key is not None:
-        yield key, exts
+        yield key, exts, size
 
 
 # -- epoch plan: which shards / samples a consumer reads ---------------------------------------------
@@ -173,11 +199,11 @@ def plan_slot(
     return _split(by_rank, worker, num_workers)
 
 
-def _raw_samples(plan: SlotPlan) -> Iterator[tuple[str, str, dict[str, bytes]]]:
+def _raw_samples(plan: SlotPlan, max_sample_bytes: int) -> Iterator[tuple[str, str, dict[str, bytes | UnreadMember]]]:
     """(shard, key, members) for the samples this plan keeps, in stream order."""
     index = 0
     for shard in plan.shards:
-        for key, members in iter_tar_samples(shard):
+        for key, members in iter_tar_samples(shard, max_sample_bytes):
             if index % plan.modulus == plan.remainder:
                 yield shard, key, members
             index += 1
@@ -262,8 +288,14 @@ def _text(members: dict[str, bytes], meta: dict[str, Any], text_field: str) -> s
     return value
 
 
-def check_sample(key: str, members: dict[str, bytes], text_field: str) -> _Encoded:
+def check_sample(key: str, members: dict[str, bytes | UnreadMember], text_field: str) -> _Encoded:
     """The cheap, deterministic validity check (no pixel decoding). Raises :class:`CorruptSample`."""
+    for name, member in members.items():
+        if isinstance(member, UnreadMember):
+            raise CorruptSample(
+                f"sample too large ({key}.{name} takes its members to {member.sample_size:,} bytes, more than "
+                f"the limit of {member.limit:,}: data.max_sample_mb in training, --max-sample-size in `seechat data filter`)"
+            )
     ext = image_ext(members)
     meta = _parse_meta(members, required=text_field != "txt")
     text = _text(members, meta, text_field)
@@ -271,10 +303,11 @@ def check_sample(key: str, members: dict[str, bytes], text_field: str) -> _Encod
     return _Encoded(key, members[ext], text, meta)
 
 
-def _structurally_complete(exts: set[str], text_field: str) -> bool:
+def _structurally_complete(exts: set[str], size: int, text_field: str, max_sample_bytes: int) -> bool:
     """Header-only twin of :func:`check_sample` used to count samples without reading data."""
     has_image = any(e in exts for e in IMAGE_EXTS)
-    return has_image and ("txt" in exts if text_field == "txt" else "json" in exts)
+    has_text = "txt" in exts if text_field == "txt" else "json" in exts
+    return has_image and has_text and size <= max_sample_bytes
 
 
 def shuffle_buffer(items: Iterable[Any], size: int, rng: random.Random) -> Iterator[Any]:
@@ -367,6 +400,14 @@ class SkipReport:
         return f"skipped {self.count} corrupt samples ({reasons}); keys: {', '.join(self.keys)}{more}"
 
 
+def log_skip(path: Path, key: str, reason: str, source: str) -> None:
+    """Append one skipped sample to a skip log (JSONL: key, reason, shard or file). Each process
+    writes its own file; the trainer counts every file of its skip folder into its summary."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps({"key": key, "reason": reason, "shard": source}, ensure_ascii=False) + "\n")
+
+
 @dataclass(frozen=True)
 class ResumeState:
     epoch: int
@@ -392,6 +433,8 @@ class PairShardDataset(IterableDataset):
         transform: applied to each yielded dict inside the worker (e.g. image preprocessing).
         skip_log_dir: if set, every worker appends the keys it skips to a JSONL file there, so
             :attr:`skipped` can report corrupt samples seen in DataLoader worker processes too.
+        max_sample_bytes: a sample whose tar members together are larger is skipped (counted as
+            corrupt) without its data being read.
     """
 
     def __init__(
@@ -406,10 +449,13 @@ class PairShardDataset(IterableDataset):
         world_size: int | None = None,
         transform: Callable[[Sample], Any] | None = None,
         skip_log_dir: str | os.PathLike[str] | None = None,
+        max_sample_bytes: int = DEFAULT_MAX_SAMPLE_BYTES,
     ) -> None:
         super().__init__()
         if text_field != "txt" and not text_field.startswith("json:"):
             raise ValueError(f"text_field must be 'txt' or 'json:<field>', got {text_field!r}")
+        if max_sample_bytes < 1:
+            raise ValueError(f"max_sample_bytes must be positive, got {max_sample_bytes}")
         self.shards = expand_shards(shards)
         self.text_field = text_field
         self.shuffle_buffer = shuffle_buffer
@@ -418,6 +464,7 @@ class PairShardDataset(IterableDataset):
         self.rank, self.world_size = _distributed_position(rank, world_size)
         self.transform = transform
         self.skip_log_dir = Path(skip_log_dir) if skip_log_dir is not None else None
+        self.max_sample_bytes = max_sample_bytes
         self.epoch = 0
         self._resume: ResumeState | None = None
         self._skipped = SkipReport()
@@ -497,7 +544,7 @@ class PairShardDataset(IterableDataset):
         )
 
     def _checked(self, plan: SlotPlan, worker: int) -> Iterator[_Encoded]:
-        for shard, key, members in _raw_samples(plan):
+        for shard, key, members in _raw_samples(plan, self.max_sample_bytes):
             try:
                 yield check_sample(key, members, self.text_field)
             except CorruptSample as e:
@@ -515,10 +562,7 @@ class PairShardDataset(IterableDataset):
         logger.warning("skipping corrupt sample %r in %s: %s", key, shard or "<decode>", reason)
         self._skipped.add(key, reason)
         if self.skip_log_dir is not None:
-            self.skip_log_dir.mkdir(parents=True, exist_ok=True)
-            path = self.skip_log_dir / f"skipped-r{self.rank}-w{worker}-e{self.epoch}.jsonl"
-            with path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps({"key": key, "reason": reason, "shard": shard}, ensure_ascii=False) + "\n")
+            log_skip(self.skip_log_dir / f"skipped-r{self.rank}-w{worker}-e{self.epoch}.jsonl", key, reason, shard)
 
     def _resume_position(self, loader_worker: int, num_workers: int) -> tuple[int, int]:
         """(the worker stream this loader worker continues, samples of it to fast-forward)."""
@@ -537,8 +581,9 @@ class PairShardDataset(IterableDataset):
         plan = self._plan(worker, num_workers)
         index = samples = 0
         for shard in plan.shards:
-            for _, exts in iter_tar_member_names(shard):
-                if index % plan.modulus == plan.remainder and _structurally_complete(exts, self.text_field):
+            for _, exts, size in iter_tar_member_names(shard):
+                complete = _structurally_complete(exts, size, self.text_field, self.max_sample_bytes)
+                if index % plan.modulus == plan.remainder and complete:
                     samples += 1
                 index += 1
         rounding = math.floor if resume.drop_last else math.ceil

@@ -44,6 +44,7 @@ from typing import Any, Protocol
 
 import torch
 
+from seechat.atomic import atomic_file
 from seechat.data.instruct import Conversation, Message, iter_conversations
 
 logger = logging.getLogger(__name__)
@@ -420,7 +421,7 @@ def translate_file(
     """Translate our conversation JSONL ``source`` into ``destination``.
 
     Flagged records go to ``flagged_path`` (default ``<destination stem>.flagged.jsonl``) as
-    ``{"id", "reasons", "translation", "source"}``. Both files are written under temporary names
+    ``{"id", "reasons", "translation", "source"}``. Both files are written under temporary names, synced
     and renamed at the end; an interrupted run is resumed by running it again (the cache answers
     everything already translated).
     """
@@ -431,27 +432,23 @@ def translate_file(
     stats = TranslateStats()
     in_flight: deque[Conversation] = deque()  # sources of the records not yet written (one chunk)
     conversations = _remember(iter_conversations(source, "messages"), in_flight)
-    tmp_out = destination.with_name(destination.name + ".tmp")
-    tmp_flagged = flagged_path.with_name(flagged_path.name + ".tmp")
-    try:
-        with TranslationCache(cache_path) as cache, tmp_out.open("w", encoding="utf-8") as out:
-            with tmp_flagged.open("w", encoding="utf-8") as flagged:
-                results = translate_conversations(
-                    conversations,
-                    translator,
-                    cache,
-                    batch_size=batch_size,
-                    min_cjk_ratio=min_cjk_ratio,
-                    stats=stats,
-                )
-                for conversation, reasons in _progress(results, progress):
-                    _write(conversation, reasons, in_flight.popleft(), out, flagged, stats)
-    except BaseException:
-        tmp_out.unlink(missing_ok=True)  # the cache keeps the work done; outputs appear only when complete
-        tmp_flagged.unlink(missing_ok=True)
-        raise
-    os.replace(tmp_out, destination)
-    os.replace(tmp_flagged, flagged_path)
+    with (
+        atomic_file(destination) as tmp_out,  # outputs appear only when complete; the cache keeps the work done
+        atomic_file(flagged_path) as tmp_flagged,
+        TranslationCache(cache_path) as cache,
+        tmp_out.open("w", encoding="utf-8") as out,
+        tmp_flagged.open("w", encoding="utf-8") as flagged,
+    ):
+        results = translate_conversations(
+            conversations,
+            translator,
+            cache,
+            batch_size=batch_size,
+            min_cjk_ratio=min_cjk_ratio,
+            stats=stats,
+        )
+        for conversation, reasons in _progress(results, progress):
+            _write(conversation, reasons, in_flight.popleft(), out, flagged, stats)
     return stats
 
 

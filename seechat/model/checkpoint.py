@@ -9,8 +9,9 @@
 
 A part that did not change ("base") is reloaded from the path in the config, so a stage-1
 checkpoint is just the bridge plus metadata. Loading needs no flags: everything is in config.json.
-The directory is written under a temporary name and renamed into place, so a crash mid-save never
-leaves a half-written checkpoint where a good one was.
+The directory is written crash-safely (`seechat.atomic`): a kill mid-save never leaves a
+half-written checkpoint where a good one was, and a kill between the final renames leaves the
+previous checkpoint set aside, where loading finds it.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoImageProcessor, AutoTokenizer
 
-from seechat.atomic import atomic_directory
+from seechat.atomic import atomic_directory, check_output_apart, existing
 from seechat.config import ModelConfig, from_dict, to_dict
 from seechat.data.processor import SeeChatProcessor
 from seechat.model.build import DTYPES, assemble, load_language_model
@@ -96,7 +97,7 @@ def _save_part(module, mode: str, root: Path, full_name: str, adapter_name: str,
 
 
 def read_meta(directory: str | Path) -> dict:
-    d = Path(directory)
+    d = existing(directory)
     path = d / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{d} is not a seechat checkpoint: {CONFIG_NAME} is missing")
@@ -108,7 +109,7 @@ def read_meta(directory: str | Path) -> dict:
 
 def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -> tuple[SeeChatModel, SeeChatProcessor]:
     """Load model and processor from a checkpoint directory written by `write_checkpoint`."""
-    d = Path(directory)
+    d = existing(directory)
     meta = read_meta(d)
     cfg: ModelConfig = from_dict(ModelConfig, meta["model"])
     parts = meta["parts"]
@@ -140,7 +141,9 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
 
 
 def merge_lora(directory: str | Path, out: str | Path) -> Path:
-    """Fold LoRA adapters into full weights: a checkpoint any engine can load without peft."""
+    """Fold LoRA adapters into full weights: a checkpoint any engine can load without peft.
+    `out` must lie outside `directory` (OutputOverlapError): writing it would replace the source."""
+    check_output_apart(directory, out)
     model, processor = load_checkpoint(directory)
     if model.provenance["lm"] == "lora":
         model.language_model = model.language_model.merge_and_unload()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
+from seechat.atomic import OutputOverlapError
 from seechat.model.checkpoint import merge_lora
 
 
@@ -13,6 +15,10 @@ def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_merge(args: argparse.Namespace) -> int:
-    out = merge_lora(args.checkpoint, args.out)
+    try:
+        out = merge_lora(args.checkpoint, args.out)
+    except OutputOverlapError as e:
+        print(f"seechat merge-lora: {e}", file=sys.stderr)
+        return 2
     print(f"merged checkpoint written to {out}")
     return 0

@@ -16,13 +16,12 @@ message that says so; this module does not approximate one architecture with ano
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
+from seechat.atomic import OutputOverlapError, atomic_directory, check_output_apart
 from seechat.data.conversation import accept_content_parts
 from seechat.model.seechat import SeeChatModel
 
@@ -107,17 +106,21 @@ def _load_exact(module: torch.nn.Module, state: dict[str, torch.Tensor], what: s
 
 
 def export_llava_hf(directory: str | Path, out: str | Path) -> Path:
-    """Write `directory` (a seechat checkpoint) to `out` in the transformers LLaVA layout."""
+    """Write `directory` (a seechat checkpoint) to `out` in the transformers LLaVA layout, crash-safely
+    (`seechat.atomic`). An `out` that is the checkpoint, inside it or around it is refused: writing
+    it would replace the source."""
     from transformers import LlavaProcessor
 
     from seechat.model.checkpoint import load_checkpoint
 
+    try:
+        check_output_apart(directory, out)
+    except OutputOverlapError as e:
+        raise ExportError(str(e)) from None
     model, processor = load_checkpoint(directory)
     llava = to_llava(model, processor.stop_token_ids, processor.tokenizer.pad_token_id)
     final = Path(out)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
+    with atomic_directory(final) as tmp:
         llava.save_pretrained(tmp, safe_serialization=True)
         tok = processor.tokenizer
         tok.chat_template = accept_content_parts(tok.chat_template, processor.image_token)
@@ -131,12 +134,6 @@ def export_llava_hf(directory: str | Path, out: str | Path) -> Path:
             chat_template=tok.chat_template,
         )
         hf_processor.save_pretrained(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
 

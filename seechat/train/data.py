@@ -11,6 +11,11 @@
 Either way the stream can be restarted at (epoch, micro-batches consumed) and yields exactly the
 batches an uninterrupted run would have. Encoding (tokenise, label, load + preprocess images)
 happens in DataLoader workers.
+
+Inputs are not trusted. A sample that cannot be used — an unreadable, corrupt or oversized image
+(a decompression bomb), an image path leading outside `data.image_root`, a shard sample larger
+than `data.max_sample_mb`, nothing to supervise — is skipped with a warning naming it and why,
+and appended to the run's skip log (`train/skipped/*.jsonl`), which `train/summary.json` counts.
 """
 
 from __future__ import annotations
@@ -25,13 +30,13 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from seechat.config import DataConfig
 from seechat.data.collate import collate
 from seechat.data.conversation import NoSupervisedTokensError
-from seechat.data.instruct import Conversation, iter_conversations
-from seechat.data.pairs import PairShardDataset
+from seechat.data.instruct import Conversation, ImagePathError, image_path, iter_conversations
+from seechat.data.pairs import PairShardDataset, log_skip
 from seechat.data.processor import Encoded, SeeChatProcessor
 
 log = logging.getLogger(__name__)
@@ -66,13 +71,36 @@ class PairToEncoded:
             return None
 
 
-class ConversationDataset(Dataset):
-    """Conversations -> encoded samples; unreadable images make the sample None (counted, logged)."""
+class UnusableImage(ValueError):
+    """An image a training sample cannot use; the message says which and why."""
 
-    def __init__(self, records: list[Conversation], processor: SeeChatProcessor, image_roots: list[Path]):
+
+def open_training_image(root: Path, name: str) -> Image.Image:
+    """The RGB image `name` of a data file under `root`. Raises UnusableImage for a path that
+    leads outside the root, a missing or undecodable file, or a decompression bomb (more than twice
+    PIL's `Image.MAX_IMAGE_PIXELS`, read from the header before any pixel is decoded)."""
+    try:
+        with Image.open(image_path(root, name)) as image:
+            return image.convert("RGB")
+    except ImagePathError as e:
+        raise UnusableImage(str(e)) from None
+    except Image.DecompressionBombError as e:
+        raise UnusableImage(f"image {name!r} is too large to decode safely ({e})") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as e:  # PIL's ways of failing on a bad file
+        raise UnusableImage(f"unreadable image {name!r} ({type(e).__name__}: {e})") from None
+
+
+class ConversationDataset(Dataset):
+    """Conversations -> encoded samples; a sample that cannot be used is None (logged, and counted
+    in `skip_log_dir` when given)."""
+
+    def __init__(self, records: list[Conversation], processor: SeeChatProcessor, image_roots: list[Path],
+                 skip_log_dir: Path | None = None, rank: int = 0):
         self.records = records
         self.processor = processor
         self.image_roots = image_roots  # per record
+        self.skip_log_dir = skip_log_dir
+        self.rank = rank
 
     def __len__(self) -> int:
         return len(self.records)
@@ -85,19 +113,26 @@ class ConversationDataset(Dataset):
     def __getitem__(self, i: int) -> Encoded | None:
         r = self.records[i]
         try:
-            images = [Image.open(self.image_roots[i] / p).convert("RGB") for p in r.images]
-        except (OSError, ValueError) as e:
-            log.warning("skipping conversation %s: unreadable image (%s)", r.id, e)
-            return None
+            images = [open_training_image(self.image_roots[i], p) for p in r.images]
+        except UnusableImage as e:
+            return self._skip(i, str(e))
         messages = [{"role": m.role, "content": m.content} for m in r.messages]
         try:
             return self.processor.encode_conversation(messages, images, sample_id=r.id)
         except NoSupervisedTokensError as e:
-            log.warning("skipping: %s", e)
-            return None
+            return self._skip(i, str(e))
+
+    def _skip(self, i: int, reason: str) -> None:
+        log.warning("skipping conversation %s: %s", self.records[i].id, reason)
+        if self.skip_log_dir is not None:
+            info = get_worker_info()
+            name = f"skipped-conversations-r{self.rank}-w{info.id if info is not None else 0}.jsonl"
+            log_skip(self.skip_log_dir / name, self.records[i].id, reason, str(self.image_roots[i]))
+        return None
 
 
-def load_conversation_dataset(cfg: DataConfig, processor: SeeChatProcessor) -> ConversationDataset:
+def load_conversation_dataset(cfg: DataConfig, processor: SeeChatProcessor, skip_log_dir: Path | None = None,
+                              rank: int = 0) -> ConversationDataset:
     records: list[Conversation] = []
     roots: list[Path] = []
     for path in cfg.paths:
@@ -107,7 +142,7 @@ def load_conversation_dataset(cfg: DataConfig, processor: SeeChatProcessor) -> C
             roots.append(root)
     if not records:
         raise ValueError(f"no conversations found in data.paths={list(cfg.paths)}")
-    return ConversationDataset(records, processor, roots)
+    return ConversationDataset(records, processor, roots, skip_log_dir, rank)
 
 
 def epoch_batches(dataset: ConversationDataset, spec: StreamSpec, epoch: int, group_by_length: bool) -> list[list[int]]:
@@ -171,6 +206,7 @@ def pair_batches(
         world_size=spec.world_size,
         transform=PairToEncoded(processor, cfg.pair_instructions),
         skip_log_dir=skip_log_dir,
+        max_sample_bytes=cfg.max_sample_mb << 20,
     )
     dataset.set_resume(epoch, start, spec.batch_size)
     loader = DataLoader(
@@ -192,7 +228,8 @@ class BatchStream:
         self.group_by_length = group_by_length
         self.epoch, self.batches_in_epoch = epoch, batches_in_epoch
         self.skip_log_dir = skip_log_dir
-        self.dataset = load_conversation_dataset(cfg, processor) if cfg.kind == "conversations" else None
+        self.dataset = (load_conversation_dataset(cfg, processor, skip_log_dir, spec.rank)
+                        if cfg.kind == "conversations" else None)
         self._it: Iterator[dict] | None = None
 
     def _open(self) -> Iterator[dict]:

@@ -12,7 +12,8 @@ A stage is its config: `trainable` says which groups learn, `data` what they lea
 
 A non-finite loss stops the run before the optimizer step: the last resume point and checkpoint
 on disk are the last good ones. Resume restores weights, optimizer, RNG and the data position,
-so a killed and resumed run produces the same numbers as an uninterrupted one.
+so a killed and resumed run produces the same numbers as an uninterrupted one. Both are written
+crash-safely (`seechat.atomic`); a run killed mid-save finds the previous ones at its next start.
 
 Outputs, in `train.output_dir`:
     config.json, bridge.safetensors, …   the final seechat checkpoint (see seechat.model.checkpoint)
@@ -40,10 +41,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, DistributedType
+from accelerate import Accelerator, DistributedType, PartialState
 from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
+from seechat.atomic import atomic_file, recover
 from seechat.config import ModelConfig, RunConfig, from_dict, load_config, save_config, to_dict
 from seechat.model.build import apply_trainable, build
 from seechat.model.checkpoint import load_checkpoint, read_meta, write_checkpoint
@@ -161,6 +163,11 @@ def train(cfg: RunConfig, resume: bool = True) -> TrainResult:
     t_start = time.time()
     out = Path(cfg.train.output_dir)
     run_dir, resume_dir = out / "train", out / "train" / "resume"
+    state = PartialState()  # the process group, before the Accelerator: trackers need to know about resuming
+    if state.is_main_process:  # a run killed while replacing them left the previous versions aside
+        recover(out)
+        recover(resume_dir)
+    state.wait_for_everyone()
     resuming = resume and (resume_dir / "state.json").is_file()
     trackers = build_trackers(cfg.train.report_to, run_dir, out.name, _last_saved(resume_dir) if resuming else None)
     acc = Accelerator(mixed_precision=cfg.train.mixed_precision, log_with=trackers or None)
@@ -280,7 +287,12 @@ _MAY_CHANGE_ON_RESUME = ("log_every", "save_every", "eval_every", "report_to")
 
 def _resume_key(cfg_dict: dict) -> dict:
     """The config fields a resume must not change (logging, saving and evaluation cadence, and
-    where metrics are reported, may change)."""
+    where metrics are reported, may change). A field added to the config since the resume point
+    was written takes its default."""
+    try:
+        cfg_dict = to_dict(from_dict(RunConfig, cfg_dict))
+    except (TypeError, ValueError):
+        pass  # a field since removed or changed: compared as written, so the mismatch is reported
     train = {k: v for k, v in cfg_dict.get("train", {}).items() if k not in _MAY_CHANGE_ON_RESUME}
     return {**cfg_dict, "train": train}
 
@@ -374,7 +386,8 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """Drop rows logged after the resume point: they will be produced again."""
     if path.is_file():
         rows = [r for r in path.read_text().splitlines() if r.strip() and json.loads(r)["step"] <= step]
-        path.write_text("".join(r + "\n" for r in rows))
+        with atomic_file(path) as tmp:  # a kill mid-write must not empty the run's history
+            tmp.write_text("".join(r + "\n" for r in rows))
 
 
 def _last_saved(resume_dir: Path) -> int:

@@ -198,6 +198,19 @@ def test_refuses_existing_output_and_inputs_inside_it(shard_dir: Path, scorer: C
 # -- CLI -------------------------------------------------------------------------------------------------
 
 
+def test_samples_over_the_size_limit_are_listed_unread(shard_dir: Path, tiny_clip_dir: Path, tmp_path: Path,  # noqa: F811
+                                                       capsys) -> None:
+    out = tmp_path / "out"
+    args = ["data", "filter", shards_of(shard_dir), str(out), "--model", str(tiny_clip_dir), "--threshold", "0",
+            "--max-sample-size", "500", "--no-progress"]  # fmt: skip; every sample here is 700-900 bytes
+    assert main(args) == 0
+    capsys.readouterr()
+    rows = scores_rows(out)
+    assert len(rows) == 12 and all(r["error"].startswith("sample too large") for r in rows)
+    stats = json.loads((out / STATS_FILE).read_text())
+    assert stats["n_corrupt"] == 12 and stats["n_scored"] == 0
+
+
 def test_help_explains_every_option() -> None:
     parser = argparse.ArgumentParser()
     add_filter_arguments(parser)

@@ -13,7 +13,9 @@ from seechat.data.instruct import (
     Conversation,
     ConvertOptions,
     DataFormatError,
+    ImagePathError,
     Message,
+    image_path,
     load_conversations,
     write_conversations,
 )
@@ -115,6 +117,20 @@ def test_image_files_checked_only_with_a_root(tmp_path: Path) -> None:
     (tmp_path / "coco").mkdir()
     (tmp_path / "coco" / "000000033471.jpg").write_bytes(b"x")
     assert len(load_conversations(path, image_root=tmp_path)) == 1
+
+
+def test_image_paths_leading_out_of_the_root_are_refused(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    assert image_path(root, "coco/../coco/1.jpg") == root / "coco" / "1.jpg"
+    assert image_path(root, str(root / "coco" / "1.jpg")) == root / "coco" / "1.jpg"  # absolute, inside
+    for name in ("../secret.jpg", "coco/../../secret.jpg", "/etc/passwd", str(tmp_path / "data2" / "x.jpg")):
+        with pytest.raises(ImagePathError, match="outside the image root"):
+            image_path(root, name)
+    (tmp_path / "secret.jpg").write_bytes(b"x")  # exists, but is not the data's to name
+    escaping = {**LLAVA[0], "image": "../secret.jpg"}
+    path = write_json(tmp_path / "d.json", [escaping])
+    with pytest.raises(DataFormatError, match="outside the image root"):
+        load_conversations(path, image_root=root)
 
 
 def test_minigpt4_filter_cap(tmp_path: Path) -> None:

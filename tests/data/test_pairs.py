@@ -6,6 +6,7 @@ import io
 import json
 import math
 import tarfile
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -91,9 +92,12 @@ def test_resume_yields_exactly_the_remaining_batches(shard_dir: Path, num_worker
         assert run(resumed, num_workers) == full[k:], f"resume at batch {k}"
 
 
+SMALL_LIMIT = 4096  # bytes per sample in the holey shards: s3i2 and s0i6 are larger
+
+
 @pytest.fixture(scope="module")
 def holey_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The same layout with samples missing a member (skipped before the shuffle buffer)."""
+    """The same layout with samples missing a member or too large (skipped before the shuffle buffer)."""
     out = tmp_path_factory.mktemp("holey")
     for s in range(N_SHARDS):
         with tarfile.open(out / f"{s:05d}.tar", "w") as tar:
@@ -103,14 +107,16 @@ def holey_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
                     add(tar, f"{key}.jpg", jpeg(i))
                 if key != "s2i5":
                     add(tar, f"{key}.txt", key.encode())
+                if key in ("s3i2", "s0i6"):
+                    add(tar, f"{key}.json", json.dumps({"pad": "x" * SMALL_LIMIT}).encode())
     return out
 
 
 def test_resume_is_exact_around_skipped_samples(holey_dir: Path) -> None:
-    full = run(dataset(holey_dir), 2, batch_size=3)
-    assert sum(map(len, full)) == len(ALL_KEYS) - 3
-    for k in (2, 5, len(full) - 2):
-        resumed = dataset(holey_dir)
+    full = run(dataset(holey_dir, max_sample_bytes=SMALL_LIMIT), 2, batch_size=3)
+    assert sum(map(len, full)) == len(ALL_KEYS) - 5
+    for k in range(1, len(full) + 1):
+        resumed = dataset(holey_dir, max_sample_bytes=SMALL_LIMIT)
         resumed.set_resume(epoch=0, batches_consumed=k, batch_size=3)
         assert run(resumed, 2, batch_size=3) == full[k:], f"resume at batch {k}"
 
@@ -197,6 +203,46 @@ def test_corrupt_samples_are_skipped_counted_and_logged(
         assert [s["key"] for s in in_process] == ["ok1", "ok2"]
     assert in_process.skipped.count == 5
     assert "truncated" in caplog.text
+
+
+class Zeros:
+    """A file object of `size` zero bytes that never holds them all."""
+
+    def __init__(self, size: int) -> None:
+        self.left = size
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.left if n < 0 else min(n, self.left)
+        self.left -= n
+        return bytes(n)
+
+
+def test_a_gzip_bomb_member_is_skipped_without_being_read(tmp_path: Path) -> None:
+    """A .tar.gz of ~50 KB whose image member inflates to 48 MiB. It used to be read whole into
+    memory (a bigger one runs a loader out of memory); now it is skipped and counted unread."""
+    path = tmp_path / "00000.tar.gz"
+    huge = 48 << 20
+    with tarfile.open(path, "w:gz", compresslevel=1) as tar:
+        add(tar, "ok1.jpg", jpeg(1))
+        add(tar, "ok1.txt", b"a")
+        info = tarfile.TarInfo("bomb.jpg")
+        info.size = huge
+        tar.addfile(info, Zeros(huge))
+        add(tar, "bomb.txt", b"b")
+        add(tar, "ok2.jpg", jpeg(2))
+        add(tar, "ok2.txt", b"c")
+    assert path.stat().st_size < 1 << 20
+    ds = PairShardDataset(str(path), shuffle_buffer=0, max_sample_bytes=1 << 20)
+    tracemalloc.start()
+    try:
+        keys = [s["key"] for s in ds]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert keys == ["ok1", "ok2"]
+    assert peak < 8 << 20, f"{peak:,} bytes held while reading"
+    assert ds.skipped.keys == ["bomb"] and "sample too large" in ds.skipped.summary()
+    assert dict(ds.skipped.by_reason) == {"sample too large": 1}
 
 
 def _png() -> bytes:

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from seechat.atomic import OutputOverlapError
 from seechat.config import TrainableConfig
 from seechat.data.collate import collate
 from seechat.model import apply_trainable, build, load, merge_lora
@@ -67,3 +68,24 @@ def test_save_is_atomic_and_overwrites(experts, tmp_path):
 def test_loading_a_non_checkpoint_is_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a seechat checkpoint"):
         load(tmp_path)
+
+
+def test_merge_lora_onto_its_own_source_is_refused(tmp_path, capsys):
+    from seechat.cli import main
+
+    (tmp_path / "ckpt").mkdir()
+    with pytest.raises(OutputOverlapError, match="is the source itself"):
+        merge_lora(tmp_path / "ckpt", tmp_path / "ckpt")
+    assert main(["merge-lora", str(tmp_path / "ckpt"), str(tmp_path)]) == 2
+    assert "contains the source" in capsys.readouterr().err and (tmp_path / "ckpt").is_dir()
+
+
+def test_a_checkpoint_set_aside_by_a_killed_save_is_loaded(experts, tmp_path):
+    """A save killed between its two renames leaves no `ckpt`, only `.ckpt.old-*`: loading finds it,
+    and the next save puts it back first."""
+    model, proc = build(model_config(experts))
+    model.save_pretrained(tmp_path / "ckpt", proc)
+    (tmp_path / "ckpt").rename(tmp_path / ".ckpt.old-0123abcd")
+    assert load(tmp_path / "ckpt")[0].num_image_tokens == model.num_image_tokens
+    model.save_pretrained(tmp_path / "ckpt", proc)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]

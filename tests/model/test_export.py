@@ -127,3 +127,18 @@ def test_exported_chat_template_takes_string_and_list_of_parts_messages(experts,
                                     return_tensors="pt")
     assert torch.equal(inputs["input_ids"][0], enc.input_ids)
     torch.testing.assert_close(inputs["pixel_values"], enc.pixel_values)
+
+
+def test_export_onto_its_own_source_is_refused_and_loses_nothing(experts, tmp_path, capsys):
+    """`seechat export CK CK` used to delete CK (the output was removed before the rename)."""
+    ckpt = tmp_path / "ckpt"
+    model, processor = build(model_config(experts, "clip", "qwen2", "mlp2x_gelu"))
+    model.save_pretrained(ckpt, processor)
+    before = sorted(p.relative_to(ckpt) for p in ckpt.rglob("*"))
+    for out in (ckpt, ckpt / "llava", tmp_path):
+        assert main(["export", "--format", "llava-hf", str(ckpt), str(out)]) == 2
+        assert "would replace the source" in capsys.readouterr().err
+    assert sorted(p.relative_to(ckpt) for p in ckpt.rglob("*")) == before
+    load(ckpt)
+    with pytest.raises(ExportError, match="is the source itself"):
+        export_llava_hf(ckpt, ckpt)

@@ -154,3 +154,36 @@ def test_torchrun_that_accelerate_does_not_see_is_refused(tiny_world, tmp_path, 
     with pytest.raises(RuntimeError, match="WORLD_SIZE"):
         train(load_config(STAGE1, stage1_overrides(tiny_world, tmp_path / "x", **{"train.max_steps": 1})))
     assert not (tmp_path / "x" / "train" / "resume").exists()
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: not an Exception, so nothing on the way up handles it."""
+
+
+def test_a_kill_between_the_checkpoint_renames_keeps_the_resume_point(tiny_world, tmp_path, monkeypatch, caplog):
+    """The final save sets the step-2 checkpoint (with train/resume inside) aside and dies before
+    renaming the new one in: no `killed/` is left. The next start must still resume from step 2
+    (it used to find nothing and restart at step 0)."""
+    out = tmp_path / "killed"
+    cfg = load_config(STAGE1, stage1_overrides(tiny_world, out, **{"train.max_steps": 4, "train.save_every": 2}))
+    real_rename, set_aside = os.rename, []
+
+    def rename_then_die(src, dst):
+        real_rename(src, dst)
+        if Path(src) == out and Path(dst).name.startswith(".killed.old-"):
+            set_aside.append(dst)
+            if len(set_aside) == 2:  # the first save set aside the folder holding only train/run.yaml
+                raise Killed
+
+    monkeypatch.setattr(os, "rename", rename_then_die)
+    with pytest.raises(Killed):
+        train(cfg)
+    monkeypatch.undo()
+    assert not out.exists()
+    uninterrupted = losses(set_aside[1])  # all 4 steps were logged before the final save
+
+    with caplog.at_level("INFO", logger="seechat"):
+        train(cfg)
+    assert "resuming from step 2" in caplog.text
+    assert losses(out) == uninterrupted
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["killed"]
