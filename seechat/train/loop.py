@@ -185,8 +185,7 @@ def train(cfg: RunConfig, resume: bool = True) -> TrainResult:
     state: dict = {}
     if resuming:
         state = read_resume_state(resume_dir)
-        # through RunConfig, so that a field added since the resume point was written takes its default
-        if _resume_key(to_dict(from_dict(RunConfig, state.get("config", {})))) != _resume_key(to_dict(cfg)):
+        if _resume_key(state.get("config", {})) != _resume_key(to_dict(cfg)):
             raise ValueError(f"{resume_dir} was written by a different config; pass --no-resume to start over")
     elif acc.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
