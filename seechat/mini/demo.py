@@ -1,10 +1,12 @@
 """`seechat demo`: the whole SEEChat pipeline on the embedded mini world, for real, on a CPU.
 
     world    procedurally generated Chinese scenes, pairs, conversations, eval sets  (seechat.mini.world)
-    experts  mini Chinese-CLIP (vision expert + scorer) and mini Chinese LM           (seechat.mini.experts)
+    experts  the pretrained mini Chinese-CLIP (vision expert + scorer) and mini Chinese LM shipped in
+             the package (seechat/mini/weights; `seechat mini experts` retrains them, `--experts` uses those)
     stage1   bridge only, on pair shards        configs/mini/stage1.yaml, via seechat.train.train
     stage2   bridge + LM, on conversations      configs/mini/stage2.yaml, via seechat.train.train
-    eval     held-out test split: VQA per type, grounding Acc@0.5, captions, win rate vs alt-text
+    eval     held-out test split: VQA per type next to a blind control (the same questions about a blank
+             image), grounding Acc@0.5, captions, win rate vs alt-text
 
 Everything goes under `--out` (default runs/mini): the ready checkpoint is `<out>/stage2` and the
 numbers are `<out>/results.json`. A finished step is reused when run again (same config) unless
@@ -25,13 +27,13 @@ from seechat.config import load_config, to_dict
 from seechat.infer.chat import ChatSession
 from seechat.infer.generate import SamplingParams
 from seechat.mini.evaluate import evaluate_split, read_jsonl
-from seechat.mini.experts import ClipRecipe, LMRecipe, train_experts
+from seechat.mini.experts import ExpertPaths, shipped_experts
 from seechat.mini.world import WorldConfig, build_world
 from seechat.model import load
 from seechat.train.loop import train
 
 log = logging.getLogger(__name__)
-STEPS = ("world", "experts", "stage1", "stage2", "eval")
+STEPS = ("world", "stage1", "stage2", "eval")
 RECIPES = Path(__file__).resolve().parents[2] / "configs" / "mini"
 
 
@@ -46,9 +48,10 @@ class Assets:
     scorer: Path
 
     @classmethod
-    def of_run(cls, run: Path) -> Assets:
-        exp = Path(run) / "experts"
-        return cls(Path(run) / "world", exp / "clip", exp / "lm", exp / "lm" / "tokenizer", exp / "clip")
+    def of_run(cls, run: Path, experts: ExpertPaths | None = None) -> Assets:
+        """The world of run folder `run` and a pair of experts (default: the shipped ones)."""
+        e = experts or shipped_experts()
+        return cls(Path(run) / "world", e.clip, e.lm, e.lm_tokenizer, e.clip)
 
 
 def stage_overrides(assets: Assets, stage: str, out_dir: Path, bridge: str | None = None,
@@ -105,10 +108,10 @@ def sample_dialogue(checkpoint: Path, world: Path) -> list[tuple[str, str]]:
 
 
 def demo(out: str | Path = "runs/mini", redo: tuple[str, ...] = (), bridge: str | None = None,
-         world_cfg: WorldConfig | None = None, stage_extra: dict[str, list[str]] | None = None,
-         eval_limit: int = 0, clip_recipe: ClipRecipe = ClipRecipe(), lm_recipe: LMRecipe = LMRecipe()) -> dict:
-    """Run (or reuse) every step under `out`; returns the results written to `<out>/results.json`.
-    The keyword arguments after `bridge` shrink the run for tests."""
+         experts: ExpertPaths | None = None, world_cfg: WorldConfig | None = None,
+         stage_extra: dict[str, list[str]] | None = None, eval_limit: int = 0) -> dict:
+    """Run (or reuse) every step under `out`, from `experts` (default: the shipped ones); returns the
+    results written to `<out>/results.json`. The keyword arguments after `experts` shrink the run for tests."""
     t0 = time.time()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -117,16 +120,15 @@ def demo(out: str | Path = "runs/mini", redo: tuple[str, ...] = (), bridge: str 
     print("[world] building the mini world" if "world" in redo or not (world / "manifest.json").exists()
           else f"[world] reusing {world}")
     build_world(world, world_cfg or WorldConfig(), force="world" in redo, workers=2)
-    print("[experts] mini Chinese-CLIP and mini Chinese LM")
-    paths = train_experts(world, out / "experts", clip_recipe, lm_recipe, force="experts" in redo)
-    assets = Assets.of_run(out)
+    assets = Assets.of_run(out, experts)
+    print(f"[experts] pretrained mini Chinese-CLIP {assets.vision} and mini Chinese LM {assets.lm}")
     s1 = run_stage(assets, out / "stage1", "stage1", bridge, extra.get("stage1", []), "stage1" in redo)
     s2 = run_stage(assets, out / "stage2", "stage2", bridge, extra.get("stage2", []), "stage2" in redo, init_from=s1)
     t_train = time.time() - t0
 
     print("[eval] held-out test split")
     model, processor = load(s2)
-    results = evaluate_split(model, processor, world, out / "eval" / "stage2", paths.clip, "test", eval_limit)
+    results = evaluate_split(model, processor, world, out / "eval" / "stage2", assets.scorer, "test", eval_limit)
     results["wall_seconds"] = time.time() - t0
     results["train_wall_seconds"] = t_train
     results["checkpoint"] = str(s2)
@@ -139,6 +141,8 @@ def demo(out: str | Path = "runs/mini", redo: tuple[str, ...] = (), bridge: str 
         print(f"  用户：{q}\n  助手：{a}")
     print(f"\nVQA accuracy {results['vqa_accuracy']:.1%} over {results['vqa_questions']} questions; "
           f"by type: " + ", ".join(f"{k} {v:.0%}" for k, v in sorted(results["vqa_accuracy_by_type"].items())))
+    print(f"blind control (the same questions about a blank image): {results['vqa_accuracy_blind']:.1%}; "
+          f"by type: " + ", ".join(f"{k} {v:.0%}" for k, v in sorted(results["vqa_accuracy_blind_by_type"].items())))
     print(f"grounding Acc@0.5 {results['grounding_acc_at_0.5']:.1%}; caption exact {results['caption_exact_match']:.1%}, "
           f"CIDEr-D {results['caption_cider_d']:.2f}, win rate vs alt-text {results['caption_winrate_vs_alt_text']:.1%}")
     print(f"checkpoint: {s2}   results: {out / 'results.json'}   wall: {results['wall_seconds']:.0f} s")
@@ -152,9 +156,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"steps to redo even if finished: {', '.join(STEPS)}")
     parser.add_argument("--bridge", choices=["linear", "mlp2x_gelu", "qformer", "resampler"], default=None,
                         help="bridge for stages 1 and 2 (default: the recipe's, mlp2x_gelu)")
+    parser.add_argument("--experts", default=None, metavar="DIR",
+                        help="start from the experts of `seechat mini experts --out DIR` instead of the shipped ones")
 
 
 def run_from_args(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    demo(args.out, tuple(args.redo), args.bridge)
+    demo(args.out, tuple(args.redo), args.bridge, ExpertPaths.of(args.experts) if args.experts else None)
     return 0

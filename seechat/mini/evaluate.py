@@ -40,6 +40,11 @@ def load_images(world: Path, rows: list[dict]) -> dict[str, Image.Image]:
     return {r["image"]: Image.open(world / r["image"]).convert("RGB") for r in rows}
 
 
+def blank_like(image: Image.Image) -> Image.Image:
+    """A white image of `image`'s size: the blind control's input (same questions, nothing to see)."""
+    return Image.new("RGB", image.size, (255, 255, 255))
+
+
 def answer_split(
     model: SeeChatModel,
     processor: SeeChatProcessor,
@@ -51,23 +56,30 @@ def answer_split(
     tag: str = "",
 ) -> tuple[dict, dict[str, list[str]]]:
     """Greedy answers to the VQA questions, referring expressions and caption prompts of the given
-    rows, and the metrics that need no scorer: (VQA per type + grounding Acc@0.5, predictions by
-    task: "vqa", "grounding", "captions")."""
+    rows, and the metrics that need no scorer: (VQA per type, the blind control's VQA per type (the
+    same questions about a blank image), grounding Acc@0.5; predictions by task: "vqa", "vqa_blind",
+    "grounding", "captions")."""
 
     def ask(prompts: list[str], rows: list[dict], what: str) -> list[str]:
         return answer_batch(model, processor, prompts, [images[r["image"]] for r in rows], batch_size,
                             desc=f"{what} {tag}".strip())
 
     model.eval()
+    blank = blank_like(next(iter(images.values()))) if images else None
     preds = {
         "vqa": ask([VQA_PROMPT.format(**r) for r in vqa], vqa, "vqa"),
+        "vqa_blind": answer_batch(model, processor, [VQA_PROMPT.format(**r) for r in vqa], [blank] * len(vqa),
+                                  batch_size, desc=f"vqa blind {tag}".strip()),
         "grounding": ask([GROUNDING_PROMPT.format(expr=r["expression"]) for r in grounding], grounding, "grounding"),
         "captions": ask([CAPTION_PROMPT] * len(captions), captions, "captions"),
     }
     vqa_res = vqa_accuracy(preds["vqa"], [r["answer"] for r in vqa], [r["type"] for r in vqa])
+    blind = vqa_accuracy(preds["vqa_blind"], [r["answer"] for r in vqa], [r["type"] for r in vqa])
     metrics = {
         "vqa_accuracy": vqa_res.accuracy,
         "vqa_accuracy_by_type": vqa_res.per_type,
+        "vqa_accuracy_blind": blind.accuracy,
+        "vqa_accuracy_blind_by_type": blind.per_type,
         "vqa_questions": len(vqa),
         "grounding_acc_at_0.5": grounding_accuracy(preds["grounding"], [r["box"] for r in grounding]).accuracy,
         "grounding_items": len(grounding),
@@ -96,7 +108,8 @@ def evaluate_split(
     vqa_pred, grd_pred, cap_pred = preds["vqa"], preds["grounding"], preds["captions"]
 
     write_jsonl(out / "vqa_predictions.jsonl",
-                 [{**r, "prediction": p} for r, p in zip(vqa, vqa_pred, strict=True)])
+                 [{**r, "prediction": p, "prediction_blind": b} for r, p, b in zip(vqa, vqa_pred, preds["vqa_blind"],
+                                                                                    strict=True)])
     write_jsonl(out / "grounding_predictions.jsonl",
                  [{**r, "prediction": p} for r, p in zip(grd, grd_pred, strict=True)])
     captions_file = out / "captions.jsonl"

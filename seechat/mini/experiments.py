@@ -194,8 +194,8 @@ def data_quality_experiment(opts: Options, out: Path, bridge: str = "mlp2x_gelu"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__.split("\n\n")[0]
     parser.add_argument("--run", default="runs/mini",
-                        help="a `seechat demo` run folder holding world/ and experts/ (default: runs/mini); "
-                             "built first (the demo's world and expert steps) where missing")
+                        help="a `seechat demo` run folder holding world/ (default: runs/mini); the world is built "
+                             "first where missing; the experts are the shipped ones")
     parser.add_argument("--out", default="", help="where the experiment goes (default: <run>/experiments/<name>)")
     parser.add_argument("--limit", type=int, default=0, help="caption only the first N split images (default: all)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -205,12 +205,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _options(args: argparse.Namespace) -> tuple[Options, Path]:
-    from seechat.mini.experts import train_experts
     from seechat.mini.world import WorldConfig, build_world
 
     run = Path(args.run)
     build_world(run / "world", WorldConfig(), workers=2)
-    train_experts(run / "world", run / "experts")
     extra = () if args.workers is None else (f"data.num_workers={args.workers}",)
     return Options(Assets.of_run(run), limit=args.limit, device=args.device, n_bootstrap=args.bootstrap,
                    stage_extra=(("stage1", extra), ("stage2", extra))), run

@@ -33,18 +33,34 @@ from seechat.mini.mini_clip import ClipRecipe, evaluate_clip, train_mini_clip
 from seechat.mini.mini_lm import LMRecipe, evaluate_lm, train_mini_lm
 
 __all__ = [
-    "ClipRecipe", "ExpertPaths", "LMRecipe", "evaluate_clip", "evaluate_lm", "train_experts", "train_mini_clip",
-    "train_mini_lm", "world_chars", "world_texts",
+    "SHIPPED", "ClipRecipe", "ExpertPaths", "LMRecipe", "evaluate_clip", "evaluate_lm", "shipped_experts", "train_experts",
+    "train_mini_clip", "train_mini_lm", "world_chars", "world_texts",
 ]
+
+
+SHIPPED = Path(__file__).resolve().parent / "weights"  # package data: the experts the demo starts from
 
 
 @dataclass(frozen=True)
 class ExpertPaths:
-    """Where `train_experts` put the experts; feed these to `VisionConfig` / `LMConfig`."""
+    """Where a pair of experts is; feed these to `VisionConfig` / `LMConfig`."""
 
     clip: Path  # VisionConfig(path=clip); also the scorer
     lm: Path  # LMConfig(path=lm, tokenizer_path=lm_tokenizer)
     lm_tokenizer: Path
+
+    @classmethod
+    def of(cls, directory: PathLike) -> ExpertPaths:
+        """The experts of a `seechat mini experts --out DIR` folder (DIR/clip, DIR/lm)."""
+        d = Path(directory)
+        return cls(d / "clip", d / "lm", d / "lm" / "tokenizer")
+
+
+def shipped_experts() -> ExpertPaths:
+    """The pretrained mini experts inside the package (fp16 safetensors, with their recipe records:
+    `done.json` holds the recipe and the world-generator fingerprint, `eval.json` their held-out
+    scores, `metrics.jsonl` and `loss.png` the run); `seechat mini experts` retrains them."""
+    return ExpertPaths.of(SHIPPED)
 
 
 def train_experts(out_dir: PathLike, clip: ClipRecipe = ClipRecipe(), lm: LMRecipe = LMRecipe(),
@@ -53,9 +69,9 @@ def train_experts(out_dir: PathLike, clip: ClipRecipe = ClipRecipe(), lm: LMReci
     """Both mini experts into `out_dir/clip` and `out_dir/lm`, one after the other (never in parallel:
     each uses every core), on fresh scenes from the world's generators."""
     out = Path(out_dir)
-    clip_dir = train_mini_clip(out / "clip", clip, force=force, threads=threads, device=device, workers=workers)
-    lm_dir = train_mini_lm(out / "lm", lm, force=force, threads=threads, device=device, workers=workers)
-    return ExpertPaths(clip_dir, lm_dir, lm_dir / "tokenizer")
+    train_mini_clip(out / "clip", clip, force=force, threads=threads, device=device, workers=workers)
+    train_mini_lm(out / "lm", lm, force=force, threads=threads, device=device, workers=workers)
+    return ExpertPaths.of(out)
 
 
 # --------------------------------------------------------------------------- `seechat mini experts`

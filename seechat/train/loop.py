@@ -41,11 +41,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, DistributedType, PartialState
+from accelerate import Accelerator, DistributedType
 from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
-from seechat.atomic import atomic_file, recover
+from seechat.atomic import atomic_file, existing, recover
 from seechat.config import ModelConfig, RunConfig, from_dict, load_config, save_config, to_dict
 from seechat.model.build import apply_trainable, build
 from seechat.model.checkpoint import load_checkpoint, read_meta, write_checkpoint
@@ -163,16 +163,18 @@ def train(cfg: RunConfig, resume: bool = True) -> TrainResult:
     t_start = time.time()
     out = Path(cfg.train.output_dir)
     run_dir, resume_dir = out / "train", out / "train" / "resume"
-    state = PartialState()  # the process group, before the Accelerator: trackers need to know about resuming
-    if state.is_main_process:  # a run killed while replacing them left the previous versions aside
-        recover(out)
-        recover(resume_dir)
-    state.wait_for_everyone()
-    resuming = resume and (resume_dir / "state.json").is_file()
-    trackers = build_trackers(cfg.train.report_to, run_dir, out.name, _last_saved(resume_dir) if resuming else None)
+    # Trackers must know whether this run resumes before the Accelerator starts, so look where a
+    # save killed between its renames may have set the resume point aside (recovered just below).
+    found = existing(existing(out) / "train" / "resume")
+    resuming = resume and (found / "state.json").is_file()
+    trackers = build_trackers(cfg.train.report_to, run_dir, out.name, _last_saved(found) if resuming else None)
     acc = Accelerator(mixed_precision=cfg.train.mixed_precision, log_with=trackers or None)
     check_launch(acc)
     check_sharded_parts(cfg, acc)
+    if acc.is_main_process:  # a run killed while replacing them left the previous versions aside
+        recover(out)
+        recover(resume_dir)
+    acc.wait_for_everyone()
     torch.manual_seed(cfg.train.seed)
 
     model, processor = build_model(cfg)
