@@ -54,6 +54,7 @@ class BridgeConfig:
     num_layers: int = 2  # qformer: number of (self-attn, cross-attn, FFN) blocks
     num_heads: int = 8  # qformer / resampler
     hidden_size: int = 0  # qformer / resampler internal width; 0 = the vision width
+    merge: int = 1  # linear / mlp2x_gelu: concatenate merge x merge neighbouring patches into one token
 
 
 @dataclass(frozen=True)

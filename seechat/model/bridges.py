@@ -12,6 +12,11 @@ many LM tokens one image becomes. They are chosen by name from the explicit `BRI
 - `resampler`   Qwen-VL style: one cross-attention layer from learned queries to the patch features
                 (with 2-D sin-cos positions on the keys). N_tokens = num_queries.
 
+`linear` and `mlp2x_gelu` take `merge: m` (default 1): each m x m block of neighbouring patches is
+concatenated into one token before the projection (Qwen2-VL's patch merger, InternVL's pixel
+shuffle), so an image costs m^2 fewer LM tokens and no patch feature is dropped. The query bridges
+choose their token count with `num_queries` instead.
+
 The bridge does not know tokens, text or the vision model; it sees tensors only.
 """
 
@@ -26,14 +31,36 @@ from torch import nn
 from seechat.config import BridgeConfig
 
 
+def merged_grid(num_patches: int, merge: int) -> int:
+    """Tokens left after merging `merge` x `merge` blocks of a square patch grid; a clear error when
+    the grid is not square or its side is not a multiple of `merge`."""
+    side = math.isqrt(num_patches)
+    if merge < 1 or side * side != num_patches or side % merge:
+        raise ValueError(f"bridge.merge={merge} needs a square patch grid whose side is a multiple of it; "
+                         f"the vision tower gives {num_patches} patches")
+    return (side // merge) ** 2
+
+
+def merge_patches(x: torch.Tensor, merge: int) -> torch.Tensor:
+    """(B, N, D) on a row-major square grid -> (B, N / merge^2, merge^2 * D): each merge x merge block
+    of neighbours concatenated, blocks in row-major order."""
+    if merge == 1:
+        return x
+    b, n, d = x.shape
+    g = math.isqrt(n) // merge
+    x = x.view(b, g, merge, g, merge, d).permute(0, 1, 3, 2, 4, 5)  # (B, gy, gx, my, mx, D)
+    return x.reshape(b, g * g, merge * merge * d)
+
+
 class LinearBridge(nn.Module):
     def __init__(self, d_vision: int, d_lm: int, num_patches: int, cfg: BridgeConfig):
         super().__init__()
-        self.proj = nn.Linear(d_vision, d_lm)
-        self.num_tokens = num_patches
+        self.num_tokens = merged_grid(num_patches, cfg.merge)
+        self.merge = cfg.merge
+        self.proj = nn.Linear(d_vision * cfg.merge**2, d_lm)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, Dv) -> (B, N, Dlm)
-        return self.proj(x)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, Dv) -> (B, N / merge^2, Dlm)
+        return self.proj(merge_patches(x, self.merge))
 
 
 class MLPBridge(nn.Module):
@@ -41,13 +68,14 @@ class MLPBridge(nn.Module):
 
     def __init__(self, d_vision: int, d_lm: int, num_patches: int, cfg: BridgeConfig):
         super().__init__()
-        self.linear_1 = nn.Linear(d_vision, d_lm)
+        self.num_tokens = merged_grid(num_patches, cfg.merge)
+        self.merge = cfg.merge
+        self.linear_1 = nn.Linear(d_vision * cfg.merge**2, d_lm)
         self.act = nn.GELU()
         self.linear_2 = nn.Linear(d_lm, d_lm)
-        self.num_tokens = num_patches
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, Dv) -> (B, N, Dlm)
-        return self.linear_2(self.act(self.linear_1(x)))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, Dv) -> (B, N / merge^2, Dlm)
+        return self.linear_2(self.act(self.linear_1(merge_patches(x, self.merge))))
 
 
 class QFormerBlock(nn.Module):
@@ -144,4 +172,7 @@ def build_bridge(cfg: BridgeConfig, d_vision: int, d_lm: int, num_patches: int) 
     """Instantiate the registered bridge `cfg.type`; the result has a `num_tokens` attribute."""
     if cfg.type not in BRIDGES:
         raise ValueError(f"unknown bridge {cfg.type!r}; registered bridges: {', '.join(BRIDGES)}")
+    if cfg.merge != 1 and cfg.type not in ("linear", "mlp2x_gelu"):
+        raise ValueError(f"bridge.merge applies to the linear and mlp2x_gelu bridges; {cfg.type} sets its token "
+                         "count with bridge.num_queries")
     return BRIDGES[cfg.type](d_vision, d_lm, num_patches, cfg)

@@ -72,10 +72,11 @@ def to_llava(model: SeeChatModel, stop_token_ids: list[int], pad_token_id: int |
     """An in-memory `LlavaForConditionalGeneration` holding this model's weights."""
     from transformers import LlavaForConditionalGeneration
 
-    if model.cfg.bridge.type != "mlp2x_gelu":
+    if model.cfg.bridge.type != "mlp2x_gelu" or model.cfg.bridge.merge != 1:
         raise ExportError(
-            f"--format llava-hf needs the mlp2x_gelu bridge (LLaVA-1.5's projector); this checkpoint uses "
-            f"{model.cfg.bridge.type!r}, which transformers' LLaVA has no layer for. Serve it with "
+            f"--format llava-hf needs the mlp2x_gelu bridge without patch merging (LLaVA-1.5's projector); this "
+            f"checkpoint uses {model.cfg.bridge.type!r} with merge={model.cfg.bridge.merge}, which transformers' "
+            "LLaVA has no layer for. Serve it with "
             "`seechat serve`, or train an mlp2x_gelu bridge (model.bridge.type=mlp2x_gelu) to export"
         )
     lm = model.language_model

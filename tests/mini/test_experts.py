@@ -1,9 +1,12 @@
-"""Mini experts: both train on a tiny world, load with the Auto* classes offline, plug into the
-stitched model, and are reused when already done; the contrastive pieces are checked in isolation."""
+"""Mini experts: both train on fresh scenes, load with the Auto* classes offline, plug into the
+stitched model, and are reused when already done; the shipped pair matches today's recipes and world
+generators; the contrastive, box and reading pieces are checked in isolation."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import random
 from pathlib import Path
 
 import numpy as np
@@ -16,24 +19,39 @@ from transformers import AutoImageProcessor, AutoModel, AutoProcessor, AutoToken
 from seechat.config import BridgeConfig, LMConfig, ModelConfig, VisionConfig
 from seechat.data.collate import collate
 from seechat.eval.scorer import ChineseClipScorer
+from seechat.mini import text
 from seechat.mini.expert_common import lr_factor, read_jsonl, world_texts
 from seechat.mini.experts import (
+    SHIPPED,
     ClipRecipe,
     LMRecipe,
     evaluate_clip,
     evaluate_lm,
+    shipped_experts,
     train_experts,
     train_mini_clip,
     train_mini_lm,
 )
-from seechat.mini.mini_clip import clip_loss, normalize_pixels, patch_weights
+from seechat.mini.fresh import fresh_scenes, held_out_meanings, step_batches, text_fingerprint
+from seechat.mini.mini_clip import (
+    clip_batch,
+    clip_loss,
+    normalize_pixels,
+    patch_areas,
+    patch_box_targets,
+    patch_weights,
+)
+from seechat.mini.mini_lm import IGNORE, encode_row, lm_batch, reading_row, text_row
+from seechat.mini.scenes import fingerprint
+from seechat.mini.tokenizer import build_char_tokenizer
 from seechat.mini.world import WorldConfig, build_world
 from seechat.model import build
 
 WORLD = WorldConfig(n_train=64, n_val=16, n_test=16)
 CLIP = ClipRecipe(vision_hidden=32, vision_layers=2, text_hidden=32, text_layers=1, projection_dim=32,
                   steps=12, batch_size=16, lr=3e-3, warmup_steps=2, log_every=1)
-LM = LMRecipe(hidden=32, layers=1, intermediate=64, seq_len=64, steps=12, batch_size=8, warmup_steps=2, log_every=1)
+LM = LMRecipe(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64, steps=12, batch_size=8, warmup_steps=2,
+              log_every=1)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +61,7 @@ def world(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def trained(world: Path, tmp_path_factory) -> dict[str, Path]:
-    paths = train_experts(world, tmp_path_factory.mktemp("experts"), CLIP, LM, threads=1)
+    paths = train_experts(tmp_path_factory.mktemp("experts"), CLIP, LM, threads=1)
     return {"clip": paths.clip, "lm": paths.lm, "tok": paths.lm_tokenizer}
 
 
@@ -63,7 +81,7 @@ def test_clip_trains_and_writes_its_records(trained):
     assert _loss_drops(_losses(d)), _losses(d)
     assert (d / "loss.png").stat().st_size > 0
     done = json.loads((d / "done.json").read_text())
-    assert done["recipe"]["steps"] == CLIP.steps and done["world_config"]["n_train"] == WORLD.n_train
+    assert done["recipe"]["steps"] == CLIP.steps and done["world_fingerprint"] == text_fingerprint()
     assert not list(d.parent.glob(".clip.tmp-*"))  # built aside, renamed into place
 
 
@@ -92,7 +110,7 @@ def test_clip_is_the_relevance_scorer(trained, world):
 def test_evaluate_clip_reports_retrieval_and_region_attributes(trained, world):
     result = evaluate_clip(trained["clip"], world, threads=1)
     for key in ("i2t_top1", "t2i_top1", "i2t_top1_detailed", "t2i_top1_detailed",
-                "region_shape", "region_colour", "region_size"):
+                "region_shape", "region_colour", "region_size", "box_probe_acc@0.5"):
         assert 0.0 <= result[key] <= 1.0, key
     assert result["n_images"] == WORLD.n_val
 
@@ -116,6 +134,7 @@ def test_evaluate_lm_reports_perplexities(trained, world):
     vocab = len(AutoTokenizer.from_pretrained(trained["tok"]))
     assert 1.0 < result["val_ppl"] < vocab and 1.0 < result["qa_answer_ppl"]  # trained: better than uniform
     assert 0.0 <= result["qa_exact"] <= 1.0 and result["n_qa"] > 0
+    assert set(result["qa_exact_by_type"]) == {*text.QUESTION_TYPES, "grounding"}
 
 
 # --------------------------------------------------------------------------- stitched
@@ -139,20 +158,20 @@ def test_experts_plug_into_the_stitched_model(trained, world, bridge):
 
 
 def test_done_output_is_reused_and_force_or_a_new_recipe_retrains(trained, world, tmp_path):
-    d = train_mini_lm(world, tmp_path / "lm", LM, threads=1)
+    d = train_mini_lm(tmp_path / "lm", LM, threads=1)
     stamp = (d / "model.safetensors").stat().st_mtime_ns
-    assert train_mini_lm(world, d, LM, threads=1) == d
+    assert train_mini_lm(d, LM, threads=1) == d
     assert (d / "model.safetensors").stat().st_mtime_ns == stamp  # skipped
-    train_mini_lm(world, d, LM, force=True, threads=1)
+    train_mini_lm(d, LM, force=True, threads=1)
     assert (d / "model.safetensors").stat().st_mtime_ns != stamp
     stamp = (d / "model.safetensors").stat().st_mtime_ns
-    train_mini_lm(world, d, LMRecipe(**{**LM.__dict__, "seed": 1}), threads=1)
+    train_mini_lm(d, LMRecipe(**{**LM.__dict__, "seed": 1}), threads=1)
     assert (d / "model.safetensors").stat().st_mtime_ns != stamp
     assert json.loads((d / "done.json").read_text())["recipe"]["seed"] == 1
 
 
 def test_same_seed_gives_the_same_clip(trained, world, tmp_path):
-    again = train_mini_clip(world, tmp_path / "clip", CLIP, threads=1)
+    again = train_mini_clip(tmp_path / "clip", CLIP, threads=1, workers=2)  # batches do not depend on workers
     assert _losses(again) == pytest.approx(_losses(trained["clip"]), rel=1e-5)
     a, b = ChineseCLIPModel.from_pretrained(again), ChineseCLIPModel.from_pretrained(trained["clip"])
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
@@ -188,3 +207,69 @@ def test_lr_warms_up_then_decays_to_the_floor():
     f = [lr_factor(s, 10, 100, 0.1) for s in range(101)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(f[10:], f[11:], strict=False)) and f[100] == pytest.approx(0.1)
+
+
+def test_patch_box_targets_name_the_object_covering_most_of_each_patch():
+    scene = fresh_scenes(random.Random(3), 1)[0]
+    boxes, has = patch_box_targets(scene, 8)
+    for o in scene.objects:
+        p = int(patch_areas(o.bbox, 64, 8).argmax())
+        assert bool(has[p]) and boxes[p].tolist() == pytest.approx([v / 64 for v in o.bbox])
+    assert int(has.sum()) < 64  # background patches carry no box
+
+
+# --------------------------------------------------------------------------- fresh data
+
+
+def test_fresh_batches_are_a_function_of_the_step_and_never_repeat_or_touch_held_out_scenes():
+    a = list(step_batches(lambda step: clip_batch(CLIP, step), 3))
+    b = [clip_batch(CLIP, step) for step in range(3)]
+    assert all(torch.equal(x[0], y[0]) and x[1].texts == y[1].texts for x, y in zip(a, b, strict=True))
+    scenes = [s for step in range(20) for s in fresh_scenes(random.Random(step), 64)]
+    assert not {fingerprint(s) for s in scenes} & held_out_meanings()
+
+
+def test_lm_rows_encode_as_the_tokenizer_does_and_supervise_only_replies():
+    tokenizer = build_char_tokenizer(extra_chars=text.charset())
+    rng = random.Random(0)
+    for scene in fresh_scenes(rng, 30):
+        chat, plain = reading_row(scene, rng, 0.5, 3), text_row(scene, rng)
+        rendered = tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in chat], tokenize=False)
+        ids, labels = encode_row(chat, tokenizer)
+        assert ids == tokenizer.encode(rendered, add_special_tokens=False) and tokenizer.unk_token_id not in ids
+        replies = "".join(c + "<|im_end|>" for r, c in chat if r == "assistant")
+        assert tokenizer.decode([t for t in labels if t != IGNORE]) == replies
+        if isinstance(plain, str):  # text rows (not small talk): every token supervised
+            ids, labels = encode_row(plain, tokenizer)
+            assert ids == labels and ids[-1] == tokenizer.eos_token_id
+    ids, labels = lm_batch(LM, tokenizer, 0)
+    assert ids.shape == labels.shape and ids.shape[0] == LM.batch_size
+
+
+def test_the_world_writes_only_characters_of_the_charset(world):
+    charset = set(text.charset())
+    assert {c for t in world_texts(world) for c in t} <= charset
+
+
+# --------------------------------------------------------------------------- the shipped experts
+
+
+def test_shipped_experts_were_made_by_todays_recipes_and_world_generators():
+    """Fails when a recipe default or what the world draws and writes changes while the shipped
+    weights still record the old ones: retrain them with `seechat mini experts` and replace them."""
+    for name, recipe in (("clip", ClipRecipe()), ("lm", LMRecipe())):
+        done = json.loads((SHIPPED / name / "done.json").read_text())
+        assert done["recipe"] == json.loads(json.dumps(dataclasses.asdict(recipe))), name
+        assert done["world_fingerprint"] == text_fingerprint(), name
+    size = sum(p.stat().st_size for p in SHIPPED.rglob("*") if p.is_file())
+    assert size <= 25 * 2**20  # the issue's budget for both experts
+
+
+def test_shipped_experts_load_and_read_the_world(world):
+    paths = shipped_experts()
+    assert type(AutoModel.from_pretrained(paths.clip)).__name__ == "ChineseCLIPModel"
+    tokenizer = AutoTokenizer.from_pretrained(paths.lm_tokenizer)
+    assert set(text.charset()) <= set(tokenizer.get_vocab())
+    assert set(text.charset()) - {" ", "\n", "\t"} <= set(AutoTokenizer.from_pretrained(paths.clip).get_vocab())
+    for name in ("clip", "lm"):
+        assert json.loads((SHIPPED / name / "eval.json").read_text())  # their held-out scores ship with them

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
+from seechat.config import BridgeConfig
 from seechat.data.collate import collate
 from seechat.infer.generate import SamplingParams, generate_without_cache
 from seechat.model import BRIDGES, build
+from seechat.model.bridges import build_bridge, merge_patches, merged_grid
 from seechat.model.tiny import LM_ARCHS, VISION_ARCHS
 from tests.helpers import CONVERSATION, model_config
 
@@ -109,3 +113,22 @@ def test_loss_only_forward_equals_full_logits_loss(experts, images, lm):
     assert n_kept == n_full
     for a, b in zip(g_full, g_kept, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_patch_merge_concatenates_each_block_of_neighbours_and_quarters_the_tokens(experts, images):
+    """bridge.merge=2: a 4x4 patch grid becomes 2x2 tokens, token k built from exactly its block."""
+    x = torch.arange(16.0).view(1, 16, 1)
+    assert merge_patches(x, 2).squeeze(0).tolist() == [[0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 12, 13], [10, 11, 14, 15]]
+    cfg = model_config(experts, bridge="mlp2x_gelu")
+    model, proc = build(replace(cfg, bridge=replace(cfg.bridge, merge=2)))
+    assert model.num_image_tokens == 4 and proc.num_image_tokens == 4
+    enc = proc.encode_prompt([{"role": "user", "content": "<image>\n图里有什么？"}], images[:1])
+    assert int((enc.input_ids == model.image_token_id).sum()) == 4
+    model(enc.input_ids[None], pixel_values=enc.pixel_values)  # the counts match in the merge
+
+
+def test_patch_merge_refuses_grids_it_cannot_tile_and_query_bridges():
+    with pytest.raises(ValueError, match="multiple of it"):
+        merged_grid(16, 3)
+    with pytest.raises(ValueError, match="num_queries"):
+        build_bridge(BridgeConfig(type="qformer", merge=2), 8, 8, 16)
