@@ -43,7 +43,7 @@ from PIL import Image
 from seechat.data.processor import SeeChatProcessor
 from seechat.infer.generate import SamplingParams, apply_repetition_penalty, sample_next
 from seechat.infer.images import ImageFeatureCache, key_tag, pixel_key
-from seechat.infer.kv import BatchKV, PrefixCache
+from seechat.infer.kv import BatchKV, Layers, PrefixCache
 from seechat.infer.request import Completion, Request, StopStrings, StreamEvent, ngram_drafts, plain_greedy
 from seechat.infer.runner import ModelRunner, PrefillRow
 from seechat.model.seechat import SeeChatModel
@@ -418,7 +418,7 @@ class Engine:
             raise
         return group
 
-    def _lookup(self, r: Request) -> tuple[int, list | None]:
+    def _lookup(self, r: Request) -> tuple[int, Layers | None]:
         """The longest cached KV prefix of the request's prompt (in its scope), keeping at least one
         token to run (it gives the next-token logits)."""
         if self.prefix_cache.max_bytes <= 0:

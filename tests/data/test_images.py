@@ -58,7 +58,7 @@ def test_every_allowed_format_opens_by_its_bytes_and_nothing_else_does(tmp_path)
         "EPS": b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n", "PDF": b"%PDF-1.4\n%\n",
         "text": b"hello",
     }
-    for name, data in refused.items():
+    for data in refused.values():
         with pytest.raises(ImageError, match="accepted formats"):
             load_image(data)
         (tmp_path / "x.png").write_bytes(data)  # a misleading file name changes nothing

@@ -6,6 +6,7 @@ every bad request gets an OpenAI-shaped 4xx, the server says "ok" only while its
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import socket
@@ -104,21 +105,16 @@ def test_1_a_request_whose_sampling_fails_fails_alone(serve_model, monkeypatch):
     long = {"max_tokens": 300, "ignore_eos": True}
     with make_server(serve_model, EngineConfig(speculative_tokens=0)) as server:
         want = chat(server, **long).json()["choices"][0]["message"]["content"]
-        with httpx.Client(timeout=60) as http:
-            streams = [http.stream("POST", f"{server.url}/v1/chat/completions",
-                                   json={"model": MODEL_NAME, "messages": HELLO, "stream": True, **long})
-                       for _ in range(4)]
-            bodies = []
-            for s in streams:  # all four are running in the batch before the bad one arrives
-                r = s.__enter__()
-                lines = r.iter_lines()
-                bodies.append((s, r, lines, [next(lines)]))
+        with httpx.Client(timeout=60) as http, contextlib.ExitStack() as stack:
+            streams = [stack.enter_context(http.stream(
+                "POST", f"{server.url}/v1/chat/completions",
+                json={"model": MODEL_NAME, "messages": HELLO, "stream": True, **long})) for _ in range(4)]
+            lines = [r.iter_lines() for r in streams]
+            got = [[next(it)] for it in lines]  # all four are running before the bad request arrives
             bad = chat(server, max_tokens=50, temperature=0.7)
             texts = []
-            for s, r, lines, got in bodies:
-                got += list(lines)
-                s.__exit__(None, None, None)
-                chunks = [json.loads(x[6:]) for x in got if x.startswith("data: {")]
+            for it, seen in zip(lines, got, strict=True):
+                chunks = [json.loads(x[6:]) for x in [*seen, *it] if x.startswith("data: {")]
                 texts.append("".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c.get("choices")))
         assert texts == [want] * 4
         err = assert_openai_error(bad, 500, "generation_failed")
