@@ -43,7 +43,7 @@ from PIL import Image
 from seechat.data.processor import SeeChatProcessor
 from seechat.infer.generate import SamplingParams, apply_repetition_penalty, sample_next
 from seechat.infer.images import ImageFeatureCache, key_tag, pixel_key
-from seechat.infer.kv import BatchKV, Layers, PrefixCache
+from seechat.infer.kv import BatchKV, Layers, PrefixCache, kv_peak_tokens
 from seechat.infer.request import Completion, Request, StopStrings, StreamEvent, ngram_drafts, plain_greedy
 from seechat.infer.runner import ModelRunner, PrefillRow
 from seechat.model.seechat import SeeChatModel
@@ -77,15 +77,6 @@ class QueueFullError(RuntimeError):
 
 class EngineClosedError(RuntimeError):
     """The engine is shut down or shutting down, or its scheduler thread has stopped."""
-
-
-def kv_peak_tokens(width: int, remaining: Sequence[int]) -> int:
-    """An upper bound on the running batch's KV size (rows x columns) from now until every row has
-    finished: rows are aligned on the right, so each decode step adds one column to every row, and
-    a row with r tokens left stays at most r more steps. `width`: columns now; `remaining`: tokens
-    each row may still generate. With r sorted descending, k rows are left after r_k more steps."""
-    rs = sorted(remaining, reverse=True)
-    return max(((k + 1) * (width + r) for k, r in enumerate(rs)), default=0)
 
 
 class RequestHandle:

@@ -21,6 +21,7 @@ Neither knows the model; they hold tensors of shape (B, H_kv, T, D_head) per lay
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 
 import torch
 
@@ -151,6 +152,15 @@ class BatchKV:
             (k[i : i + 1, :, cols].clone(), v[i : i + 1, :, cols].clone())
             for k, v in zip(self.keys, self.values, strict=True)
         ]
+
+
+def kv_peak_tokens(width: int, remaining: Sequence[int]) -> int:
+    """An upper bound on the running batch's KV size (rows x columns) from now until every row has
+    finished: rows are aligned on the right, so each decode step adds one column to every row, and
+    a row with r tokens left stays at most r more steps. `width`: columns now; `remaining`: tokens
+    each row may still generate. With r sorted descending, k rows are left after r_k more steps."""
+    rs = sorted(remaining, reverse=True)
+    return max(((k + 1) * (width + r) for k, r in enumerate(rs)), default=0)
 
 
 class PrefixCache:

@@ -8,8 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from seechat.infer.engine import kv_peak_tokens
 from seechat.infer.generate import SamplingParams, sample_next
+from seechat.infer.kv import kv_peak_tokens
 from seechat.infer.request import StopStrings
 
 
