@@ -386,6 +386,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-images", type=int, default=lim.max_images, help="images per request")
     parser.add_argument("--max-image-pixels", type=int, default=lim.max_image_pixels,
                         help="refuse images with more pixels than this (decompression bombs)")
+    parser.add_argument("--max-image-aspect", type=float, default=lim.max_image_aspect,
+                        help="refuse images whose long side is more than this many times the short side")
     parser.add_argument("--image-decoders", type=int, default=2,
                         help="images decoded at once across all requests (each holds one full-size image)")
     parser.add_argument("--max-stop-chars", type=int, default=lim.max_stop_chars, help="total length of a request's stop strings")
@@ -425,7 +427,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         max_images_per_request=args.max_images, prefix_cache_mb=args.prefix_cache_mb,
         request_timeout_s=args.request_timeout, fast_decode="off" if args.no_fast_decode else "auto",
     ))
-    limits = Limits(max_image_pixels=args.max_image_pixels, max_images=args.max_images,
+    limits = Limits(max_image_pixels=args.max_image_pixels, max_image_aspect=args.max_image_aspect, max_images=args.max_images,
                     max_tokens=engine.max_model_len, default_max_tokens=args.max_tokens,
                     default_temperature=args.temperature, max_stop_chars=args.max_stop_chars)
     app = create_app(engine, processor, name, keys, limits, max_body_bytes=args.max_body_mb << 20,

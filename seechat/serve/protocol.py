@@ -60,6 +60,7 @@ class APIError(Exception):
 @dataclass(frozen=True)
 class Limits:
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    max_image_aspect: float = 50.0  # long side / short side: a vision processor scales the short side up
     max_images: int = 8
     max_tokens: int = 4096  # the most a request may ask for
     default_max_tokens: int = 512
@@ -154,9 +155,14 @@ def decode_image_url(url: Any, limits: Limits, param: str) -> bytes:
     except (binascii.Error, ValueError):
         raise _bad("the image data is not valid base64", param, "invalid_image") from None
     try:
-        probe_image(data, limits.max_image_pixels)
+        w, h = probe_image(data, limits.max_image_pixels).size
     except ImageError as e:
         raise _bad(str(e), param, "invalid_image") from None
+    if max(w, h) > limits.max_image_aspect * min(w, h):
+        # the vision processor resizes the short side to its input size: a 2 x 200,000 image would
+        # become 336 x 33,600,000 pixels (34 GB) before the crop
+        raise _bad(f"the image is {w}x{h}: its sides differ by more than {limits.max_image_aspect:g} times "
+                   "(crop or pad it first)", param, "invalid_image")
     return data
 
 

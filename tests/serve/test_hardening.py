@@ -162,6 +162,18 @@ def test_2_waiting_requests_hold_pixel_values_within_a_byte_budget(serve_model, 
         assert [r.status_code for r in results] == [200, 200, 200]
 
 
+def test_2_extreme_aspect_ratios_are_refused_before_the_processor_blows_them_up(live):
+    """A 2 x 20,000 image has few pixels, but the vision processor scales its short side up to the
+    input size first: 32 x 320,000 here, 336 x 3,360,000 (3.4 GB) for a real CLIP."""
+    for size in ((2, 20_000), (20_000, 2), (60, 1)):
+        part = image_part(png_bytes(Image.new("RGB", size)))
+        err = assert_openai_error(chat(live, [{"role": "user", "content": [part, {"type": "text", "text": "x"}]}]),
+                                  400, "invalid_image")
+        assert "more than 50 times" in err["message"]
+    part = image_part(png_bytes(Image.new("RGB", (500, 10))))  # 50:1 is fine
+    assert chat(live, [{"role": "user", "content": [part, {"type": "text", "text": "x"}]}], max_tokens=2).status_code == 200
+
+
 # ---------------------------------------------------------------- 3. format allow-list
 
 
