@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from seechat.infer.generate import SamplingParams, sample_next
@@ -24,7 +24,7 @@ def held_back(text: str, stops) -> int:
     return max([k for s in stops if s for k in range(1, len(s)) if text.endswith(s[:k])], default=0)
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=400, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(stops=st.lists(st.text("abc", max_size=7), max_size=4), pieces=st.lists(st.text("abc", max_size=4), max_size=12))
 def test_stop_strings_match_a_rescan_of_the_whole_text(stops, pieces):
     matcher, text = StopStrings(stops), ""
