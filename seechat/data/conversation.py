@@ -20,14 +20,22 @@ between the two (its end-of-turn token included, trailing whitespace not). A tem
 the first is not a prefix of the second cannot be supervised turn by turn; it gets a clear error
 instead of silently wrong labels.
 
+Prompts for generation are tokenized with `tokenize_prompt`: control tokens (the tokenizer's
+special tokens and the added tokens its template writes, such as `<|im_end|>`) that appear inside
+a message's text are encoded as the plain text they are, so typed text can never forge a turn
+boundary; only the template itself produces control tokens.
+
 This module does strings and token ids; it knows nothing about images or tensors.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from typing import Any
+
+from transformers.utils.chat_template_utils import encode_marked_chat, mark_control_tokens
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
@@ -158,3 +166,30 @@ def tokenize_with_labels(
         if any(s <= start < e for s, e in spans):
             labels[k] = ids[k]
     return ids, labels
+
+
+def control_tokens(tokenizer: Any, keep: Sequence[str] = ()) -> tuple[str, ...]:
+    """Strings that message text must never turn into token ids: every special token, plus every
+    added token the chat template writes (whitespace ones aside), minus `keep` (the image marker,
+    which the processor itself places and expands)."""
+    template = getattr(tokenizer, "chat_template", None) or ""
+    return tuple(
+        t.content for t in tokenizer.added_tokens_decoder.values()
+        if (t.special or (t.content in template and not t.content.isspace())) and t.content not in keep
+    )
+
+
+def tokenize_prompt(
+    tokenizer: Any, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True, keep: Sequence[str] = ()
+) -> list[int]:
+    """Token ids of the rendered conversation in which no message text produces a control token.
+
+    Control tokens found in message text are wrapped in private markers before rendering and
+    encoded as plain text afterwards (transformers' `sanitize_control_tokens` machinery, with the
+    image marker `keep`-t as a token); a conversation without any gives exactly the ids of
+    tokenizing the rendered text. Raises ValueError when the tokenizer would produce a control
+    token from its plain text (it cannot be sanitised)."""
+    tokens = sorted(control_tokens(tokenizer, keep), key=len, reverse=True)
+    pattern = re.compile("|".join(map(re.escape, tokens)) or "(?!)")
+    marked = [{**m, "content": mark_control_tokens(m["content"], pattern)} for m in messages]
+    return encode_marked_chat(tokenizer, render(tokenizer, marked, add_generation_prompt=add_generation_prompt))

@@ -30,6 +30,7 @@ from seechat.data.conversation import (
     render,
     render_with_spans,
     text_messages,
+    tokenize_prompt,
     tokenize_with_labels,
 )
 
@@ -141,11 +142,12 @@ class SeeChatProcessor:
 
     def prompt_ids(self, messages: Sequence[dict[str, Any]], n_images: int) -> torch.Tensor:
         """Token ids of the conversation so far plus the generation prompt, image markers
-        expanded; no pixels are touched (a serving engine encodes only images it has not seen). (T,)"""
+        expanded; no pixels are touched (a serving engine encodes only images it has not seen).
+        Control tokens typed in message text (`<|im_end|>` ...) are encoded as plain text: only
+        the chat template and the image markers produce special ids (`tokenize_prompt`). (T,)"""
         messages = text_messages(messages, self.image_token)
         self._check_markers(messages, n_images)
-        text = render(self.tokenizer, messages, add_generation_prompt=True)
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = tokenize_prompt(self.tokenizer, messages, add_generation_prompt=True, keep=(self.image_token,))
         ids, _ = self._expand(ids, [IGNORE_INDEX] * len(ids))
         return torch.tensor(ids, dtype=torch.long)
 

@@ -30,7 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageOps
+from PIL import Image
+
+from seechat.data.images import load_image
 
 logger = logging.getLogger(__name__)
 
@@ -299,17 +301,6 @@ def resized_size(width: int, height: int, *, resize: int | None, max_side: int |
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """RGB with transparency composited on white (web PNGs/GIFs often carry alpha)."""
-    image = ImageOps.exif_transpose(image)
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGB", rgba.size, (255, 255, 255))
-        background.paste(rgba, mask=rgba.getchannel("A"))
-        return background
-    return image.convert("RGB")
-
-
 def encode_image(
     source: str | Path | bytes | Image.Image,
     *,
@@ -317,18 +308,13 @@ def encode_image(
     max_side: int | None = None,
     quality: int = 90,
 ) -> bytes:
-    """Decode ``source`` fully, convert to RGB, optionally shrink, and return JPEG bytes.
+    """Open ``source`` with :func:`seechat.data.images.load_image` (accepted formats only, EXIF
+    orientation, transparency on white, RGB; Pillow's own size limit), optionally shrink, and
+    return JPEG bytes.
 
-    Raises ``OSError`` / ``ValueError`` (from PIL) for unreadable images.
+    Raises :class:`~seechat.data.images.ImageError` (a ``ValueError``) for unreadable images.
     """
-    if isinstance(source, Image.Image):
-        image = source
-    elif isinstance(source, bytes):
-        image = Image.open(io.BytesIO(source))
-    else:
-        image = Image.open(source)
-    image.load()  # force a full decode so truncated files fail here, not in training
-    image = _to_rgb(image)
+    image = load_image(source, max_pixels=None)
     size = resized_size(*image.size, resize=resize, max_side=max_side)
     if size != image.size:
         image = image.resize(size, Image.Resampling.BICUBIC)

@@ -27,8 +27,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from seechat.data.images import ImageError
 from seechat.infer.chat_cli import add_sampling_arguments, load_image_file, sampling_from_args
-from seechat.infer.images import ImageError
 
 DEFAULT_PROMPT = "请用一句话描述这张图片。"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")

@@ -22,8 +22,8 @@ from typing import TextIO
 
 from PIL import Image
 
+from seechat.data.images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, load_image
 from seechat.infer.generate import SamplingParams
-from seechat.infer.images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, open_image_bytes
 
 HELP = """commands:
   /image PATH [PATH ...]   attach image(s) to your next question
@@ -33,12 +33,13 @@ HELP = """commands:
 
 
 def load_image_file(path: str | Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
-    """An RGB image from a file, with the same size checks as the server."""
+    """An RGB image from a file, prepared exactly as the server and the training readers do
+    (`seechat.data.images.load_image`: accepted formats, size limit, EXIF, alpha on white)."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise ImageError(f"{p}: no such file")
     try:
-        return open_image_bytes(p.read_bytes(), max_pixels)
+        return load_image(p.read_bytes(), max_pixels)
     except ImageError as e:
         raise ImageError(f"{p}: {e}") from None
 

@@ -2,18 +2,23 @@
 
 One scheduler thread owns the model. Each iteration it
 
-1. admits waiting requests (up to `max_batch_size` running, `max_prefill_tokens` per step),
-   encodes the images no earlier request has shown (features cached by pixel content), looks up
-   the longest cached KV prefix of each prompt, prefills only what is new — all admitted requests
-   in one left-padded forward — and joins them to the running batch;
+1. admits waiting requests, first come first served, while three budgets allow: `max_batch_size`
+   running requests, `max_prefill_tokens` new tokens per step, and `max_batch_tokens` of KV
+   memory (see `kv_peak_tokens`: the batch pads every row to the longest, so a request is admitted
+   only if the whole batch, padding included, stays within the budget until every row could have
+   finished); encodes the images no earlier request has shown (features cached by pixel content),
+   prefills what the prefix cache does not already hold — all admitted requests in one
+   left-padded forward — and joins them to the running batch;
 2. decodes one token for every running request in one batched forward;
-3. samples each row with its own parameters, streams text deltas to each request's sink, and
-   retires finished rows (their KV goes to the prefix cache, so the next turn of that chat
-   prefills only the new message).
+3. samples each row with its own parameters (a row whose sampling fails finishes with "error"
+   alone), streams text deltas to each request's sink, and retires finished rows (their KV goes
+   to the prefix cache, so the next turn of that chat prefills only the new message).
 
-Requests come in as token ids (image tokens already expanded) plus PIL images and sampling
-parameters; they go out as `StreamEvent`s. The engine knows token ids, images and text pieces, not
-chat roles or HTTP: `seechat.infer.session` renders conversations, `seechat.serve` speaks OpenAI.
+Requests come in as token ids (image tokens already expanded) plus images and sampling
+parameters; they go out as `StreamEvent`s. Images are preprocessed to pixel values on the
+submitting thread (never on the scheduler thread), and the waiting queue is bounded in bytes as
+well as in requests. The engine knows token ids, images and text pieces, not chat roles or HTTP:
+`seechat.infer.session` renders conversations, `seechat.serve` speaks OpenAI.
 Submitting is thread-safe; `stream` (sync) and `astream` (asyncio) wrap `submit`.
 
 Greedy outputs do not depend on what else is in the batch: rows are independent (attention masks
@@ -37,17 +42,9 @@ from PIL import Image
 
 from seechat.data.processor import SeeChatProcessor
 from seechat.infer.generate import SamplingParams, apply_repetition_penalty, sample_next
-from seechat.infer.images import ImageFeatureCache, image_key, key_tag
-from seechat.infer.kv import BatchKV, PrefixCache
-from seechat.infer.request import (
-    Completion,
-    Request,
-    StreamEvent,
-    find_stop,
-    held_back,
-    ngram_drafts,
-    plain_greedy,
-)
+from seechat.infer.images import ImageFeatureCache, key_tag, pixel_key
+from seechat.infer.kv import BatchKV, Layers, PrefixCache, kv_peak_tokens
+from seechat.infer.request import Completion, Request, StopStrings, StreamEvent, ngram_drafts, plain_greedy
 from seechat.infer.runner import ModelRunner, PrefillRow
 from seechat.model.seechat import SeeChatModel
 
@@ -58,7 +55,9 @@ log = logging.getLogger(__name__)
 class EngineConfig:
     max_batch_size: int = 32  # requests decoded together
     max_waiting: int = 256  # admitted but not yet running; beyond this, submit raises QueueFullError
+    max_waiting_bytes: int = 256 << 20  # bytes the waiting requests may hold (pixels, ids); beyond: QueueFullError
     max_prefill_tokens: int = 4096  # new tokens prefilled per step (at least one request always)
+    max_batch_tokens: int = 65536  # KV tokens of the running batch, padding included (raised to max_model_len)
     max_model_len: int = 0  # prompt + reply tokens; 0 = the language model's own limit
     max_images_per_request: int = 16
     image_cache_entries: int = 256
@@ -77,7 +76,7 @@ class QueueFullError(RuntimeError):
 
 
 class EngineClosedError(RuntimeError):
-    """The engine is shut down or shutting down."""
+    """The engine is shut down or shutting down, or its scheduler thread has stopped."""
 
 
 class RequestHandle:
@@ -125,16 +124,19 @@ class Engine:
         self.config = config
         self.runner = ModelRunner(model, processor.tokenizer.pad_token_id, config.fast_decode)
         self.max_model_len = config.max_model_len or self.runner.max_positions()
+        self.max_batch_tokens = max(config.max_batch_tokens, self.max_model_len)  # one full request always fits
         self.stop_token_ids = list(processor.stop_token_ids)
         self.image_token_id = model.image_token_id
         self.image_cache = ImageFeatureCache(config.image_cache_entries)
         self.prefix_cache = PrefixCache(config.prefix_cache_mb << 20)
         self.counters = dict.fromkeys(
             ("requests", "prefill_steps", "prefill_tokens", "cached_tokens", "decode_steps", "decode_tokens",
-             "images_encoded", "max_running", "aborted", "draft_tokens", "accepted_drafts"), 0,
+             "images_encoded", "max_running", "aborted", "failed", "draft_tokens", "accepted_drafts",
+             "peak_kv_tokens"), 0,
         )
         self._cond = threading.Condition()
         self._waiting: deque[Request] = deque()
+        self._waiting_bytes = 0
         self._running: list[Request] = []
         self._kv: BatchKV | None = None
         self._ids = itertools.count()
@@ -148,6 +150,12 @@ class Engine:
             self._thread = threading.Thread(target=self._loop, name="seechat-engine", daemon=True)
             self._thread.start()
         return self
+
+    @property
+    def alive(self) -> bool:
+        """True while the scheduler thread runs and the engine is not shutting down: requests
+        submitted now will be served."""
+        return self._thread is not None and self._thread.is_alive() and not self._closing
 
     def close(self) -> None:
         """Finish waiting and running requests with "abort" and stop the scheduler thread."""
@@ -165,9 +173,11 @@ class Engine:
 
     def stats(self) -> dict[str, int]:
         with self._cond:
-            running, waiting = len(self._running), len(self._waiting)
+            running, waiting, waiting_bytes = len(self._running), len(self._waiting), self._waiting_bytes
+            kv = self._kv
         return {
-            **self.counters, "running": running, "waiting": waiting,
+            **self.counters, "running": running, "waiting": waiting, "waiting_bytes": waiting_bytes,
+            "kv_tokens": 0 if kv is None else kv.batch_size * kv.length, "max_batch_tokens": self.max_batch_tokens,
             "image_cache_hits": self.image_cache.hits, "image_cache_entries": len(self.image_cache),
             "prefix_cache_entries": len(self.prefix_cache), "prefix_cache_bytes": self.prefix_cache.bytes,
         }
@@ -177,37 +187,48 @@ class Engine:
     def submit(
         self,
         input_ids: torch.Tensor | Sequence[int],
-        images: Sequence[Image.Image] = (),
+        images: Sequence[Image.Image] | torch.Tensor = (),
         params: SamplingParams = SamplingParams(),
         stop: Sequence[str] = (),
         sink: Callable[[StreamEvent], None] | None = None,
         cache_prefix: bool = True,
         ignore_eos: bool = False,
+        cache_scope: str = "",
     ) -> RequestHandle:
         """Queue a request; `sink` receives its events on the engine thread (keep it quick).
+        `images`: PIL images (preprocessed here, on the caller's thread) or their pixel values
+        (n, 3, H, W) from `processor.preprocess_images`.
         `cache_prefix`: keep its KV for later requests that share the prefix (chat turns).
-        `ignore_eos`: generate exactly max_new_tokens (benchmarks); stop strings still apply."""
+        `ignore_eos`: generate exactly max_new_tokens (benchmarks); stop strings still apply.
+        `cache_scope`: prefix KV and image features are shared only between requests of one scope
+        (the server passes one per API key)."""
         ids = torch.as_tensor(input_ids, dtype=torch.long).flatten().cpu()
         n_tok = self.model.num_image_tokens
         if ids.numel() == 0:
             raise RequestError("the prompt is empty")
-        if len(images) > self.config.max_images_per_request:
+        n_img = images.shape[0] if isinstance(images, torch.Tensor) else len(images)
+        if n_img > self.config.max_images_per_request:
             raise RequestError(
-                f"{len(images)} images in one request; this server accepts at most "
+                f"{n_img} images in one request; this server accepts at most "
                 f"{self.config.max_images_per_request}"
             )
         is_image = ids == self.image_token_id
-        if int(is_image.sum()) != len(images) * n_tok:
+        if int(is_image.sum()) != n_img * n_tok:
             raise RequestError(
-                f"the prompt has {int(is_image.sum())} image tokens but {len(images)} image(s) x {n_tok} tokens "
+                f"the prompt has {int(is_image.sum())} image tokens but {n_img} image(s) x {n_tok} tokens "
                 "were expected; expand each <image> marker with the processor"
             )
         if ids.numel() >= self.max_model_len:
             raise RequestError(
-                f"the prompt is {ids.numel()} tokens ({len(images)} image(s) x {n_tok} tokens included); the "
+                f"the prompt is {ids.numel()} tokens ({n_img} image(s) x {n_tok} tokens included); the "
                 f"model's context is {self.max_model_len} tokens, which leaves no room for a reply"
             )
-        keys = [image_key(im) for im in images]
+        try:
+            generator = None if params.seed is None else torch.Generator().manual_seed(params.seed)
+        except (ValueError, RuntimeError, OverflowError, TypeError):
+            raise RequestError(f"seed {params.seed} is out of range: use an integer in [-2**63, 2**64)") from None
+        pixels = self._pixels(images)
+        keys = [] if pixels is None else [pixel_key(p, cache_scope) for p in pixels]
         content = ids.clone()
         if keys:
             tags = torch.tensor([key_tag(k) for k in keys], dtype=torch.long).repeat_interleave(n_tok)
@@ -216,39 +237,58 @@ class Engine:
         req = Request(
             id=f"req-{next(self._ids)}",
             input_ids=ids,
-            images=list(images),
+            pixel_values=pixels,
             image_keys=keys,
             content_key=content,
             params=params,
-            stop=tuple(s for s in stop if s),
+            stops=StopStrings(stop),
             stop_ids=frozenset() if ignore_eos else frozenset(self.stop_token_ids),
             max_new=max(0, min(params.max_new_tokens, self.max_model_len - ids.numel())),
             sink=sink or (lambda ev: None),
             deadline=now + self.config.request_timeout_s,
             cache_prefix=cache_prefix,
-            generator=None if params.seed is None else torch.Generator().manual_seed(params.seed),
+            cache_scope=cache_scope,
+            generator=generator,
+            nbytes=(0 if pixels is None else pixels.numel() * pixels.element_size()) + ids.numel() * 8 * 3,
             history="".join(map(chr, ids.tolist())),
         )
         with self._cond:
             if self._closing:
                 raise EngineClosedError("the engine is shutting down")
+            if self._thread is not None and not self._thread.is_alive():
+                raise EngineClosedError("the engine's scheduler thread has stopped; restart the server")
             if len(self._waiting) >= self.config.max_waiting:
                 raise QueueFullError(
                     f"{len(self._waiting)} requests are already waiting (max_waiting={self.config.max_waiting}); "
                     "retry later"
                 )
+            if self._waiting and self._waiting_bytes + req.nbytes > self.config.max_waiting_bytes:
+                raise QueueFullError(
+                    f"the waiting requests already hold {self._waiting_bytes:,} bytes and this one {req.nbytes:,} "
+                    f"(max_waiting_bytes={self.config.max_waiting_bytes:,}); retry later"
+                )
             self._waiting.append(req)
+            self._waiting_bytes += req.nbytes
             self.counters["requests"] += 1
             if self._thread is None:
                 self.start()
             self._cond.notify_all()
         return RequestHandle(self, req)
 
-    def stream(self, input_ids, images=(), params=SamplingParams(), stop=(), cache_prefix=True, ignore_eos=False) -> Iterator[StreamEvent]:
+    def _pixels(self, images: Sequence[Image.Image] | torch.Tensor) -> torch.Tensor | None:
+        """Pixel values (n, 3, H, W), computed on the caller's thread; None for no images."""
+        if isinstance(images, torch.Tensor):
+            if images.dim() != 4:
+                raise RequestError(f"pixel values must be (n, 3, H, W), got shape {tuple(images.shape)}")
+            return images.cpu() if images.shape[0] else None
+        return self.processor.preprocess_images(list(images)) if len(images) else None
+
+    def stream(self, input_ids, images=(), params=SamplingParams(), stop=(), cache_prefix=True, ignore_eos=False,
+               cache_scope: str = "") -> Iterator[StreamEvent]:
         """Submit now (errors raise here) and return the request's events as they come (blocking).
         Closing the iterator early cancels the request."""
         q: queue.Queue[StreamEvent] = queue.Queue()
-        handle = self.submit(input_ids, images, params, stop, q.put, cache_prefix, ignore_eos)
+        handle = self.submit(input_ids, images, params, stop, q.put, cache_prefix, ignore_eos, cache_scope)
 
         def events() -> Iterator[StreamEvent]:
             finished = False
@@ -265,7 +305,7 @@ class Engine:
 
     def astream(
         self, input_ids, images=(), params=SamplingParams(), stop=(), cache_prefix=True,
-        loop: asyncio.AbstractEventLoop | None = None, ignore_eos: bool = False,
+        loop: asyncio.AbstractEventLoop | None = None, ignore_eos: bool = False, cache_scope: str = "",
     ) -> AsyncEvents:
         """Submit now (errors such as QueueFullError raise here) and return an async iterator of the
         request's events, delivered through `loop` (default: the running loop). Call its `cancel()`
@@ -273,7 +313,8 @@ class Engine:
         loop = loop or asyncio.get_running_loop()
         q: asyncio.Queue[StreamEvent] = asyncio.Queue()
         handle = self.submit(
-            input_ids, images, params, stop, lambda ev: loop.call_soon_threadsafe(q.put_nowait, ev), cache_prefix, ignore_eos
+            input_ids, images, params, stop, lambda ev: loop.call_soon_threadsafe(q.put_nowait, ev), cache_prefix,
+            ignore_eos, cache_scope,
         )
         return AsyncEvents(handle, q)
 
@@ -296,44 +337,88 @@ class Engine:
 
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
-        while True:
+        group: list[Request] = []
+        reason, error = "abort", "the engine shut down"
+        try:
+            while True:
+                group = []
+                try:
+                    with self._cond:
+                        while not self._closing and not self._waiting and not self._running:
+                            self._cond.wait()
+                        if self._closing:
+                            break
+                        group = self._admit()
+                    with torch.inference_mode():
+                        self._step(group)
+                except Exception as e:  # never let one bad batch take the server down
+                    log.exception("engine step failed")
+                    for r in group + self._running:
+                        self._finish(r, "error", error=f"{type(e).__name__}: {e}")
+                    self._running, self._kv = [], None
+        except BaseException as e:  # the thread is dying: nobody may wait for it forever
+            reason, error = "error", f"the engine stopped ({type(e).__name__}: {e})"
+            raise
+        finally:
             with self._cond:
-                while not self._closing and not self._waiting and not self._running:
-                    self._cond.wait()
-                if self._closing:
-                    doomed = list(self._waiting) + self._running
-                    self._waiting.clear()
-                    break
-                group = self._admit()
-            try:
-                with torch.inference_mode():
-                    self._step(group)
-            except Exception as e:  # never let one bad batch take the server down
-                log.exception("engine step failed")
-                for r in group + self._running:
-                    self._finish(r, "error", error=f"{type(e).__name__}: {e}")
-                self._running, self._kv = [], None
-        for r in doomed:
-            self._finish(r, "abort", error="the engine shut down")
-        self._running, self._kv = [], None
+                doomed = group + list(self._waiting) + self._running
+                self._waiting.clear()
+                self._waiting_bytes = 0
+            for r in doomed:
+                self._finish(r, reason, error=error)
+            self._running, self._kv = [], None
+
+    def _pop_waiting(self) -> Request:
+        r = self._waiting.popleft()
+        self._waiting_bytes -= r.nbytes
+        return r
 
     def _admit(self) -> list[Request]:
-        """Under the lock: waiting requests that join this step (cancelled or late ones finish)."""
+        """Under the lock: waiting requests that join this step, first come first served, while the
+        batch size, prefill and KV budgets allow (cancelled or late ones finish). The prefix cache
+        is consulted here (only this thread touches it), so the KV budget sees the real layout."""
         group: list[Request] = []
         budget = self.config.max_prefill_tokens
         now = time.monotonic()
-        while self._waiting and len(self._running) + len(group) < self.config.max_batch_size:
-            r = self._waiting[0]
-            if r.cancelled or now > r.deadline or r.max_new == 0:
-                self._waiting.popleft()
-                reason = "abort" if r.cancelled else "timeout" if now > r.deadline else "length"
-                self._finish(r, reason)
-                continue
-            if group and r.input_ids.numel() > budget:
-                break
-            budget -= r.input_ids.numel()
-            group.append(self._waiting.popleft())
+        width = 0 if self._kv is None else self._kv.length
+        remaining = [r.max_new - len(r.generated) for r in self._running]
+        pmax = smax = 0  # the group's prefill layout: reused prefixes and new suffixes, each left-padded
+        try:
+            while self._waiting and len(self._running) + len(group) < self.config.max_batch_size:
+                r = self._waiting[0]
+                if r.cancelled or now > r.deadline or r.max_new == 0:
+                    self._pop_waiting()
+                    reason = "abort" if r.cancelled else "timeout" if now > r.deadline else "length"
+                    self._finish(r, reason)
+                    continue
+                n = r.input_ids.numel()
+                if group and n > budget:
+                    break
+                reuse, past = self._lookup(r)
+                p, q = max(pmax, reuse), max(smax, n - reuse)
+                peak = kv_peak_tokens(max(width, p + q), [*remaining, *(g.max_new for g in group), r.max_new])
+                if (group or self._running) and peak > self.max_batch_tokens:
+                    break  # it waits for rows to finish; an empty batch always takes the next request
+                r.reuse, r.past = reuse, past
+                pmax, smax = p, q
+                budget -= n
+                group.append(self._pop_waiting())
+        except Exception as e:  # requests taken off the queue must not be lost
+            for r in group:
+                self._finish(r, "error", error=f"admission failed ({type(e).__name__}: {e})")
+            raise
         return group
+
+    def _lookup(self, r: Request) -> tuple[int, Layers | None]:
+        """The longest cached KV prefix of the request's prompt (in its scope), keeping at least one
+        token to run (it gives the next-token logits)."""
+        if self.prefix_cache.max_bytes <= 0:
+            return 0, None
+        reuse, past = self.prefix_cache.lookup(r.content_key, r.cache_scope)
+        reuse = min(reuse, r.input_ids.numel() - 1)
+        if reuse <= 0:
+            return 0, None
+        return reuse, [(k[:, :, :reuse], v[:, :, :reuse]) for k, v in past]
 
     def _step(self, group: list[Request]) -> None:
         self._retire_stale()
@@ -353,13 +438,13 @@ class Engine:
 
     def _image_features(self, group: list[Request]) -> list[torch.Tensor | None]:
         """Per request: the features of its images, (n_img * N_tok, D), encoding only cache misses."""
-        misses: dict[bytes, Image.Image] = {}
+        misses: dict[bytes, torch.Tensor] = {}
         for r in group:
-            for k, im in zip(r.image_keys, r.images, strict=True):
+            for k, px in zip(r.image_keys, () if r.pixel_values is None else r.pixel_values, strict=True):
                 if k not in misses and self.image_cache.get(k) is None:
-                    misses[k] = im
+                    misses[k] = px
         if misses:
-            pixels = self.processor.preprocess_images(list(misses.values())).to(self.runner.device)
+            pixels = torch.stack(list(misses.values())).to(self.runner.device)
             feats = self.model.encode_images(pixels)  # (n, N_tok, D)
             for k, f in zip(misses, feats, strict=True):
                 self.image_cache.put(k, f)
@@ -371,26 +456,19 @@ class Engine:
         for r in group:
             fs = [fresh[k] if k in fresh else self.image_cache.get(k) for k in r.image_keys]
             out.append(torch.cat(fs) if fs else None)
-            r.images = []  # pixels are no longer needed
+            r.pixel_values = None  # no longer needed
         return out
 
     def _prefill(self, group: list[Request]) -> None:
         feats = self._image_features(group)
         rows = []
         for r, f in zip(group, feats, strict=True):
-            n = r.input_ids.numel()
-            reuse, past = (0, None)
-            if self.prefix_cache.max_bytes > 0:
-                reuse, past = self.prefix_cache.lookup(r.content_key)
-            reuse = min(reuse, n - 1)  # at least one token runs, to give the next-token logits
+            n, reuse = r.input_ids.numel(), r.reuse
             if reuse > 0:
-                past = [(k[:, :, :reuse], v[:, :, :reuse]) for k, v in past]
                 before = int((r.input_ids[:reuse] == self.image_token_id).sum())
                 f = None if f is None else f[before:]
-            else:
-                past = None
-            r.cached_tokens = reuse
-            rows.append(PrefillRow(r.input_ids[reuse:], past, f))
+            rows.append(PrefillRow(r.input_ids[reuse:], r.past, f))
+            r.cached_tokens, r.past = reuse, None
             self.counters["prefill_tokens"] += n - reuse
             self.counters["cached_tokens"] += reuse
         logits, kv = self.runner.prefill(rows)
@@ -408,6 +486,12 @@ class Engine:
             self._kv.merge(kv)
         self._running.extend(group)
         self.counters["max_running"] = max(self.counters["max_running"], len(self._running))
+        self._note_kv()
+
+    def _note_kv(self) -> None:
+        """Record the running batch's KV size (rows x columns): the number the budget bounds."""
+        size = self._kv.batch_size * self._kv.length
+        self.counters["peak_kv_tokens"] = max(self.counters["peak_kv_tokens"], size)
 
     def _decode(self) -> None:
         if self.config.speculative_tokens and len(self._running) == 1:
@@ -418,6 +502,7 @@ class Engine:
                 return
         tokens = torch.tensor([r.sampled[-1] for r in self._running], dtype=torch.long)
         logits = self.runner.decode(tokens, self._kv)
+        self._note_kv()
         for r in self._running:
             r.fed += 1
         self.counters["decode_steps"] += 1
@@ -456,43 +541,52 @@ class Engine:
         else:
             self._kv.select(rows)
 
-    def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> list[int]:
-        """One token per row, each with its own sampling parameters. logits (B, V)."""
+    def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> list[int | None]:
+        """One token per row, each with its own sampling parameters. logits (B, V). A row whose
+        sampling fails finishes with "error" (its entry is None); the other rows carry on."""
         logits[:, self.image_token_id] = float("-inf")  # the image token is never generated
-        out = logits.argmax(-1).tolist()
+        out: list[int | None] = logits.argmax(-1).tolist()
         for i, r in enumerate(reqs):
-            p = r.params
-            if p.temperature <= 0 and p.repetition_penalty == 1.0:
+            if plain_greedy(r.params):
                 continue
-            row = logits[i : i + 1]
-            if p.repetition_penalty != 1.0:
-                seen = torch.cat([r.input_ids, torch.tensor(r.sampled, dtype=torch.long)]).to(row.device)
-                row = apply_repetition_penalty(row, seen[None], p.repetition_penalty)
-            out[i] = int(sample_next(row, p, r.generator)[0])
+            p = r.params
+            try:
+                row = logits[i : i + 1]
+                if p.repetition_penalty != 1.0:
+                    seen = torch.cat([r.input_ids, torch.tensor(r.sampled, dtype=torch.long)]).to(row.device)
+                    row = apply_repetition_penalty(row, seen[None], p.repetition_penalty)
+                out[i] = int(sample_next(row, p, r.generator)[0])
+            except Exception as e:
+                log.warning("sampling failed for %s: %s: %s", r.id, type(e).__name__, e)
+                self._finish(r, "error", error=f"sampling failed ({type(e).__name__}: {e})")
+                out[i] = None
         return out
 
     # ------------------------------------------------------------------ per-request output
 
-    def _accept(self, r: Request, token: int, kv: BatchKV, row: int) -> bool:
+    def _accept(self, r: Request, token: int | None, kv: BatchKV, row: int) -> bool:
         """Record a sampled token, stream new text; True when the request is finished (its KV row
-        is then stored in the prefix cache)."""
+        is then stored in the prefix cache). `token` None: its sampling failed (already finished)."""
+        if token is None:
+            return True
         r.sampled.append(token)
         r.history += chr(token)
-        reason = None
+        reason, cut = None, None
         if token in r.stop_ids:
             reason = "stop"
         else:
             r.generated.append(token)
             r.unsent.append(token)
+            seen = len(r.text)
             r.detokenize(self.processor.decode)
+            cut = r.stops.feed(r.text[seen:])
         text = r.text
-        cut = find_stop(text, r.stop)
         if reason is None and cut is not None:
             reason, text = "stop", text[:cut]
         if reason is None and len(r.generated) >= r.max_new:
             reason = "length"
         if reason is None:
-            safe = len(text) - held_back(text, r.stop)
+            safe = len(text) - r.stops.held
             if safe > len(r.sent):
                 delta = text[len(r.sent) : safe]
                 r.sent += delta
@@ -501,7 +595,8 @@ class Engine:
             return False
         if r.cache_prefix and self.prefix_cache.max_bytes > 0:
             key = torch.cat([r.content_key, torch.tensor(r.sampled[: r.fed], dtype=torch.long)])
-            self.prefix_cache.store(key, [(k[:, :, : len(key)], v[:, :, : len(key)]) for k, v in kv.row(row)])
+            layers = [(k[:, :, : len(key)], v[:, :, : len(key)]) for k, v in kv.row(row)]
+            self.prefix_cache.store(key, layers, r.cache_scope)
         if cut is None:  # the exact text, trailing partial characters included
             text = self.processor.decode(r.generated)
         delta = text[len(r.sent) :] if text.startswith(r.sent) else ""
@@ -513,8 +608,11 @@ class Engine:
         if r.done:
             return
         r.done = True
+        r.pixel_values = r.past = None
         if reason == "abort":
             self.counters["aborted"] += 1
+        elif reason == "error":
+            self.counters["failed"] += 1
         try:
             r.sink(StreamEvent(text, ids, reason, error, r.input_ids.numel(), len(r.generated), r.cached_tokens))
         except Exception:

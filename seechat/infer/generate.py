@@ -40,13 +40,22 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return logits.scatter(1, seen, picked)
 
 
+GREEDY_BELOW = 1e-5  # temperatures under this sample greedily: the T -> 0 limit of softmax(l / T)
+
+
 def sample_next(
     logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """logits (B, V) -> next token ids (B,)."""
-    if params.temperature <= 0:
+    """logits (B, V) -> next token ids (B,).
+
+    Numerically safe for every temperature >= 0: the logits are shifted so that their maximum is 0
+    before dividing, so l / T is never +inf (a tiny T once gave inf / inf = NaN probabilities and a
+    crash in `torch.multinomial`); T below GREEDY_BELOW is greedy, the limit the distribution tends
+    to. Non-finite logits from the model still raise: the caller fails that request alone."""
+    if params.temperature < GREEDY_BELOW:
         return logits.argmax(-1)
-    logits = logits.float() / params.temperature
+    logits = logits.float()
+    logits = (logits - logits.max(-1, keepdim=True).values) / params.temperature  # <= 0, max exactly 0
     if params.top_k > 0:
         kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

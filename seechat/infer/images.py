@@ -1,9 +1,12 @@
-"""Images for inference: safe decoding, content keys, and the image-feature cache.
+"""Images inside the serving engine: content keys and the image-feature cache.
 
-- `open_image_bytes` decodes untrusted bytes into an RGB PIL image, refusing non-images, corrupt
-  data and decompression bombs (the pixel count is read from the header *before* decoding).
-- `image_key` names an image by its pixels, so the same picture sent twice — a second turn of a
-  chat, another client — is recognised whatever its file name or encoding round-trip.
+Images reach the engine already opened (`seechat.data.images.load_image`: accepted formats, size
+limits, EXIF, alpha on white) and preprocessed to the vision tower's pixel values
+(`SeeChatProcessor.preprocess_images`) on the caller's thread, so the engine thread never decodes
+or resizes, and a waiting request holds (3, H, W) floats per image rather than a full-size photo.
+
+- `pixel_key` names an image by its pixel values (and the cache scope it belongs to), so the same
+  picture sent twice — a second turn of a chat — is recognised whatever its file name or encoding.
 - `ImageFeatureCache` maps those keys to the bridge's output features (N_tok, D_lm): a multi-turn
   chat never re-encodes an image. An LRU bounded by entry count.
 """
@@ -11,51 +14,17 @@
 from __future__ import annotations
 
 import hashlib
-import io
-import warnings
 from collections import OrderedDict
 
 import torch
-from PIL import Image, UnidentifiedImageError
-
-DEFAULT_MAX_IMAGE_PIXELS = 40_000_000  # 40 MP: any real photo fits; a decompression bomb does not
 
 
-class ImageError(ValueError):
-    """The bytes are not an image this server will decode; the message says why."""
-
-
-def open_image_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
-    """Decode untrusted image bytes to RGB, checking the declared size before decoding pixels."""
-    if not data:
-        raise ImageError("the image is empty (0 bytes)")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))  # lazy: reads the header only
-            w, h = img.size
-            if w <= 0 or h <= 0:
-                raise ImageError(f"the image declares an empty size {w}x{h}")
-            if w * h > max_pixels:
-                raise ImageError(
-                    f"the image is {w}x{h} = {w * h:,} pixels, more than the limit of {max_pixels:,} "
-                    "(a decompression bomb, or simply too large: resize it first)"
-                )
-            img.load()
-            return img.convert("RGB")
-    except ImageError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(f"the image is too large to decode safely (a decompression bomb?): {e}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ImageError(f"the image data could not be decoded ({type(e).__name__}: {e})") from None
-
-
-def image_key(image: Image.Image) -> bytes:
-    """A 16-byte digest of the image's mode, size and pixels."""
+def pixel_key(pixels: torch.Tensor, scope: str = "") -> bytes:
+    """A 16-byte digest of one image's pixel values (3, H, W) within a cache `scope` (two scopes
+    never share a key, so they never share cached features)."""
     h = hashlib.blake2b(digest_size=16)
-    h.update(f"{image.mode}:{image.size[0]}x{image.size[1]}:".encode())
-    h.update(image.tobytes())
+    h.update(f"{scope}\0{pixels.dtype}:{tuple(pixels.shape)}:".encode())
+    h.update(pixels.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.digest()
 
 

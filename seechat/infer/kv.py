@@ -10,7 +10,10 @@ and leave by selecting rows, so the batch changes every step without recomputing
 
 `PrefixCache` keeps the KV of finished sequences keyed by their content (token ids, with image
 tokens replaced by a tag of the image's pixels) so that the next turn of a conversation, or any
-request sharing a prefix, prefills only what is new. It is a small LRU bounded in bytes.
+request sharing a prefix, prefills only what is new. It is a small LRU bounded in bytes. Every
+entry belongs to a scope (the server uses one per API key): a lookup only ever matches entries of
+its own scope, so reuse — visible in `cached_tokens` and in timing — never reveals another
+scope's prompts.
 
 Neither knows the model; they hold tensors of shape (B, H_kv, T, D_head) per layer.
 """
@@ -18,6 +21,7 @@ Neither knows the model; they hold tensors of shape (B, H_kv, T, D_head) per lay
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 
 import torch
 
@@ -150,8 +154,17 @@ class BatchKV:
         ]
 
 
+def kv_peak_tokens(width: int, remaining: Sequence[int]) -> int:
+    """An upper bound on the running batch's KV size (rows x columns) from now until every row has
+    finished: rows are aligned on the right, so each decode step adds one column to every row, and
+    a row with r tokens left stays at most r more steps. `width`: columns now; `remaining`: tokens
+    each row may still generate. With r sorted descending, k rows are left after r_k more steps."""
+    rs = sorted(remaining, reverse=True)
+    return max(((k + 1) * (width + r) for k, r in enumerate(rs)), default=0)
+
+
 class PrefixCache:
-    """Content-keyed KV of finished sequences (LRU, bounded in bytes).
+    """Content-keyed KV of finished sequences (LRU, bounded in bytes), partitioned by scope.
 
     A key is a 1-D long tensor: token ids, with each image's tokens replaced by a negative tag
     derived from the image's pixels, so that the same text about a different image never matches.
@@ -159,19 +172,19 @@ class PrefixCache:
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
-        self._entries: OrderedDict[int, tuple[torch.Tensor, Layers, int]] = OrderedDict()
+        self._entries: OrderedDict[int, tuple[torch.Tensor, Layers, int, str]] = OrderedDict()
         self._next_id = 0
         self.bytes = 0
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def lookup(self, key: torch.Tensor) -> tuple[int, Layers | None]:
-        """Longest common prefix with any stored sequence: (length, per-layer KV views of it)."""
+    def lookup(self, key: torch.Tensor, scope: str = "") -> tuple[int, Layers | None]:
+        """Longest common prefix with any stored sequence of `scope`: (length, per-layer KV views of it)."""
         best, best_id = 0, None
-        for eid, (k, _, _) in self._entries.items():
+        for eid, (k, _, _, sc) in self._entries.items():
             m = min(len(k), len(key))
-            if m <= best:
+            if m <= best or sc != scope:
                 continue
             eq = k[:m] == key[:m]
             n = m if bool(eq.all()) else int(eq.int().argmin())
@@ -183,22 +196,24 @@ class PrefixCache:
         layers = self._entries[best_id][1]
         return best, [(k[:, :, :best], v[:, :, :best]) for k, v in layers]
 
-    def store(self, key: torch.Tensor, layers: Layers) -> None:
+    def store(self, key: torch.Tensor, layers: Layers, scope: str = "") -> None:
         if self.max_bytes <= 0 or len(key) == 0:
             return
         size = sum(k.numel() * k.element_size() * 2 for k, _ in layers)
         if size > self.max_bytes:
             return
-        for eid, (k, _, s) in list(self._entries.items()):
+        for eid, (k, _, s, sc) in list(self._entries.items()):
+            if sc != scope:
+                continue
             if len(k) >= len(key) and bool((k[: len(key)] == key).all()):
                 self._entries.move_to_end(eid)  # already covered by a longer sequence
                 return
             if len(k) < len(key) and bool((key[: len(k)] == k).all()):
                 del self._entries[eid]  # the new sequence extends it
                 self.bytes -= s
-        self._entries[self._next_id] = (key.clone(), layers, size)
+        self._entries[self._next_id] = (key.clone(), layers, size, scope)
         self._next_id += 1
         self.bytes += size
         while self.bytes > self.max_bytes and self._entries:
-            _, (_, _, s) = self._entries.popitem(last=False)
+            _, (_, _, s, _) = self._entries.popitem(last=False)
             self.bytes -= s

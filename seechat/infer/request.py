@@ -1,18 +1,19 @@
-"""One request's state and output: token bookkeeping, incremental detokenisation, stop strings,
-n-gram drafts for speculative decoding, and the events a consumer receives.
+"""One request's state and output: token bookkeeping, incremental detokenisation, stop strings
+(matched in time linear in the reply), n-gram drafts for speculative decoding, and the events a
+consumer receives.
 
 Plain data and string functions; the scheduler that drives them is `seechat.infer.engine`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from PIL import Image
 
-from seechat.infer.generate import SamplingParams
+from seechat.infer.generate import GREEDY_BELOW, SamplingParams
+from seechat.infer.kv import Layers
 
 
 @dataclass(frozen=True)
@@ -40,21 +41,75 @@ class Completion:
     cached_tokens: int
 
 
+class StopStrings:
+    """Stop strings found in a growing text in time linear in the text: one Knuth-Morris-Pratt
+    automaton per stop string advances over each new character, so a decoded token costs O(new
+    characters x stop strings) whatever the reply's length or the stop strings' lengths (the naive
+    re-scan of the whole text plus a hold-back check over every prefix was quadratic)."""
+
+    def __init__(self, stops: Sequence[str] = ()):
+        self.stops = tuple(s for s in stops if s)
+        self._fail = [_failure(s) for s in self.stops]
+        self._state = [0] * len(self.stops)  # per stop: characters of it matched at the text's end
+        self._fed = 0
+
+    def feed(self, text: str) -> int | None:
+        """Append `text`; -> where (in everything fed) the earliest complete stop string starts, or
+        None. Only stop strings completed by this text can be new: earlier ones would have stopped."""
+        best = None
+        for j, s in enumerate(self.stops):
+            fail, k, n = self._fail[j], self._state[j], len(s)
+            for i, c in enumerate(text):
+                while k and s[k] != c:
+                    k = fail[k - 1]
+                if s[k] == c:
+                    k += 1
+                if k == n:
+                    start = self._fed + i + 1 - n
+                    best = start if best is None else min(best, start)
+                    k = fail[k - 1]
+            self._state[j] = k
+        self._fed += len(text)
+        return best
+
+    @property
+    def held(self) -> int:
+        """How many trailing characters could be the start of a stop string (not streamed yet)."""
+        return max(self._state, default=0)
+
+
+def _failure(s: str) -> list[int]:
+    """KMP failure function: fail[i] = length of the longest proper border of s[: i + 1]."""
+    fail = [0] * len(s)
+    k = 0
+    for i in range(1, len(s)):
+        while k and s[i] != s[k]:
+            k = fail[k - 1]
+        if s[i] == s[k]:
+            k += 1
+        fail[i] = k
+    return fail
+
+
 @dataclass(eq=False)
 class Request:
     id: str
     input_ids: torch.Tensor  # (T,) long
-    images: list[Image.Image]
+    pixel_values: torch.Tensor | None  # (n_img, 3, H, W), preprocessed on the submitting thread; None after prefill
     image_keys: list[bytes]
     content_key: torch.Tensor  # (T,) ids with image tokens replaced by image tags
     params: SamplingParams
-    stop: tuple[str, ...]
+    stops: StopStrings
     stop_ids: frozenset[int]
     max_new: int
     sink: Callable[[StreamEvent], None]
     deadline: float
     cache_prefix: bool
+    cache_scope: str  # prefix reuse happens only between requests of one scope (an API key)
     generator: torch.Generator | None
+    nbytes: int = 0  # what it holds while waiting (pixels, ids), counted against the queue's byte budget
+    reuse: int = 0  # prompt tokens whose KV comes from the prefix cache (found at admission)
+    past: Layers | None = None  # that KV, per layer (1, H, reuse, D)
     sampled: list[int] = field(default_factory=list)  # every sampled token, stop token included
     generated: list[int] = field(default_factory=list)  # the reply's tokens (no stop token)
     fed: int = 0  # sampled tokens whose KV is in the batch
@@ -63,6 +118,9 @@ class Request:
     text: str = ""  # the reply decoded so far (incrementally; complete characters only)
     offsets: tuple[int, int] = (0, 0)  # incremental detokenisation window into `generated`
     history: str = ""  # prompt + sampled token ids as one character each: C-speed n-gram search
+    cached_tokens: int = 0
+    cancelled: bool = False
+    done: bool = False
 
     def detokenize(self, decode: Callable[[list[int]], str]) -> None:
         """Extend `text` by the newest reply token: decode a short window rather than the whole
@@ -73,13 +131,10 @@ class Request:
         if len(after) > len(before) and not after.endswith("\ufffd"):
             self.text += after[len(before) :]
             self.offsets = (read, len(self.generated))
-    cached_tokens: int = 0
-    cancelled: bool = False
-    done: bool = False
 
 
 def plain_greedy(p: SamplingParams) -> bool:
-    return p.temperature <= 0 and p.repetition_penalty == 1.0
+    return p.temperature < GREEDY_BELOW and p.repetition_penalty == 1.0
 
 
 def ngram_drafts(r: Request, k: int, image_token_id: int, sizes: tuple[int, ...] = (3, 2)) -> list[int]:
@@ -98,20 +153,3 @@ def ngram_drafts(r: Request, k: int, image_token_id: int, sizes: tuple[int, ...]
             drafts = [ord(c) for c in h[at + n : at + n + min(k, room)]]
             return drafts[: drafts.index(image_token_id)] if image_token_id in drafts else drafts
     return []
-
-
-def find_stop(text: str, stops: tuple[str, ...]) -> int | None:
-    """Index of the earliest stop string in `text`, or None."""
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(hits) if hits else None
-
-
-def held_back(text: str, stops: tuple[str, ...]) -> int:
-    """How many trailing characters could be the start of a stop string (not streamed yet)."""
-    best = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:k]):
-                best = k
-                break
-    return best

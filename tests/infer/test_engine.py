@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 
+from seechat.infer import engine as engine_module
 from seechat.infer.engine import Engine, EngineConfig, QueueFullError, RequestError
 from seechat.infer.generate import SamplingParams
 from seechat.infer.session import EngineChat, prompt_ids
@@ -200,3 +201,44 @@ def test_a_failing_step_fails_its_requests_only(tiny, monkeypatch):
         last = list(engine.stream(ids, images, GREEDY))[-1]
         assert last.finish_reason == "error" and "boom" in last.error
         assert engine.generate(ids, images, GREEDY).completion_tokens > 0
+
+
+def test_a_row_whose_sampling_fails_finishes_alone(tiny, monkeypatch):
+    """Three requests decoded in one batch; sampling raises for the one with temperature 0.7: it
+    finishes with "error", the greedy ones give their exact tokens, the engine carries on."""
+    model, processor = tiny
+    ids, images = _prompt(processor, 1)
+    real = engine_module.sample_next
+
+    def broken_for_one(logits, params, generator=None):
+        if params.temperature == 0.7:
+            raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+        return real(logits, params, generator)
+
+    monkeypatch.setattr(engine_module, "sample_next", broken_for_one)
+    with Engine(model, processor, EngineConfig(speculative_tokens=0)) as engine:
+        want = engine.generate(ids, images, GREEDY, cache_prefix=False).token_ids
+        with engine._cond:  # nothing is admitted until all three are queued: they share every step
+            streams = [engine.stream(ids, images, p, cache_prefix=False)
+                       for p in (GREEDY, SamplingParams(max_new_tokens=12, temperature=0.7), GREEDY)]
+        events = [list(s) for s in streams]
+        assert engine.counters["max_running"] >= 2
+        assert events[1][-1].finish_reason == "error" and "sampling failed" in events[1][-1].error
+        for evs in (events[0], events[2]):
+            assert [t for e in evs for t in e.token_ids] == want and evs[-1].finish_reason != "error"
+        assert engine.generate(ids, images, GREEDY, cache_prefix=False).token_ids == want
+
+
+def test_queue_byte_budget_and_kv_budget(tiny):
+    model, processor = tiny
+    ids, images = _prompt(processor, 0)  # one image: 3 x 32 x 32 float pixels
+    one = 3 * 32 * 32 * 4 + ids.numel() * 24
+    with Engine(model, processor, EngineConfig(max_waiting_bytes=2 * one, max_batch_tokens=1)) as engine:
+        assert engine.max_batch_tokens == engine.max_model_len  # a full-length request always fits
+        with engine._cond:  # hold the scheduler: requests stay queued
+            held = [engine.stream(ids, images, GREEDY, cache_prefix=False) for _ in range(2)]
+            assert engine.stats()["waiting_bytes"] == 2 * one
+            with pytest.raises(QueueFullError, match="max_waiting_bytes"):
+                engine.submit(ids, images, GREEDY)
+        assert all(list(s)[-1].finish_reason in ("stop", "length") for s in held)
+        assert engine.stats()["waiting_bytes"] == 0

@@ -51,7 +51,9 @@ def make_server(serve_model, engine_config: EngineConfig = EngineConfig(), limit
                 **app_kw) -> LiveServer:
     model, processor = serve_model
     engine = Engine(model, processor, engine_config)
-    return LiveServer(create_app(engine, processor, MODEL_NAME, limits=limits, **app_kw))
+    server = LiveServer(create_app(engine, processor, MODEL_NAME, limits=limits, **app_kw))
+    server.engine = engine  # for tests that look inside
+    return server
 
 
 @pytest.fixture(scope="module")

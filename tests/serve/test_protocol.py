@@ -11,6 +11,7 @@ import zlib
 import pytest
 from PIL import Image
 
+from seechat.data.images import load_image
 from seechat.serve.protocol import APIError, Limits, parse_chat_request
 from tests.infer.tiny_engine import coloured, data_uri, png_bytes
 
@@ -46,7 +47,7 @@ def test_a_good_request_with_images_and_parameters():
                                   stop="。", stream=True, stream_options={"include_usage": True}, user="x"), MARKER)
     assert [m["role"] for m in req.messages] == ["system", "user", "assistant", "user"]
     assert req.messages[1]["content"] == "看<image>\n" and req.messages[3]["content"] == "<image>\n比较"
-    assert len(req.images) == 2 and req.images[0].getpixel((0, 0)) == (255, 0, 0)
+    assert len(req.images) == 2 and load_image(req.images[0]).getpixel((0, 0)) == (255, 0, 0)  # not decoded yet
     p = req.params
     assert (p.max_new_tokens, p.temperature, p.top_p, p.top_k, p.seed) == (7, 0.5, 0.9, 5, 3)
     assert req.stop == ("。",) and req.stream and req.include_usage and req.max_tokens_given
