@@ -27,7 +27,6 @@ from seechat.data.conversation import (
     NoSupervisedTokensError,
     ensure_chat_template,
     part_images,
-    render,
     render_with_spans,
     text_messages,
     tokenize_prompt,
