@@ -17,7 +17,8 @@
 Keys are 9-digit zero-padded and unique across splits (train first, then val, then test). In a pair
 shard, ``KEY.txt`` is the *web text*: with probability ``clean_fraction`` a clean caption in a
 varied phrasing, otherwise noisy alt-text (`seechat.mini.text.ALT_KINDS`). ``KEY.json`` holds
-``key, split, caption`` (canonical concise caption), ``detailed, alt_text, alt_kind,
+``key, split, caption`` (canonical concise caption), ``detailed``, ``detailed_boxes`` (the same
+description with each object's ``<box>``; what stage 1 aligns on), ``alt_text, alt_kind,
 web_text_is_clean, web_text`` and ``scene`` (ground truth, `Scene.to_dict`). Note that
 ``caption`` is the clean caption, not the web text; read ``.txt`` (or ``json:web_text``) for that.
 
@@ -51,7 +52,7 @@ from seechat.data.shards import ShardWriter
 from seechat.mini import text
 from seechat.mini.scenes import Scene, fingerprint, generate_scene, render
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: pair metadata gained detailed_boxes
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 INSTRUCT_KINDS: tuple[str, ...] = ("concise", "detailed", "vqa", "dialogue", "grounding")
 
@@ -71,6 +72,8 @@ class WorldConfig:
     jpeg_quality: int = 95
     instruct_per_image: int = 3  # conversations per train/val image
     instruct_weights: tuple[float, ...] = (0.2, 0.15, 0.35, 0.15, 0.15)  # over INSTRUCT_KINDS
+    vqa_turns: int = 1  # questions (of different types) per VQA conversation about one image
+    grounding_turns: int = 1  # box requests per grounding conversation
     vqa_per_eval_image: int = 2  # val/test VQA questions per image
     caption_references: int = 4  # val/test references per image (canonical + varied)
     lm_dialogue_prob: float = 0.5  # per train scene: chance of a description-grounded dialogue row
@@ -173,7 +176,7 @@ def _conversation(turns: list[text.Turn]) -> list[dict[str, str]]:
     return conv
 
 
-def _instruct_turns(scene: Scene, kind: str, rng: random.Random) -> list[text.Turn]:
+def _instruct_turns(scene: Scene, kind: str, rng: random.Random, cfg: WorldConfig) -> list[text.Turn]:
     if kind == "concise":
         return [(text.caption_instruction(rng), text.concise_caption(scene))]
     if kind == "detailed":
@@ -181,15 +184,20 @@ def _instruct_turns(scene: Scene, kind: str, rng: random.Random) -> list[text.Tu
     if kind == "dialogue":
         return text.dialogue(scene, rng)
     if kind == "grounding" and (g := text.grounding(scene, rng)) is not None:
-        return [(text.grounding_instruction(g.expression, rng), g.answer)]
-    qa = text.vqa(scene, rng)  # "vqa", or a grounding fallback when no object has a unique expression
-    return [(qa.question, qa.answer)] if qa else [(text.caption_instruction(rng), text.concise_caption(scene))]
+        turns = [(text.grounding_instruction(g.expression, rng), g.answer)]
+        for _ in range(cfg.grounding_turns - 1):  # more boxes of the same image, objects may repeat
+            if (g := text.grounding(scene, rng)) is not None:
+                turns.append((text.grounding_instruction(g.expression, rng), g.answer))
+        return turns
+    # "vqa", or a grounding fallback when no object has a unique expression
+    qas = text.vqa_set(scene, rng, cfg.vqa_turns) if cfg.vqa_turns > 1 else [q for q in [text.vqa(scene, rng)] if q]
+    return [(qa.question, qa.answer) for qa in qas] or [(text.caption_instruction(rng), text.concise_caption(scene))]
 
 
 def _instruct_rows(scene: Scene, key: str, image: str, cfg: WorldConfig, rng: random.Random) -> list[dict]:
     kinds = rng.choices(INSTRUCT_KINDS, weights=cfg.instruct_weights, k=cfg.instruct_per_image)
     return [{"id": f"{key}-{n}", "kind": kind, "image": image,
-             "conversations": _conversation(_instruct_turns(scene, kind, rng))}
+             "conversations": _conversation(_instruct_turns(scene, kind, rng, cfg))}
             for n, kind in enumerate(kinds)]
 
 
@@ -237,11 +245,14 @@ def scene_records(scene: Scene, split: str, index: int, cfg: WorldConfig) -> Sce
     key = f"{cfg.key_offset(split) + index:09d}"
     image = f"images/{split}/{key}.jpg"
     rng = random.Random(f"seechat-mini/{cfg.seed}/{split}/{index}/text")
+    boxed = random.Random()
+    boxed.setstate(rng.getstate())  # the same description again, each object followed by its <box>
     caption, detailed = text.concise_caption(scene), text.detailed_caption(scene, rng)
+    detailed_boxes = text.detailed_caption(scene, boxed, boxes=True)
     alt = text.alt_text(scene, rng)
     clean = rng.random() < cfg.clean_fraction
     web_text = (text.concise_caption(scene, rng) if rng.random() < 0.8 else detailed) if clean else alt.text
-    meta = {"split": split, "caption": caption, "detailed": detailed, "alt_text": alt.text,
+    meta = {"split": split, "caption": caption, "detailed": detailed, "detailed_boxes": detailed_boxes, "alt_text": alt.text,
             "alt_kind": alt.kind, "web_text_is_clean": clean, "web_text": web_text,
             "scene": scene.to_dict()}
     rows: dict[str, list[dict[str, Any]]] = {}

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -140,3 +142,22 @@ def test_manifest_lists_what_is_on_disk(world: Path) -> None:
 def test_default_sizes_meet_the_brief() -> None:
     cfg = WorldConfig()
     assert cfg.n_test * cfg.vqa_per_eval_image >= 500
+
+
+def test_vqa_and_grounding_conversations_can_ask_several_questions_about_one_image(tmp_path):
+    cfg = WorldConfig(n_train=40, n_val=4, n_test=4, vqa_turns=4, grounding_turns=2, instruct_weights=(0, 0, 1, 0, 1))
+    rows = [json.loads(r) for r in (build_world(tmp_path / "w", cfg, progress=False).root / "instruct" / "train.jsonl")
+            .read_text(encoding="utf-8").splitlines()]
+    vqa = [r for r in rows if r["kind"] == "vqa"]
+    assert vqa and max(len(r["conversations"]) for r in vqa) == 8  # 4 questions, 4 answers
+    assert all(r["conversations"][0]["value"].startswith("<image>\n") for r in rows)
+    assert all("<image>" not in t["value"] for r in rows for t in r["conversations"][1:])
+    assert any(len(r["conversations"]) == 4 for r in rows if r["kind"] == "grounding")
+
+
+def test_pair_metadata_has_the_description_with_boxes(tmp_path):
+    world = build_world(tmp_path / "w", WorldConfig(n_train=8, n_val=2, n_test=2), progress=False).root
+    with tarfile.open(next((world / "pairs" / "train").glob("*.tar"))) as tar:
+        meta = json.loads(tar.extractfile(next(m for m in tar if m.name.endswith(".json"))).read())
+    assert "<box>" in meta["detailed_boxes"]
+    assert re.sub(r"<box>[^<]*</box>", "", meta["detailed_boxes"]) == meta["detailed"]
