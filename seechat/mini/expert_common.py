@@ -26,7 +26,6 @@ from tqdm import tqdm
 
 from seechat.atomic import atomic_directory
 from seechat.mini.fresh import text_fingerprint
-from seechat.mini.tokenizer import ASCII
 
 PathLike = str | os.PathLike[str]
 DONE = "done.json"
@@ -182,14 +181,6 @@ def world_texts(world_root: PathLike) -> Iterator[str]:
     for split in ("train", "val", "test"):
         for meta in pair_meta(world, split).values():
             yield from _strings({k: v for k, v in meta.items() if k != "scene"})
-
-
-def world_chars(world_root: PathLike) -> list[str]:
-    """The sorted characters of `world_texts`, plus printable ASCII."""
-    chars = set(ASCII)
-    for t in world_texts(world_root):
-        chars.update(t)
-    return sorted(chars)
 
 
 def load_pixels(world: Path, rel_paths: list[str]) -> torch.Tensor:

@@ -8,12 +8,15 @@ One import for everything a caller needs; the concepts live in their own modules
   scorer (`ChineseClipScorer.from_pretrained(clip_dir)`).
 - `seechat.mini.mini_lm` — the mini Chinese LM (`Qwen2ForCausalLM` + ChatML char tokenizer in
   `lm_dir/tokenizer`: `LMConfig(path=lm_dir, tokenizer_path=lm_dir/"tokenizer")`).
+- `seechat.mini.fresh` — their training data: fresh scenes every step, never a held-out one.
 - `seechat.mini.expert_common` — recipe plumbing: skip-if-done marker, atomic output, the training
   loop with its progress bar, `metrics.jsonl` and `loss.png`.
 
-Every run is deterministic by `recipe.seed`, and a finished output (`done.json` with the same recipe
-and world config) is reused unless `force=True`. Not here: the world (`seechat.mini.world`), stage 1
-and stage 2 (`seechat.train`).
+The package ships the pair the default recipes made (`SHIPPED`, `shipped_experts()`), and the demo
+starts from it; `seechat mini experts` (below) retrains them. Every run is deterministic by
+`recipe.seed`, and a finished output (`done.json` with the same recipe and world-generator
+fingerprint) is reused unless `force=True`. Not here: the world (`seechat.mini.world`), stage 1 and
+stage 2 (`seechat.train`).
 """
 
 from __future__ import annotations
@@ -28,13 +31,13 @@ from typing import Any
 
 import torch
 
-from seechat.mini.expert_common import PathLike, world_chars, world_texts
+from seechat.mini.expert_common import PathLike, world_texts
 from seechat.mini.mini_clip import ClipRecipe, evaluate_clip, train_mini_clip
 from seechat.mini.mini_lm import LMRecipe, evaluate_lm, train_mini_lm
 
 __all__ = [
     "SHIPPED", "ClipRecipe", "ExpertPaths", "LMRecipe", "evaluate_clip", "evaluate_lm", "shipped_experts", "train_experts",
-    "train_mini_clip", "train_mini_lm", "world_chars", "world_texts",
+    "train_mini_clip", "train_mini_lm", "world_texts",
 ]
 
 
