@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 from seechat.config import DataConfig
 from seechat.data.collate import collate
 from seechat.data.conversation import NoSupervisedTokensError
+from seechat.data.images import ImageError, load_image
 from seechat.data.instruct import Conversation, ImagePathError, image_path, iter_conversations
 from seechat.data.pairs import PairShardDataset, log_skip
 from seechat.data.processor import Encoded, SeeChatProcessor
@@ -76,18 +77,16 @@ class UnusableImage(ValueError):
 
 
 def open_training_image(root: Path, name: str) -> Image.Image:
-    """The RGB image `name` of a data file under `root`. Raises UnusableImage for a path that
-    leads outside the root, a missing or undecodable file, or a decompression bomb (more than twice
-    PIL's `Image.MAX_IMAGE_PIXELS`, read from the header before any pixel is decoded)."""
+    """The RGB image `name` of a data file under `root`, prepared exactly as serving and the shard
+    writer prepare images (`seechat.data.images.load_image`: allow-listed formats, EXIF orientation,
+    transparency on white). Raises UnusableImage for a path that leads outside the root, a missing,
+    refused or undecodable file, or a decompression bomb (Pillow's limit, read from the header)."""
     try:
-        with Image.open(image_path(root, name)) as image:
-            return image.convert("RGB")
+        return load_image(image_path(root, name), max_pixels=None)
     except ImagePathError as e:
         raise UnusableImage(str(e)) from None
-    except Image.DecompressionBombError as e:
-        raise UnusableImage(f"image {name!r} is too large to decode safely ({e})") from None
-    except (OSError, ValueError, SyntaxError, EOFError) as e:  # PIL's ways of failing on a bad file
-        raise UnusableImage(f"unreadable image {name!r} ({type(e).__name__}: {e})") from None
+    except ImageError as e:  # says why: refused format, undecodable, too large to decode safely
+        raise UnusableImage(f"unreadable image {name!r}: {e}") from None
 
 
 class ConversationDataset(Dataset):
