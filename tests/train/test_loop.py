@@ -96,6 +96,10 @@ def test_killed_and_resumed_run_matches_uninterrupted(tiny_world, tmp_path):
     saved_step = json.loads(state.read_text())["position"]["step"]
     assert saved_step in (3, 6)
 
+    # TensorBoard reads a run's event files in name order, and the names hold whole seconds (then the
+    # pid): a resume within the killed run's first second would sort before it. No real resume is
+    # that quick (a resume point has to be written first); this test can be, so it waits one second.
+    time.sleep(1.1)
     train(load_config(STAGE1, stage1_overrides(tiny_world, killed, **extra)))
     assert losses(killed) == losses(ref)  # bit-identical: same data, optimizer, RNG
     a, _ = load(ref)
