@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
 import threading
 import time
 
+import httpx
 import pytest
 import uvicorn
 
@@ -54,6 +58,28 @@ def make_server(serve_model, engine_config: EngineConfig = EngineConfig(), limit
     server = LiveServer(create_app(engine, processor, MODEL_NAME, limits=limits, **app_kw))
     server.engine = engine  # for tests that look inside
     return server
+
+
+def start_serve(args: list[str], env: dict[str, str], timeout: float) -> tuple[subprocess.Popen, int, str]:
+    """`seechat serve ARGS` in its own process on a free loopback port, once /health answers 200:
+    (process, port, base URL). The caller terminates it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "seechat.cli", "serve", "--port", str(port), *args],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{url}/health").status_code == 200:
+                return proc, port, url
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.monotonic() >= deadline:
+            proc.kill()
+            raise AssertionError("seechat serve did not come up: " + (proc.communicate(timeout=30)[0] or "")[-2000:])
+        time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,6 @@ import base64
 import json
 import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -29,6 +27,7 @@ import pytest
 from PIL import Image
 
 from tests.infer.tiny_engine import coloured, png_bytes
+from tests.serve.conftest import start_serve
 from tests.serve.test_server import expected, image_msg
 
 MEMORY_BOUND_MB = 400
@@ -52,23 +51,8 @@ def served(serve_model, tmp_path_factory):
     model, processor = serve_model
     ckpt = tmp_path_factory.mktemp("load") / "ckpt"
     model.save_pretrained(ckpt, processor)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if k != "SEECHAT_API_KEY"}
-    proc = subprocess.Popen([sys.executable, "-m", "seechat.cli", "serve", "--model", str(ckpt), "--port", str(port),
-                             "--model-name", "tiny-seechat", *FLAGS],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            if httpx.get(f"{url}/health").status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert proc.poll() is None and time.monotonic() < deadline, "seechat serve did not come up"
-        time.sleep(0.1)
+    proc, port, url = start_serve(["--model", str(ckpt), "--model-name", "tiny-seechat", *FLAGS], env, timeout=90)
     yield proc, url, port
     proc.terminate()
     proc.communicate(timeout=30)

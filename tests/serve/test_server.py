@@ -6,9 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -20,7 +17,7 @@ from seechat.infer.engine import EngineConfig
 from seechat.infer.generate import SamplingParams
 from seechat.infer.session import prompt_ids
 from tests.infer.tiny_engine import coloured, data_uri
-from tests.serve.conftest import MODEL_NAME, make_server
+from tests.serve.conftest import MODEL_NAME, make_server, start_serve
 
 
 def image_msg(text: str, *indices: int) -> dict:
@@ -196,25 +193,9 @@ def test_64_concurrent_streaming_clients(live, serve_model):
 def test_serve_verb_binds_loopback_and_reads_the_key_from_the_environment(serve_model, tmp_path):
     model, processor = serve_model
     model.save_pretrained(tmp_path / "ckpt", processor)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     env = {**os.environ, "SEECHAT_API_KEY": "from-env"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "seechat.cli", "serve", "--model", str(tmp_path / "ckpt"), "--port", str(port),
-         "--log-level", "warning"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
+    proc, _, url = start_serve(["--model", str(tmp_path / "ckpt"), "--log-level", "warning"], env, timeout=60)
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, "seechat serve did not come up"
-            time.sleep(0.1)
         assert httpx.get(f"{url}/v1/models").status_code == 401
         models = httpx.get(f"{url}/v1/models", headers={"authorization": "Bearer from-env"}).json()
         assert models["data"][0]["id"] == "ckpt"
