@@ -65,13 +65,13 @@ def render_batch(scenes: list[Scene]) -> torch.Tensor:
 
 
 class _Steps(IterableDataset):
-    def __init__(self, make: Callable[[int], Any], steps: int, start: int = 0):
-        self.make, self.steps, self.start = make, steps, start
+    def __init__(self, make: Callable[[int], Any], steps: int):
+        self.make, self.steps = make, steps
 
     def __iter__(self) -> Iterator[Any]:
         info = get_worker_info()
         w, n = (0, 1) if info is None else (info.id, info.num_workers)
-        for step in range(self.start + w, self.steps, n):
+        for step in range(w, self.steps, n):
             yield self.make(step)
 
 
