@@ -56,7 +56,7 @@ from seechat.config import (  # noqa: E402
 )
 from seechat.model.bridges import build_bridge  # noqa: E402
 from seechat.model.build import apply_trainable  # noqa: E402
-from seechat.model.seechat import SeeChatModel  # noqa: E402
+from seechat.model.modeling import SeeChatModel  # noqa: E402
 from seechat.model.sizes import expert_config  # noqa: E402
 from seechat.model.vision import VisionTower  # noqa: E402
 

@@ -5,7 +5,7 @@ What this module is: a dependency-free re-implementation of ``pycocoevalcap/bleu
 the brevity penalty uses the reference length closest to the candidate's (ties → the shorter),
 corpus BLEU sums clipped matches, guesses and lengths over all images before the geometric mean,
 and the same tiny/small smoothing constants (so a zero n-gram match gives ~0, not an error).
-Texts are tokenised with ``seechat.eval.text`` ("char" by default, or "jieba").
+Texts are tokenised with ``seechat.eval.normalize`` ("char" by default, or "jieba").
 
 What it is not: sacreBLEU (different tokenisation, smoothing and brevity rules); numbers from the
 two are not comparable.
@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from seechat.eval.text import as_tokens, ngram_counts
+from seechat.eval.normalize import as_tokens, ngram_counts
 
 __all__ = ["BleuResult", "bleu"]
 

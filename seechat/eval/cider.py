@@ -4,7 +4,7 @@ What this module is: a dependency-free re-implementation of ``pycocoevalcap/cide
 CIDEr-D): n-grams n = 1..4, TF-IDF vectors whose document frequencies are counted over the
 *references of the evaluated corpus* and whose IDF uses log(number of images), candidate TF-IDF
 values clipped against each reference, a gaussian length penalty with sigma = 6, cosine averaged
-over n and over references, times 10. Texts are tokenised with ``seechat.eval.text`` ("char" by
+over n and over references, times 10. Texts are tokenised with ``seechat.eval.normalize`` ("char" by
 default, or "jieba"); lists of tokens are used as given.
 
 What it is not: CIDEr with a fixed IDF from a training corpus (scores here depend on the corpus
@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from seechat.eval.text import as_tokens, ngram_counts
+from seechat.eval.normalize import as_tokens, ngram_counts
 
 __all__ = ["CiderResult", "cider_d"]
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from seechat.eval.text import to_halfwidth
+from seechat.eval.normalize import to_halfwidth
 
 __all__ = ["BOX_SCALE", "Box", "GroundingResult", "box_iou", "grounding_accuracy", "parse_box"]
 

@@ -1,8 +1,8 @@
-"""Command-line wiring for ``seechat eval vqa|caption|grounding`` (see ``seechat.eval.run``).
+"""Command-line wiring for ``seechat eval vqa|caption|grounding`` (see ``seechat.eval.tasks``).
 
 What this module is: one ``add_*_arguments`` per verb (the same options; the task is set as a
 parser default) and :func:`run_from_args`, which builds the settings and calls
-:func:`seechat.eval.run.run_eval`. Return codes: 0 = every row scored, 1 = report written but
+:func:`seechat.eval.tasks.run_eval`. Return codes: 0 = every row scored, 1 = report written but
 some rows were skipped (their images are missing or unreadable: listed in the report),
 2 = unusable arguments or inputs.
 
@@ -15,8 +15,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from seechat.eval.run import TASKS, EvalSettings, run_eval
-from seechat.eval.text import TOKENIZERS
+from seechat.eval.normalize import TOKENIZERS
+from seechat.eval.tasks import TASKS, EvalSettings, run_eval
 
 __all__ = ["add_caption_arguments", "add_grounding_arguments", "add_vqa_arguments", "run_from_args"]
 

@@ -4,7 +4,7 @@ What this module is: the matching rule below, applied to predictions and ground-
 with the accuracy broken down by question type (e.g. the mini world's ``count`` / ``color`` /
 ``shape`` / ``position``).
 
-Matching rule. Both sides are normalised with :func:`seechat.eval.text.normalize_answer`
+Matching rule. Both sides are normalised with :func:`seechat.eval.normalize.normalize_answer`
 (full-width → half-width, lower-case, Chinese numerals → digits, punctuation and whitespace
 removed), so ``"两个。"``, ``"２个"`` and ``"二个"`` are all ``"2个"``. A prediction is correct when
 
@@ -27,7 +27,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from seechat.eval.text import normalize_answer
+from seechat.eval.normalize import normalize_answer
 
 __all__ = ["MEASURE_WORDS", "VqaResult", "answers_match", "vqa_accuracy"]
 

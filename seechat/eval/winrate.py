@@ -8,7 +8,7 @@ What this module is:
 - :func:`run_winrate` — the end-to-end experiment: read each method's captions (JSONL rows
   ``{"image": ..., "caption": ...}``), load the images, score every caption against its image with
   a Chinese-CLIP scorer (cosine similarity), compute the table and write the report files
-  (``seechat.eval.report``). Every input problem is listed, never silently dropped.
+  (``seechat.eval.winrate_report``). Every input problem is listed, never silently dropped.
 - Image sources for it: a folder, a JSONL list (``{"image": path}``), or webdataset tar shards.
 
 Scoring and tie rule (see :data:`TIE_RULE`): a method's score on an image is the cosine between
@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from seechat.eval.report import PROBLEM_KINDS, TIE_RULE, write_report
+from seechat.eval.winrate_report import PROBLEM_KINDS, TIE_RULE, write_report
 
 __all__ = [
     "PROBLEM_KINDS",

@@ -16,7 +16,7 @@ from PIL import Image
 from seechat.data.collate import collate
 from seechat.data.processor import SeeChatProcessor
 from seechat.infer.generate import SamplingParams, stream_generate
-from seechat.model.seechat import SeeChatModel
+from seechat.model.modeling import SeeChatModel
 
 
 @dataclass

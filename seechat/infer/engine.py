@@ -46,7 +46,7 @@ from seechat.infer.images import ImageFeatureCache, key_tag, pixel_key
 from seechat.infer.kv import BatchKV, Layers, PrefixCache, kv_peak_tokens
 from seechat.infer.request import Completion, Request, StopStrings, StreamEvent, ngram_drafts, plain_greedy
 from seechat.infer.runner import ModelRunner, PrefillRow
-from seechat.model.seechat import SeeChatModel
+from seechat.model.modeling import SeeChatModel
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from seechat.model.seechat import SeeChatModel
+from seechat.model.modeling import SeeChatModel
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from seechat.infer.kv import BatchKV, Layers
-from seechat.model.seechat import SeeChatModel
+from seechat.model.modeling import SeeChatModel
 
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # cos/sin depend on the position only
 

@@ -16,7 +16,8 @@ from seechat.data.processor import SeeChatProcessor
 from seechat.eval.bleu import bleu
 from seechat.eval.cider import cider_d
 from seechat.eval.grounding import grounding_accuracy
-from seechat.eval.run import (
+from seechat.eval.scorer import ChineseClipScorer
+from seechat.eval.tasks import (
     CAPTION_PROMPT,
     GROUNDING_PROMPT,
     VQA_PROMPT,
@@ -25,10 +26,9 @@ from seechat.eval.run import (
     read_jsonl,
     write_jsonl,
 )
-from seechat.eval.scorer import ChineseClipScorer
 from seechat.eval.vqa import vqa_accuracy
 from seechat.eval.winrate import JsonlImages, run_winrate
-from seechat.model.seechat import SeeChatModel
+from seechat.model.modeling import SeeChatModel
 
 # answer_batch and read_jsonl are re-exported: seechat.mini.demo and older callers import them from here.
 __all__ = ["CAPTION_PROMPT", "GROUNDING_PROMPT", "answer_batch", "answer_split", "evaluate_split", "load_images",

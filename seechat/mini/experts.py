@@ -2,14 +2,14 @@
 
 One import for everything a caller needs; the concepts live in their own modules:
 
-- `seechat.mini.mini_clip` — the mini Chinese-CLIP (`ChineseCLIPModel` + BERT char tokenizer +
+- `seechat.mini.clip_expert` — the mini Chinese-CLIP (`ChineseCLIPModel` + BERT char tokenizer +
   64-px image processor, one folder). Its vision half is the mini vision expert
   (`VisionConfig(path=clip_dir)`, penultimate-layer patches); the whole model is the mini relevance
   scorer (`ChineseClipScorer.from_pretrained(clip_dir)`).
-- `seechat.mini.mini_lm` — the mini Chinese LM (`Qwen2ForCausalLM` + ChatML char tokenizer in
+- `seechat.mini.lm_expert` — the mini Chinese LM (`Qwen2ForCausalLM` + ChatML char tokenizer in
   `lm_dir/tokenizer`: `LMConfig(path=lm_dir, tokenizer_path=lm_dir/"tokenizer")`).
 - `seechat.mini.fresh` — their training data: fresh scenes every step, never a held-out one.
-- `seechat.mini.expert_common` — recipe plumbing: skip-if-done marker, atomic output, the training
+- `seechat.mini.expert_training` — recipe plumbing: skip-if-done marker, atomic output, the training
   loop with its progress bar, `metrics.jsonl` and `loss.png`.
 
 The package ships the pair the default recipes made (`SHIPPED`, `shipped_experts()`), and the demo
@@ -31,9 +31,9 @@ from typing import Any
 
 import torch
 
-from seechat.mini.expert_common import PathLike, world_texts
-from seechat.mini.mini_clip import ClipRecipe, evaluate_clip, train_mini_clip
-from seechat.mini.mini_lm import LMRecipe, evaluate_lm, train_mini_lm
+from seechat.mini.clip_expert import ClipRecipe, evaluate_clip, train_mini_clip
+from seechat.mini.expert_training import PathLike, world_texts
+from seechat.mini.lm_expert import LMRecipe, evaluate_lm, train_mini_lm
 
 __all__ = [
     "SHIPPED", "ClipRecipe", "ExpertPaths", "LMRecipe", "evaluate_clip", "evaluate_lm", "shipped_experts", "train_experts",

@@ -14,7 +14,7 @@ reading stuck at 63-65 %), while fresh rows keep teaching the skill (docs/mini-w
 - `text_fingerprint()`: a hash of what the world's generators write and draw; the shipped experts
   record it, and a test fails when the world's text or pictures change under them.
 
-Not here: what a batch holds (`seechat.mini.mini_clip`, `seechat.mini.mini_lm`), the world on
+Not here: what a batch holds (`seechat.mini.clip_expert`, `seechat.mini.lm_expert`), the world on
 disk (`seechat.mini.world`).
 """
 
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from seechat.mini import text
+from seechat.mini import scene_text
 from seechat.mini.scenes import Scene, fingerprint, generate_scene, render
 from seechat.mini.world import WorldConfig, split_scenes
 
@@ -86,15 +86,15 @@ def step_batches(make: Callable[[int], Any], steps: int, workers: int = 0) -> It
 def text_fingerprint(n_scenes: int = 64) -> str:
     """Hash of the world's generators: the character set, and for fixed scenes their pixels and
     every kind of text written about them (captions, boxes, questions, dialogues, alt-text)."""
-    h = hashlib.sha1("".join(text.charset()).encode())
+    h = hashlib.sha1("".join(scene_text.charset()).encode())
     rng = random.Random("seechat-mini/fingerprint")
     for scene in [generate_scene(rng) for _ in range(n_scenes)]:
         h.update(np.asarray(render(scene)).tobytes())
-        g = text.grounding(scene, rng)
+        g = scene_text.grounding(scene, rng)
         items: list[Any] = [
-            text.concise_caption(scene), text.concise_caption(scene, rng), text.detailed_caption(scene, rng),
-            text.detailed_caption(scene, rng, boxes=True), text.dialogue(scene, rng), text.alt_text(scene, rng).text,
-            [q.__dict__ for q in text.vqa_set(scene, rng, len(text.QUESTION_TYPES))], g and g.answer,
-            text.chitchat(rng), text.caption_instruction(rng), text.grounding_instruction("X", rng)]
+            scene_text.concise_caption(scene), scene_text.concise_caption(scene, rng), scene_text.detailed_caption(scene, rng),
+            scene_text.detailed_caption(scene, rng, boxes=True), scene_text.dialogue(scene, rng), scene_text.alt_text(scene, rng).text,
+            [q.__dict__ for q in scene_text.vqa_set(scene, rng, len(scene_text.QUESTION_TYPES))], g and g.answer,
+            scene_text.chitchat(rng), scene_text.caption_instruction(rng), scene_text.grounding_instruction("X", rng)]
         h.update(json.dumps(items, ensure_ascii=False).encode())
     return h.hexdigest()[:16]

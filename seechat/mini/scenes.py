@@ -5,7 +5,7 @@ every object has one grid position. Each object has a shape, a colour, a size (å
 bounding box. `generate_scene` draws a scene from a `random.Random`; `render` turns it into an RGB
 PIL image with ImageDraw only (no fonts), drawn at 4x and downsampled so edges stay crisp at 64 px.
 
-This module is the ground truth and the pixels. It is not the Chinese text (see `seechat.mini.text`)
+This module is the ground truth and the pixels. It is not the Chinese text (see `seechat.mini.scene_text`)
 and it does not write datasets (see `seechat.mini.world`).
 
 Coordinates: pixels of the final image, origin top-left, x to the right, y down. A bbox

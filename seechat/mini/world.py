@@ -16,7 +16,7 @@
 
 Keys are 9-digit zero-padded and unique across splits (train first, then val, then test). In a pair
 shard, ``KEY.txt`` is the *web text*: with probability ``clean_fraction`` a clean caption in a
-varied phrasing, otherwise noisy alt-text (`seechat.mini.text.ALT_KINDS`). ``KEY.json`` holds
+varied phrasing, otherwise noisy alt-text (`seechat.mini.scene_text.ALT_KINDS`). ``KEY.json`` holds
 ``key, split, caption`` (canonical concise caption), ``detailed``, ``detailed_boxes`` (the same
 description with each object's ``<box>``; what stage 1 aligns on), ``alt_text, alt_kind,
 web_text_is_clean, web_text`` and ``scene`` (ground truth, `Scene.to_dict`). Note that
@@ -49,7 +49,7 @@ from tqdm import tqdm
 
 from seechat.atomic import atomic_directory
 from seechat.data.shards import ShardWriter
-from seechat.mini import text
+from seechat.mini import scene_text
 from seechat.mini.scenes import Scene, fingerprint, generate_scene, render
 
 FORMAT_VERSION = 2  # 2: pair metadata gained detailed_boxes
@@ -169,29 +169,29 @@ def _jpeg(scene: Scene, quality: int) -> bytes:
     return buf.getvalue()
 
 
-def _conversation(turns: list[text.Turn]) -> list[dict[str, str]]:
+def _conversation(turns: list[scene_text.Turn]) -> list[dict[str, str]]:
     conv = []
     for k, (q, a) in enumerate(turns):
         conv += [{"from": "human", "value": f"<image>\n{q}" if k == 0 else q}, {"from": "gpt", "value": a}]
     return conv
 
 
-def _instruct_turns(scene: Scene, kind: str, rng: random.Random, cfg: WorldConfig) -> list[text.Turn]:
+def _instruct_turns(scene: Scene, kind: str, rng: random.Random, cfg: WorldConfig) -> list[scene_text.Turn]:
     if kind == "concise":
-        return [(text.caption_instruction(rng), text.concise_caption(scene))]
+        return [(scene_text.caption_instruction(rng), scene_text.concise_caption(scene))]
     if kind == "detailed":
-        return [(text.caption_instruction(rng, detailed=True), text.detailed_caption(scene, rng))]
+        return [(scene_text.caption_instruction(rng, detailed=True), scene_text.detailed_caption(scene, rng))]
     if kind == "dialogue":
-        return text.dialogue(scene, rng)
-    if kind == "grounding" and (g := text.grounding(scene, rng)) is not None:
-        turns = [(text.grounding_instruction(g.expression, rng), g.answer)]
+        return scene_text.dialogue(scene, rng)
+    if kind == "grounding" and (g := scene_text.grounding(scene, rng)) is not None:
+        turns = [(scene_text.grounding_instruction(g.expression, rng), g.answer)]
         for _ in range(cfg.grounding_turns - 1):  # more boxes of the same image, objects may repeat
-            if (g := text.grounding(scene, rng)) is not None:
-                turns.append((text.grounding_instruction(g.expression, rng), g.answer))
+            if (g := scene_text.grounding(scene, rng)) is not None:
+                turns.append((scene_text.grounding_instruction(g.expression, rng), g.answer))
         return turns
     # "vqa", or a grounding fallback when no object has a unique expression
-    qas = text.vqa_set(scene, rng, cfg.vqa_turns) if cfg.vqa_turns > 1 else [q for q in [text.vqa(scene, rng)] if q]
-    return [(qa.question, qa.answer) for qa in qas] or [(text.caption_instruction(rng), text.concise_caption(scene))]
+    qas = scene_text.vqa_set(scene, rng, cfg.vqa_turns) if cfg.vqa_turns > 1 else [q for q in [scene_text.vqa(scene, rng)] if q]
+    return [(qa.question, qa.answer) for qa in qas] or [(scene_text.caption_instruction(rng), scene_text.concise_caption(scene))]
 
 
 def _instruct_rows(scene: Scene, key: str, image: str, cfg: WorldConfig, rng: random.Random) -> list[dict]:
@@ -201,33 +201,33 @@ def _instruct_rows(scene: Scene, key: str, image: str, cfg: WorldConfig, rng: ra
             for n, kind in enumerate(kinds)]
 
 
-def _eval_rows(scene: Scene, key: str, image: str, alt: text.AltText, cfg: WorldConfig,
+def _eval_rows(scene: Scene, key: str, image: str, alt: scene_text.AltText, cfg: WorldConfig,
                rng: random.Random) -> dict[str, list[dict[str, Any]]]:
     vqa = [{"id": f"{key}-{n}", "image": image, "question": q.question, "answer": q.answer, "type": q.type}
-           for n, q in enumerate(text.vqa_set(scene, rng, cfg.vqa_per_eval_image))]
-    g = text.grounding(scene, rng)
+           for n, q in enumerate(scene_text.vqa_set(scene, rng, cfg.vqa_per_eval_image))]
+    g = scene_text.grounding(scene, rng)
     grounding = [] if g is None else [
         {"id": key, "image": image, "expression": g.expression, "box": list(g.box), "answer": g.answer}]
-    refs = [text.concise_caption(scene)]
+    refs = [scene_text.concise_caption(scene)]
     for _ in range(8 * cfg.caption_references):  # varied phrasings, distinct from each other
         if len(refs) >= cfg.caption_references:
             break
-        if (c := text.concise_caption(scene, rng)) not in refs:
+        if (c := scene_text.concise_caption(scene, rng)) not in refs:
             refs.append(c)
-    captions = [{"id": key, "image": image, "references": refs, "detailed": text.detailed_caption(scene, rng)}]
+    captions = [{"id": key, "image": image, "references": refs, "detailed": scene_text.detailed_caption(scene, rng)}]
     return {"vqa": vqa, "grounding": grounding, "captions": captions,
             "alt_text": [{"id": key, "image": image, "caption": alt.text, "kind": alt.kind}]}
 
 
 def _lm_rows(scene: Scene, detailed: str, cfg: WorldConfig, rng: random.Random) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = [{"text": text.concise_caption(scene, rng)}, {"text": detailed}]
-    context = rng.choice(text.DESCRIPTION_CONTEXTS).format(d=detailed)
-    qa = text.vqa(scene, rng)
+    rows: list[dict[str, Any]] = [{"text": scene_text.concise_caption(scene, rng)}, {"text": detailed}]
+    context = rng.choice(scene_text.DESCRIPTION_CONTEXTS).format(d=detailed)
+    qa = scene_text.vqa(scene, rng)
     if qa is not None:
         rows.append({"messages": [{"role": "user", "content": context + qa.question},
                                   {"role": "assistant", "content": qa.answer}]})
     if rng.random() < cfg.lm_dialogue_prob:
-        turns = text.dialogue(scene, rng)
+        turns = scene_text.dialogue(scene, rng)
         messages = []
         for k, (q, a) in enumerate(turns):
             messages += [{"role": "user", "content": context + q if k == 0 else q},
@@ -235,7 +235,7 @@ def _lm_rows(scene: Scene, detailed: str, cfg: WorldConfig, rng: random.Random) 
         rows.append({"messages": messages})
     n_chat = int(cfg.chitchat_per_scene) + (rng.random() < cfg.chitchat_per_scene % 1)
     for _ in range(n_chat):
-        q, a = text.chitchat(rng)
+        q, a = scene_text.chitchat(rng)
         rows.append({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
     return rows
 
@@ -247,11 +247,11 @@ def scene_records(scene: Scene, split: str, index: int, cfg: WorldConfig) -> Sce
     rng = random.Random(f"seechat-mini/{cfg.seed}/{split}/{index}/text")
     boxed = random.Random()
     boxed.setstate(rng.getstate())  # the same description again, each object followed by its <box>
-    caption, detailed = text.concise_caption(scene), text.detailed_caption(scene, rng)
-    detailed_boxes = text.detailed_caption(scene, boxed, boxes=True)
-    alt = text.alt_text(scene, rng)
+    caption, detailed = scene_text.concise_caption(scene), scene_text.detailed_caption(scene, rng)
+    detailed_boxes = scene_text.detailed_caption(scene, boxed, boxes=True)
+    alt = scene_text.alt_text(scene, rng)
     clean = rng.random() < cfg.clean_fraction
-    web_text = (text.concise_caption(scene, rng) if rng.random() < 0.8 else detailed) if clean else alt.text
+    web_text = (scene_text.concise_caption(scene, rng) if rng.random() < 0.8 else detailed) if clean else alt.text
     meta = {"split": split, "caption": caption, "detailed": detailed, "detailed_boxes": detailed_boxes, "alt_text": alt.text,
             "alt_kind": alt.kind, "web_text_is_clean": clean, "web_text": web_text,
             "scene": scene.to_dict()}
@@ -263,7 +263,7 @@ def scene_records(scene: Scene, split: str, index: int, cfg: WorldConfig) -> Sce
             rows[f"{split}/{name}.jsonl"] = r
     if split == "train":
         rows["text/lm_corpus.jsonl"] = _lm_rows(scene, detailed, cfg, rng)
-        clip_caption = caption if rng.random() < 0.5 else text.concise_caption(scene, rng)
+        clip_caption = caption if rng.random() < 0.5 else scene_text.concise_caption(scene, rng)
         rows["clip/train.jsonl"] = [{"image": image, "caption": clip_caption}]
     return SceneRecords(key, _jpeg(scene, cfg.jpeg_quality), web_text, meta, rows)
 

@@ -15,7 +15,7 @@ from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer
 from seechat.config import LoraConfig, ModelConfig, TrainableConfig
 from seechat.data.processor import SeeChatProcessor
 from seechat.model.bridges import build_bridge
-from seechat.model.seechat import SeeChatModel
+from seechat.model.modeling import SeeChatModel
 from seechat.model.vision import VisionTower, load_vision_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

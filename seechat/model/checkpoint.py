@@ -28,7 +28,7 @@ from seechat.atomic import atomic_directory, check_output_apart, existing
 from seechat.config import ModelConfig, from_dict, to_dict
 from seechat.data.processor import SeeChatProcessor
 from seechat.model.build import DTYPES, assemble, load_language_model
-from seechat.model.seechat import SeeChatModel
+from seechat.model.modeling import SeeChatModel
 from seechat.model.vision import load_vision_model
 
 FORMAT = "seechat"

@@ -23,7 +23,7 @@ import torch
 
 from seechat.atomic import OutputOverlapError, atomic_directory, check_output_apart
 from seechat.data.conversation import accept_content_parts
-from seechat.model.seechat import SeeChatModel
+from seechat.model.modeling import SeeChatModel
 
 FORMATS = ("llava-hf",)
 

@@ -19,8 +19,16 @@ from transformers import AutoImageProcessor, AutoModel, AutoProcessor, AutoToken
 from seechat.config import BridgeConfig, LMConfig, ModelConfig, VisionConfig
 from seechat.data.collate import collate
 from seechat.eval.scorer import ChineseClipScorer
-from seechat.mini import text
-from seechat.mini.expert_common import lr_factor, read_jsonl, world_texts
+from seechat.mini import scene_text
+from seechat.mini.clip_expert import (
+    clip_batch,
+    clip_loss,
+    normalize_pixels,
+    patch_areas,
+    patch_box_targets,
+    patch_weights,
+)
+from seechat.mini.expert_training import lr_factor, read_jsonl, world_texts
 from seechat.mini.experts import (
     SHIPPED,
     ClipRecipe,
@@ -33,15 +41,7 @@ from seechat.mini.experts import (
     train_mini_lm,
 )
 from seechat.mini.fresh import fresh_scenes, held_out_meanings, step_batches, text_fingerprint
-from seechat.mini.mini_clip import (
-    clip_batch,
-    clip_loss,
-    normalize_pixels,
-    patch_areas,
-    patch_box_targets,
-    patch_weights,
-)
-from seechat.mini.mini_lm import IGNORE, encode_row, lm_batch, reading_row, text_row
+from seechat.mini.lm_expert import IGNORE, encode_row, lm_batch, reading_row, text_row
 from seechat.mini.scenes import fingerprint
 from seechat.mini.tokenizer import build_char_tokenizer
 from seechat.mini.world import WorldConfig, build_world
@@ -134,7 +134,7 @@ def test_evaluate_lm_reports_perplexities(trained, world):
     vocab = len(AutoTokenizer.from_pretrained(trained["tok"]))
     assert 1.0 < result["val_ppl"] < vocab and 1.0 < result["qa_answer_ppl"]  # trained: better than uniform
     assert 0.0 <= result["qa_exact"] <= 1.0 and result["n_qa"] > 0
-    assert set(result["qa_exact_by_type"]) == {*text.QUESTION_TYPES, "grounding"}
+    assert set(result["qa_exact_by_type"]) == {*scene_text.QUESTION_TYPES, "grounding"}
 
 
 # --------------------------------------------------------------------------- stitched
@@ -230,7 +230,7 @@ def test_fresh_batches_are_a_function_of_the_step_and_never_repeat_or_touch_held
 
 
 def test_lm_rows_encode_as_the_tokenizer_does_and_supervise_only_replies():
-    tokenizer = build_char_tokenizer(extra_chars=text.charset())
+    tokenizer = build_char_tokenizer(extra_chars=scene_text.charset())
     rng = random.Random(0)
     for scene in fresh_scenes(rng, 30):
         chat, plain = reading_row(scene, rng, 0.5, 3), text_row(scene, rng)
@@ -247,7 +247,7 @@ def test_lm_rows_encode_as_the_tokenizer_does_and_supervise_only_replies():
 
 
 def test_the_world_writes_only_characters_of_the_charset(world):
-    charset = set(text.charset())
+    charset = set(scene_text.charset())
     assert {c for t in world_texts(world) for c in t} <= charset
 
 
@@ -269,7 +269,7 @@ def test_shipped_experts_load_and_read_the_world(world):
     paths = shipped_experts()
     assert type(AutoModel.from_pretrained(paths.clip)).__name__ == "ChineseCLIPModel"
     tokenizer = AutoTokenizer.from_pretrained(paths.lm_tokenizer)
-    assert set(text.charset()) <= set(tokenizer.get_vocab())
-    assert set(text.charset()) - {" ", "\n", "\t"} <= set(AutoTokenizer.from_pretrained(paths.clip).get_vocab())
+    assert set(scene_text.charset()) <= set(tokenizer.get_vocab())
+    assert set(scene_text.charset()) - {" ", "\n", "\t"} <= set(AutoTokenizer.from_pretrained(paths.clip).get_vocab())
     for name in ("clip", "lm"):
         assert json.loads((SHIPPED / name / "eval.json").read_text())  # their held-out scores ship with them

@@ -1,7 +1,7 @@
 """Scene generator and Chinese text: determinism, geometry, and answers checked against ground truth.
 
 Answers are checked with an independent resolver that reads a referring phrase word by word, so a
-bug in `seechat.mini.text`'s own matching cannot hide itself.
+bug in `seechat.mini.scene_text`'s own matching cannot hide itself.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import re
 import numpy as np
 import pytest
 
-from seechat.mini import text as T
+from seechat.mini import scene_text as T
 from seechat.mini.scenes import COLOURS, POSITIONS, SHAPES, Scene, SceneObject, generate_scenes, render
 
 CORNERS = {"左上": (0, 0), "右上": (0, 2), "左下": (2, 0), "右下": (2, 2)}

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import webdataset as wds
 
+from seechat.mini.scene_text import QUESTION_TYPES, parse_box
 from seechat.mini.scenes import Scene, fingerprint
-from seechat.mini.text import QUESTION_TYPES, parse_box
 from seechat.mini.world import SPLITS, WorldConfig, build_world, load_manifest, split_scenes
 
 CFG = WorldConfig(seed=1, n_train=60, n_val=16, n_test=30, pairs_per_shard=25)

@@ -11,7 +11,7 @@ import json
 import sys
 import time
 
-from seechat.mini.mini_clip import ClipRecipe, evaluate_clip, train_mini_clip
+from seechat.mini.clip_expert import ClipRecipe, evaluate_clip, train_mini_clip
 from seechat.mini.world import WorldConfig, build_world
 
 size, patch = int(sys.argv[1]), int(sys.argv[2])

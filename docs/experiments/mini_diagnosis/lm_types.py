@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from seechat.mini.expert_common import read_jsonl
-from seechat.mini.mini_lm import _nll, lm_documents
+from seechat.mini.expert_training import read_jsonl
+from seechat.mini.lm_expert import _nll, lm_documents
 
 model_dir, world = Path(sys.argv[1]), Path("runs/mini/world")
 tok = AutoTokenizer.from_pretrained(model_dir / "tokenizer")

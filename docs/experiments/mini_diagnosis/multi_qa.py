@@ -5,7 +5,7 @@
 
 Same train scenes, images, conversation kinds and mix as `runs/mini/world/instruct/train.jsonl`
 (WorldConfig() defaults); a "vqa" conversation asks K_VQA questions of different types
-(`text.vqa_set`), a "grounding" one up to K_GRD referring expressions; other kinds are unchanged.
+(`scene_text.vqa_set`), a "grounding" one up to K_GRD referring expressions; other kinds are unchanged.
 """
 
 import json
@@ -13,7 +13,7 @@ import random
 import sys
 from pathlib import Path
 
-from seechat.mini import text
+from seechat.mini import scene_text
 from seechat.mini.world import INSTRUCT_KINDS, WorldConfig, _conversation, _instruct_turns, split_scenes
 
 k_vqa, k_grd, out = int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
@@ -21,14 +21,14 @@ cfg = WorldConfig()
 turns_written = 0
 
 
-def grounding_turns(scene, rng: random.Random) -> list[text.Turn]:
+def grounding_turns(scene, rng: random.Random) -> list[scene_text.Turn]:
     seen: set[str] = set()
-    turns: list[text.Turn] = []
+    turns: list[scene_text.Turn] = []
     for _ in range(3 * k_grd):
-        g = text.grounding(scene, rng)
+        g = scene_text.grounding(scene, rng)
         if g is not None and g.expression not in seen:
             seen.add(g.expression)
-            turns.append((text.grounding_instruction(g.expression, rng), g.answer))
+            turns.append((scene_text.grounding_instruction(g.expression, rng), g.answer))
         if len(turns) == k_grd:
             break
     return turns
@@ -39,9 +39,9 @@ with open(out, "w", encoding="utf-8") as f:
         key = f"{cfg.key_offset('train') + i:09d}"
         rng = random.Random(f"multi/{i}")
         for n, kind in enumerate(rng.choices(INSTRUCT_KINDS, weights=cfg.instruct_weights, k=cfg.instruct_per_image)):
-            turns: list[text.Turn] = []
+            turns: list[scene_text.Turn] = []
             if kind == "vqa":
-                turns = [(q.question, q.answer) for q in text.vqa_set(scene, rng, k_vqa)]
+                turns = [(q.question, q.answer) for q in scene_text.vqa_set(scene, rng, k_vqa)]
             elif kind == "grounding":
                 turns = grounding_turns(scene, rng)
             turns = turns or _instruct_turns(scene, kind, rng)

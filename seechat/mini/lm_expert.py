@@ -1,7 +1,7 @@
 """The mini Chinese LM: a tiny `Qwen2ForCausalLM` pretrained on the mini world's text, no images.
 
 The tokenizer is `seechat.mini.tokenizer.build_char_tokenizer` (one token per character, ChatML
-template, eos = `<|im_end|>`) over `seechat.mini.text.charset()`, every character any mini world
+template, eos = `<|im_end|>`) over `seechat.mini.scene_text.charset()`, every character any mini world
 can write, so stage 2 never meets an unknown character whatever the world's seed. It is saved in
 `out_dir/tokenizer`, never next to the model's `config.json`: `AutoTokenizer` on a folder whose
 config says `qwen2` picks Qwen's byte-level class, which cannot read a character vocabulary.
@@ -15,7 +15,7 @@ caption, follow-up dialogues) — and otherwise plain text (captions, descriptio
 The loss is on the assistant replies + `<|im_end|>` of chat rows (what the LM must learn to do)
 and on every token of text rows (what keeps it a language model of the world's Chinese).
 
-Not here: the shared recipe plumbing (`seechat.mini.expert_common`), stage 1/2 training.
+Not here: the shared recipe plumbing (`seechat.mini.expert_training`), stage 1/2 training.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, Qwen2Config
 
-from seechat.mini import text
-from seechat.mini.expert_common import (
+from seechat.mini import scene_text
+from seechat.mini.expert_training import (
     PathLike,
     done_marker,
     pair_meta,
@@ -77,20 +77,20 @@ Message = tuple[str, str]  # (role, content)
 def _question(scene: Scene, rng: random.Random, boxes: bool) -> list[tuple[str, str]]:
     """One exercise about `scene`: a VQA item, a box, a caption or a short follow-up dialogue."""
     kind = rng.choices(("vqa", "grounding", "caption", "dialogue"), weights=(7, 2 if boxes else 0, 1, 1))[0]
-    if kind == "grounding" and (g := text.grounding(scene, rng)) is not None:
-        return [(text.grounding_instruction(g.expression, rng), g.answer)]
+    if kind == "grounding" and (g := scene_text.grounding(scene, rng)) is not None:
+        return [(scene_text.grounding_instruction(g.expression, rng), g.answer)]
     if kind == "caption":
-        return [(text.caption_instruction(rng), text.concise_caption(scene))]
+        return [(scene_text.caption_instruction(rng), scene_text.concise_caption(scene))]
     if kind == "dialogue":
-        return text.dialogue(scene, rng)
-    qa = text.vqa(scene, rng)
-    return [(qa.question, qa.answer)] if qa else [(text.caption_instruction(rng), text.concise_caption(scene))]
+        return scene_text.dialogue(scene, rng)
+    qa = scene_text.vqa(scene, rng)
+    return [(qa.question, qa.answer)] if qa else [(scene_text.caption_instruction(rng), scene_text.concise_caption(scene))]
 
 
 def reading_row(scene: Scene, rng: random.Random, box_fraction: float, turns: int) -> list[Message]:
     """A description of `scene` in the user's first turn, then `turns` exercises about it."""
     boxes = rng.random() < box_fraction
-    context = rng.choice(text.DESCRIPTION_CONTEXTS).format(d=text.detailed_caption(scene, rng, boxes=boxes))
+    context = rng.choice(scene_text.DESCRIPTION_CONTEXTS).format(d=scene_text.detailed_caption(scene, rng, boxes=boxes))
     pairs: list[tuple[str, str]] = []
     while len(pairs) < turns:
         pairs += _question(scene, rng, boxes)
@@ -104,10 +104,10 @@ def text_row(scene: Scene, rng: random.Random) -> str | list[Message]:
     """Plain text about `scene` (a caption or a description), or one exchange of small talk."""
     r = rng.random()
     if r < 0.4:
-        return text.concise_caption(scene, rng)
+        return scene_text.concise_caption(scene, rng)
     if r < 0.85:
-        return text.detailed_caption(scene, rng, boxes=rng.random() < 0.3)
-    q, a = text.chitchat(rng)
+        return scene_text.detailed_caption(scene, rng, boxes=rng.random() < 0.3)
+    q, a = scene_text.chitchat(rng)
     return [("user", q), ("assistant", a)]
 
 
@@ -162,7 +162,7 @@ def lm_config(recipe: LMRecipe, tokenizer: PreTrainedTokenizerBase) -> Qwen2Conf
 
 
 def _lm_train(recipe: LMRecipe, out: Path, device: str, workers: int) -> dict[str, Any]:
-    tokenizer = build_char_tokenizer(extra_chars=text.charset())
+    tokenizer = build_char_tokenizer(extra_chars=scene_text.charset())
     torch.manual_seed(recipe.seed)
     model = AutoModelForCausalLM.from_config(lm_config(recipe, tokenizer)).to(device).train()
     batches = step_batches(functools.partial(lm_batch, recipe, tokenizer), recipe.steps, workers)
@@ -210,13 +210,13 @@ def reading_exam(scenes: list[Scene], seed: int = 0) -> list[tuple[str, list[Mes
     items: list[tuple[str, list[Message]]] = []
     for n, scene in enumerate(scenes):
         rng = random.Random(f"seechat-mini/reading-exam/{seed}/{n}")
-        context = rng.choice(text.DESCRIPTION_CONTEXTS).format(d=text.detailed_caption(scene, rng))
-        for qtype in text.QUESTION_TYPES:
-            if (qa := text.vqa(scene, rng, qtype)) is not None:
+        context = rng.choice(scene_text.DESCRIPTION_CONTEXTS).format(d=scene_text.detailed_caption(scene, rng))
+        for qtype in scene_text.QUESTION_TYPES:
+            if (qa := scene_text.vqa(scene, rng, qtype)) is not None:
                 items.append((qtype, [("user", context + qa.question), ("assistant", qa.answer)]))
-        if (g := text.grounding(scene, rng)) is not None:
-            boxed = rng.choice(text.DESCRIPTION_CONTEXTS).format(d=text.detailed_caption(scene, rng, boxes=True))
-            items.append(("grounding", [("user", boxed + text.grounding_instruction(g.expression, rng)),
+        if (g := scene_text.grounding(scene, rng)) is not None:
+            boxed = rng.choice(scene_text.DESCRIPTION_CONTEXTS).format(d=scene_text.detailed_caption(scene, rng, boxes=True))
+            items.append(("grounding", [("user", boxed + scene_text.grounding_instruction(g.expression, rng)),
                                         ("assistant", g.answer)]))
     return items
 

@@ -42,10 +42,10 @@ from seechat.data.processor import SeeChatProcessor
 from seechat.eval.bleu import bleu
 from seechat.eval.cider import cider_d
 from seechat.eval.grounding import grounding_accuracy
-from seechat.eval.text import get_tokenizer, normalize_caption
+from seechat.eval.normalize import get_tokenizer, normalize_caption
 from seechat.eval.vqa import vqa_accuracy
 from seechat.infer.generate import SamplingParams, generate
-from seechat.model.seechat import SeeChatModel
+from seechat.model.modeling import SeeChatModel
 
 __all__ = [
     "CAPTION_PROMPT",

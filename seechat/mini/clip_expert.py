@@ -1,7 +1,7 @@
 """The mini Chinese-CLIP: transformers' `ChineseCLIPModel` at toy size, trained contrastively.
 
 A small BERT text tower and a ViT over 64-px images (8-px patches: an 8x8 grid), a project-built
-`BertTokenizerFast` (a `vocab.txt` of `seechat.mini.text.charset()`, every character any mini world
+`BertTokenizerFast` (a `vocab.txt` of `seechat.mini.scene_text.charset()`, every character any mini world
 writes; BERT's basic tokenizer splits CJK per character) and a 64-px `ChineseCLIPImageProcessor`, all saved together in one `save_pretrained`
 folder. Its vision half is the mini vision expert (`VisionConfig(path=clip_dir)`); the whole model
 is the mini relevance scorer (`seechat.eval.scorer.ChineseClipScorer.from_pretrained(clip_dir)`).
@@ -10,7 +10,7 @@ Every step draws fresh scenes (`seechat.mini.fresh`): no image is shown twice. T
 CLIP's symmetric InfoNCE with learnable temperature, twice, plus a box term:
 
 - **image-caption**: the pooled image embedding against a freshly phrased concise or detailed
-  caption of each image (drawn from the scene's ground truth each step, `seechat.mini.text`). A text
+  caption of each image (drawn from the scene's ground truth each step, `seechat.mini.scene_text`). A text
   true of several images in the batch (identical concise captions) counts them all as positives.
 - **region-phrase**: each object's box-weighted mean of the *feature layer's* patch tokens (the
   layer stitching reads, `feature_layer=-2`), through the same post-LayerNorm and projection,
@@ -29,7 +29,7 @@ CLIP's symmetric InfoNCE with learnable temperature, twice, plus a box term:
 `text_init_std=0.1` (BERT uses 0.02): at 0.02 every text's [CLS] output starts at cosine 0.9999
 with every other, and the image-caption loss sits on a plateau for a third of the budget.
 
-Not here: the shared recipe plumbing (`seechat.mini.expert_common`), the scorer
+Not here: the shared recipe plumbing (`seechat.mini.expert_training`), the scorer
 (`seechat.eval.scorer`), stitching (`seechat.model`).
 """
 
@@ -55,8 +55,8 @@ from transformers import (
 from transformers.models.chinese_clip import ChineseCLIPImageProcessorPil
 
 from seechat.eval.grounding import box_iou
-from seechat.mini import text
-from seechat.mini.expert_common import (
+from seechat.mini import scene_text
+from seechat.mini.expert_training import (
     PathLike,
     done_marker,
     load_pixels,
@@ -168,9 +168,9 @@ def _captions(scenes: list[Scene], rng: random.Random, recipe: ClipRecipe) -> di
     """A concise or detailed caption per image; a caption is true of every image with its meaning
     (the canonical caption for concise ones, the scene fingerprint for detailed ones)."""
     detailed = [rng.random() < recipe.detailed_fraction for _ in scenes]
-    texts = [text.detailed_caption(s, rng) if d else text.concise_caption(s, rng)
+    texts = [scene_text.detailed_caption(s, rng) if d else scene_text.concise_caption(s, rng)
              for s, d in zip(scenes, detailed, strict=True)]
-    canonical, meaning = [text.concise_caption(s) for s in scenes], [fingerprint(s) for s in scenes]
+    canonical, meaning = [scene_text.concise_caption(s) for s in scenes], [fingerprint(s) for s in scenes]
     keys = [m if d else c for c, m, d in zip(canonical, meaning, detailed, strict=True)]
     positive = torch.tensor([[key == (meaning[j] if d else canonical[j]) for j in range(len(scenes))]
                              for key, d in zip(keys, detailed, strict=True)])
@@ -210,7 +210,7 @@ def _regions(scenes: list[Scene], rng: random.Random, recipe: ClipRecipe) -> dic
     for b, scene in enumerate(scenes):
         for o in scene.objects:
             named_cell = rng.random() < recipe.region_position_prob
-            phrases.append(text.phrase(o.shape, o.colour, o.size, text.LOCATIVE[o.position] if named_cell else None))
+            phrases.append(scene_text.phrase(o.shape, o.colour, o.size, scene_text.LOCATIVE[o.position] if named_cell else None))
             image.append(b)
             weights.append(patch_weights(o.bbox, recipe.image_size, recipe.patch_size))
             facts.append((o.shape, o.colour, o.size, o.position))
@@ -271,7 +271,7 @@ def region_embeds(model: ChineseCLIPModel, hidden: torch.Tensor, image: torch.Te
 
 
 def _clip_train(recipe: ClipRecipe, out: Path, device: str, workers: int) -> dict[str, Any]:
-    tokenizer = build_clip_tokenizer(text.charset(), recipe.max_text_length, out)
+    tokenizer = build_clip_tokenizer(scene_text.charset(), recipe.max_text_length, out)
     torch.manual_seed(recipe.seed)
     model = ChineseCLIPModel(clip_config(recipe, len(tokenizer))).to(device).train()
     # The box head reads the feature layer as the bridge will, then is dropped: it only shapes the features.
@@ -342,7 +342,7 @@ def _region_attributes(model: ChineseCLIPModel, tokenizer: PreTrainedTokenizerBa
                             torch.stack([patch_weights(o.bbox, vc.image_size, vc.patch_size) for _, o in objects]))
     result = {}
     for attr, values in (("shape", SHAPES), ("colour", tuple(COLOURS)), ("size", SIZES)):
-        phrases = [text.phrase(**{"shape": o.shape, "colour": o.colour, "size": o.size, attr: v})
+        phrases = [scene_text.phrase(**{"shape": o.shape, "colour": o.colour, "size": o.size, attr: v})
                    for _, o in objects for v in values]
         candidates = F.normalize(text_embeds(model, tokenizer, phrases), dim=-1).view(len(objects), len(values), -1)
         picked = torch.einsum("rd,rvd->rv", regions, candidates).argmax(1).tolist()

@@ -17,8 +17,8 @@ from seechat.config import BridgeConfig, LMConfig, ModelConfig, VisionConfig
 from seechat.eval.bleu import bleu
 from seechat.eval.cider import cider_d
 from seechat.eval.grounding import grounding_accuracy
-from seechat.eval.run import read_jsonl, shard_batches, write_jsonl
-from seechat.eval.text import normalize_caption
+from seechat.eval.normalize import normalize_caption
+from seechat.eval.tasks import read_jsonl, shard_batches, write_jsonl
 from seechat.eval.vqa import vqa_accuracy
 from seechat.model import build, write_checkpoint
 

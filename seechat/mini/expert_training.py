@@ -1,4 +1,4 @@
-"""Plumbing shared by the mini-expert recipes (`seechat.mini.mini_clip`, `seechat.mini.mini_lm`).
+"""Plumbing shared by the mini-expert recipes (`seechat.mini.clip_expert`, `seechat.mini.lm_expert`).
 
 A recipe run: skip when `done.json` already records the same recipe and world, otherwise build the
 output in a temp dir and rename it into place; one AdamW + warmup/cosine loop with a tqdm bar,

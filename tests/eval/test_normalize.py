@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from seechat.eval.text import (
+from seechat.eval.normalize import (
     arabic_to_chinese,
     as_tokens,
     chinese_to_arabic,
