@@ -24,7 +24,8 @@ demo: setup
 	$(BIN)/seechat demo
 
 lint: setup
-	$(BIN)/ruff check seechat tests benchmarks
+	$(BIN)/ruff check seechat tests benchmarks docs/experiments
+	$(BIN)/ruff format --check seechat tests benchmarks docs/experiments
 
 # Headless Chromium for the browser test of the chat page (Debian packages; needs root + apt).
 browser:

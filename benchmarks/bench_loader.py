@@ -102,7 +102,9 @@ def prepare(setting: Setting, world: Path, root: Path) -> tuple[str, Path, list[
                 data = sample.image_bytes
                 if setting.source_side is not None:
                     with Image.open(io.BytesIO(data)) as image:
-                        big = image.convert("RGB").resize((setting.source_side,) * 2, Image.Resampling.BICUBIC)
+                        big = image.convert("RGB").resize(
+                            (setting.source_side,) * 2, Image.Resampling.BICUBIC
+                        )
                     data = encode_image(big, quality=90)
                 writer.write(key, data, sample.text, {})
                 (files_dir / f"{key}.jpg").write_bytes(data)
@@ -167,8 +169,12 @@ def measure(batches: Iterator[dict]) -> Timing:
 
 def stream_batches(processor: SeeChatProcessor, shards: str, workers: int, batch_size: int) -> Iterator[dict]:
     cfg = DataConfig(
-        kind="pairs", paths=(shards,), text_field="txt", pair_instructions=INSTRUCTIONS,
-        shuffle_buffer=256, num_workers=workers,
+        kind="pairs",
+        paths=(shards,),
+        text_field="txt",
+        pair_instructions=INSTRUCTIONS,
+        shuffle_buffer=256,
+        num_workers=workers,
     )
     return pair_batches(processor, StreamSpec(batch_size, seed=0, rank=0, world_size=1), cfg, 0, 0, None)
 
@@ -178,7 +184,10 @@ def naive_batches(
 ) -> Iterator[dict]:
     dataset = FilePairs(files, rows, PairToEncoded(processor, INSTRUCTIONS))
     loader = DataLoader(
-        dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
+        dataset,
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=workers,
         collate_fn=partial(collate_skipping, processor.tokenizer.pad_token_id),
         generator=torch.Generator().manual_seed(0),
     )
@@ -223,8 +232,12 @@ def machine() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--world", type=Path, default=Path("runs/mini/world"), help="mini world (built if missing)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--world", type=Path, default=Path("runs/mini/world"), help="mini world (built if missing)"
+    )
     parser.add_argument("--build-train", type=int, default=2000, help="train scenes when building a world")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="DataLoader workers to try")
     parser.add_argument("--batch-size", type=int, default=32, help="samples per batch (default: 32)")
@@ -232,7 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--proxy-samples", type=int, default=320, help="pairs in the 336-px proxy setting")
     parser.add_argument("--repeats", type=int, default=1, help="runs per cell; the median is reported")
     parser.add_argument("--mfu", type=float, default=0.40, help="model FLOP utilisation for the GPU estimate")
-    parser.add_argument("--append", type=Path, default=None, help="append the results as markdown to this file")
+    parser.add_argument(
+        "--append", type=Path, default=None, help="append the results as markdown to this file"
+    )
     args = parser.parse_args(argv)
 
     started = time.time()
@@ -252,16 +267,31 @@ def main(argv: list[str] | None = None) -> int:
             for workers in args.workers:
                 timings: dict[str, list[Timing]] = {"stream": [], "naive": []}
                 for _ in range(args.repeats):  # interleaved so that machine noise hits both alike
-                    timings["stream"].append(measure(stream_batches(processor, shards, workers, args.batch_size)))
-                    timings["naive"].append(measure(naive_batches(processor, files, rows, workers, args.batch_size)))
+                    timings["stream"].append(
+                        measure(stream_batches(processor, shards, workers, args.batch_size))
+                    )
+                    timings["naive"].append(
+                        measure(naive_batches(processor, files, rows, workers, args.batch_size))
+                    )
                 for reader, values in timings.items():
                     rate = statistics.median(t.img_s for t in values)
                     per_cpu = statistics.median(t.img_per_cpu_s for t in values)
-                    results.append({"setting": setting.name, "reader": reader, "workers": workers,
-                                    "samples": setting.samples, "img_s": rate, "per_core": rate / max(1, workers),
-                                    "per_cpu_s": per_cpu})
-                    print(f"{setting.name:<38} {reader:<6} workers={workers}  {rate:8.1f} img/s  "
-                          f"{per_cpu:8.1f} img/CPU-s", flush=True)
+                    results.append(
+                        {
+                            "setting": setting.name,
+                            "reader": reader,
+                            "workers": workers,
+                            "samples": setting.samples,
+                            "img_s": rate,
+                            "per_core": rate / max(1, workers),
+                            "per_cpu_s": per_cpu,
+                        }
+                    )
+                    print(
+                        f"{setting.name:<38} {reader:<6} workers={workers}  {rate:8.1f} img/s  "
+                        f"{per_cpu:8.1f} img/CPU-s",
+                        flush=True,
+                    )
 
     cfg = load_config(REFERENCE)
     info += "; image processors: " + ", ".join(backends)
@@ -284,14 +314,21 @@ def report(results: list[dict], cfg, args: argparse.Namespace, info: str, second
         "|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        out.append(f"| {r['setting']} | {r['reader']} | {r['workers']} | {r['samples']} | "
-                   f"{r['img_s']:.0f} | {r['per_core']:.0f} | {r['per_cpu_s']:.0f} |")
+        out.append(
+            f"| {r['setting']} | {r['reader']} | {r['workers']} | {r['samples']} | "
+            f"{r['img_s']:.0f} | {r['per_core']:.0f} | {r['per_cpu_s']:.0f} |"
+        )
     ratios = []
     for r in results:
         if r["reader"] == "stream":
-            naive = next(n for n in results if n["reader"] == "naive" and n["setting"] == r["setting"]
-                         and n["workers"] == r["workers"])
-            ratios.append(f"{r['setting'].split(':')[0]} w={r['workers']}: {r['img_s'] / naive['img_s']:.2f}x")
+            naive = next(
+                n
+                for n in results
+                if n["reader"] == "naive" and n["setting"] == r["setting"] and n["workers"] == r["workers"]
+            )
+            ratios.append(
+                f"{r['setting'].split(':')[0]} w={r['workers']}: {r['img_s'] / naive['img_s']:.2f}x"
+            )
     out += ["", "stream / naive: " + ", ".join(ratios) + "."]
 
     q = cfg.model.bridge.num_queries

@@ -52,14 +52,27 @@ def build_mini_size_model(root: Path) -> Path:
 
     torch.manual_seed(0)
     vision_cfg = ChineseCLIPVisionConfig(
-        hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4, image_size=64, patch_size=8
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        image_size=64,
+        patch_size=8,
     )
     AutoModel.from_config(vision_cfg).save_pretrained(root / "vision")
-    CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}).save_pretrained(root / "vision")
+    CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}).save_pretrained(
+        root / "vision"
+    )
     tokenizer = build_char_tokenizer(extra_chars=[chr(0x4E00 + i) for i in range(880)])
     lm_cfg = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=False,
+        vocab_size=len(tokenizer),
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
     )
     AutoModelForCausalLM.from_config(lm_cfg).save_pretrained(root / "lm")
     tokenizer.save_pretrained(root / "lm" / "tokenizer")
@@ -89,9 +102,13 @@ class Bench:
         self.model, self.processor = load(ckpt)
         self.llava = LlavaForConditionalGeneration.from_pretrained(llava_dir).eval()
         self.engines = {
-            "seechat": Engine(self.model, self.processor, EngineConfig(max_batch_size=max_batch, prefix_cache_mb=0)),
+            "seechat": Engine(
+                self.model, self.processor, EngineConfig(max_batch_size=max_batch, prefix_cache_mb=0)
+            ),
             "seechat, no speculation": Engine(
-                self.model, self.processor, EngineConfig(max_batch_size=max_batch, prefix_cache_mb=0, speculative_tokens=0)
+                self.model,
+                self.processor,
+                EngineConfig(max_batch_size=max_batch, prefix_cache_mb=0, speculative_tokens=0),
             ),
         }
         for engine in self.engines.values():
@@ -126,24 +143,35 @@ class Bench:
                     done[i] = True
                     if all(done):
                         all_done.set()
+
             return put
 
         t0 = time.perf_counter()
         for i in range(concurrency):
-            self.engines[name].submit(self.ids, [images[i]], params, sink=sink(i), cache_prefix=False, ignore_eos=True)
+            self.engines[name].submit(
+                self.ids, [images[i]], params, sink=sink(i), cache_prefix=False, ignore_eos=True
+            )
         all_done.wait()
         t1 = time.perf_counter()
         tokens = sum(n for s in stamps for _, n in s)
         first = stamps[0][0][0]
         last = stamps[0][-1][0]
-        return {"ttft_s": first - t0, "decode_tok_s": (self.n - 1) / (last - first), "agg_tok_s": tokens / (t1 - t0),
-                "tokens": tokens}
+        return {
+            "ttft_s": first - t0,
+            "decode_tok_s": (self.n - 1) / (last - first),
+            "agg_tok_s": tokens / (t1 - t0),
+            "tokens": tokens,
+        }
 
     def engine_tokens(self, name: str, image: Image.Image) -> list[int]:
         from seechat.infer.generate import SamplingParams
 
         params = SamplingParams(max_new_tokens=self.n)
-        return self.engines[name].generate(self.ids, [image], params, cache_prefix=False, ignore_eos=True).token_ids
+        return (
+            self.engines[name]
+            .generate(self.ids, [image], params, cache_prefix=False, ignore_eos=True)
+            .token_ids
+        )
 
     # ---------------------------------------------------------------- transformers LLaVA
 
@@ -156,7 +184,9 @@ class Bench:
         images = self._images(concurrency)
         t0 = time.perf_counter()  # the image processor is part of a transformers user's time to first token
         pixels = self.processor.preprocess_images(images)
-        batch = collate([Encoded(self.ids, None, None)] * concurrency, self.processor.tokenizer.pad_token_id, "left")
+        batch = collate(
+            [Encoded(self.ids, None, None)] * concurrency, self.processor.tokenizer.pad_token_id, "left"
+        )
 
         class Clock(BaseStreamer):
             def __init__(self):
@@ -171,8 +201,12 @@ class Bench:
         clock = Clock()
         with torch.inference_mode():
             out = self.llava.generate(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=pixels,
-                max_new_tokens=self.n, min_new_tokens=self.n, do_sample=False,
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                pixel_values=pixels,
+                max_new_tokens=self.n,
+                min_new_tokens=self.n,
+                do_sample=False,
                 streamer=clock if concurrency == 1 else None,
                 pad_token_id=self.processor.tokenizer.pad_token_id,
             )
@@ -188,10 +222,14 @@ class Bench:
         pixels = self.processor.preprocess_images([image])
         with torch.inference_mode():
             out = self.llava.generate(
-                input_ids=self.ids[None], pixel_values=pixels, max_new_tokens=self.n, min_new_tokens=self.n,
-                do_sample=False, pad_token_id=self.processor.tokenizer.pad_token_id,
+                input_ids=self.ids[None],
+                pixel_values=pixels,
+                max_new_tokens=self.n,
+                min_new_tokens=self.n,
+                do_sample=False,
+                pad_token_id=self.processor.tokenizer.pad_token_id,
             )
-        return out[0, self.ids.numel():].tolist()
+        return out[0, self.ids.numel() :].tolist()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -237,7 +275,10 @@ def main(argv: list[str] | None = None) -> int:
             for name in names:
                 res = bench.hf_run(c) if name == "transformers" else bench.engine_run(name, c)
                 runs[name].setdefault(c, []).append(res)
-            print(f"  c={c}: " + ", ".join(f"{n} {runs[n][c][-1]['agg_tok_s']:.1f}" for n in names) + " tok/s", flush=True)
+            print(
+                f"  c={c}: " + ", ".join(f"{n} {runs[n][c][-1]['agg_tok_s']:.1f}" for n in names) + " tok/s",
+                flush=True,
+            )
     spec = bench.engines["seechat"].counters
     accept = spec["accepted_drafts"] / max(1, spec["draft_tokens"])
     for engine in bench.engines.values():
@@ -255,23 +296,44 @@ def main(argv: list[str] | None = None) -> int:
         for name in runs
     }
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads"
-    print(f"\nmachine: {machine}; load average before: {load_before}; model: "
-          f"{'untrained mini-size (built)' if built else args.model}; decode path: "
-          f"{bench.engines['seechat'].runner.decode_path}; {args.new_tokens} new tokens; median of {args.repeats}; "
-          f"n-gram drafts accepted: {accept:.0%}")
-    print("| | TTFT ms | decode tok/s (b=1) | " + " | ".join(f"agg tok/s c={c}" for c in args.concurrency) + " |")
+    print(
+        f"\nmachine: {machine}; load average before: {load_before}; model: "
+        f"{'untrained mini-size (built)' if built else args.model}; decode path: "
+        f"{bench.engines['seechat'].runner.decode_path}; {args.new_tokens} new tokens; median of {args.repeats}; "
+        f"n-gram drafts accepted: {accept:.0%}"
+    )
+    print(
+        "| | TTFT ms | decode tok/s (b=1) | "
+        + " | ".join(f"agg tok/s c={c}" for c in args.concurrency)
+        + " |"
+    )
     print("|---|---|---|" + "---|" * len(args.concurrency))
     for name, row in table.items():
-        print(f"| {name} | {row['ttft_ms']:.1f} | {row['decode_tok_s_b1']:.1f} | "
-              + " | ".join(f"{row['agg_tok_s'][c]:.1f}" for c in args.concurrency) + " |")
+        print(
+            f"| {name} | {row['ttft_ms']:.1f} | {row['decode_tok_s_b1']:.1f} | "
+            + " | ".join(f"{row['agg_tok_s'][c]:.1f}" for c in args.concurrency)
+            + " |"
+        )
     h = table["transformers"]
     for name in bench.engines:
         s = table[name]
-        print(f"{name}: decode speed-up at batch 1 {s['decode_tok_s_b1'] / h['decode_tok_s_b1']:.2f}x, "
-              f"aggregate at c={max(args.concurrency)} {s['agg_tok_s'][max(args.concurrency)] / h['agg_tok_s'][max(args.concurrency)]:.2f}x")
+        print(
+            f"{name}: decode speed-up at batch 1 {s['decode_tok_s_b1'] / h['decode_tok_s_b1']:.2f}x, "
+            f"aggregate at c={max(args.concurrency)} {s['agg_tok_s'][max(args.concurrency)] / h['agg_tok_s'][max(args.concurrency)]:.2f}x"
+        )
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": machine, "command": " ".join(sys.argv), "table": table,
-                                               "greedy_agree": agree, "draft_acceptance": accept}, indent=2))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "machine": machine,
+                    "command": " ".join(sys.argv),
+                    "table": table,
+                    "greedy_agree": agree,
+                    "draft_acceptance": accept,
+                },
+                indent=2,
+            )
+        )
     return 0
 
 

@@ -76,15 +76,32 @@ def reference_preset(recipe: Path = REFERENCE_RECIPE) -> Preset:
     estimate` sizes runs with; nothing is downloaded): ViT-L/14 @ 336 px + Qwen2.5-7B + Q-Former.
     The H200 rows in benchmarks/RESULTS.md were timed with these shapes written out here."""
     model = load_config(recipe).model
-    return Preset(vision=expert_config(model.vision.path), lm=expert_config(model.lm.path), bridge=model.bridge)
+    return Preset(
+        vision=expert_config(model.vision.path), lm=expert_config(model.lm.path), bridge=model.bridge
+    )
 
 
 def tiny_preset() -> Preset:
     return Preset(
-        vision=ChineseCLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                       image_size=56, patch_size=14, projection_dim=32),
-        lm=Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=1000, max_position_embeddings=4096, tie_word_embeddings=False),
+        vision=ChineseCLIPVisionConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=56,
+            patch_size=14,
+            projection_dim=32,
+        ),
+        lm=Qwen2Config(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=1000,
+            max_position_embeddings=4096,
+            tie_word_embeddings=False,
+        ),
         bridge=BridgeConfig(type="qformer", num_queries=8, num_layers=2, num_heads=4, hidden_size=64),
     )
 
@@ -94,8 +111,12 @@ IMAGE_TOKEN_ID = 7  # any id inside the vocabulary: the synthetic batches place 
 
 
 def build(preset: Preset, device: torch.device, dtype: torch.dtype) -> SeeChatModel:
-    cfg = ModelConfig(vision=VisionConfig(feature_layer=-2, select="patch"), bridge=preset.bridge,
-                      dtype={torch.bfloat16: "bfloat16", torch.float32: "float32"}[dtype], attn_implementation="sdpa")
+    cfg = ModelConfig(
+        vision=VisionConfig(feature_layer=-2, select="patch"),
+        bridge=preset.bridge,
+        dtype={torch.bfloat16: "bfloat16", torch.float32: "float32"}[dtype],
+        attn_implementation="sdpa",
+    )
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # initialise straight in bf16: a 7B model never exists in fp32
     try:
@@ -105,7 +126,9 @@ def build(preset: Preset, device: torch.device, dtype: torch.dtype) -> SeeChatMo
     finally:
         torch.set_default_dtype(default)
     tower = VisionTower(vision, cfg.vision)
-    bridge = build_bridge(cfg.bridge, tower.hidden_size, lm.config.hidden_size, tower.num_features).to(device, dtype)
+    bridge = build_bridge(cfg.bridge, tower.hidden_size, lm.config.hidden_size, tower.num_features).to(
+        device, dtype
+    )
     return SeeChatModel(cfg, tower, bridge, lm, IMAGE_TOKEN_ID)
 
 
@@ -122,11 +145,17 @@ def batch(model: SeeChatModel, b: int, text: int, device: torch.device) -> dict:
     labels = ids.clone()
     labels[:, : n_img + text // 3] = -100  # the prompt part is not supervised
     size = model.vision_tower.image_size
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
-            "pixel_values": torch.randn(b, 3, size, size, device=device)}
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "labels": labels,
+        "pixel_values": torch.randn(b, 3, size, size, device=device),
+    }
 
 
-def time_steps(model: SeeChatModel, b: int, text: int, steps: int, warmup: int, device: torch.device) -> float:
+def time_steps(
+    model: SeeChatModel, b: int, text: int, steps: int, warmup: int, device: torch.device
+) -> float:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
     data = batch(model, b, text, device)
@@ -135,15 +164,26 @@ def time_steps(model: SeeChatModel, b: int, text: int, steps: int, warmup: int, 
         if i == warmup:
             sync()
             t0 = time.perf_counter()
-        model(**data, return_logits=False).loss.backward()  # as training runs it: LM head at supervised positions only
+        model(
+            **data, return_logits=False
+        ).loss.backward()  # as training runs it: LM head at supervised positions only
         opt.step()
         opt.zero_grad(set_to_none=True)
     sync()
     return (time.perf_counter() - t0) / steps
 
 
-def run_stage(name: str, model: SeeChatModel, trainable: TrainableConfig, checkpointing: bool, batches: list[int],
-              text: int, args, device: torch.device, flops_per_sample) -> list[dict]:
+def run_stage(
+    name: str,
+    model: SeeChatModel,
+    trainable: TrainableConfig,
+    checkpointing: bool,
+    batches: list[int],
+    text: int,
+    args,
+    device: torch.device,
+    flops_per_sample,
+) -> list[dict]:
     apply_trainable(model, trainable)
     lm = model.language_model
     if checkpointing:
@@ -161,9 +201,16 @@ def run_stage(name: str, model: SeeChatModel, trainable: TrainableConfig, checkp
             print(json.dumps(rows[-1]), flush=True)
             break
         tflops = flops_per_sample * b / dt / 1e12
-        row = {"stage": name, "batch": b, "seq_len": model.num_image_tokens + text, "step_s": round(dt, 4),
-               "samples_per_s": round(b / dt, 1), "tokens_per_s": round(b * (model.num_image_tokens + text) / dt),
-               "model_tflops": round(tflops, 1), "mfu": round(tflops / args.peak_tflops, 3)}
+        row = {
+            "stage": name,
+            "batch": b,
+            "seq_len": model.num_image_tokens + text,
+            "step_s": round(dt, 4),
+            "samples_per_s": round(b / dt, 1),
+            "tokens_per_s": round(b * (model.num_image_tokens + text) / dt),
+            "model_tflops": round(tflops, 1),
+            "mfu": round(tflops / args.peak_tflops, 3),
+        }
         if device.type == "cuda":
             row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
         rows.append(row)
@@ -179,11 +226,17 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--s1-batches", default="32,64,128", help="stage-1 per-GPU batch sizes to time")
     ap.add_argument("--s2-batches", default="4,8", help="stage-2 per-GPU batch sizes to time")
-    ap.add_argument("--s1-text", type=int, default=48, help="text tokens per stage-1 sample (template + caption)")
-    ap.add_argument("--s2-text", type=int, default=480, help="text tokens per stage-2 sample (a conversation)")
+    ap.add_argument(
+        "--s1-text", type=int, default=48, help="text tokens per stage-1 sample (template + caption)"
+    )
+    ap.add_argument(
+        "--s2-text", type=int, default=480, help="text tokens per stage-2 sample (a conversation)"
+    )
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the card (H100/H200 SXM: 989)")
+    ap.add_argument(
+        "--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the card (H100/H200 SXM: 989)"
+    )
     ap.add_argument("--stages", default="1,2")
     ap.add_argument("--json", default="", help="also write the rows to this file")
     args = ap.parse_args()
@@ -194,23 +247,46 @@ def main() -> None:
     model = build(PRESETS[args.preset](), device, dtype)
     n_v, n_lm = count(model.vision_tower.model), count(model.language_model, skip_embeddings=True)
     p = model.vision_tower.num_features
-    info = {"preset": args.preset, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-            "torch": torch.__version__, "vision_params": n_v, "lm_params_no_embedding": n_lm,
-            "bridge_params": count(model.bridge), "vision_tokens": p, "image_tokens": model.num_image_tokens,
-            "build_s": round(time.time() - t0, 1)}
+    info = {
+        "preset": args.preset,
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "vision_params": n_v,
+        "lm_params_no_embedding": n_lm,
+        "bridge_params": count(model.bridge),
+        "vision_tokens": p,
+        "image_tokens": model.num_image_tokens,
+        "build_s": round(time.time() - t0, 1),
+    }
     print(json.dumps(info), flush=True)
     rows: list[dict] = []
     stages = {s.strip() for s in args.stages.split(",")}
     if "1" in stages:
         t1 = model.num_image_tokens + args.s1_text
-        rows += run_stage("stage1", model, TrainableConfig(vision="frozen", bridge="full", lm="frozen"), False,
-                          [int(x) for x in args.s1_batches.split(",")], args.s1_text, args, device,
-                          2 * n_v * p + 4 * n_lm * t1)
+        rows += run_stage(
+            "stage1",
+            model,
+            TrainableConfig(vision="frozen", bridge="full", lm="frozen"),
+            False,
+            [int(x) for x in args.s1_batches.split(",")],
+            args.s1_text,
+            args,
+            device,
+            2 * n_v * p + 4 * n_lm * t1,
+        )
     if "2" in stages:
         t2 = model.num_image_tokens + args.s2_text
-        rows += run_stage("stage2", model, TrainableConfig(vision="frozen", bridge="full", lm="full", lora=LoraConfig()),
-                          True, [int(x) for x in args.s2_batches.split(",")], args.s2_text, args, device,
-                          2 * n_v * p + 6 * n_lm * t2)
+        rows += run_stage(
+            "stage2",
+            model,
+            TrainableConfig(vision="frozen", bridge="full", lm="full", lora=LoraConfig()),
+            True,
+            [int(x) for x in args.s2_batches.split(",")],
+            args.s2_text,
+            args,
+            device,
+            2 * n_v * p + 6 * n_lm * t2,
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"info": info, "rows": rows}, f, indent=1)

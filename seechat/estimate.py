@@ -68,15 +68,20 @@ def bridge_profile(cfg: RunConfig, vision: VisionShape, lm: LMShape) -> BridgePr
     def saved(batch: int) -> int:
         sizes: list[int] = []
         x = torch.empty(batch, features, vision.hidden, device="meta", dtype=dtype)
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel() * t.element_size()) or t,
-                                                      lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(
+            lambda t: sizes.append(t.numel() * t.element_size()) or t, lambda t: t
+        ):
             bridge(x)
         return sum(sizes)
 
     with FlopCounterMode(display=False) as flops:
         bridge(torch.empty(1, features, vision.hidden, device="meta", dtype=dtype)).sum().backward()
-    return BridgeProfile(sum(p.numel() for p in bridge.parameters()), bridge.num_tokens,
-                         saved(2) - saved(1), flops.get_total_flops())  # the difference drops the weights
+    return BridgeProfile(
+        sum(p.numel() for p in bridge.parameters()),
+        bridge.num_tokens,
+        saved(2) - saved(1),
+        flops.get_total_flops(),
+    )  # the difference drops the weights
 
 
 def activation_bytes(cfg: RunConfig) -> int:
@@ -110,27 +115,52 @@ def parameter_memory(m: ParamMemory, strategy: str, gpus: int) -> list[Line]:
     """Weights, gradients and optimizer states on one GPU."""
     n = gpus
     if strategy == "ddp":
-        return [Line("weights", m.weights, "every parameter, replicated"),
-                Line("gradients", 2 * m.trainable, "trainable, plus DDP's bucket copy of the same size "
-                     "(gradient_as_bucket_view=False, accelerate's default)"),
-                Line("optimizer", 2 * m.trainable, "AdamW exp_avg + exp_avg_sq in the parameter dtype")]
+        return [
+            Line("weights", m.weights, "every parameter, replicated"),
+            Line(
+                "gradients",
+                2 * m.trainable,
+                "trainable, plus DDP's bucket copy of the same size "
+                "(gradient_as_bucket_view=False, accelerate's default)",
+            ),
+            Line("optimizer", 2 * m.trainable, "AdamW exp_avg + exp_avg_sq in the parameter dtype"),
+        ]
     if strategy == "fsdp":
-        return [Line("weights", m.weights / n + m.root + 2 * m.layer,
-                     f"1/{n} shard + the root unit (all but decoder layers) gathered for the whole step "
-                     "+ 2 decoder layers gathered (running + prefetched)"),
-                Line("gradients", m.trainable / n, f"trainable, 1/{n} shard"),
-                Line("optimizer", 2 * m.trainable / n, f"AdamW moments in the parameter dtype, 1/{n} shard")]
+        return [
+            Line(
+                "weights",
+                m.weights / n + m.root + 2 * m.layer,
+                f"1/{n} shard + the root unit (all but decoder layers) gathered for the whole step "
+                "+ 2 decoder layers gathered (running + prefetched)",
+            ),
+            Line("gradients", m.trainable / n, f"trainable, 1/{n} shard"),
+            Line("optimizer", 2 * m.trainable / n, f"AdamW moments in the parameter dtype, 1/{n} shard"),
+        ]
     bucket = min(DS_REDUCE_BUCKET, m.n_trainable) * 2
-    optimizer = Line("optimizer", 12 * m.n_trainable / n,
-                     f"DeepSpeed bf16: fp32 master weights + Adam moments (12 B/param), 1/{n} shard")
-    gradients = Line("gradients", m.trainable / n + bucket, f"trainable, 1/{n} shard + reduce bucket "
-                     f"(min({DS_REDUCE_BUCKET:.0e}, trainable) elements, bf16)")
+    optimizer = Line(
+        "optimizer",
+        12 * m.n_trainable / n,
+        f"DeepSpeed bf16: fp32 master weights + Adam moments (12 B/param), 1/{n} shard",
+    )
+    gradients = Line(
+        "gradients",
+        m.trainable / n + bucket,
+        f"trainable, 1/{n} shard + reduce bucket (min({DS_REDUCE_BUCKET:.0e}, trainable) elements, bf16)",
+    )
     if strategy == "zero2":
         return [Line("weights", m.weights, "every parameter, replicated"), gradients, optimizer]
     if strategy == "zero3":
         live = min(2 * m.largest_module, DS_MAX_LIVE_PARAMETERS * 2)
-        return [Line("weights", m.weights / n + live, f"1/{n} shard + gathered modules (2 x the largest, "
-                     f"capped by stage3_max_live_parameters={DS_MAX_LIVE_PARAMETERS:.0e})"), gradients, optimizer]
+        return [
+            Line(
+                "weights",
+                m.weights / n + live,
+                f"1/{n} shard + gathered modules (2 x the largest, "
+                f"capped by stage3_max_live_parameters={DS_MAX_LIVE_PARAMETERS:.0e})",
+            ),
+            gradients,
+            optimizer,
+        ]
     raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
 
 
@@ -163,8 +193,9 @@ class Activations:
     tokens: int  # per micro-batch
 
 
-def activation_memory(cfg: RunConfig, lm: LMShape, vision: VisionShape, bridge: BridgeProfile,
-                      seq_len: int) -> Activations:
+def activation_memory(
+    cfg: RunConfig, lm: LMShape, vision: VisionShape, bridge: BridgeProfile, seq_len: int
+) -> Activations:
     batch = cfg.train.batch_size
     tokens = batch * seq_len
     a = activation_bytes(cfg)
@@ -192,8 +223,9 @@ def activation_memory(cfg: RunConfig, lm: LMShape, vision: VisionShape, bridge: 
 # ---------------------------------------------------------------- compute
 
 
-def train_flops_per_sample(cfg: RunConfig, lm: LMShape, vision: VisionShape, bridge: BridgeProfile,
-                           seq_len: int, checkpointing: bool) -> dict[str, float]:
+def train_flops_per_sample(
+    cfg: RunConfig, lm: LMShape, vision: VisionShape, bridge: BridgeProfile, seq_len: int, checkpointing: bool
+) -> dict[str, float]:
     """Forward + backward FLOPs of one sample, by part. A frozen LM still back-propagates to its
     inputs (the image tokens), which costs one forward's worth; learning weights costs another."""
     s = seq_len
@@ -205,8 +237,9 @@ def train_flops_per_sample(cfg: RunConfig, lm: LMShape, vision: VisionShape, bri
     per_token = lm.layers * (layer_mm * (1 + backward + recompute) + attention * (3 + recompute))
     per_token += head * (1 + backward)
     v = vision
-    vision_fwd = v.layers * (2 * (4 * v.hidden**2 + 2 * v.hidden * v.intermediate) * v.tokens
-                             + 4 * v.tokens**2 * v.hidden)
+    vision_fwd = v.layers * (
+        2 * (4 * v.hidden**2 + 2 * v.hidden * v.intermediate) * v.tokens + 4 * v.tokens**2 * v.hidden
+    )
     vision_fwd += 2 * v.channels * v.patch_size**2 * v.hidden * v.patches
     vision_total = vision_fwd * (1 if cfg.trainable.vision == "frozen" else 3)
     return {"lm": per_token * s, "vision": vision_total, "bridge": float(bridge.train_flops_per_image)}
@@ -269,9 +302,13 @@ def estimate(cfg: RunConfig, setup: Setup, recipe: str = "") -> Estimate:
         trainable_bytes, n_trainable = trainable_bytes + bridge.params * w, n_trainable + bridge.params
     all_params = vision.params + bridge.params + lm.params
     pm = ParamMemory(
-        weights=all_params * w + 4 * lora_total, trainable=trainable_bytes, n_trainable=n_trainable,
-        layer=lm.layer_params * w, root=(all_params - lm.layers * lm.layer_params) * w,
-        largest_module=max(lm.layer_params, lm.embed_params) * w)
+        weights=all_params * w + 4 * lora_total,
+        trainable=trainable_bytes,
+        n_trainable=n_trainable,
+        layer=lm.layer_params * w,
+        root=(all_params - lm.layers * lm.layer_params) * w,
+        largest_module=max(lm.layer_params, lm.embed_params) * w,
+    )
     memory = parameter_memory(pm, setup.strategy, setup.gpus)
 
     kind = cfg.data.kind
@@ -283,9 +320,15 @@ def estimate(cfg: RunConfig, setup: Setup, recipe: str = "") -> Estimate:
     ckpt = cfg.train.gradient_checkpointing
     act_bytes = acts.with_checkpointing if ckpt else acts.without_checkpointing
     other = acts.without_checkpointing if ckpt else acts.with_checkpointing
-    memory.append(Line("activations", act_bytes, f"micro-batch {cfg.train.batch_size} x {seq_memory} tokens, "
-                       f"gradient checkpointing {'on' if ckpt else 'off'} ({'off' if ckpt else 'on'}: "
-                       f"{other / GIB:.1f} GiB)"))
+    memory.append(
+        Line(
+            "activations",
+            act_bytes,
+            f"micro-batch {cfg.train.batch_size} x {seq_memory} tokens, "
+            f"gradient checkpointing {'on' if ckpt else 'off'} ({'off' if ckpt else 'on'}: "
+            f"{other / GIB:.1f} GiB)",
+        )
+    )
     total = sum(line.bytes for line in memory)
 
     flops = train_flops_per_sample(cfg, lm, vision, bridge, seq_mean, ckpt)
@@ -295,11 +338,15 @@ def estimate(cfg: RunConfig, setup: Setup, recipe: str = "") -> Estimate:
     wall = samples * setup.epochs * sum(flops.values()) / (setup.gpus * gpu.bf16_tflops * 1e12 * setup.mfu)
 
     m = cfg.model
-    parts = [("vision", m.vision.path, vision.params, t.vision, _source(m.vision.path)),
-             ("bridge", m.bridge.type, bridge.params, t.bridge, "built on the meta device"),
-             ("lm", m.lm.path, lm.params, t.lm, _source(m.lm.path))]
+    parts = [
+        ("vision", m.vision.path, vision.params, t.vision, _source(m.vision.path)),
+        ("bridge", m.bridge.type, bridge.params, t.bridge, "built on the meta device"),
+        ("lm", m.lm.path, lm.params, t.lm, _source(m.lm.path)),
+    ]
     if lora_total:
-        parts.append(("lora", f"r={t.lora.r} {','.join(t.lora.target_modules)}", lora_total, "full", "r x (in + out)"))
+        parts.append(
+            ("lora", f"r={t.lora.r} {','.join(t.lora.target_modules)}", lora_total, "full", "r x (in + out)")
+        )
     a = activation_bytes(cfg)
     assumptions = [
         f"GPU: {gpu.name}, {gpu.memory_gib} GiB, {gpu.bf16_tflops:.0f} TFLOP/s dense bf16 peak; MFU {setup.mfu:.0%}",
@@ -308,10 +355,15 @@ def estimate(cfg: RunConfig, setup: Setup, recipe: str = "") -> Estimate:
         + ("" if setup.samples is not None else " (default for this data kind; --samples to change)"),
         f"tokens per sample: {image_tokens} image tokens (bridge {m.bridge.type}) + {text_tokens} text tokens "
         f"on average (--text-tokens), capped at model.max_length={m.max_length}",
-        ("memory: a micro-batch padded to model.max_length (worst case; group_by_length makes the longest "
-         "batches this long)") if kind == "conversations" else "memory: micro-batches of the mean length",
+        (
+            "memory: a micro-batch padded to model.max_length (worst case; group_by_length makes the longest "
+            "batches this long)"
+        )
+        if kind == "conversations"
+        else "memory: micro-batches of the mean length",
         "vision tower frozen: runs forward only and keeps no activations (no gradient reaches it)"
-        if t.vision == "frozen" else "vision tower trains: ViT activations approximated, not calibrated",
+        if t.vision == "frozen"
+        else "vision tower trains: ViT activations approximated, not calibrated",
         "LM activations: per-layer formula calibrated on transformers' Qwen2 code with SDPA (no S^2 attention "
         "matrix); logits (upcast to fp32 for the loss) only at text positions: training runs the LM head where a supervised token is predicted, never at image tokens",
         "FLOPs: 2 per multiply-add; backward = 1x forward for a frozen/LoRA LM (input gradients), 2x when it "
@@ -320,33 +372,61 @@ def estimate(cfg: RunConfig, setup: Setup, recipe: str = "") -> Estimate:
         "assumed to keep up; communication assumed hidden behind compute (the same wall time for every "
         "strategy: FSDP/ZeRO-3 all-gathers must fit inside the MFU figure)",
     ]
-    return Estimate(recipe, setup, parts, memory, acts, seq_memory, seq_mean, image_tokens, total, flops, samples,
-                    global_batch, steps, cfg.train.max_steps, wall, assumptions)
+    return Estimate(
+        recipe,
+        setup,
+        parts,
+        memory,
+        acts,
+        seq_memory,
+        seq_mean,
+        image_tokens,
+        total,
+        flops,
+        samples,
+        global_batch,
+        steps,
+        cfg.train.max_steps,
+        wall,
+        assumptions,
+    )
 
 
 def _source(path: str) -> str:
-    return "local config.json" if Path(path).is_dir() else "registry preset: seechat.model.sizes.ARCHITECTURES"
+    return (
+        "local config.json" if Path(path).is_dir() else "registry preset: seechat.model.sizes.ARCHITECTURES"
+    )
 
 
 def render(e: Estimate) -> str:
     s, gpu = e.setup, GPUS[e.setup.gpu]
-    out = [f"seechat estimate: {e.recipe or 'recipe'} on {s.gpus} x {gpu.name}, {s.strategy}", "", "parameters"]
+    out = [
+        f"seechat estimate: {e.recipe or 'recipe'} on {s.gpus} x {gpu.name}, {s.strategy}",
+        "",
+        "parameters",
+    ]
     for part, path, n, mode, source in e.parts:
         out.append(f"  {part:<7} {n / 1e6:>9.1f} M  {mode:<7} {path}  ({source})")
     out += ["", "per-GPU memory"]
     for line in e.memory:
         out.append(f"  {line.name:<12} {line.bytes / GIB:>7.1f} GiB  {line.note}")
     fits = e.total_bytes <= 0.9 * gpu.memory_gib * GIB
-    out.append(f"  {'total':<12} {e.total_bytes / GIB:>7.1f} GiB  of {gpu.memory_gib} GiB: "
-               f"{'fits' if fits else 'does NOT fit'} (with 10% kept free)")
+    out.append(
+        f"  {'total':<12} {e.total_bytes / GIB:>7.1f} GiB  of {gpu.memory_gib} GiB: "
+        f"{'fits' if fits else 'does NOT fit'} (with 10% kept free)"
+    )
     per_sample = sum(e.flops_per_sample.values())
     split = ", ".join(f"{k} {v / per_sample:.0%}" for k, v in e.flops_per_sample.items())
-    out += ["", "wall time",
-            f"  {per_sample / 1e12:.2f} TFLOP per sample ({split}); {e.seq_len_mean} tokens per sample",
-            f"  {e.samples * s.epochs:,.0f} samples = {e.steps:,} optimizer steps of {e.global_batch:,} "
-            f"(the recipe's train.max_steps: {e.recipe_steps:,})",
-            f"  {e.wall_seconds / 3600:.1f} h on {s.gpus} GPUs ({e.wall_seconds * s.gpus / 3600:,.0f} GPU-hours)",
-            "", "assumptions"]
+    out += [
+        "",
+        "wall time",
+        f"  {per_sample / 1e12:.2f} TFLOP per sample ({split}); {e.seq_len_mean} tokens per sample",
+        f"  {e.samples * s.epochs:,.0f} samples = {e.steps:,} optimizer steps of {e.global_batch:,} "
+        f"(the recipe's train.max_steps: {e.recipe_steps:,})",
+        f"  {e.wall_seconds / 3600:.1f} h on {s.gpus} GPUs ({e.wall_seconds * s.gpus / 3600:,.0f} GPU-hours)",
+        "",
+        "assumptions",
+    ]
     out += [f"  - {a}" for a in e.assumptions]
     return "\n".join(out)
 
@@ -355,19 +435,35 @@ def render(e: Estimate) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = ("Per-GPU memory (weights, gradients, optimizer states, activations) and wall time "
-                          "of a recipe, e.g. `seechat estimate configs/reference/stage1_qformer_qwen2.5-7b.yaml "
-                          "--gpus 8 --gpu h100 --strategy ddp`. Every assumption is printed.")
+    parser.description = (
+        "Per-GPU memory (weights, gradients, optimizer states, activations) and wall time "
+        "of a recipe, e.g. `seechat estimate configs/reference/stage1_qformer_qwen2.5-7b.yaml "
+        "--gpus 8 --gpu h100 --strategy ddp`. Every assumption is printed."
+    )
     parser.add_argument("config", help="a YAML recipe (see configs/)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.gradient_checkpointing=true")
+    parser.add_argument(
+        "overrides", nargs="*", help="key=value overrides, e.g. train.gradient_checkpointing=true"
+    )
     parser.add_argument("--gpus", type=int, default=8, help="number of GPUs (default 8)")
     parser.add_argument("--gpu", choices=sorted(GPUS), default="h100", help="GPU kind (default h100)")
-    parser.add_argument("--strategy", choices=STRATEGIES, default="ddp", help="data-parallel strategy (default ddp)")
-    parser.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation assumed (default 0.4)")
-    parser.add_argument("--samples", type=int, default=None,
-                        help="training samples per epoch (default: 23M pairs, 157,712 conversations)")
-    parser.add_argument("--text-tokens", type=int, default=None,
-                        help="mean text tokens per sample (default: 64 pairs, 512 conversations)")
+    parser.add_argument(
+        "--strategy", choices=STRATEGIES, default="ddp", help="data-parallel strategy (default ddp)"
+    )
+    parser.add_argument(
+        "--mfu", type=float, default=0.4, help="model FLOPs utilisation assumed (default 0.4)"
+    )
+    parser.add_argument(
+        "--samples",
+        type=int,
+        default=None,
+        help="training samples per epoch (default: 23M pairs, 157,712 conversations)",
+    )
+    parser.add_argument(
+        "--text-tokens",
+        type=int,
+        default=None,
+        help="mean text tokens per sample (default: 64 pairs, 512 conversations)",
+    )
     parser.add_argument("--epochs", type=float, default=1.0, help="epochs (default 1)")
 
 

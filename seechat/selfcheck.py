@@ -43,13 +43,18 @@ def selfcheck(bridge: str = "qformer") -> str:
         apply_trainable(model, TrainableConfig(bridge="full", lm="lora"))
         image = Image.new("RGB", (64, 64), "white")
         ImageDraw.Draw(image).ellipse((16, 16, 48, 48), fill="red")
-        conv = [{"role": "user", "content": "<image>\n图里有什么？"}, {"role": "assistant", "content": "红色的圆形。"}]
+        conv = [
+            {"role": "user", "content": "<image>\n图里有什么？"},
+            {"role": "assistant", "content": "红色的圆形。"},
+        ]
         batch = collate([proc.encode_conversation(conv, [image])], proc.tokenizer.pad_token_id)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
         loss = model(**batch).loss
         loss.backward()
         opt.step()
-        print(f"built {bridge} bridge: {model.num_image_tokens} tokens per image; one training step, loss {loss.item():.3f}")
+        print(
+            f"built {bridge} bridge: {model.num_image_tokens} tokens per image; one training step, loss {loss.item():.3f}"
+        )
         model.save_pretrained(root / "ckpt", proc)
         model, proc = load(root / "ckpt")
         print(f"saved and reloaded {root / 'ckpt'}: {sorted(p.name for p in (root / 'ckpt').iterdir())}")

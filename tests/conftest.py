@@ -34,12 +34,20 @@ def tiny_world(tmp_path_factory) -> dict[str, str]:
     from seechat.mini.world import WorldConfig, build_world
 
     root = tmp_path_factory.mktemp("tiny_world")
-    build_world(root / "world", WorldConfig(n_train=64, n_val=8, n_test=16, pairs_per_shard=16), progress=False)
+    build_world(
+        root / "world", WorldConfig(n_train=64, n_val=8, n_test=16, pairs_per_shard=16), progress=False
+    )
     text = (root / "world" / "text" / "lm_corpus.jsonl").read_text(encoding="utf-8")
     text += (root / "world" / "instruct" / "train.jsonl").read_text(encoding="utf-8")
     vision = write_tiny_vision(root / "vision", "chinese_clip", image_size=64)
     lm, tok = write_tiny_lm(root / "lm", "qwen2", text=text)
-    return {"root": str(root), "world": str(root / "world"), "vision": str(vision), "lm": str(lm), "tokenizer": str(tok)}
+    return {
+        "root": str(root),
+        "world": str(root / "world"),
+        "vision": str(vision),
+        "lm": str(lm),
+        "tokenizer": str(tok),
+    }
 
 
 def tiny_overrides(w: dict[str, str], out: str, **extra) -> list[str]:

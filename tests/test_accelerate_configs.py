@@ -20,8 +20,12 @@ from transformers import AutoModelForCausalLM, Qwen2Config
 from seechat.config import load_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "accelerate").glob("*.yaml"))
-EXPECTED = {"ddp": DistributedType.MULTI_GPU, "fsdp": DistributedType.FSDP,
-            "zero2": DistributedType.DEEPSPEED, "zero3": DistributedType.DEEPSPEED}
+EXPECTED = {
+    "ddp": DistributedType.MULTI_GPU,
+    "fsdp": DistributedType.FSDP,
+    "zero2": DistributedType.DEEPSPEED,
+    "zero3": DistributedType.DEEPSPEED,
+}
 
 
 def test_the_four_strategies_are_there():
@@ -47,9 +51,16 @@ def test_fsdp_is_version_2_fully_sharding_qwen2_decoder_layers():
     assert fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
     assert fsdp["fsdp_state_dict_type"] in constants.FSDP_STATE_DICT_TYPE
     # the class to wrap is found in a real Qwen2 model the way accelerate's wrap policy looks it up
-    lm = AutoModelForCausalLM.from_config(Qwen2Config(
-        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1))
+    lm = AutoModelForCausalLM.from_config(
+        Qwen2Config(
+            vocab_size=32,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    )
     for name in fsdp["fsdp_transformer_layer_cls_to_wrap"].split(","):
         assert get_module_class_from_name(lm, name) is not None, name
 

@@ -70,8 +70,13 @@ def complete_version(directory: Path) -> str:
 
 def run_writer(out: Path, kill_at: int) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, "-c", WRITER, str(out), str(kill_at)], env=env,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-c", WRITER, str(out), str(kill_at)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def make_v1(base: Path) -> Path:
@@ -148,8 +153,12 @@ def test_atomic_file_replaces_only_when_complete(tmp_path):
 def test_output_that_would_replace_its_source_is_refused(tmp_path):
     src = tmp_path / "ckpt"
     src.mkdir()
-    for out, why in ((src, "is the source itself"), (src / "sub", "is inside the source"),
-                     (tmp_path, "contains the source"), (tmp_path / "x" / ".." / "ckpt", "is the source itself")):
+    for out, why in (
+        (src, "is the source itself"),
+        (src / "sub", "is inside the source"),
+        (tmp_path, "contains the source"),
+        (tmp_path / "x" / ".." / "ckpt", "is the source itself"),
+    ):
         with pytest.raises(OutputOverlapError, match=why):
             check_output_apart(src, out)
     check_output_apart(src, tmp_path / "ckpt-export")  # a sibling with a common prefix is fine

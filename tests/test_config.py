@@ -8,8 +8,11 @@ import pytest
 
 from seechat.config import ConfigError, RunConfig, load_config, save_config
 
-CONFIGS = sorted(p for p in Path(__file__).resolve().parents[1].joinpath("configs").rglob("*.yaml")
-                 if "accelerate" not in p.parts)  # launcher configs: tests/test_accelerate_configs.py
+CONFIGS = sorted(
+    p
+    for p in Path(__file__).resolve().parents[1].joinpath("configs").rglob("*.yaml")
+    if "accelerate" not in p.parts
+)  # launcher configs: tests/test_accelerate_configs.py
 
 
 def test_overrides_apply_and_types_coerce(tmp_path):
@@ -21,7 +24,9 @@ def test_overrides_apply_and_types_coerce(tmp_path):
 
 
 def test_unknown_key_lists_valid_ones():
-    with pytest.raises(ConfigError, match=r"unknown key\(s\) optim.learning_rate; valid keys under optim: lr"):
+    with pytest.raises(
+        ConfigError, match=r"unknown key\(s\) optim.learning_rate; valid keys under optim: lr"
+    ):
         load_config(None, ["optim.learning_rate=1"])
 
 

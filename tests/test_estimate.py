@@ -56,11 +56,20 @@ def _saved_bytes(layers: int, config: Qwen2Config, dtype: torch.dtype, learns: b
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("learns", [True, False], ids=["lm-learns", "lm-frozen"])
 def test_layer_activation_formula_equals_what_autograd_saves(dtype, learns):
-    config = Qwen2Config(vocab_size=50, hidden_size=64, intermediate_size=160, num_attention_heads=4,
-                         num_key_value_heads=2, tie_word_embeddings=False, attn_implementation="sdpa")
+    config = Qwen2Config(
+        vocab_size=50,
+        hidden_size=64,
+        intermediate_size=160,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+        attn_implementation="sdpa",
+    )
     tokens = 96
     # one layer more, the same everything else: the difference is exactly one decoder layer
-    per_token = (_saved_bytes(2, config, dtype, learns, tokens) - _saved_bytes(1, config, dtype, learns, tokens)) / tokens
+    per_token = (
+        _saved_bytes(2, config, dtype, learns, tokens) - _saved_bytes(1, config, dtype, learns, tokens)
+    ) / tokens
     act_bytes = 4 if dtype == torch.float32 else 2
     assert per_token == lm_layer_activation_bytes(lm_shape(config), act_bytes, learns)
 
@@ -83,7 +92,10 @@ def test_parameter_memory_matches_a_hand_computation():
 
 def test_bridge_profile_on_the_meta_device_matches_the_real_bridge():
     cfg = load_config(CONFIGS / "reference" / "stage1_mlp_qwen2.5-7b.yaml")
-    vision, lm = vision_shape(expert_config(cfg.model.vision.path)), lm_shape(expert_config(cfg.model.lm.path))
+    vision, lm = (
+        vision_shape(expert_config(cfg.model.vision.path)),
+        lm_shape(expert_config(cfg.model.lm.path)),
+    )
     p = bridge_profile(cfg, vision, lm)
     assert p.num_tokens == 576 and p.params == (1024 * 3584 + 3584) + (3584 * 3584 + 3584)
     # mlp2x_gelu keeps its input, the GELU input and the GELU output: (1024 + 2 x 3584) x 576 x bf16
@@ -93,7 +105,10 @@ def test_bridge_profile_on_the_meta_device_matches_the_real_bridge():
 def test_estimate_of_tiny_local_experts_counts_the_built_model(tiny_world, tmp_path):
     from seechat.model.build import build
 
-    cfg = load_config(CONFIGS / "mini" / "stage2.yaml", tiny_overrides(tiny_world, tmp_path, **{"model.bridge.type": "qformer"}))
+    cfg = load_config(
+        CONFIGS / "mini" / "stage2.yaml",
+        tiny_overrides(tiny_world, tmp_path, **{"model.bridge.type": "qformer"}),
+    )
     e = estimate(cfg, Setup(gpus=2, strategy="fsdp"))
     model, _ = build(cfg.model)
     counts = {part: n for part, _, n, _, _ in e.parts}
@@ -105,10 +120,23 @@ def test_estimate_of_tiny_local_experts_counts_the_built_model(tiny_world, tmp_p
 
 def test_cli_prints_memory_time_and_assumptions(capsys):
     recipe = str(CONFIGS / "reference" / "stage2_qformer_qwen2.5-7b.yaml")
-    assert main(["estimate", recipe, "--gpus", "8", "--gpu", "h100", "--strategy", "zero3", "--mfu", "0.5"]) == 0
+    assert (
+        main(["estimate", recipe, "--gpus", "8", "--gpu", "h100", "--strategy", "zero3", "--mfu", "0.5"]) == 0
+    )
     out = capsys.readouterr().out
-    for text in ("8 x H100 SXM 80GB, zero3", "7615.6 M", "weights", "gradients", "optimizer", "activations",
-                 "gradient checkpointing on (off:", "fits", "GPU-hours", "MFU 50%", "157,712 conversations"):
+    for text in (
+        "8 x H100 SXM 80GB, zero3",
+        "7615.6 M",
+        "weights",
+        "gradients",
+        "optimizer",
+        "activations",
+        "gradient checkpointing on (off:",
+        "fits",
+        "GPU-hours",
+        "MFU 50%",
+        "157,712 conversations",
+    ):
         assert text in out, text
     cfg = load_config(recipe)
     e = estimate(cfg, Setup(gpus=8, gpu="h100", strategy="zero3", mfu=0.5))

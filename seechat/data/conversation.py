@@ -64,8 +64,10 @@ def _part_text(part: Any, image_token: str, where: str) -> str:
         return image_token + "\n"
     if kind == "text" and isinstance(part.get("text"), str):
         return part["text"]
-    raise ValueError(f"{where}: a content part must be {{'type': 'image'}} or {{'type': 'text', 'text': str}}, "
-                     f"got {part!r}")
+    raise ValueError(
+        f"{where}: a content part must be {{'type': 'image'}} or {{'type': 'text', 'text': str}}, "
+        f"got {part!r}"
+    )
 
 
 def text_messages(messages: Sequence[dict[str, Any]], image_token: str) -> list[dict[str, Any]]:
@@ -83,8 +85,13 @@ def text_messages(messages: Sequence[dict[str, Any]], image_token: str) -> list[
 
 def part_images(messages: Sequence[dict[str, Any]]) -> list[Any]:
     """The images that image parts carry themselves (`{"type": "image", "image": PIL.Image}`), in order."""
-    return [p["image"] for m in messages if isinstance(m, dict) and isinstance(m.get("content"), list)
-            for p in m["content"] if isinstance(p, dict) and p.get("type") == "image" and p.get("image") is not None]
+    return [
+        p["image"]
+        for m in messages
+        if isinstance(m, dict) and isinstance(m.get("content"), list)
+        for p in m["content"]
+        if isinstance(p, dict) and p.get("type") == "image" and p.get("image") is not None
+    ]
 
 
 def accept_content_parts(template: str, image_token: str) -> str:
@@ -135,7 +142,9 @@ def render(tokenizer: Any, messages: Sequence[dict[str, str]], add_generation_pr
     )
 
 
-def render_with_spans(tokenizer: Any, messages: Sequence[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
+def render_with_spans(
+    tokenizer: Any, messages: Sequence[dict[str, str]]
+) -> tuple[str, list[tuple[int, int]]]:
     """The full rendered text and the [start, end) character spans of every assistant reply."""
     validate_messages(messages)
     text = render(tokenizer, messages)
@@ -174,13 +183,17 @@ def control_tokens(tokenizer: Any, keep: Sequence[str] = ()) -> tuple[str, ...]:
     which the processor itself places and expands)."""
     template = getattr(tokenizer, "chat_template", None) or ""
     return tuple(
-        t.content for t in tokenizer.added_tokens_decoder.values()
+        t.content
+        for t in tokenizer.added_tokens_decoder.values()
         if (t.special or (t.content in template and not t.content.isspace())) and t.content not in keep
     )
 
 
 def tokenize_prompt(
-    tokenizer: Any, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True, keep: Sequence[str] = ()
+    tokenizer: Any,
+    messages: Sequence[dict[str, str]],
+    add_generation_prompt: bool = True,
+    keep: Sequence[str] = (),
 ) -> list[int]:
     """Token ids of the rendered conversation in which no message text produces a control token.
 
@@ -192,4 +205,6 @@ def tokenize_prompt(
     tokens = sorted(control_tokens(tokenizer, keep), key=len, reverse=True)
     pattern = re.compile("|".join(map(re.escape, tokens)) or "(?!)")
     marked = [{**m, "content": mark_control_tokens(m["content"], pattern)} for m in messages]
-    return encode_marked_chat(tokenizer, render(tokenizer, marked, add_generation_prompt=add_generation_prompt))
+    return encode_marked_chat(
+        tokenizer, render(tokenizer, marked, add_generation_prompt=add_generation_prompt)
+    )

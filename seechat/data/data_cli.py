@@ -266,9 +266,13 @@ def add_filter_arguments(parser: argparse.ArgumentParser) -> None:
         "Corrupt or unreadable samples are counted and listed, never fatal."
     )
     parser.add_argument(
-        "shards", nargs="+", help="input shards: paths, globs or brace patterns, e.g. 'data/{00000..00099}.tar'"
+        "shards",
+        nargs="+",
+        help="input shards: paths, globs or brace patterns, e.g. 'data/{00000..00099}.tar'",
     )
-    parser.add_argument("output", type=Path, help="directory for the filtered shards and reports (must not exist)")
+    parser.add_argument(
+        "output", type=Path, help="directory for the filtered shards and reports (must not exist)"
+    )
     parser.add_argument(
         "--model",
         required=True,
@@ -289,25 +293,37 @@ def add_filter_arguments(parser: argparse.ArgumentParser) -> None:
         help="caption to score: 'txt' (the .txt member) or 'json:<field>' (a field of the .json), "
         "like data.text_field in a training config (default: txt)",
     )
-    parser.add_argument("--batch-size", type=int, default=64, help="pairs per scorer forward pass (default: 64)")
     parser.add_argument(
-        "--workers", type=int, default=0,
+        "--batch-size", type=int, default=64, help="pairs per scorer forward pass (default: 64)"
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=0,
         help="DataLoader processes that read and decode shards, whole shards each (default: 0 = inline)",
     )
-    parser.add_argument("--device", default="cpu", help="torch device of the scorer, e.g. cuda (default: cpu)")
     parser.add_argument(
-        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+        "--device", default="cpu", help="torch device of the scorer, e.g. cuda (default: cpu)"
+    )
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
         help="scorer weights dtype (default: float32)",
     )
     parser.add_argument(
         "--samples-per-shard", type=int, default=10_000, help="max samples per output shard (default: 10000)"
     )
     parser.add_argument(
-        "--max-shard-size", type=_size, default=1 << 30,
+        "--max-shard-size",
+        type=_size,
+        default=1 << 30,
         help="max bytes per output shard, e.g. 512M (default: 1G)",
     )
     parser.add_argument(
-        "--max-sample-size", type=_size, default="64M",
+        "--max-sample-size",
+        type=_size,
+        default="64M",
         help="an input sample whose tar members together are larger is listed as corrupt without being read, "
         "so a hostile shard (a gzip bomb) cannot exhaust memory (default: 64M)",
     )

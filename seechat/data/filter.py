@@ -76,7 +76,9 @@ class KeepRule:
 
     def __post_init__(self) -> None:
         if (self.threshold is None) == (self.top_fraction is None):
-            raise ValueError("give exactly one of threshold (keep score >= T) or top_fraction (keep the best F)")
+            raise ValueError(
+                "give exactly one of threshold (keep score >= T) or top_fraction (keep the best F)"
+            )
         if self.threshold is not None and not math.isfinite(self.threshold):
             raise ValueError(f"threshold must be a finite number, got {self.threshold}")
         if self.top_fraction is not None and not 0.0 < self.top_fraction <= 1.0:
@@ -98,7 +100,11 @@ class KeepRule:
         return keep, (float(scores[order].min()) if n_keep else None)
 
     def describe(self) -> dict[str, float]:
-        return {"threshold": self.threshold} if self.threshold is not None else {"top_fraction": self.top_fraction}
+        return (
+            {"threshold": self.threshold}
+            if self.threshold is not None
+            else {"top_fraction": self.top_fraction}
+        )
 
 
 @dataclass
@@ -216,7 +222,9 @@ def score_shards(
     """
     reader = _ShardReader(shards, text_field, max_sample_bytes)
     items: Iterator[_Read] = (
-        iter(DataLoader(reader, batch_size=None, num_workers=num_workers)) if num_workers > 0 else iter(reader)
+        iter(DataLoader(reader, batch_size=None, num_workers=num_workers))
+        if num_workers > 0
+        else iter(reader)
     )
     per_shard: list[list[float]] = [[] for _ in shards]
     corrupt: dict[tuple[int, int], dict[str, str]] = {}
@@ -306,7 +314,9 @@ def _write_kept(
             writer.write(key, image, _raw_text(members, encoded.text), meta)
             bar.update(1)
         if n != len(per_shard[s]):
-            raise RuntimeError(f"{shard} changed while filtering ({n} samples now, {len(per_shard[s])} scored)")
+            raise RuntimeError(
+                f"{shard} changed while filtering ({n} samples now, {len(per_shard[s])} scored)"
+            )
     bar.close()
     return reencoded
 
@@ -360,12 +370,18 @@ def filter_shards(
     out = Path(out_dir)
     inside = [p for p in paths if Path(p).resolve().is_relative_to(out.resolve())]
     if inside:
-        raise ValueError(f"input shard {inside[0]} is inside the output directory {out}; choose another output")
+        raise ValueError(
+            f"input shard {inside[0]} is inside the output directory {out}; choose another output"
+        )
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it")
     start = time.time()
     per_shard, corrupt = score_shards(
-        paths, scorer, text_field=text_field, num_workers=num_workers, progress=progress,
+        paths,
+        scorer,
+        text_field=text_field,
+        num_workers=num_workers,
+        progress=progress,
         max_sample_bytes=max_sample_bytes,
     )
     flat = np.concatenate(per_shard) if per_shard else np.zeros(0, dtype=np.float32)
@@ -374,14 +390,22 @@ def filter_shards(
     keep = [mask[offsets[s] : offsets[s + 1]] for s in range(len(per_shard))]
 
     report = FilterReport(
-        n_in=len(flat), n_corrupt=len(corrupt), rule=rule.describe(), threshold=threshold,
-        shards_in=len(paths), scorer=scorer.name, text_field=text_field,
+        n_in=len(flat),
+        n_corrupt=len(corrupt),
+        rule=rule.describe(),
+        threshold=threshold,
+        shards_in=len(paths),
+        scorer=scorer.name,
+        text_field=text_field,
     )
     valid = flat[~np.isnan(flat)].astype(np.float64)
     report.n_scored = len(valid)
     report.n_kept = int(mask.sum())
     if len(valid):
-        report.quantiles = {f"p{round(q * 100)}": float(v) for q, v in zip(QUANTILES, np.quantile(valid, QUANTILES), strict=True)}
+        report.quantiles = {
+            f"p{round(q * 100)}": float(v)
+            for q, v in zip(QUANTILES, np.quantile(valid, QUANTILES), strict=True)
+        }
         report.mean = float(valid.mean())
     for (s, _), bad in sorted(corrupt.items())[:MAX_LISTED_FAILURES]:
         report.corrupt.append({"shard": os.path.basename(paths[s]), **bad})
@@ -398,5 +422,7 @@ def filter_shards(
         title = f"{report.n_kept} of {report.n_scored} scored pairs kept ({report.n_corrupt} corrupt)"
         plot_score_histogram(flat, threshold, tmp / HISTOGRAM_FILE, title)
         report.seconds = time.time() - start
-        (tmp / STATS_FILE).write_text(json.dumps(report.to_dict(), ensure_ascii=False, indent=1), encoding="utf-8")
+        (tmp / STATS_FILE).write_text(
+            json.dumps(report.to_dict(), ensure_ascii=False, indent=1), encoding="utf-8"
+        )
     return report

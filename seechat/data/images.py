@@ -51,7 +51,9 @@ class ImageInfo:
     size: tuple[int, int]
 
 
-def _open(fp: io.BytesIO | str | os.PathLike[str], max_pixels: int | None, formats: tuple[str, ...]) -> Image.Image:
+def _open(
+    fp: io.BytesIO | str | os.PathLike[str], max_pixels: int | None, formats: tuple[str, ...]
+) -> Image.Image:
     """Open lazily (header only) with only the allowed plugins, and check the declared size."""
     try:
         img = Image.open(fp, formats=list(formats))
@@ -105,7 +107,9 @@ def probe_image(
 def to_rgb(image: Image.Image) -> Image.Image:
     """EXIF orientation applied, transparency composited on white, RGB. The image must be loaded
     (a PIL image made in memory is); returns a new image or `image` itself when already plain RGB."""
-    image = ImageOps.exif_transpose(image) if image.getexif().get(0x0112, 1) != 1 else image  # 0x0112: Orientation
+    image = (
+        ImageOps.exif_transpose(image) if image.getexif().get(0x0112, 1) != 1 else image
+    )  # 0x0112: Orientation
     if image.has_transparency_data:
         rgba = image.convert("RGBA")
         background = Image.new("RGB", rgba.size, WHITE)

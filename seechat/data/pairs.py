@@ -199,7 +199,9 @@ def plan_slot(
     return _split(by_rank, worker, num_workers)
 
 
-def _raw_samples(plan: SlotPlan, max_sample_bytes: int) -> Iterator[tuple[str, str, dict[str, bytes | UnreadMember]]]:
+def _raw_samples(
+    plan: SlotPlan, max_sample_bytes: int
+) -> Iterator[tuple[str, str, dict[str, bytes | UnreadMember]]]:
     """(shard, key, members) for the samples this plan keeps, in stream order."""
     index = 0
     for shard in plan.shards:
@@ -562,7 +564,9 @@ class PairShardDataset(IterableDataset):
         logger.warning("skipping corrupt sample %r in %s: %s", key, shard or "<decode>", reason)
         self._skipped.add(key, reason)
         if self.skip_log_dir is not None:
-            log_skip(self.skip_log_dir / f"skipped-r{self.rank}-w{worker}-e{self.epoch}.jsonl", key, reason, shard)
+            log_skip(
+                self.skip_log_dir / f"skipped-r{self.rank}-w{worker}-e{self.epoch}.jsonl", key, reason, shard
+            )
 
     def _resume_position(self, loader_worker: int, num_workers: int) -> tuple[int, int]:
         """(the worker stream this loader worker continues, samples of it to fast-forward)."""

@@ -93,7 +93,9 @@ class SeeChatProcessor:
         """String-content messages, and the images: those passed, or those the image parts carry."""
         carried = part_images(messages)
         if carried and images:
-            raise ValueError("images were passed both inside the content parts and as `images`; pass them one way")
+            raise ValueError(
+                "images were passed both inside the content parts and as `images`; pass them one way"
+            )
         return text_messages(messages, self.image_token), list(carried or images)
 
     def _check_markers(self, messages: Sequence[dict[str, str]], n_images: int) -> None:
@@ -150,7 +152,9 @@ class SeeChatProcessor:
         ids, _ = self._expand(ids, [IGNORE_INDEX] * len(ids))
         return torch.tensor(ids, dtype=torch.long)
 
-    def encode_prompt(self, messages: Sequence[dict[str, Any]], images: Sequence[Image.Image] = ()) -> Encoded:
+    def encode_prompt(
+        self, messages: Sequence[dict[str, Any]], images: Sequence[Image.Image] = ()
+    ) -> Encoded:
         """An inference prompt: the conversation so far plus the assistant generation prompt."""
         messages, images = self._as_text(messages, images)
         return Encoded(self.prompt_ids(messages, len(images)), None, self.preprocess_images(images))
@@ -181,7 +185,11 @@ class SeeChatProcessor:
 
     @classmethod
     def from_pretrained(
-        cls, directory: str | Path, num_image_tokens: int, image_token: str = "<image>", max_length: int = 2048
+        cls,
+        directory: str | Path,
+        num_image_tokens: int,
+        image_token: str = "<image>",
+        max_length: int = 2048,
     ) -> SeeChatProcessor:
         d = Path(directory)
         return cls(

@@ -433,7 +433,9 @@ def translate_file(
     in_flight: deque[Conversation] = deque()  # sources of the records not yet written (one chunk)
     conversations = _remember(iter_conversations(source, "messages"), in_flight)
     with (
-        atomic_file(destination) as tmp_out,  # outputs appear only when complete; the cache keeps the work done
+        atomic_file(
+            destination
+        ) as tmp_out,  # outputs appear only when complete; the cache keeps the work done
         atomic_file(flagged_path) as tmp_flagged,
         TranslationCache(cache_path) as cache,
         tmp_out.open("w", encoding="utf-8") as out,

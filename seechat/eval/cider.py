@@ -95,7 +95,9 @@ def _similarity(cand: _Vector, ref: _Vector, sigma: float) -> list[float]:
     penalty = math.exp(-((cand.length - ref.length) ** 2) / (2 * sigma**2))
     sims = []
     for n, (cand_n, ref_n) in enumerate(zip(cand.tfidf, ref.tfidf, strict=True)):
-        dot = sum(min(value, ref_n.get(ngram, 0.0)) * ref_n.get(ngram, 0.0) for ngram, value in cand_n.items())
+        dot = sum(
+            min(value, ref_n.get(ngram, 0.0)) * ref_n.get(ngram, 0.0) for ngram, value in cand_n.items()
+        )
         if cand.norms[n] != 0 and ref.norms[n] != 0:
             dot /= cand.norms[n] * ref.norms[n]
         sims.append(dot * penalty)

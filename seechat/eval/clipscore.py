@@ -25,10 +25,14 @@ __all__ = ["CLIPSCORE_WEIGHT", "clip_score", "ref_clip_score"]
 CLIPSCORE_WEIGHT = 2.5  # w in the paper: stretches typical cosines (~0.2–0.4) toward [0, 1]
 
 
-def clip_score(image_embeds: torch.Tensor, text_embeds: torch.Tensor, *, w: float = CLIPSCORE_WEIGHT) -> torch.Tensor:
+def clip_score(
+    image_embeds: torch.Tensor, text_embeds: torch.Tensor, *, w: float = CLIPSCORE_WEIGHT
+) -> torch.Tensor:
     """CLIPScore of aligned pairs: (N, D) images, (N, D) captions -> (N,)."""
     if image_embeds.shape != text_embeds.shape:
-        raise ValueError(f"embedding shapes differ: {tuple(image_embeds.shape)} vs {tuple(text_embeds.shape)}")
+        raise ValueError(
+            f"embedding shapes differ: {tuple(image_embeds.shape)} vs {tuple(text_embeds.shape)}"
+        )
     cos = F.cosine_similarity(image_embeds.float(), text_embeds.float(), dim=-1)  # (N,)
     return w * cos.clamp(min=0)
 
@@ -49,7 +53,9 @@ def ref_clip_score(
     refs = F.normalize(torch.cat(list(ref_embeds)).float(), dim=-1)  # (sum R_i, D)
     owner = torch.repeat_interleave(torch.tensor([len(r) for r in ref_embeds]))  # (sum R_i,)
     cos = (F.normalize(text_embeds.float(), dim=-1)[owner] * refs).sum(-1)  # (sum R_i,)
-    best = torch.full((len(text_embeds),), -1.0).scatter_reduce(0, owner, cos, reduce="amax", include_self=False)
+    best = torch.full((len(text_embeds),), -1.0).scatter_reduce(
+        0, owner, cos, reduce="amax", include_self=False
+    )
     ref_term = best.clamp(min=0)  # (N,)
     denom = image_term + ref_term
     return torch.where(denom > 0, 2 * image_term * ref_term / denom.clamp(min=1e-12), torch.zeros_like(denom))

@@ -47,8 +47,20 @@ def to_halfwidth(text: str) -> str:
 
 # --- Chinese numerals --------------------------------------------------------------------------
 
-_DIGITS = {"零": 0, "〇": 0, "一": 1, "二": 2, "两": 2, "三": 3, "四": 4, "五": 5, "六": 6, "七": 7,
-           "八": 8, "九": 9}
+_DIGITS = {
+    "零": 0,
+    "〇": 0,
+    "一": 1,
+    "二": 2,
+    "两": 2,
+    "三": 3,
+    "四": 4,
+    "五": 5,
+    "六": 6,
+    "七": 7,
+    "八": 8,
+    "九": 9,
+}
 _UNITS = {"十": 10, "百": 100, "千": 1000}
 _MYRIAD = {"亿": 100_000_000, "万": 10_000}
 _NUMERAL_RUN = re.compile(f"[{''.join(_DIGITS)}{''.join(_UNITS)}{''.join(_MYRIAD)}]+")
@@ -211,7 +223,9 @@ def tokenize_jieba(text: str) -> list[str]:
     try:
         import jieba
     except ImportError as err:  # optional dependency: say how to get it
-        raise ImportError("tokenize='jieba' needs jieba: pip install 'seechat[eval]' (or pip install jieba)") from err
+        raise ImportError(
+            "tokenize='jieba' needs jieba: pip install 'seechat[eval]' (or pip install jieba)"
+        ) from err
     jieba.setLogLevel(30)  # WARNING: silence the "Building prefix dict" chatter
     return [tok for tok in jieba.lcut(normalize_caption(text)) if tok.strip()]
 

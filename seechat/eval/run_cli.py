@@ -44,26 +44,55 @@ def _add_arguments(parser: argparse.ArgumentParser, task: str) -> argparse.Argum
         "whole batches of the 1-process run, so the numbers do not depend on the process count."
     )
     parser.add_argument("--model", required=True, metavar="DIR", help="a seechat checkpoint directory")
-    parser.add_argument("--data", required=True, type=Path, metavar="FILE", help=f"the {task} eval set (JSONL)")
-    parser.add_argument("--out", required=True, type=Path, metavar="DIR",
-                        help="folder for predictions.jsonl, report.md and report.json")
-    parser.add_argument("--image-root", type=Path, metavar="DIR",
-                        help="folder the rows' relative image paths are resolved against (default: the data "
-                        "file's folder if the images are there, else the folder above it, e.g. the mini world's "
-                        "root for world/test/*.jsonl)")
-    parser.add_argument("--prompt", metavar="TEMPLATE",
-                        help="prompt template, str.format-ed with the row's fields, with <image> once "
-                        f"(default: {TASKS[task].prompt!r}{'; {expr} is the expression' if task == 'grounding' else ''})")
-    parser.add_argument("--batch-size", type=int, default=16, metavar="N", help="prompts decoded together (default: 16)")
-    parser.add_argument("--max-new-tokens", type=int, default=48, metavar="N", help="answer length cap (default: 48)")
-    parser.add_argument("--limit", type=int, default=0, metavar="N", help="only the first N rows (default: all)")
-    parser.add_argument("--device", default="auto",
-                        help="torch device; auto = this process's GPU when there is one, else cpu (default: auto)")
-    parser.add_argument("--threads", type=int, default=0, metavar="N", help="torch CPU threads (0 = torch's default)")
+    parser.add_argument(
+        "--data", required=True, type=Path, metavar="FILE", help=f"the {task} eval set (JSONL)"
+    )
+    parser.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        metavar="DIR",
+        help="folder for predictions.jsonl, report.md and report.json",
+    )
+    parser.add_argument(
+        "--image-root",
+        type=Path,
+        metavar="DIR",
+        help="folder the rows' relative image paths are resolved against (default: the data "
+        "file's folder if the images are there, else the folder above it, e.g. the mini world's "
+        "root for world/test/*.jsonl)",
+    )
+    parser.add_argument(
+        "--prompt",
+        metavar="TEMPLATE",
+        help="prompt template, str.format-ed with the row's fields, with <image> once "
+        f"(default: {TASKS[task].prompt!r}{'; {expr} is the expression' if task == 'grounding' else ''})",
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=16, metavar="N", help="prompts decoded together (default: 16)"
+    )
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=48, metavar="N", help="answer length cap (default: 48)"
+    )
+    parser.add_argument(
+        "--limit", type=int, default=0, metavar="N", help="only the first N rows (default: all)"
+    )
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="torch device; auto = this process's GPU when there is one, else cpu (default: auto)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=0, metavar="N", help="torch CPU threads (0 = torch's default)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     if task == "caption":
-        parser.add_argument("--tokenize", default="char", choices=sorted(TOKENIZERS),
-                            help="tokens for CIDEr-D and BLEU: one per Chinese character, or jieba words (default: char)")
+        parser.add_argument(
+            "--tokenize",
+            default="char",
+            choices=sorted(TOKENIZERS),
+            help="tokens for CIDEr-D and BLEU: one per Chinese character, or jieba words (default: char)",
+        )
     return parser
 
 
@@ -86,9 +115,17 @@ def run_from_args(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = EvalSettings(
-        task=args.task, model=args.model, data=args.data, out=args.out, image_root=args.image_root,
-        prompt=args.prompt, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, limit=args.limit,
-        tokenize=args.tokenize if args.task == "caption" else "char", device=args.device,
+        task=args.task,
+        model=args.model,
+        data=args.data,
+        out=args.out,
+        image_root=args.image_root,
+        prompt=args.prompt,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        limit=args.limit,
+        tokenize=args.tokenize if args.task == "caption" else "char",
+        device=args.device,
     )
     try:
         report = run_eval(settings, progress=not args.no_progress)
@@ -113,7 +150,9 @@ def _end_distributed() -> None:
 def _summary(report: dict, out: Path) -> str:
     shown = {k: v for k, v in report["metrics"].items() if isinstance(v, float | int)}
     numbers = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items())
-    lines = [f"{report['task']}: {report['scored']} of {report['rows']} rows scored; {numbers or 'no metrics'}"]
+    lines = [
+        f"{report['task']}: {report['scored']} of {report['rows']} rows scored; {numbers or 'no metrics'}"
+    ]
     if report["skipped"]:
         ids = ", ".join(str(r["id"]) for r in report["skipped"][:10])
         more = f" and {len(report['skipped']) - 10} more" if len(report["skipped"]) > 10 else ""

@@ -70,7 +70,11 @@ class ChineseClipScorer:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         image_processor = AutoImageProcessor.from_pretrained(name_or_path)
         return cls(
-            model, tokenizer, image_processor, batch_size=batch_size, max_text_length=max_text_length,
+            model,
+            tokenizer,
+            image_processor,
+            batch_size=batch_size,
+            max_text_length=max_text_length,
             name=str(name_or_path),
         )
 
@@ -98,8 +102,11 @@ class ChineseClipScorer:
         chunks = []
         for start in range(0, len(texts), self.batch_size):
             tokens = self.tokenizer(
-                list(texts[start : start + self.batch_size]), padding=True, truncation=True,
-                max_length=self.max_text_length, return_tensors="pt",
+                list(texts[start : start + self.batch_size]),
+                padding=True,
+                truncation=True,
+                max_length=self.max_text_length,
+                return_tensors="pt",
             )
             with torch.inference_mode():
                 out = self.model.get_text_features(**{k: v.to(self.device) for k, v in tokens.items()})

@@ -89,9 +89,14 @@ def generate_answers(
     params: SamplingParams,
 ) -> list[str]:
     """One left-padded batch: one answer per (prompt with one <image>, image), in order."""
-    encs = [processor.encode_prompt([{"role": "user", "content": p}], [im]) for p, im in zip(prompts, images, strict=True)]
+    encs = [
+        processor.encode_prompt([{"role": "user", "content": p}], [im])
+        for p, im in zip(prompts, images, strict=True)
+    ]
     b = collate(encs, processor.tokenizer.pad_token_id, side="left")
-    ids = generate(model, b["input_ids"], b["attention_mask"], b["pixel_values"], params, processor.stop_token_ids)
+    ids = generate(
+        model, b["input_ids"], b["attention_mask"], b["pixel_values"], params, processor.stop_token_ids
+    )
     return [processor.decode(x).strip() for x in ids]
 
 
@@ -108,7 +113,11 @@ def answer_batch(
     params = SamplingParams(max_new_tokens=max_new_tokens)
     out: list[str] = []
     for i in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch"):
-        out.extend(generate_answers(model, processor, prompts[i : i + batch_size], images[i : i + batch_size], params))
+        out.extend(
+            generate_answers(
+                model, processor, prompts[i : i + batch_size], images[i : i + batch_size], params
+            )
+        )
     return out
 
 
@@ -186,9 +195,17 @@ class Task:
 
 TASKS: dict[str, Task] = {
     "vqa": Task("vqa", "VQA", ("id", "image", "question", "answer"), VQA_PROMPT, "answer", _score_vqa),
-    "caption": Task("caption", "Captions", ("id", "image", "references"), CAPTION_PROMPT, "references", _score_captions),
-    "grounding": Task("grounding", "Grounding", ("id", "image", "expression", "box"), GROUNDING_PROMPT, "box",
-                      _score_grounding),
+    "caption": Task(
+        "caption", "Captions", ("id", "image", "references"), CAPTION_PROMPT, "references", _score_captions
+    ),
+    "grounding": Task(
+        "grounding",
+        "Grounding",
+        ("id", "image", "expression", "box"),
+        GROUNDING_PROMPT,
+        "box",
+        _score_grounding,
+    ),
 }
 
 
@@ -226,13 +243,17 @@ def _check_rows(task: Task, rows: list[dict], data: Path) -> None:
     for i, row in enumerate(rows, 1):
         missing = [k for k in task.fields if k not in row]
         if missing:
-            raise ValueError(f"{data} row {i}: missing {', '.join(missing)} (a {task.name} row needs {', '.join(task.fields)})")
+            raise ValueError(
+                f"{data} row {i}: missing {', '.join(missing)} (a {task.name} row needs {', '.join(task.fields)})"
+            )
         bad = _bad_reference(task.name, row)
         if bad:
             raise ValueError(f"{data} row {i}: {bad}")
     dup = [i for i, n in Counter(str(r["id"]) for r in rows).items() if n > 1]
     if dup:
-        raise ValueError(f"{data}: id {dup[0]!r} appears more than once ({len(dup)} ids repeat); ids must be unique")
+        raise ValueError(
+            f"{data}: id {dup[0]!r} appears more than once ({len(dup)} ids repeat); ids must be unique"
+        )
 
 
 def _bad_reference(task: str, row: dict) -> str | None:
@@ -253,8 +274,10 @@ def _render_prompts(template: str, rows: list[dict]) -> list[str]:
         try:
             out.append(template.format_map(fields))
         except (KeyError, IndexError) as err:
-            raise ValueError(f"prompt template {template!r} names {err}, which rows do not have; "
-                             f"fields: {', '.join(sorted(fields))}") from None
+            raise ValueError(
+                f"prompt template {template!r} names {err}, which rows do not have; "
+                f"fields: {', '.join(sorted(fields))}"
+            ) from None
     return out
 
 
@@ -305,18 +328,26 @@ def run_eval(settings: EvalSettings, progress: bool = True) -> dict | None:
     device = state.device if per_rank else torch.device(settings.device)
     model, processor = load_checkpoint(settings.model, device=device)
     if template.count(processor.image_token) != 1:
-        raise ValueError(f"the prompt template must contain {processor.image_token} exactly once: {template!r}")
+        raise ValueError(
+            f"the prompt template must contain {processor.image_token} exactly once: {template!r}"
+        )
 
     params = SamplingParams(max_new_tokens=settings.max_new_tokens)
     mine = shard_batches(len(rows), settings.batch_size, state.process_index, state.num_processes)
     records: list[dict] = []
     who = f" [rank {state.process_index}/{state.num_processes}]" if state.num_processes > 1 else ""
-    for batch in tqdm(mine, desc=f"{task.name}{who}", unit="batch", disable=not (progress and state.is_local_main_process)):
+    for batch in tqdm(
+        mine, desc=f"{task.name}{who}", unit="batch", disable=not (progress and state.is_local_main_process)
+    ):
         images, errors = _load_batch_images(root, [rows[i] for i in batch])
         ok = [i for i in batch if rows[i]["image"] in images]
-        records += [{"index": i, "error": errors[rows[i]["image"]]} for i in batch if rows[i]["image"] in errors]
+        records += [
+            {"index": i, "error": errors[rows[i]["image"]]} for i in batch if rows[i]["image"] in errors
+        ]
         if ok:
-            answers = generate_answers(model, processor, [prompts[i] for i in ok], [images[rows[i]["image"]] for i in ok], params)
+            answers = generate_answers(
+                model, processor, [prompts[i] for i in ok], [images[rows[i]["image"]] for i in ok], params
+            )
             records += [{"index": i, "prediction": a} for i, a in zip(ok, answers, strict=True)]
 
     shards = settings.out / SHARD_DIR
@@ -326,9 +357,13 @@ def run_eval(settings: EvalSettings, progress: bool = True) -> dict | None:
     if not state.is_main_process:
         return None
     by_index = _merge_shards(shards, state.num_processes, len(rows))
-    report = _score_and_write(settings, task, rows, prompts, by_index, root, template, state.num_processes, str(device))
+    report = _score_and_write(
+        settings, task, rows, prompts, by_index, root, template, state.num_processes, str(device)
+    )
     report["wall_seconds"] = round(time.time() - t0, 2)
-    (settings.out / "report.json").write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    (settings.out / "report.json").write_text(
+        json.dumps(report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8"
+    )
     (settings.out / "report.md").write_text(_markdown(report, task), encoding="utf-8")
     return report
 
@@ -346,23 +381,42 @@ def _merge_shards(shards: Path, world_size: int, n_rows: int) -> dict[int, dict]
     return by_index
 
 
-def _score_and_write(settings: EvalSettings, task: Task, rows: list[dict], prompts: list[str],
-                     by_index: dict[int, dict], root: Path, template: str, world_size: int, device: str) -> dict:
+def _score_and_write(
+    settings: EvalSettings,
+    task: Task,
+    rows: list[dict],
+    prompts: list[str],
+    by_index: dict[int, dict],
+    root: Path,
+    template: str,
+    world_size: int,
+    device: str,
+) -> dict:
     scored = [i for i in range(len(rows)) if "prediction" in by_index[i]]
     predictions = [by_index[i]["prediction"] for i in scored]
-    metrics, per_row = task.score([rows[i] for i in scored], predictions, settings.tokenize) if scored else ({}, [])
+    metrics, per_row = (
+        task.score([rows[i] for i in scored], predictions, settings.tokenize) if scored else ({}, [])
+    )
     extra = dict(zip(scored, per_row, strict=True))
     out_rows = []
     for i, row in enumerate(rows):
-        rec = {"id": row["id"], "image": row["image"], "prompt": prompts[i],
-               "prediction": by_index[i].get("prediction"), "reference": row[task.reference]}
+        rec = {
+            "id": row["id"],
+            "image": row["image"],
+            "prompt": prompts[i],
+            "prediction": by_index[i].get("prediction"),
+            "reference": row[task.reference],
+        }
         if "type" in row:
             rec["type"] = row["type"]
         rec.update(extra.get(i, {"error": by_index[i].get("error")}))
         out_rows.append(rec)
     write_jsonl(settings.out / "predictions.jsonl", out_rows)
-    skipped = [{"id": rows[i]["id"], "image": rows[i]["image"], "error": by_index[i]["error"]}
-               for i in range(len(rows)) if "error" in by_index[i]]
+    skipped = [
+        {"id": rows[i]["id"], "image": rows[i]["image"], "error": by_index[i]["error"]}
+        for i in range(len(rows))
+        if "error" in by_index[i]
+    ]
     return {
         "task": task.name,
         "model": str(settings.model),
@@ -373,8 +427,16 @@ def _score_and_write(settings: EvalSettings, task: Task, rows: list[dict], promp
         "scored": len(scored),
         "skipped": skipped,
         "metrics": metrics,
-        "settings": {**{k: v for k, v in asdict(settings).items() if k in ("batch_size", "max_new_tokens", "limit", "tokenize")},
-                     "device": device, "num_processes": world_size, "decoding": "greedy"},
+        "settings": {
+            **{
+                k: v
+                for k, v in asdict(settings).items()
+                if k in ("batch_size", "max_new_tokens", "limit", "tokenize")
+            },
+            "device": device,
+            "num_processes": world_size,
+            "decoding": "greedy",
+        },
     }
 
 
@@ -414,12 +476,20 @@ def _markdown(report: dict, task: Task) -> str:
         lines.append("No row could be scored.")
     else:
         if task.name == "caption":
-            lines.append(f"Tokenisation for CIDEr-D and BLEU: `{s['tokenize']}`. Exact match: equal to a reference "
-                         "up to width, case, numerals and punctuation.")
+            lines.append(
+                f"Tokenisation for CIDEr-D and BLEU: `{s['tokenize']}`. Exact match: equal to a reference "
+                "up to width, case, numerals and punctuation."
+            )
             lines.append("")
         lines += ["| metric | value |", "|---|---:|"] + [f"| {k} | {_fmt(v)} |" for k, v in metrics.items()]
     if by_type:
-        lines += ["", "## VQA accuracy by question type", "", "| type | questions | accuracy |", "|---|---:|---:|"]
+        lines += [
+            "",
+            "## VQA accuracy by question type",
+            "",
+            "| type | questions | accuracy |",
+            "|---|---:|---:|",
+        ]
         lines += [f"| {t} | {counts[t]} | {_fmt(acc)} |" for t, acc in by_type.items()]
     skipped = report["skipped"]
     lines += ["", f"## Skipped rows ({len(skipped)})", ""]
@@ -427,8 +497,14 @@ def _markdown(report: dict, task: Task) -> str:
         lines.append("None: every image was read.")
     else:
         lines += ["| id | image | why |", "|---|---|---|"]
-        lines += [f"| {r['id']} | `{r['image']}` | {r['error'].replace('|', '/')} |" for r in skipped[:MAX_LISTED]]
+        lines += [
+            f"| {r['id']} | `{r['image']}` | {r['error'].replace('|', '/')} |" for r in skipped[:MAX_LISTED]
+        ]
         if len(skipped) > MAX_LISTED:
             lines.append(f"\n… and {len(skipped) - MAX_LISTED} more (all are in report.json)")
-    lines += ["", "Files: [predictions.jsonl](predictions.jsonl) (every row), [report.json](report.json).", ""]
+    lines += [
+        "",
+        "Files: [predictions.jsonl](predictions.jsonl) (every row), [report.json](report.json).",
+        "",
+    ]
     return "\n".join(lines)

@@ -136,12 +136,16 @@ def head_to_head(scores: np.ndarray, *, tie_tol: float = 0.0) -> np.ndarray:
     diff = np.where(both, a - b, 0.0)
     points = np.where(np.abs(diff) <= tie_tol, 0.5, (diff > 0).astype(float))
     shared = both.sum(axis=0)
-    matrix = np.divide((points * both).sum(axis=0), shared, out=np.full(shared.shape, np.nan), where=shared > 0)
+    matrix = np.divide(
+        (points * both).sum(axis=0), shared, out=np.full(shared.shape, np.nan), where=shared > 0
+    )
     np.fill_diagonal(matrix, np.nan)
     return matrix
 
 
-def _bootstrap_ci(wins: np.ndarray, n_bootstrap: int, seed: int, confidence: float) -> tuple[np.ndarray, np.ndarray]:
+def _bootstrap_ci(
+    wins: np.ndarray, n_bootstrap: int, seed: int, confidence: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Percentile bootstrap over images of the mean of ``wins`` (n, M) -> (M,), (M,)."""
     n, m = wins.shape
     if n == 0 or n_bootstrap <= 0:
@@ -185,9 +189,19 @@ def compute_winrate(
         warnings.simplefilter("ignore", RuntimeWarning)  # "Mean of empty slice": a method with no captions
         mean_score = np.nanmean(scores[scored], axis=0) if n else np.full(len(methods), np.nan)
     return WinRateResult(
-        methods=list(methods), image_ids=ids, scores=scores, wins=wins, scored=scored, win_rate=win_rate,
-        ci_low=low, ci_high=high, mean_score=mean_score, head_to_head=head_to_head(scores, tie_tol=tie_tol),
-        n_bootstrap=n_bootstrap, seed=seed, confidence=confidence,
+        methods=list(methods),
+        image_ids=ids,
+        scores=scores,
+        wins=wins,
+        scored=scored,
+        win_rate=win_rate,
+        ci_low=low,
+        ci_high=high,
+        mean_score=mean_score,
+        head_to_head=head_to_head(scores, tie_tol=tie_tol),
+        n_bootstrap=n_bootstrap,
+        seed=seed,
+        confidence=confidence,
         image_status=["ok" if s else "no_scores" for s in scored],
     )
 
@@ -210,15 +224,21 @@ def load_captions(path: str | Path, method: str) -> tuple[dict[str, str], list[P
                 continue
             row = _parse_caption_row(line)
             if row is None:
-                problems.append(Problem("bad_caption_row", "", method, f"{path}:{line_no}: {line.strip()[:80]!r}"))
+                problems.append(
+                    Problem("bad_caption_row", "", method, f"{path}:{line_no}: {line.strip()[:80]!r}")
+                )
                 continue
             image, caption = row
             if image in captions:
                 same = "same caption" if captions[image] == caption else f"differs: {caption[:40]!r}"
-                problems.append(Problem(
-                    "duplicate_caption", image, method,
-                    f"{path}:{line_no} repeats the row of line {seen_rows[image]} ({same})",
-                ))
+                problems.append(
+                    Problem(
+                        "duplicate_caption",
+                        image,
+                        method,
+                        f"{path}:{line_no} repeats the row of line {seen_rows[image]} ({same})",
+                    )
+                )
                 continue
             captions[image], seen_rows[image] = caption, line_no
             if not caption.strip():
@@ -231,7 +251,11 @@ def _parse_caption_row(line: str) -> tuple[str, str] | None:
         row = json.loads(line)
     except json.JSONDecodeError:
         return None
-    if not isinstance(row, dict) or not isinstance(row.get("image"), str) or not isinstance(row.get("caption"), str):
+    if (
+        not isinstance(row, dict)
+        or not isinstance(row.get("image"), str)
+        or not isinstance(row.get("caption"), str)
+    ):
         return None
     return row["image"], row["caption"]
 
@@ -251,7 +275,9 @@ def _match_image_keys(
         if image_id is None:
             problems.append(Problem("unknown_image", key, method, "not in the image list"))
         elif image_id in matched:
-            problems.append(Problem("duplicate_caption", image_id, method, f"{key!r} names the same image again"))
+            problems.append(
+                Problem("duplicate_caption", image_id, method, f"{key!r} names the same image again")
+            )
         else:
             matched[image_id] = caption
     return matched, problems
@@ -306,7 +332,9 @@ class JsonlImages:
                     continue
                 row = json.loads(line)
                 if not isinstance(row, dict) or not isinstance(row.get("image"), str):
-                    raise ValueError(f"{self.path}:{line_no}: expected {{\"image\": path}}, got {line.strip()[:80]!r}")
+                    raise ValueError(
+                        f'{self.path}:{line_no}: expected {{"image": path}}, got {line.strip()[:80]!r}'
+                    )
                 self.ids.append(row["image"])
 
     def load(self, image_id: str) -> Image.Image:
@@ -405,7 +433,9 @@ def run_winrate(
         scores, methods, ids, n_bootstrap=n_bootstrap, seed=seed, confidence=confidence, tie_tol=tie_tol
     )
     unreadable = {p.image for p in load_problems}
-    status = ["unreadable_image" if i in unreadable else s for i, s in zip(ids, result.image_status, strict=True)]
+    status = [
+        "unreadable_image" if i in unreadable else s for i, s in zip(ids, result.image_status, strict=True)
+    ]
     problems += [Problem("no_scores", i) for i, s in zip(ids, status, strict=True) if s == "no_scores"]
     result = replace(result, image_status=status, scorer=scorer.name, problems=problems)
     return replace(result, files=write_report(result, Path(out_dir)))

@@ -41,34 +41,60 @@ def add_winrate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
         "per_image.csv, problems.csv and summary.json."
     )
     parser.add_argument(
-        "--images", required=True, metavar="SRC",
+        "--images",
+        required=True,
+        metavar="SRC",
         help="held-out images: a folder (ids = paths relative to it), a .jsonl list of "
         '{"image": path} (ids = the paths as written), or webdataset shards '
         "(x.tar, 'shards/{00000..00009}.tar' or 'shards/*.tar'; ids = sample keys)",
     )
     parser.add_argument(
-        "--image-root", type=Path, metavar="DIR",
+        "--image-root",
+        type=Path,
+        metavar="DIR",
         help="for a .jsonl list: the folder its relative image paths are resolved against "
         "(default: the list's folder; for the mini world, the world root)",
     )
     parser.add_argument(
-        "--captions", required=True, nargs="+", metavar="FILE[=METHOD]",
+        "--captions",
+        required=True,
+        nargs="+",
+        metavar="FILE[=METHOD]",
         help='one captions JSONL per method, rows {"image": id, "caption": text}; the method name '
         "is METHOD, or the file name without extension (e.g. out/captions.jsonl=alt_text). "
         "'image' must equal an image id, or be a path ending in one (/data/heldout/a.png matches a.png)",
     )
     parser.add_argument(
-        "--scorer", default=DEFAULT_SCORER, metavar="PATH_OR_HUB_ID",
+        "--scorer",
+        default=DEFAULT_SCORER,
+        metavar="PATH_OR_HUB_ID",
         help="Chinese-CLIP directory or hub id, e.g. OFA-Sys/chinese-clip-vit-base-patch16 "
         f"(default: {DEFAULT_SCORER}, the mini world's scorer)",
     )
     parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder for the report files")
-    parser.add_argument("--batch-size", type=int, default=32, metavar="N", help="images and texts per forward pass (default: 32)")
-    parser.add_argument("--bootstrap", type=int, default=1000, metavar="N",
-                        help="bootstrap resamples of the images for the CI; 0 disables it (default: 1000)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=32,
+        metavar="N",
+        help="images and texts per forward pass (default: 32)",
+    )
+    parser.add_argument(
+        "--bootstrap",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="bootstrap resamples of the images for the CI; 0 disables it (default: 1000)",
+    )
     parser.add_argument("--seed", type=int, default=0, metavar="N", help="bootstrap seed (default: 0)")
-    parser.add_argument("--device", default="auto", help="torch device for the scorer; auto = cuda if available (default: auto)")
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="scorer dtype (default: float32)")
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="torch device for the scorer; auto = cuda if available (default: auto)",
+    )
+    parser.add_argument(
+        "--dtype", default="float32", choices=sorted(DTYPES), help="scorer dtype (default: float32)"
+    )
     return parser
 
 
@@ -100,8 +126,14 @@ def run_winrate_from_args(args: argparse.Namespace) -> int:
         print(f"error: cannot load the scorer {args.scorer!r}: {err}", file=sys.stderr)
         return 2
     result = run_winrate(
-        source.ids, source.load, caption_files, scorer, args.out,
-        batch_size=args.batch_size, n_bootstrap=args.bootstrap, seed=args.seed,
+        source.ids,
+        source.load,
+        caption_files,
+        scorer,
+        args.out,
+        batch_size=args.batch_size,
+        n_bootstrap=args.bootstrap,
+        seed=args.seed,
     )
     print(format_summary(result))
     return 0

@@ -69,7 +69,9 @@ def write_report(result: WinRateResult, out_dir: Path) -> dict[str, Path]:
     _write_chart(result, files["chart"])
     _write_per_image(result, files["per_image"])
     _write_problems(result, files["problems"])
-    files["summary"].write_text(json.dumps(_summary(result), ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    files["summary"].write_text(
+        json.dumps(_summary(result), ensure_ascii=False, indent=2) + "\n", encoding="utf-8"
+    )
     files["report"].write_text(_markdown(result, files), encoding="utf-8")
     return files
 
@@ -129,7 +131,9 @@ def _problem_lines(result: WinRateResult, kinds: dict[str, str]) -> list[str]:
     counts = Counter(p.kind for p in result.problems)
     lines = [f"## Problems ({len(result.problems)})", ""]
     if not result.problems:
-        return lines + ["None: every listed image was readable and every method had exactly one caption for it."]
+        return lines + [
+            "None: every listed image was readable and every method had exactly one caption for it."
+        ]
     lines += ["| kind | count | what it means |", "|---|---:|---|"]
     lines += [f"| {kind} | {counts[kind]} | {kinds[kind]} |" for kind in kinds if counts[kind]]
     for kind in (k for k in kinds if counts[k]):
@@ -153,11 +157,14 @@ def _write_per_image(result: WinRateResult, path: Path) -> None:
         for i, image_id in enumerate(result.image_ids):
             scores = result.scores[i]
             winners = [m for m, w in zip(result.methods, result.wins[i], strict=True) if w > 0]
-            writer.writerow([
-                image_id, result.image_status[i],
-                *("" if math.isnan(s) else f"{s:.6f}" for s in scores),
-                "|".join(winners),
-            ])
+            writer.writerow(
+                [
+                    image_id,
+                    result.image_status[i],
+                    *("" if math.isnan(s) else f"{s:.6f}" for s in scores),
+                    "|".join(winners),
+                ]
+            )
 
 
 def _write_problems(result: WinRateResult, path: Path) -> None:

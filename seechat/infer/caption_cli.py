@@ -91,8 +91,18 @@ class _Job:
             self.done.set()
 
 
-def caption(engine, processor, inputs: list[str], out: str | Path, prompt: str = DEFAULT_PROMPT, params=None,
-            resume: bool = False, image_root: str | None = None, window: int = 64, progress: bool = True) -> dict:
+def caption(
+    engine,
+    processor,
+    inputs: list[str],
+    out: str | Path,
+    prompt: str = DEFAULT_PROMPT,
+    params=None,
+    resume: bool = False,
+    image_root: str | None = None,
+    window: int = 64,
+    progress: bool = True,
+) -> dict:
     """Caption every input image into `out`; returns counts {"written", "skipped", "failed"}."""
     from tqdm import tqdm
 
@@ -119,7 +129,10 @@ def caption(engine, processor, inputs: list[str], out: str | Path, prompt: str =
             counts["failed"] += 1
             print(f"\n{job.image_id}: generation failed: {job.error}", file=sys.stderr)
         else:
-            f.write(json.dumps({"image": job.image_id, "caption": "".join(job.parts).strip()}, ensure_ascii=False) + "\n")
+            f.write(
+                json.dumps({"image": job.image_id, "caption": "".join(job.parts).strip()}, ensure_ascii=False)
+                + "\n"
+            )
             f.flush()
             counts["written"] += 1
         bar.update(1)
@@ -146,11 +159,19 @@ def caption(engine, processor, inputs: list[str], out: str | Path, prompt: str =
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="a seechat checkpoint directory")
-    parser.add_argument("inputs", nargs="+", metavar="INPUT",
-                        help="folder, .jsonl or .txt list, webdataset shard(s), or image files")
-    parser.add_argument("--out", required=True, help="output JSONL: one {\"image\", \"caption\"} row per image")
-    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"the instruction (default: {DEFAULT_PROMPT})")
-    parser.add_argument("--image-root", default=None, help="resolve relative paths of .jsonl/.txt lists against this")
+    parser.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="folder, .jsonl or .txt list, webdataset shard(s), or image files",
+    )
+    parser.add_argument("--out", required=True, help='output JSONL: one {"image", "caption"} row per image')
+    parser.add_argument(
+        "--prompt", default=DEFAULT_PROMPT, help=f"the instruction (default: {DEFAULT_PROMPT})"
+    )
+    parser.add_argument(
+        "--image-root", default=None, help="resolve relative paths of .jsonl/.txt lists against this"
+    )
     parser.add_argument("--resume", action="store_true", help="skip ids already in --out and append")
     parser.add_argument("--batch-size", type=int, default=32, help="requests decoded together")
     parser.add_argument("--device", default="cpu")
@@ -171,12 +192,24 @@ def run_from_args(args: argparse.Namespace) -> int:
     config = EngineConfig(max_batch_size=args.batch_size, max_waiting=4 * args.batch_size, prefix_cache_mb=0)
     try:
         with Engine(model, processor, config) as engine:
-            counts = caption(engine, processor, args.inputs, args.out, args.prompt, sampling_from_args(args),
-                             args.resume, args.image_root, window=2 * args.batch_size, progress=not args.no_progress)
+            counts = caption(
+                engine,
+                processor,
+                args.inputs,
+                args.out,
+                args.prompt,
+                sampling_from_args(args),
+                args.resume,
+                args.image_root,
+                window=2 * args.batch_size,
+                progress=not args.no_progress,
+            )
     except (FileNotFoundError, NotADirectoryError, ValueError) as e:
         print(f"seechat caption: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {counts['written']} captions to {args.out}"
-          + (f" ({counts['skipped']} already there)" if counts["skipped"] else "")
-          + (f"; {counts['failed']} image(s) failed (see above)" if counts["failed"] else ""))
+    print(
+        f"wrote {counts['written']} captions to {args.out}"
+        + (f" ({counts['skipped']} already there)" if counts["skipped"] else "")
+        + (f"; {counts['failed']} image(s) failed (see above)" if counts["failed"] else "")
+    )
     return 1 if counts["failed"] else 0

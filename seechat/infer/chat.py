@@ -36,27 +36,33 @@ class ChatSession:
         enc = self.processor.encode_prompt(history, self.images)
         return collate([enc], self.processor.tokenizer.pad_token_id, side="left")
 
-    def stream(self, question: str, images: Sequence[Image.Image] = (), params: SamplingParams = SamplingParams()) -> Iterator[str]:
+    def stream(
+        self, question: str, images: Sequence[Image.Image] = (), params: SamplingParams = SamplingParams()
+    ) -> Iterator[str]:
         """Yield the reply as text pieces while it is generated; the history records the whole reply."""
         batch = self._prepare(question, images)
         stops = self.processor.stop_token_ids
         ids: list[int] = []
         printed = ""
-        for tok in stream_generate(self.model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"], params, stops):
+        for tok in stream_generate(
+            self.model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"], params, stops
+        ):
             t = int(tok[0])
             if t in stops:
                 break
             ids.append(t)
             text = self.processor.decode(ids)
             if not text.endswith("\ufffd"):  # wait for a whole character before showing it
-                yield text[len(printed):]
+                yield text[len(printed) :]
                 printed = text
         reply = self.processor.decode(ids)
         if reply != printed:
-            yield reply[len(printed):]
+            yield reply[len(printed) :]
         self.messages.append({"role": "assistant", "content": reply})
 
-    def ask(self, question: str, images: Sequence[Image.Image] = (), params: SamplingParams = SamplingParams()) -> str:
+    def ask(
+        self, question: str, images: Sequence[Image.Image] = (), params: SamplingParams = SamplingParams()
+    ) -> str:
         return "".join(self.stream(question, images, params))
 
     def clear(self) -> None:

@@ -57,23 +57,33 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens: int 
 
 def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
     return SamplingParams(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        repetition_penalty=args.repetition_penalty, seed=args.seed,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
     )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="a seechat checkpoint directory")
-    parser.add_argument("--image", action="append", default=[], metavar="PATH",
-                        help="image(s) for the first question (repeatable; /image adds more later)")
+    parser.add_argument(
+        "--image",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="image(s) for the first question (repeatable; /image adds more later)",
+    )
     parser.add_argument("--system", default=None, help="a system message")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     add_sampling_arguments(parser)
 
 
-def chat_loop(chat, params: SamplingParams, stop: list[str], pending: list[Image.Image],
-              stdin: TextIO, stdout: TextIO) -> None:
+def chat_loop(
+    chat, params: SamplingParams, stop: list[str], pending: list[Image.Image], stdin: TextIO, stdout: TextIO
+) -> None:
     """The REPL over an `EngineChat`; `pending` images go with the next question."""
     interactive = stdin.isatty()
     print("seechat chat — /help for commands, /quit to leave", file=stdout)

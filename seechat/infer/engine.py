@@ -55,9 +55,13 @@ log = logging.getLogger(__name__)
 class EngineConfig:
     max_batch_size: int = 32  # requests decoded together
     max_waiting: int = 256  # admitted but not yet running; beyond this, submit raises QueueFullError
-    max_waiting_bytes: int = 256 << 20  # bytes the waiting requests may hold (pixels, ids); beyond: QueueFullError
+    max_waiting_bytes: int = (
+        256 << 20
+    )  # bytes the waiting requests may hold (pixels, ids); beyond: QueueFullError
     max_prefill_tokens: int = 4096  # new tokens prefilled per step (at least one request always)
-    max_batch_tokens: int = 65536  # KV tokens of the running batch, padding included (raised to max_model_len)
+    max_batch_tokens: int = (
+        65536  # KV tokens of the running batch, padding included (raised to max_model_len)
+    )
     max_model_len: int = 0  # prompt + reply tokens; 0 = the language model's own limit
     max_images_per_request: int = 16
     image_cache_entries: int = 256
@@ -118,21 +122,38 @@ class AsyncEvents:
 
 
 class Engine:
-    def __init__(self, model: SeeChatModel, processor: SeeChatProcessor, config: EngineConfig = EngineConfig()):
+    def __init__(
+        self, model: SeeChatModel, processor: SeeChatProcessor, config: EngineConfig = EngineConfig()
+    ):
         self.model = model.eval()
         self.processor = processor
         self.config = config
         self.runner = ModelRunner(model, processor.tokenizer.pad_token_id, config.fast_decode)
         self.max_model_len = config.max_model_len or self.runner.max_positions()
-        self.max_batch_tokens = max(config.max_batch_tokens, self.max_model_len)  # one full request always fits
+        self.max_batch_tokens = max(
+            config.max_batch_tokens, self.max_model_len
+        )  # one full request always fits
         self.stop_token_ids = list(processor.stop_token_ids)
         self.image_token_id = model.image_token_id
         self.image_cache = ImageFeatureCache(config.image_cache_entries)
         self.prefix_cache = PrefixCache(config.prefix_cache_mb << 20)
         self.counters = dict.fromkeys(
-            ("requests", "prefill_steps", "prefill_tokens", "cached_tokens", "decode_steps", "decode_tokens",
-             "images_encoded", "max_running", "aborted", "failed", "draft_tokens", "accepted_drafts",
-             "peak_kv_tokens"), 0,
+            (
+                "requests",
+                "prefill_steps",
+                "prefill_tokens",
+                "cached_tokens",
+                "decode_steps",
+                "decode_tokens",
+                "images_encoded",
+                "max_running",
+                "aborted",
+                "failed",
+                "draft_tokens",
+                "accepted_drafts",
+                "peak_kv_tokens",
+            ),
+            0,
         )
         self._cond = threading.Condition()
         self._waiting: deque[Request] = deque()
@@ -176,10 +197,16 @@ class Engine:
             running, waiting, waiting_bytes = len(self._running), len(self._waiting), self._waiting_bytes
             kv = self._kv
         return {
-            **self.counters, "running": running, "waiting": waiting, "waiting_bytes": waiting_bytes,
-            "kv_tokens": 0 if kv is None else kv.batch_size * kv.length, "max_batch_tokens": self.max_batch_tokens,
-            "image_cache_hits": self.image_cache.hits, "image_cache_entries": len(self.image_cache),
-            "prefix_cache_entries": len(self.prefix_cache), "prefix_cache_bytes": self.prefix_cache.bytes,
+            **self.counters,
+            "running": running,
+            "waiting": waiting,
+            "waiting_bytes": waiting_bytes,
+            "kv_tokens": 0 if kv is None else kv.batch_size * kv.length,
+            "max_batch_tokens": self.max_batch_tokens,
+            "image_cache_hits": self.image_cache.hits,
+            "image_cache_entries": len(self.image_cache),
+            "prefix_cache_entries": len(self.prefix_cache),
+            "prefix_cache_bytes": self.prefix_cache.bytes,
         }
 
     # ------------------------------------------------------------------ submitting
@@ -226,7 +253,9 @@ class Engine:
         try:
             generator = None if params.seed is None else torch.Generator().manual_seed(params.seed)
         except (ValueError, RuntimeError, OverflowError, TypeError):
-            raise RequestError(f"seed {params.seed} is out of range: use an integer in [-2**63, 2**64)") from None
+            raise RequestError(
+                f"seed {params.seed} is out of range: use an integer in [-2**63, 2**64)"
+            ) from None
         pixels = self._pixels(images)
         keys = [] if pixels is None else [pixel_key(p, cache_scope) for p in pixels]
         content = ids.clone()
@@ -283,8 +312,16 @@ class Engine:
             return images.cpu() if images.shape[0] else None
         return self.processor.preprocess_images(list(images)) if len(images) else None
 
-    def stream(self, input_ids, images=(), params=SamplingParams(), stop=(), cache_prefix=True, ignore_eos=False,
-               cache_scope: str = "") -> Iterator[StreamEvent]:
+    def stream(
+        self,
+        input_ids,
+        images=(),
+        params=SamplingParams(),
+        stop=(),
+        cache_prefix=True,
+        ignore_eos=False,
+        cache_scope: str = "",
+    ) -> Iterator[StreamEvent]:
         """Submit now (errors raise here) and return the request's events as they come (blocking).
         Closing the iterator early cancels the request."""
         q: queue.Queue[StreamEvent] = queue.Queue()
@@ -304,8 +341,15 @@ class Engine:
         return events()
 
     def astream(
-        self, input_ids, images=(), params=SamplingParams(), stop=(), cache_prefix=True,
-        loop: asyncio.AbstractEventLoop | None = None, ignore_eos: bool = False, cache_scope: str = "",
+        self,
+        input_ids,
+        images=(),
+        params=SamplingParams(),
+        stop=(),
+        cache_prefix=True,
+        loop: asyncio.AbstractEventLoop | None = None,
+        ignore_eos: bool = False,
+        cache_scope: str = "",
     ) -> AsyncEvents:
         """Submit now (errors such as QueueFullError raise here) and return an async iterator of the
         request's events, delivered through `loop` (default: the running loop). Call its `cancel()`
@@ -313,12 +357,20 @@ class Engine:
         loop = loop or asyncio.get_running_loop()
         q: asyncio.Queue[StreamEvent] = asyncio.Queue()
         handle = self.submit(
-            input_ids, images, params, stop, lambda ev: loop.call_soon_threadsafe(q.put_nowait, ev), cache_prefix,
-            ignore_eos, cache_scope,
+            input_ids,
+            images,
+            params,
+            stop,
+            lambda ev: loop.call_soon_threadsafe(q.put_nowait, ev),
+            cache_prefix,
+            ignore_eos,
+            cache_scope,
         )
         return AsyncEvents(handle, q)
 
-    def generate(self, input_ids, images=(), params=SamplingParams(), stop=(), cache_prefix=True, ignore_eos=False) -> Completion:
+    def generate(
+        self, input_ids, images=(), params=SamplingParams(), stop=(), cache_prefix=True, ignore_eos=False
+    ) -> Completion:
         """The whole reply of one request (blocking)."""
         parts, ids, last = [], [], StreamEvent()
         for ev in self.stream(input_ids, images, params, stop, cache_prefix, ignore_eos):
@@ -327,7 +379,14 @@ class Engine:
             last = ev
         if last.finish_reason == "error":
             raise RuntimeError(last.error)
-        return Completion("".join(parts), ids, last.finish_reason, last.prompt_tokens, last.completion_tokens, last.cached_tokens)
+        return Completion(
+            "".join(parts),
+            ids,
+            last.finish_reason,
+            last.prompt_tokens,
+            last.completion_tokens,
+            last.cached_tokens,
+        )
 
     def _wake(self) -> None:
         with self._cond:
@@ -474,7 +533,9 @@ class Engine:
         logits, kv = self.runner.prefill(rows)
         self.counters["prefill_steps"] += 1
         tokens = self._sample(logits, group)
-        alive = [i for i, (r, t) in enumerate(zip(group, tokens, strict=True)) if not self._accept(r, t, kv, i)]
+        alive = [
+            i for i, (r, t) in enumerate(zip(group, tokens, strict=True)) if not self._accept(r, t, kv, i)
+        ]
         if not alive:
             return
         if len(alive) < len(group):
@@ -496,7 +557,11 @@ class Engine:
     def _decode(self) -> None:
         if self.config.speculative_tokens and len(self._running) == 1:
             r = self._running[0]
-            drafts = ngram_drafts(r, self.config.speculative_tokens, self.image_token_id) if plain_greedy(r.params) else []
+            drafts = (
+                ngram_drafts(r, self.config.speculative_tokens, self.image_token_id)
+                if plain_greedy(r.params)
+                else []
+            )
             if drafts:
                 self._verify(r, drafts)
                 return
@@ -508,7 +573,11 @@ class Engine:
         self.counters["decode_steps"] += 1
         self.counters["decode_tokens"] += len(self._running)
         sampled = self._sample(logits, self._running)
-        keep = [i for i, (r, t) in enumerate(zip(self._running, sampled, strict=True)) if not self._accept(r, t, self._kv, i)]
+        keep = [
+            i
+            for i, (r, t) in enumerate(zip(self._running, sampled, strict=True))
+            if not self._accept(r, t, self._kv, i)
+        ]
         if len(keep) < len(self._running):
             self._keep(keep)
 
@@ -604,7 +673,9 @@ class Engine:
         self._finish(r, reason, delta, tuple(r.unsent))
         return True
 
-    def _finish(self, r: Request, reason: str, text: str = "", ids: tuple[int, ...] = (), error: str | None = None) -> None:
+    def _finish(
+        self, r: Request, reason: str, text: str = "", ids: tuple[int, ...] = (), error: str | None = None
+    ) -> None:
         if r.done:
             return
         r.done = True
@@ -614,6 +685,8 @@ class Engine:
         elif reason == "error":
             self.counters["failed"] += 1
         try:
-            r.sink(StreamEvent(text, ids, reason, error, r.input_ids.numel(), len(r.generated), r.cached_tokens))
+            r.sink(
+                StreamEvent(text, ids, reason, error, r.input_ids.numel(), len(r.generated), r.cached_tokens)
+            )
         except Exception:
             log.exception("a request's sink failed")

@@ -94,7 +94,11 @@ def stream_generate(
     positions = positions_from_mask(attention_mask)
 
     out = model(
-        input_ids, attention_mask, image_features=image_features, position_ids=positions, use_cache=True,
+        input_ids,
+        attention_mask,
+        image_features=image_features,
+        position_ids=positions,
+        use_cache=True,
         logits_to_keep=1,
     )
     seen = input_ids

@@ -95,7 +95,9 @@ def _failure(s: str) -> list[int]:
 class Request:
     id: str
     input_ids: torch.Tensor  # (T,) long
-    pixel_values: torch.Tensor | None  # (n_img, 3, H, W), preprocessed on the submitting thread; None after prefill
+    pixel_values: (
+        torch.Tensor | None
+    )  # (n_img, 3, H, W), preprocessed on the submitting thread; None after prefill
     image_keys: list[bytes]
     content_key: torch.Tensor  # (T,) ids with image tokens replaced by image tags
     params: SamplingParams

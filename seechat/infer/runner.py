@@ -123,18 +123,24 @@ class LlamaStyleDecoder:
         self.layers = []
         for layer in base.layers:
             a, m = layer.self_attn, layer.mlp
-            self.layers.append((
-                _norm_params(layer.input_layernorm),
-                _t(a.q_proj.weight, a.k_proj.weight, a.v_proj.weight),
-                _cat_or_none(a.q_proj.bias, a.k_proj.bias, a.v_proj.bias),
-                _norm_params(getattr(a, "q_norm", None)),
-                _norm_params(getattr(a, "k_norm", None)),
-                _t(a.o_proj.weight), a.o_proj.bias, a.scaling,
-                _norm_params(layer.post_attention_layernorm),
-                _t(m.gate_proj.weight, m.up_proj.weight),
-                _cat_or_none(m.gate_proj.bias, m.up_proj.bias),
-                _t(m.down_proj.weight), m.down_proj.bias, m.gate_proj.out_features,
-            ))
+            self.layers.append(
+                (
+                    _norm_params(layer.input_layernorm),
+                    _t(a.q_proj.weight, a.k_proj.weight, a.v_proj.weight),
+                    _cat_or_none(a.q_proj.bias, a.k_proj.bias, a.v_proj.bias),
+                    _norm_params(getattr(a, "q_norm", None)),
+                    _norm_params(getattr(a, "k_norm", None)),
+                    _t(a.o_proj.weight),
+                    a.o_proj.bias,
+                    a.scaling,
+                    _norm_params(layer.post_attention_layernorm),
+                    _t(m.gate_proj.weight, m.up_proj.weight),
+                    _cat_or_none(m.gate_proj.bias, m.up_proj.bias),
+                    _t(m.down_proj.weight),
+                    m.down_proj.bias,
+                    m.gate_proj.out_features,
+                )
+            )
         self._cos = self._sin = None
 
     @classmethod
@@ -148,7 +154,8 @@ class LlamaStyleDecoder:
             and rope in STATIC_ROPE_TYPES
             and all(t == "full_attention" for t in layer_types)
             and all(
-                hasattr(layer, "mlp") and hasattr(layer.mlp, "gate_proj")
+                hasattr(layer, "mlp")
+                and hasattr(layer.mlp, "gate_proj")
                 and hasattr(layer.input_layernorm, "variance_epsilon")
                 for layer in base.layers
             )
@@ -181,7 +188,9 @@ class LlamaStyleDecoder:
             if n > 1:
                 mask = mask & torch.ones(n, t + n, dtype=torch.bool, device=mask.device).tril(t)
         x = self.embed(tokens)  # (B, L, D_model)
-        for i, (ln1, wqkv, bqkv, qn, kn, wo, bo, scale, ln2, wgu, bgu, wd, bd, inter) in enumerate(self.layers):
+        for i, (ln1, wqkv, bqkv, qn, kn, wo, bo, scale, ln2, wgu, bgu, wd, bd, inter) in enumerate(
+            self.layers
+        ):
             qkv = _mm(rms(x, *ln1), wqkv, bqkv).view(b, n, h + 2 * g, d)
             qk = qkv[:, :, : h + g]
             if qn is not None:
@@ -190,8 +199,12 @@ class LlamaStyleDecoder:
             kv.keys[i][:, :, t : t + n] = qk[:, h:]
             kv.values[i][:, :, t : t + n] = qkv[:, :, h + g :].transpose(1, 2)
             o = F.scaled_dot_product_attention(
-                qk[:, :h], kv.keys[i][:, :, : t + n], kv.values[i][:, :, : t + n], attn_mask=mask,
-                scale=scale, enable_gqa=g != h,
+                qk[:, :h],
+                kv.keys[i][:, :, : t + n],
+                kv.values[i][:, :, : t + n],
+                attn_mask=mask,
+                scale=scale,
+                enable_gqa=g != h,
             )  # (B, h, L, d)
             x = x + _mm(o.transpose(1, 2).reshape(b, n, h * d), wo, bo)
             gu = _mm(rms(x, *ln2), wgu, bgu)
@@ -225,7 +238,9 @@ class ModelRunner:
         self.pad_token_id = pad_token_id
         lm = model.language_model
         fast = FAST_DECODERS.get(lm.config.get_text_config().model_type)
-        wanted = fast_decode == "on" or (fast_decode == "auto" and linear_weight_bytes(lm) <= FAST_DECODE_AUTO_BYTES)
+        wanted = fast_decode == "on" or (
+            fast_decode == "auto" and linear_weight_bytes(lm) <= FAST_DECODE_AUTO_BYTES
+        )
         self.fast: LlamaStyleDecoder | None = fast(lm) if wanted and fast and fast.supports(lm) else None
 
     @property
@@ -273,7 +288,12 @@ class ModelRunner:
         feats = [r.image_features for r in rows if r.image_features is not None and r.image_features.numel()]
         image_features = torch.cat(feats)[None].to(device) if feats else None  # (1, n_slots, D)
         out = self.model(
-            ids, mask, image_features=image_features, position_ids=pos, cache=cache, use_cache=True,
+            ids,
+            mask,
+            image_features=image_features,
+            position_ids=pos,
+            cache=cache,
+            use_cache=True,
             logits_to_keep=1,
         )
         layers = [(layer.keys, layer.values) for layer in out.cache.layers]
@@ -307,7 +327,12 @@ class ModelRunner:
         mask = kv.mask[:, : t + n].long()
         pos = kv.next_pos[:, None] + torch.arange(n, device=tokens.device)
         out = self.model.language_model(
-            input_ids=tokens, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=n,
+            input_ids=tokens,
+            attention_mask=mask,
+            position_ids=pos,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=n,
         )
         for i, layer in enumerate(out.cache.layers):
             kv.keys[i][:, :, t : t + n] = layer.keys[:, :, t : t + n]

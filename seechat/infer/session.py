@@ -22,7 +22,9 @@ from seechat.infer.engine import Engine, StreamEvent
 from seechat.infer.generate import SamplingParams
 
 
-def prompt_ids(processor: SeeChatProcessor, messages: Sequence[dict[str, str]], n_images: int) -> torch.Tensor:
+def prompt_ids(
+    processor: SeeChatProcessor, messages: Sequence[dict[str, str]], n_images: int
+) -> torch.Tensor:
     """`processor.encode_prompt(...).input_ids` without preprocessing images (the engine encodes
     only images it has not seen); see `SeeChatProcessor.prompt_ids`."""
     return processor.prompt_ids(messages, n_images)
@@ -38,7 +40,10 @@ class EngineChat:
     last: StreamEvent | None = None  # the final event of the last turn (usage, finish reason)
 
     def stream(
-        self, question: str, images: Sequence[Image.Image] = (), params: SamplingParams = SamplingParams(),
+        self,
+        question: str,
+        images: Sequence[Image.Image] = (),
+        params: SamplingParams = SamplingParams(),
         stop: Sequence[str] = (),
     ) -> Iterator[str]:
         """Yield the reply in pieces as it is generated; the history records the whole reply."""
@@ -48,7 +53,9 @@ class EngineChat:
         history = [*history, {"role": "user", "content": content}]
         all_images = [*self.images, *images]
         ids = prompt_ids(self.processor, history, len(all_images))
-        events = self.engine.stream(ids, all_images, params, stop)  # submits now: errors leave history as it was
+        events = self.engine.stream(
+            ids, all_images, params, stop
+        )  # submits now: errors leave history as it was
         self.messages.append(history[-1])
         self.images = all_images
         parts: list[str] = []
@@ -64,7 +71,13 @@ class EngineChat:
         finally:  # a stopped reply (the caller closed the stream) stays in the history as far as it got
             self.messages.append({"role": "assistant", "content": "".join(parts)})
 
-    def ask(self, question: str, images: Sequence[Image.Image] = (), params: SamplingParams = SamplingParams(), stop: Sequence[str] = ()) -> str:
+    def ask(
+        self,
+        question: str,
+        images: Sequence[Image.Image] = (),
+        params: SamplingParams = SamplingParams(),
+        stop: Sequence[str] = (),
+    ) -> str:
         return "".join(self.stream(question, images, params, stop))
 
     def clear(self) -> None:

@@ -123,8 +123,11 @@ def build_clip_tokenizer(chars: list[str], max_length: int, directory: PathLike)
 
 def build_clip_image_processor(image_size: int) -> ChineseCLIPImageProcessorPil:
     return ChineseCLIPImageProcessorPil(
-        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
-        image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_mean=list(CLIP_MEAN),
+        image_std=list(CLIP_STD),
+    )
 
 
 def normalize_pixels(pixels: torch.Tensor) -> torch.Tensor:
@@ -137,16 +140,31 @@ def normalize_pixels(pixels: torch.Tensor) -> torch.Tensor:
 
 def clip_config(recipe: ClipRecipe, vocab_size: int) -> ChineseCLIPConfig:
     text_cfg = dict(
-        vocab_size=vocab_size, hidden_size=recipe.text_hidden, intermediate_size=4 * recipe.text_hidden,
-        num_hidden_layers=recipe.text_layers, num_attention_heads=recipe.text_heads,
-        max_position_embeddings=recipe.max_text_length, hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0, initializer_range=recipe.text_init_std)
+        vocab_size=vocab_size,
+        hidden_size=recipe.text_hidden,
+        intermediate_size=4 * recipe.text_hidden,
+        num_hidden_layers=recipe.text_layers,
+        num_attention_heads=recipe.text_heads,
+        max_position_embeddings=recipe.max_text_length,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        initializer_range=recipe.text_init_std,
+    )
     vision_cfg = dict(
-        hidden_size=recipe.vision_hidden, intermediate_size=4 * recipe.vision_hidden,
-        num_hidden_layers=recipe.vision_layers, num_attention_heads=recipe.vision_heads,
-        image_size=recipe.image_size, patch_size=recipe.patch_size, projection_dim=recipe.projection_dim)
-    return ChineseCLIPConfig(text_config=text_cfg, vision_config=vision_cfg, projection_dim=recipe.projection_dim,
-                             initializer_range=recipe.text_init_std)
+        hidden_size=recipe.vision_hidden,
+        intermediate_size=4 * recipe.vision_hidden,
+        num_hidden_layers=recipe.vision_layers,
+        num_attention_heads=recipe.vision_heads,
+        image_size=recipe.image_size,
+        patch_size=recipe.patch_size,
+        projection_dim=recipe.projection_dim,
+    )
+    return ChineseCLIPConfig(
+        text_config=text_cfg,
+        vision_config=vision_cfg,
+        projection_dim=recipe.projection_dim,
+        initializer_range=recipe.text_init_std,
+    )
 
 
 # --------------------------------------------------------------------------- data and batches
@@ -160,7 +178,9 @@ class _ClipBatch:
     region_image: torch.Tensor  # (R,) long: the batch image each object is in
     region_weights: torch.Tensor  # (R, P) float: each object's share of each patch; rows sum to 1
     region_positive: torch.Tensor  # (R, R) bool: phrase r is true of object q
-    patch_boxes: torch.Tensor  # (B, P, 4) float: box (x1, y1, x2, y2) / image size of the object a patch shows
+    patch_boxes: (
+        torch.Tensor
+    )  # (B, P, 4) float: box (x1, y1, x2, y2) / image size of the object a patch shows
     patch_has_box: torch.Tensor  # (B, P) bool: an object covers at least a quarter of the patch
 
 
@@ -168,12 +188,18 @@ def _captions(scenes: list[Scene], rng: random.Random, recipe: ClipRecipe) -> di
     """A concise or detailed caption per image; a caption is true of every image with its meaning
     (the canonical caption for concise ones, the scene fingerprint for detailed ones)."""
     detailed = [rng.random() < recipe.detailed_fraction for _ in scenes]
-    texts = [scene_text.detailed_caption(s, rng) if d else scene_text.concise_caption(s, rng)
-             for s, d in zip(scenes, detailed, strict=True)]
+    texts = [
+        scene_text.detailed_caption(s, rng) if d else scene_text.concise_caption(s, rng)
+        for s, d in zip(scenes, detailed, strict=True)
+    ]
     canonical, meaning = [scene_text.concise_caption(s) for s in scenes], [fingerprint(s) for s in scenes]
     keys = [m if d else c for c, m, d in zip(canonical, meaning, detailed, strict=True)]
-    positive = torch.tensor([[key == (meaning[j] if d else canonical[j]) for j in range(len(scenes))]
-                             for key, d in zip(keys, detailed, strict=True)])
+    positive = torch.tensor(
+        [
+            [key == (meaning[j] if d else canonical[j]) for j in range(len(scenes))]
+            for key, d in zip(keys, detailed, strict=True)
+        ]
+    )
     return {"texts": texts, "positive": positive}
 
 
@@ -210,15 +236,25 @@ def _regions(scenes: list[Scene], rng: random.Random, recipe: ClipRecipe) -> dic
     for b, scene in enumerate(scenes):
         for o in scene.objects:
             named_cell = rng.random() < recipe.region_position_prob
-            phrases.append(scene_text.phrase(o.shape, o.colour, o.size, scene_text.LOCATIVE[o.position] if named_cell else None))
+            phrases.append(
+                scene_text.phrase(
+                    o.shape, o.colour, o.size, scene_text.LOCATIVE[o.position] if named_cell else None
+                )
+            )
             image.append(b)
             weights.append(patch_weights(o.bbox, recipe.image_size, recipe.patch_size))
             facts.append((o.shape, o.colour, o.size, o.position))
             claims.append((o.shape, o.colour, o.size, o.position if named_cell else None))
     positive = torch.tensor([[c[:3] == f[:3] and c[3] in (None, f[3]) for f in facts] for c in claims])
     boxes, has_box = zip(*(patch_box_targets(s, recipe.patch_size) for s in scenes), strict=True)
-    return {"phrases": phrases, "region_image": torch.tensor(image), "region_weights": torch.stack(weights),
-            "region_positive": positive, "patch_boxes": torch.stack(boxes), "patch_has_box": torch.stack(has_box)}
+    return {
+        "phrases": phrases,
+        "region_image": torch.tensor(image),
+        "region_weights": torch.stack(weights),
+        "region_positive": positive,
+        "patch_boxes": torch.stack(boxes),
+        "patch_has_box": torch.stack(has_box),
+    }
 
 
 def clip_batch(recipe: ClipRecipe, step: int) -> tuple[torch.Tensor, _ClipBatch]:
@@ -242,8 +278,9 @@ def clip_loss(logits_per_text: torch.Tensor, positive: torch.Tensor) -> torch.Te
     return (t2i.mean() + i2t.mean()) / 2
 
 
-def text_embeds(model: ChineseCLIPModel, tokenizer: PreTrainedTokenizerBase, texts: list[str],
-                chunks: int = 3) -> torch.Tensor:
+def text_embeds(
+    model: ChineseCLIPModel, tokenizer: PreTrainedTokenizerBase, texts: list[str], chunks: int = 3
+) -> torch.Tensor:
     """Projected, unnormalised (T, D) text embeddings. Each distinct text is encoded once (object
     phrases repeat within a batch), in length-sorted chunks so that short phrases are not padded to
     the longest detailed caption."""
@@ -252,15 +289,18 @@ def text_embeds(model: ChineseCLIPModel, tokenizer: PreTrainedTokenizerBase, tex
     limit = model.config.text_config.max_position_embeddings
     parts = []
     for c in range(0, len(unique), size):
-        tokens = tokenizer(unique[c:c + size], padding=True, truncation=True, max_length=limit, return_tensors="pt")
+        tokens = tokenizer(
+            unique[c : c + size], padding=True, truncation=True, max_length=limit, return_tensors="pt"
+        )
         tokens = tokens.to(model.device)
         parts.append(model.get_text_features(**tokens).pooler_output)
     row = {t: i for i, t in enumerate(unique)}
     return torch.cat(parts)[torch.tensor([row[t] for t in texts], device=model.device)]
 
 
-def region_embeds(model: ChineseCLIPModel, hidden: torch.Tensor, image: torch.Tensor,
-                  weights: torch.Tensor) -> torch.Tensor:
+def region_embeds(
+    model: ChineseCLIPModel, hidden: torch.Tensor, image: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
     """Objects' box-weighted patch features through the image embedding's post-LayerNorm and
     projection: hidden (B, 1 + P, D_v), image (R,), weights (R, P) -> (R, D), normalised."""
     pooled = torch.einsum("rp,rpd->rd", weights, hidden[:, 1:][image])  # (R, D_v): CLS dropped
@@ -281,17 +321,25 @@ def _clip_train(recipe: ClipRecipe, out: Path, device: str, workers: int) -> dic
     def loss_at(step: int) -> torch.Tensor:
         pixels, batch = next(batches)
         scale = model.logit_scale.exp()
-        vision = model.get_image_features(pixel_values=normalize_pixels(pixels).to(device), output_hidden_states=True)
+        vision = model.get_image_features(
+            pixel_values=normalize_pixels(pixels).to(device), output_hidden_states=True
+        )
         images = F.normalize(vision.pooler_output, dim=-1)  # (B, D)
         texts = F.normalize(text_embeds(model, tokenizer, batch.texts + batch.phrases), dim=-1)  # (B + R, D)
-        captions, phrases = texts[: len(pixels)], texts[len(pixels):]
+        captions, phrases = texts[: len(pixels)], texts[len(pixels) :]
         hidden = vision.hidden_states[recipe.feature_layer]  # (B, 1 + P, D_v)
-        regions = region_embeds(model, hidden, batch.region_image.to(device), batch.region_weights.to(device))  # (R, D)
+        regions = region_embeds(
+            model, hidden, batch.region_image.to(device), batch.region_weights.to(device)
+        )  # (R, D)
         has_box = batch.patch_has_box.to(device)
-        box_err = F.smooth_l1_loss(box_head(hidden[:, 1:])[has_box], batch.patch_boxes.to(device)[has_box], beta=0.02)
-        return (clip_loss(scale * captions @ images.T, batch.positive.to(device))
-                + recipe.region_weight * clip_loss(scale * phrases @ regions.T, batch.region_positive.to(device))
-                + recipe.box_weight * box_err / 0.02)
+        box_err = F.smooth_l1_loss(
+            box_head(hidden[:, 1:])[has_box], batch.patch_boxes.to(device)[has_box], beta=0.02
+        )
+        return (
+            clip_loss(scale * captions @ images.T, batch.positive.to(device))
+            + recipe.region_weight * clip_loss(scale * phrases @ regions.T, batch.region_positive.to(device))
+            + recipe.box_weight * box_err / 0.02
+        )
 
     def clamp_temperature() -> None:
         with torch.no_grad():
@@ -302,14 +350,26 @@ def _clip_train(recipe: ClipRecipe, out: Path, device: str, workers: int) -> dic
     model.to("cpu").eval().half().save_pretrained(out)
     # processor_config.json + tokenizer + preprocessor_config.json: AutoProcessor, AutoTokenizer and
     # AutoImageProcessor all load from this one folder.
-    ChineseCLIPProcessor(image_processor=build_clip_image_processor(recipe.image_size),
-                         tokenizer=tokenizer).save_pretrained(out)
-    return {**stats, "logit_scale": model.logit_scale.exp().item(), "images_seen": recipe.steps * recipe.batch_size,
-            "device": device}
+    ChineseCLIPProcessor(
+        image_processor=build_clip_image_processor(recipe.image_size), tokenizer=tokenizer
+    ).save_pretrained(out)
+    return {
+        **stats,
+        "logit_scale": model.logit_scale.exp().item(),
+        "images_seen": recipe.steps * recipe.batch_size,
+        "device": device,
+    }
 
 
-def train_mini_clip(out_dir: PathLike, recipe: ClipRecipe = ClipRecipe(), *, force: bool = False,
-                    threads: int | None = None, device: str = "cpu", workers: int = 0) -> Path:
+def train_mini_clip(
+    out_dir: PathLike,
+    recipe: ClipRecipe = ClipRecipe(),
+    *,
+    force: bool = False,
+    threads: int | None = None,
+    device: str = "cpu",
+    workers: int = 0,
+) -> Path:
     """Train the mini Chinese-CLIP on fresh scenes into `out_dir` (returned; fp16 weights).
 
     Skipped when `out_dir/done.json` records the same recipe and world generators, unless `force`.
@@ -318,13 +378,17 @@ def train_mini_clip(out_dir: PathLike, recipe: ClipRecipe = ClipRecipe(), *, for
     """
     out = Path(out_dir)
     with torch_threads(threads):
-        return run_atomic(out, done_marker(recipe), force, lambda tmp: _clip_train(recipe, tmp, device, workers))
+        return run_atomic(
+            out, done_marker(recipe), force, lambda tmp: _clip_train(recipe, tmp, device, workers)
+        )
 
 
 # --------------------------------------------------------------------------- evaluation
 
 
-def _retrieval(images: torch.Tensor, texts: torch.Tensor, truth: list[str], captions: list[str]) -> dict[str, float]:
+def _retrieval(
+    images: torch.Tensor, texts: torch.Tensor, truth: list[str], captions: list[str]
+) -> dict[str, float]:
     """Top-1 both ways; a retrieved caption (image) counts when its text equals the truth's."""
     sim = images @ texts.T  # (N_images, N_captions)
     i2t = [captions[j] == t for j, t in zip(sim.argmax(1).tolist(), truth, strict=True)]
@@ -332,28 +396,45 @@ def _retrieval(images: torch.Tensor, texts: torch.Tensor, truth: list[str], capt
     return {"i2t_top1": sum(i2t) / len(i2t), "t2i_top1": sum(t2i) / len(t2i)}
 
 
-def _region_attributes(model: ChineseCLIPModel, tokenizer: PreTrainedTokenizerBase, hidden: torch.Tensor,
-                       scenes: list[Scene]) -> dict[str, float]:
+def _region_attributes(
+    model: ChineseCLIPModel, tokenizer: PreTrainedTokenizerBase, hidden: torch.Tensor, scenes: list[Scene]
+) -> dict[str, float]:
     """Zero-shot attribute accuracy of each object's feature-layer region: its phrase against the
     phrases that differ from it only in shape (colour, size)."""
     objects = [(b, o) for b, s in enumerate(scenes) for o in s.objects]
     vc = model.config.vision_config
-    regions = region_embeds(model, hidden, torch.tensor([b for b, _ in objects]),
-                            torch.stack([patch_weights(o.bbox, vc.image_size, vc.patch_size) for _, o in objects]))
+    regions = region_embeds(
+        model,
+        hidden,
+        torch.tensor([b for b, _ in objects]),
+        torch.stack([patch_weights(o.bbox, vc.image_size, vc.patch_size) for _, o in objects]),
+    )
     result = {}
     for attr, values in (("shape", SHAPES), ("colour", tuple(COLOURS)), ("size", SIZES)):
-        phrases = [scene_text.phrase(**{"shape": o.shape, "colour": o.colour, "size": o.size, attr: v})
-                   for _, o in objects for v in values]
-        candidates = F.normalize(text_embeds(model, tokenizer, phrases), dim=-1).view(len(objects), len(values), -1)
+        phrases = [
+            scene_text.phrase(**{"shape": o.shape, "colour": o.colour, "size": o.size, attr: v})
+            for _, o in objects
+            for v in values
+        ]
+        candidates = F.normalize(text_embeds(model, tokenizer, phrases), dim=-1).view(
+            len(objects), len(values), -1
+        )
         picked = torch.einsum("rd,rvd->rv", regions, candidates).argmax(1).tolist()
-        result[f"region_{attr}"] = sum(values[k] == getattr(o, attr)
-                                       for k, (_, o) in zip(picked, objects, strict=True)) / len(objects)
+        result[f"region_{attr}"] = sum(
+            values[k] == getattr(o, attr) for k, (_, o) in zip(picked, objects, strict=True)
+        ) / len(objects)
     return result
 
 
 @torch.inference_mode()
-def evaluate_clip(model_dir: PathLike, world_root: PathLike, split: str = "val", *, feature_layer: int = -2,
-                  threads: int | None = None) -> dict[str, float]:
+def evaluate_clip(
+    model_dir: PathLike,
+    world_root: PathLike,
+    split: str = "val",
+    *,
+    feature_layer: int = -2,
+    threads: int | None = None,
+) -> dict[str, float]:
     """Held-out quality of a mini CLIP on the world's `split`:
 
     - `i2t_top1` / `t2i_top1`: each image against the split's distinct canonical concise captions
@@ -371,12 +452,17 @@ def evaluate_clip(model_dir: PathLike, world_root: PathLike, split: str = "val",
     concise, detailed = [r["references"][0] for r in rows], [r["detailed"] for r in rows]
     captions = sorted(set(concise))
     with torch_threads(threads):
-        vision = model.get_image_features(pixel_values=normalize_pixels(load_pixels(world, [r["image"] for r in rows])),
-                                          output_hidden_states=True)
+        vision = model.get_image_features(
+            pixel_values=normalize_pixels(load_pixels(world, [r["image"] for r in rows])),
+            output_hidden_states=True,
+        )
         images = F.normalize(vision.pooler_output, dim=-1)  # (N, D)
         texts = F.normalize(text_embeds(model, tokenizer, captions + detailed), dim=-1)  # (C + N, D)
         result = _retrieval(images, texts[: len(captions)], concise, captions)
-        result |= {f"{k}_detailed": v for k, v in _retrieval(images, texts[len(captions):], detailed, detailed).items()}
+        result |= {
+            f"{k}_detailed": v
+            for k, v in _retrieval(images, texts[len(captions) :], detailed, detailed).items()
+        }
         result |= _region_attributes(model, tokenizer, vision.hidden_states[feature_layer], scenes)
         result |= box_probe(model, vision.hidden_states[feature_layer], scenes, feature_layer)
     return {**result, "n_images": len(rows), "n_captions": len(captions)}
@@ -388,8 +474,14 @@ def _patch_features(model: ChineseCLIPModel, scenes: list[Scene], feature_layer:
     return out.hidden_states[feature_layer][:, 1:]  # (N, P, D_v)
 
 
-def box_probe(model: ChineseCLIPModel, hidden: torch.Tensor, scenes: list[Scene], feature_layer: int = -2,
-              n_fit: int = 2000, ridge: float = 1e-2) -> dict[str, float]:
+def box_probe(
+    model: ChineseCLIPModel,
+    hidden: torch.Tensor,
+    scenes: list[Scene],
+    feature_layer: int = -2,
+    n_fit: int = 2000,
+    ridge: float = 1e-2,
+) -> dict[str, float]:
     """Is an object's box linearly readable from the patch features the bridge reads?
 
     A ridge regression shared by all patches maps one patch's `feature_layer` vector (plus a bias)
@@ -399,12 +491,15 @@ def box_probe(model: ChineseCLIPModel, hidden: torch.Tensor, scenes: list[Scene]
     read box has IoU >= 0.5 with the truth (what grounding Acc@0.5 asks of the stitched model)."""
     patch = model.config.vision_config.patch_size
     fit_scenes = fresh_scenes(random.Random("seechat-mini/box-probe"), n_fit, scenes[0].image_size)
-    feats = torch.cat([_patch_features(model, fit_scenes[i:i + 256], feature_layer)
-                       for i in range(0, n_fit, 256)])  # (N, P, D)
+    feats = torch.cat(
+        [_patch_features(model, fit_scenes[i : i + 256], feature_layer) for i in range(0, n_fit, 256)]
+    )  # (N, P, D)
     targets, keep = zip(*(patch_box_targets(s, patch) for s in fit_scenes), strict=True)
     x = F.pad(feats[torch.stack(keep)], (0, 1), value=1.0).double()  # (K, D + 1)
     y = torch.stack(targets)[torch.stack(keep)].double()  # (K, 4)
-    w = torch.linalg.solve(x.T @ x + ridge * len(x) * torch.eye(x.shape[1], dtype=x.dtype), x.T @ y)  # (D + 1, 4)
+    w = torch.linalg.solve(
+        x.T @ x + ridge * len(x) * torch.eye(x.shape[1], dtype=x.dtype), x.T @ y
+    )  # (D + 1, 4)
     read, truth = [], []
     for b, scene in enumerate(scenes):
         for o in scene.objects:

@@ -54,8 +54,9 @@ class Assets:
         return cls(Path(run) / "world", e.clip, e.lm, e.lm_tokenizer, e.clip)
 
 
-def stage_overrides(assets: Assets, stage: str, out_dir: Path, bridge: str | None = None,
-                    init_from: Path | None = None) -> list[str]:
+def stage_overrides(
+    assets: Assets, stage: str, out_dir: Path, bridge: str | None = None, init_from: Path | None = None
+) -> list[str]:
     """Point a mini recipe at the world and experts, write to `out_dir` (optionally another bridge)."""
     over = [
         f"model.vision.path={assets.vision}",
@@ -68,7 +69,10 @@ def stage_overrides(assets: Assets, stage: str, out_dir: Path, bridge: str | Non
     if stage == "stage1":
         over.append(f"data.paths=[{assets.world / 'pairs' / 'train'}/*.tar]")
     else:
-        over += [f"data.paths=[{assets.world / 'instruct' / 'train.jsonl'}]", f"data.image_root={assets.world}"]
+        over += [
+            f"data.paths=[{assets.world / 'instruct' / 'train.jsonl'}]",
+            f"data.image_root={assets.world}",
+        ]
     if init_from is not None:
         over.append(f"train.init_from={init_from}")
     return over
@@ -81,10 +85,19 @@ def _done(out_dir: Path, cfg_dict: dict) -> bool:
     return json.loads(summary.read_text()).get("status") == "done" and to_dict(load_config(run)) == cfg_dict
 
 
-def run_stage(assets: Assets, out_dir: Path, stage: str, bridge: str | None, extra: list[str], redo: bool = False,
-              init_from: Path | None = None) -> Path:
+def run_stage(
+    assets: Assets,
+    out_dir: Path,
+    stage: str,
+    bridge: str | None,
+    extra: list[str],
+    redo: bool = False,
+    init_from: Path | None = None,
+) -> Path:
     """Train one mini stage (or reuse a finished run with the same config); later overrides win."""
-    cfg = load_config(RECIPES / f"{stage}.yaml", stage_overrides(assets, stage, out_dir, bridge, init_from) + extra)
+    cfg = load_config(
+        RECIPES / f"{stage}.yaml", stage_overrides(assets, stage, out_dir, bridge, init_from) + extra
+    )
     target = Path(cfg.train.output_dir)
     if not redo and _done(target, to_dict(cfg)):
         print(f"[{stage}] reusing finished run in {target}")
@@ -107,9 +120,15 @@ def sample_dialogue(checkpoint: Path, world: Path) -> list[tuple[str, str]]:
     return turns
 
 
-def demo(out: str | Path = "runs/mini", redo: tuple[str, ...] = (), bridge: str | None = None,
-         experts: ExpertPaths | None = None, world_cfg: WorldConfig | None = None,
-         stage_extra: dict[str, list[str]] | None = None, eval_limit: int = 0) -> dict:
+def demo(
+    out: str | Path = "runs/mini",
+    redo: tuple[str, ...] = (),
+    bridge: str | None = None,
+    experts: ExpertPaths | None = None,
+    world_cfg: WorldConfig | None = None,
+    stage_extra: dict[str, list[str]] | None = None,
+    eval_limit: int = 0,
+) -> dict:
     """Run (or reuse) every step under `out`, from `experts` (default: the shipped ones); returns the
     results written to `<out>/results.json`. The keyword arguments after `experts` shrink the run for tests."""
     t0 = time.time()
@@ -117,18 +136,25 @@ def demo(out: str | Path = "runs/mini", redo: tuple[str, ...] = (), bridge: str 
     out.mkdir(parents=True, exist_ok=True)
     extra = stage_extra or {}
     world = out / "world"
-    print("[world] building the mini world" if "world" in redo or not (world / "manifest.json").exists()
-          else f"[world] reusing {world}")
+    print(
+        "[world] building the mini world"
+        if "world" in redo or not (world / "manifest.json").exists()
+        else f"[world] reusing {world}"
+    )
     build_world(world, world_cfg or WorldConfig(), force="world" in redo, workers=2)
     assets = Assets.of_run(out, experts)
     print(f"[experts] pretrained mini Chinese-CLIP {assets.vision} and mini Chinese LM {assets.lm}")
     s1 = run_stage(assets, out / "stage1", "stage1", bridge, extra.get("stage1", []), "stage1" in redo)
-    s2 = run_stage(assets, out / "stage2", "stage2", bridge, extra.get("stage2", []), "stage2" in redo, init_from=s1)
+    s2 = run_stage(
+        assets, out / "stage2", "stage2", bridge, extra.get("stage2", []), "stage2" in redo, init_from=s1
+    )
     t_train = time.time() - t0
 
     print("[eval] held-out test split")
     model, processor = load(s2)
-    results = evaluate_split(model, processor, world, out / "eval" / "stage2", assets.scorer, "test", eval_limit)
+    results = evaluate_split(
+        model, processor, world, out / "eval" / "stage2", assets.scorer, "test", eval_limit
+    )
     results["wall_seconds"] = time.time() - t0
     results["train_wall_seconds"] = t_train
     results["checkpoint"] = str(s2)
@@ -139,12 +165,19 @@ def demo(out: str | Path = "runs/mini", redo: tuple[str, ...] = (), bridge: str 
     print("\n示例对话（测试集图片 " + read_jsonl(world / "test" / "captions.jsonl")[0]["image"] + "）：")
     for q, a in turns:
         print(f"  用户：{q}\n  助手：{a}")
-    print(f"\nVQA accuracy {results['vqa_accuracy']:.1%} over {results['vqa_questions']} questions; "
-          f"by type: " + ", ".join(f"{k} {v:.0%}" for k, v in sorted(results["vqa_accuracy_by_type"].items())))
-    print(f"blind control (the same questions about a blank image): {results['vqa_accuracy_blind']:.1%}; "
-          f"by type: " + ", ".join(f"{k} {v:.0%}" for k, v in sorted(results["vqa_accuracy_blind_by_type"].items())))
-    print(f"grounding Acc@0.5 {results['grounding_acc_at_0.5']:.1%}; caption exact {results['caption_exact_match']:.1%}, "
-          f"CIDEr-D {results['caption_cider_d']:.2f}, win rate vs alt-text {results['caption_winrate_vs_alt_text']:.1%}")
+    print(
+        f"\nVQA accuracy {results['vqa_accuracy']:.1%} over {results['vqa_questions']} questions; "
+        f"by type: " + ", ".join(f"{k} {v:.0%}" for k, v in sorted(results["vqa_accuracy_by_type"].items()))
+    )
+    print(
+        f"blind control (the same questions about a blank image): {results['vqa_accuracy_blind']:.1%}; "
+        f"by type: "
+        + ", ".join(f"{k} {v:.0%}" for k, v in sorted(results["vqa_accuracy_blind_by_type"].items()))
+    )
+    print(
+        f"grounding Acc@0.5 {results['grounding_acc_at_0.5']:.1%}; caption exact {results['caption_exact_match']:.1%}, "
+        f"CIDEr-D {results['caption_cider_d']:.2f}, win rate vs alt-text {results['caption_winrate_vs_alt_text']:.1%}"
+    )
     print(f"checkpoint: {s2}   results: {out / 'results.json'}   wall: {results['wall_seconds']:.0f} s")
     return results
 
@@ -152,12 +185,26 @@ def demo(out: str | Path = "runs/mini", redo: tuple[str, ...] = (), bridge: str 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__.split("\n\n")[0] + " Re-running reuses finished steps."
     parser.add_argument("--out", default="runs/mini", help="where the whole run goes (default: runs/mini)")
-    parser.add_argument("--redo", nargs="*", default=[], choices=STEPS, metavar="STEP",
-                        help=f"steps to redo even if finished: {', '.join(STEPS)}")
-    parser.add_argument("--bridge", choices=["linear", "mlp2x_gelu", "qformer", "resampler"], default=None,
-                        help="bridge for stages 1 and 2 (default: the recipe's, mlp2x_gelu)")
-    parser.add_argument("--experts", default=None, metavar="DIR",
-                        help="start from the experts of `seechat mini experts --out DIR` instead of the shipped ones")
+    parser.add_argument(
+        "--redo",
+        nargs="*",
+        default=[],
+        choices=STEPS,
+        metavar="STEP",
+        help=f"steps to redo even if finished: {', '.join(STEPS)}",
+    )
+    parser.add_argument(
+        "--bridge",
+        choices=["linear", "mlp2x_gelu", "qformer", "resampler"],
+        default=None,
+        help="bridge for stages 1 and 2 (default: the recipe's, mlp2x_gelu)",
+    )
+    parser.add_argument(
+        "--experts",
+        default=None,
+        metavar="DIR",
+        help="start from the experts of `seechat mini experts --out DIR` instead of the shipped ones",
+    )
 
 
 def run_from_args(args: argparse.Namespace) -> int:

@@ -31,8 +31,15 @@ from seechat.eval.winrate import JsonlImages, run_winrate
 from seechat.model.modeling import SeeChatModel
 
 # answer_batch and read_jsonl are re-exported: seechat.mini.demo and older callers import them from here.
-__all__ = ["CAPTION_PROMPT", "GROUNDING_PROMPT", "answer_batch", "answer_split", "evaluate_split", "load_images",
-           "read_jsonl"]
+__all__ = [
+    "CAPTION_PROMPT",
+    "GROUNDING_PROMPT",
+    "answer_batch",
+    "answer_split",
+    "evaluate_split",
+    "load_images",
+    "read_jsonl",
+]
 
 
 def load_images(world: Path, rows: list[dict]) -> dict[str, Image.Image]:
@@ -61,16 +68,30 @@ def answer_split(
     "grounding", "captions")."""
 
     def ask(prompts: list[str], rows: list[dict], what: str) -> list[str]:
-        return answer_batch(model, processor, prompts, [images[r["image"]] for r in rows], batch_size,
-                            desc=f"{what} {tag}".strip())
+        return answer_batch(
+            model,
+            processor,
+            prompts,
+            [images[r["image"]] for r in rows],
+            batch_size,
+            desc=f"{what} {tag}".strip(),
+        )
 
     model.eval()
     blank = blank_like(next(iter(images.values()))) if images else None
     preds = {
         "vqa": ask([VQA_PROMPT.format(**r) for r in vqa], vqa, "vqa"),
-        "vqa_blind": answer_batch(model, processor, [VQA_PROMPT.format(**r) for r in vqa], [blank] * len(vqa),
-                                  batch_size, desc=f"vqa blind {tag}".strip()),
-        "grounding": ask([GROUNDING_PROMPT.format(expr=r["expression"]) for r in grounding], grounding, "grounding"),
+        "vqa_blind": answer_batch(
+            model,
+            processor,
+            [VQA_PROMPT.format(**r) for r in vqa],
+            [blank] * len(vqa),
+            batch_size,
+            desc=f"vqa blind {tag}".strip(),
+        ),
+        "grounding": ask(
+            [GROUNDING_PROMPT.format(expr=r["expression"]) for r in grounding], grounding, "grounding"
+        ),
         "captions": ask([CAPTION_PROMPT] * len(captions), captions, "captions"),
     }
     vqa_res = vqa_accuracy(preds["vqa"], [r["answer"] for r in vqa], [r["type"] for r in vqa])
@@ -81,7 +102,9 @@ def answer_split(
         "vqa_accuracy_blind": blind.accuracy,
         "vqa_accuracy_blind_by_type": blind.per_type,
         "vqa_questions": len(vqa),
-        "grounding_acc_at_0.5": grounding_accuracy(preds["grounding"], [r["box"] for r in grounding]).accuracy,
+        "grounding_acc_at_0.5": grounding_accuracy(
+            preds["grounding"], [r["box"] for r in grounding]
+        ).accuracy,
         "grounding_items": len(grounding),
     }
     return metrics, preds
@@ -107,23 +130,39 @@ def evaluate_split(
     metrics, preds = answer_split(model, processor, load_images(world, vqa + grd + caps), vqa, grd, caps)
     vqa_pred, grd_pred, cap_pred = preds["vqa"], preds["grounding"], preds["captions"]
 
-    write_jsonl(out / "vqa_predictions.jsonl",
-                 [{**r, "prediction": p, "prediction_blind": b} for r, p, b in zip(vqa, vqa_pred, preds["vqa_blind"],
-                                                                                    strict=True)])
-    write_jsonl(out / "grounding_predictions.jsonl",
-                 [{**r, "prediction": p} for r, p in zip(grd, grd_pred, strict=True)])
+    write_jsonl(
+        out / "vqa_predictions.jsonl",
+        [
+            {**r, "prediction": p, "prediction_blind": b}
+            for r, p, b in zip(vqa, vqa_pred, preds["vqa_blind"], strict=True)
+        ],
+    )
+    write_jsonl(
+        out / "grounding_predictions.jsonl",
+        [{**r, "prediction": p} for r, p in zip(grd, grd_pred, strict=True)],
+    )
     captions_file = out / "captions.jsonl"
-    write_jsonl(captions_file, [{"image": r["image"], "caption": p} for r, p in zip(caps, cap_pred, strict=True)])
+    write_jsonl(
+        captions_file, [{"image": r["image"], "caption": p} for r, p in zip(caps, cap_pred, strict=True)]
+    )
 
     refs = [r["references"] for r in caps]
-    exact = sum(caption_exact_match(p, r["references"]) for p, r in zip(cap_pred, caps, strict=True)) / max(1, len(caps))
+    exact = sum(caption_exact_match(p, r["references"]) for p, r in zip(cap_pred, caps, strict=True)) / max(
+        1, len(caps)
+    )
     alt_file = out / "alt_text.jsonl"
     alt_rows = {r["image"]: r for r in read_jsonl(world / split / "alt_text.jsonl")}
     write_jsonl(alt_file, [{"image": r["image"], "caption": alt_rows[r["image"]]["caption"]} for r in caps])
     source = JsonlImages(captions_file, image_root=world)
     scorer = ChineseClipScorer.from_pretrained(str(scorer_path))
-    wr = run_winrate(source.ids, source.load, {"model": captions_file, "alt_text": alt_file}, scorer,
-                     out / "winrate", n_bootstrap=500)
+    wr = run_winrate(
+        source.ids,
+        source.load,
+        {"model": captions_file, "alt_text": alt_file},
+        scorer,
+        out / "winrate",
+        n_bootstrap=500,
+    )
     i_model = wr.methods.index("model")
     return {
         **metrics,
@@ -135,4 +174,3 @@ def evaluate_split(
         "caption_clip_score_mean": {m: float(s) for m, s in zip(wr.methods, wr.mean_score, strict=True)},
         "caption_images": len(caps),
     }
-

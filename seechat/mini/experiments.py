@@ -76,15 +76,25 @@ def train_pair(opts: Options, dest: Path, bridge: str, stage1_extra: Sequence[st
     return s1, s2
 
 
-def evaluate_checkpoint(checkpoint: Path, opts: Options, rows: list[dict], images: dict[str, Image.Image]) -> dict:
+def evaluate_checkpoint(
+    checkpoint: Path, opts: Options, rows: list[dict], images: dict[str, Image.Image]
+) -> dict:
     """Greedy captions of the split images (`rows`), plus VQA accuracy (per type) and grounding
     Acc@0.5 on the split's questions and referring expressions about those images."""
     model, processor = load(checkpoint, device=opts.device)
     split = opts.assets.world / opts.split
     vqa = [r for r in read_jsonl(split / "vqa.jsonl") if r["image"] in images]
     grd = [r for r in read_jsonl(split / "grounding.jsonl") if r["image"] in images]
-    metrics, preds = answer_split(model, processor, images, vqa, grd, rows, opts.batch_size,
-                                  tag=f"{checkpoint.parent.name}/{checkpoint.name}")
+    metrics, preds = answer_split(
+        model,
+        processor,
+        images,
+        vqa,
+        grd,
+        rows,
+        opts.batch_size,
+        tag=f"{checkpoint.parent.name}/{checkpoint.name}",
+    )
     return {"captions": preds["captions"], **metrics}
 
 
@@ -95,37 +105,57 @@ def blind_captions(opts: Options, n: int, max_new_tokens: int = 48) -> list[str]
 
     tokenizer = AutoTokenizer.from_pretrained(opts.assets.lm_tokenizer)
     lm = AutoModelForCausalLM.from_pretrained(opts.assets.lm).to(opts.device).eval()
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": BLIND_PROMPT}], add_generation_prompt=True,
-                                           tokenize=False)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": BLIND_PROMPT}], add_generation_prompt=True, tokenize=False
+    )
     ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"].to(opts.device)
     torch.manual_seed(opts.seed)
     out: list[str] = []
     while len(out) < n:
         k = min(opts.batch_size, n - len(out))
-        gen = lm.generate(ids.expand(k, -1), do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                          max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                          pad_token_id=tokenizer.pad_token_id)
-        out += [tokenizer.decode(g[ids.shape[1]:], skip_special_tokens=True).strip() for g in gen]
+        gen = lm.generate(
+            ids.expand(k, -1),
+            do_sample=True,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        out += [tokenizer.decode(g[ids.shape[1] :], skip_special_tokens=True).strip() for g in gen]
     return out
 
 
-def score_methods(opts: Options, rows: list[dict], captions: dict[str, list[str]], out: Path) -> WinRateResult:
+def score_methods(
+    opts: Options, rows: list[dict], captions: dict[str, list[str]], out: Path
+) -> WinRateResult:
     """Write one captions JSONL per method and run the win-rate experiment over all of them."""
     files = {}
     for method, caps in captions.items():
         files[method] = out / "captions" / f"{method}.jsonl"
         files[method].parent.mkdir(parents=True, exist_ok=True)
-        write_jsonl(files[method], [{"image": r["image"], "caption": c} for r, c in zip(rows, caps, strict=True)])
+        write_jsonl(
+            files[method], [{"image": r["image"], "caption": c} for r, c in zip(rows, caps, strict=True)]
+        )
     images = out / "images.jsonl"
     write_jsonl(images, [{"image": r["image"]} for r in rows])
     source = JsonlImages(images, image_root=opts.assets.world)
     scorer = ChineseClipScorer.from_pretrained(str(opts.assets.scorer), device=opts.device)
-    return run_winrate(source.ids, source.load, files, scorer, out, n_bootstrap=opts.n_bootstrap, seed=opts.seed)
+    return run_winrate(
+        source.ids, source.load, files, scorer, out, n_bootstrap=opts.n_bootstrap, seed=opts.seed
+    )
 
 
 def _summary(result: WinRateResult) -> dict[str, dict[str, float]]:
-    return {m: {"win_rate": float(result.win_rate[i]), "ci95": [float(result.ci_low[i]), float(result.ci_high[i])],
-                "mean_score": float(result.mean_score[i])} for i, m in enumerate(result.methods)}
+    return {
+        m: {
+            "win_rate": float(result.win_rate[i]),
+            "ci95": [float(result.ci_low[i]), float(result.ci_high[i])],
+            "mean_score": float(result.mean_score[i]),
+        }
+        for i, m in enumerate(result.methods)
+    }
 
 
 def seed_experiment(opts: Options, out: Path) -> dict:
@@ -139,12 +169,21 @@ def seed_experiment(opts: Options, out: Path) -> dict:
     models: dict[str, dict] = {}
     for bridge in BRIDGE_NAMES:
         s1, s2 = train_pair(opts, out / "models" / bridge, bridge)
-        for name, ckpt in ([("stage1_only", s1)] if bridge == "mlp2x_gelu" else []) + [(f"stage2_{bridge}", s2)]:
+        for name, ckpt in ([("stage1_only", s1)] if bridge == "mlp2x_gelu" else []) + [
+            (f"stage2_{bridge}", s2)
+        ]:
             models[name] = evaluate_checkpoint(ckpt, opts, rows, images)
             captions[name] = models[name].pop("captions")
     result = score_methods(opts, rows, captions, out / "winrate")
-    results = {"experiment": "seed", "split": opts.split, "images": len(rows), "methods": _summary(result),
-               "models": models, "device": opts.device, "wall_seconds": time.time() - t0}
+    results = {
+        "experiment": "seed",
+        "split": opts.split,
+        "images": len(rows),
+        "methods": _summary(result),
+        "models": models,
+        "device": opts.device,
+        "wall_seconds": time.time() - t0,
+    }
     (out / "results.json").write_text(json.dumps(results, ensure_ascii=False, indent=1), encoding="utf-8")
     return results
 
@@ -159,8 +198,15 @@ def data_quality_experiment(opts: Options, out: Path, bridge: str = "mlp2x_gelu"
     filtered = out / "filtered_shards"
     if not (filtered / "filter_stats.json").is_file():
         scorer = ChineseClipScorer.from_pretrained(str(opts.assets.scorer), device=opts.device)
-        filter_shards(shards, filtered, scorer, KeepRule(top_fraction=0.5), text_field="txt", overwrite=True,
-                      progress=True)
+        filter_shards(
+            shards,
+            filtered,
+            scorer,
+            KeepRule(top_fraction=0.5),
+            text_field="txt",
+            overwrite=True,
+            progress=True,
+        )
     variants = {
         "filtered_N": sorted(str(p) for p in filtered.glob("*.tar")),
         "noisy_N": shards[: len(shards) // 2],
@@ -174,14 +220,20 @@ def data_quality_experiment(opts: Options, out: Path, bridge: str = "mlp2x_gelu"
         s1, s2 = train_pair(opts, out / "models" / name, bridge, over)
         ev2, ev1 = evaluate_checkpoint(s2, opts, rows, images), evaluate_checkpoint(s1, opts, rows, images)
         s2_caps[f"stage2_{name}"], s1_caps[f"stage1_{name}"] = ev2.pop("captions"), ev1.pop("captions")
-        results["variants"][name] = {"shards": len(paths), "pairs": count_samples(paths), **ev2,
-                                     "stage1_only": ev1}
+        results["variants"][name] = {
+            "shards": len(paths),
+            "pairs": count_samples(paths),
+            **ev2,
+            "stage1_only": ev1,
+        }
     alt = {r["image"]: r["caption"] for r in read_jsonl(opts.assets.world / opts.split / "alt_text.jsonl")}
     alt_caps = [alt[r["image"]] for r in rows]
-    results["winrate_stage2"] = _summary(score_methods(opts, rows, {**s2_caps, "alt_text": alt_caps},
-                                                       out / "winrate_stage2"))
-    results["winrate_stage1_only"] = _summary(score_methods(opts, rows, {**s1_caps, "alt_text": alt_caps},
-                                                            out / "winrate_stage1_only"))
+    results["winrate_stage2"] = _summary(
+        score_methods(opts, rows, {**s2_caps, "alt_text": alt_caps}, out / "winrate_stage2")
+    )
+    results["winrate_stage1_only"] = _summary(
+        score_methods(opts, rows, {**s1_caps, "alt_text": alt_caps}, out / "winrate_stage1_only")
+    )
     results["filter"] = json.loads((filtered / "filter_stats.json").read_text())
     results["device"], results["wall_seconds"] = opts.device, time.time() - t0
     (out / "results.json").write_text(json.dumps(results, ensure_ascii=False, indent=1), encoding="utf-8")
@@ -193,15 +245,28 @@ def data_quality_experiment(opts: Options, out: Path, bridge: str = "mlp2x_gelu"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__.split("\n\n")[0]
-    parser.add_argument("--run", default="runs/mini",
-                        help="a `seechat demo` run folder holding world/ (default: runs/mini); the world is built "
-                             "first where missing; the experts are the shipped ones")
-    parser.add_argument("--out", default="", help="where the experiment goes (default: <run>/experiments/<name>)")
-    parser.add_argument("--limit", type=int, default=0, help="caption only the first N split images (default: all)")
+    parser.add_argument(
+        "--run",
+        default="runs/mini",
+        help="a `seechat demo` run folder holding world/ (default: runs/mini); the world is built "
+        "first where missing; the experts are the shipped ones",
+    )
+    parser.add_argument(
+        "--out", default="", help="where the experiment goes (default: <run>/experiments/<name>)"
+    )
+    parser.add_argument(
+        "--limit", type=int, default=0, help="caption only the first N split images (default: all)"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
-    parser.add_argument("--workers", type=int, default=None,
-                        help="data.num_workers for every stage (default: the recipes' 1; shard order depends on it)")
+    parser.add_argument(
+        "--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals"
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="data.num_workers for every stage (default: the recipes' 1; shard order depends on it)",
+    )
 
 
 def _options(args: argparse.Namespace) -> tuple[Options, Path]:
@@ -210,8 +275,13 @@ def _options(args: argparse.Namespace) -> tuple[Options, Path]:
     run = Path(args.run)
     build_world(run / "world", WorldConfig(), workers=2)
     extra = () if args.workers is None else (f"data.num_workers={args.workers}",)
-    return Options(Assets.of_run(run), limit=args.limit, device=args.device, n_bootstrap=args.bootstrap,
-                   stage_extra=(("stage1", extra), ("stage2", extra))), run
+    return Options(
+        Assets.of_run(run),
+        limit=args.limit,
+        device=args.device,
+        n_bootstrap=args.bootstrap,
+        stage_extra=(("stage1", extra), ("stage2", extra)),
+    ), run
 
 
 def run_seed(args: argparse.Namespace) -> int:
@@ -219,8 +289,10 @@ def run_seed(args: argparse.Namespace) -> int:
     opts, run = _options(args)
     res = seed_experiment(opts, Path(args.out or run / "experiments" / "seed"))
     for m, s in sorted(res["methods"].items(), key=lambda kv: -kv[1]["win_rate"]):
-        print(f"{m:<20} win rate {s['win_rate']:.1%}  [{s['ci95'][0]:.1%}, {s['ci95'][1]:.1%}]  "
-              f"mean score {s['mean_score']:.3f}")
+        print(
+            f"{m:<20} win rate {s['win_rate']:.1%}  [{s['ci95'][0]:.1%}, {s['ci95'][1]:.1%}]  "
+            f"mean score {s['mean_score']:.3f}"
+        )
     return 0
 
 
@@ -231,6 +303,8 @@ def run_data_quality(args: argparse.Namespace) -> int:
     for name, v in res["variants"].items():
         w2 = res["winrate_stage2"][f"stage2_{name}"]["win_rate"]
         w1 = res["winrate_stage1_only"][f"stage1_{name}"]["win_rate"]
-        print(f"{name:<12} VQA {v['vqa_accuracy']:.1%}  stage-2 caption win rate {w2:.1%}  "
-              f"stage-1-only win rate {w1:.1%}")
+        print(
+            f"{name:<12} VQA {v['vqa_accuracy']:.1%}  stage-2 caption win rate {w2:.1%}  "
+            f"stage-1-only win rate {w1:.1%}"
+        )
     return 0

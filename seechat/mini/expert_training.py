@@ -81,30 +81,46 @@ def is_done(out: Path, marker: dict[str, Any]) -> bool:
     return {k: done.get(k) for k in marker} == marker
 
 
-def run_atomic(out: Path, marker: dict[str, Any], force: bool, write: Callable[[Path], dict[str, Any]]) -> Path:
+def run_atomic(
+    out: Path, marker: dict[str, Any], force: bool, write: Callable[[Path], dict[str, Any]]
+) -> Path:
     """Unless `out` is already done: `write(tmp) -> stats`, add `done.json`, rename tmp to `out`."""
     if not force and is_done(out, marker):
         return out
     with atomic_directory(out) as tmp:
         stats = write(tmp)
-        (tmp / DONE).write_text(json.dumps({**marker, **stats}, ensure_ascii=False, indent=1), encoding="utf-8")
+        (tmp / DONE).write_text(
+            json.dumps({**marker, **stats}, ensure_ascii=False, indent=1), encoding="utf-8"
+        )
     return out
 
 
-def train_loop(name: str, out: Path, params: list[torch.nn.Parameter], recipe: Recipe,
-               loss_at: Callable[[int], torch.Tensor], after_step: Callable[[], None] = lambda: None) -> dict[str, Any]:
+def train_loop(
+    name: str,
+    out: Path,
+    params: list[torch.nn.Parameter],
+    recipe: Recipe,
+    loss_at: Callable[[int], torch.Tensor],
+    after_step: Callable[[], None] = lambda: None,
+) -> dict[str, Any]:
     """AdamW (no decay on vectors) + warmup/cosine for `recipe.steps`; `loss_at(step)` builds the
     step's batch and returns its loss. Writes `metrics.jsonl` and `loss.png` into `out`."""
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]  # norms, biases, temperature
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=recipe.lr, betas=(0.9, 0.98))
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=recipe.lr,
+        betas=(0.9, 0.98),
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, recipe.warmup_steps, recipe.steps, recipe.min_lr_ratio))
+        opt, lambda s: lr_factor(s, recipe.warmup_steps, recipe.steps, recipe.min_lr_ratio)
+    )
     losses: list[float] = []
     start = time.perf_counter()
-    with open(out / "metrics.jsonl", "w", encoding="utf-8") as log, \
-            tqdm(range(recipe.steps), desc=name, unit="step", dynamic_ncols=True) as bar:
+    with (
+        open(out / "metrics.jsonl", "w", encoding="utf-8") as log,
+        tqdm(range(recipe.steps), desc=name, unit="step", dynamic_ncols=True) as bar,
+    ):
         for step in bar:
             loss = loss_at(step)
             opt.zero_grad(set_to_none=True)
@@ -115,14 +131,21 @@ def train_loop(name: str, out: Path, params: list[torch.nn.Parameter], recipe: R
             after_step()
             losses.append(loss.item())
             if step % recipe.log_every == 0 or step == recipe.steps - 1:
-                row = {"step": step, "loss": losses[-1], "lr": sched.get_last_lr()[0],
-                       "elapsed_s": round(time.perf_counter() - start, 2)}
+                row = {
+                    "step": step,
+                    "loss": losses[-1],
+                    "lr": sched.get_last_lr()[0],
+                    "elapsed_s": round(time.perf_counter() - start, 2),
+                }
                 log.write(json.dumps(row) + "\n")
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
     plot_losses(losses, out / "loss.png", name)
-    tail = losses[-max(1, len(losses) // 10):]
-    return {"train_seconds": round(time.perf_counter() - start, 1), "first_loss": losses[0],
-            "final_loss": sum(tail) / len(tail)}
+    tail = losses[-max(1, len(losses) // 10) :]
+    return {
+        "train_seconds": round(time.perf_counter() - start, 1),
+        "first_loss": losses[0],
+        "final_loss": sum(tail) / len(tail),
+    }
 
 
 def plot_losses(losses: list[float], path: Path, title: str) -> None:

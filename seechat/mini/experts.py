@@ -36,8 +36,17 @@ from seechat.mini.expert_training import PathLike, world_texts
 from seechat.mini.lm_expert import LMRecipe, evaluate_lm, train_mini_lm
 
 __all__ = [
-    "SHIPPED", "ClipRecipe", "ExpertPaths", "LMRecipe", "evaluate_clip", "evaluate_lm", "shipped_experts", "train_experts",
-    "train_mini_clip", "train_mini_lm", "world_texts",
+    "SHIPPED",
+    "ClipRecipe",
+    "ExpertPaths",
+    "LMRecipe",
+    "evaluate_clip",
+    "evaluate_lm",
+    "shipped_experts",
+    "train_experts",
+    "train_mini_clip",
+    "train_mini_lm",
+    "world_texts",
 ]
 
 
@@ -66,9 +75,16 @@ def shipped_experts() -> ExpertPaths:
     return ExpertPaths.of(SHIPPED)
 
 
-def train_experts(out_dir: PathLike, clip: ClipRecipe = ClipRecipe(), lm: LMRecipe = LMRecipe(),
-                  *, force: bool = False, threads: int | None = None, device: str = "cpu",
-                  workers: int = 0) -> ExpertPaths:
+def train_experts(
+    out_dir: PathLike,
+    clip: ClipRecipe = ClipRecipe(),
+    lm: LMRecipe = LMRecipe(),
+    *,
+    force: bool = False,
+    threads: int | None = None,
+    device: str = "cpu",
+    workers: int = 0,
+) -> ExpertPaths:
     """Both mini experts into `out_dir/clip` and `out_dir/lm`, one after the other (never in parallel:
     each uses every core), on fresh scenes from the world's generators."""
     out = Path(out_dir)
@@ -93,7 +109,9 @@ def recipe_overrides(pairs: list[str]) -> dict[str, dict[str, Any]]:
             raise ValueError(f"{pair!r}: expected EXPERT.FIELD=VALUE with EXPERT one of {sorted(RECIPES)}")
         types = {f.name: f.type for f in fields(RECIPES[expert])}
         if name not in types:
-            raise ValueError(f"{pair!r}: {expert} recipes have no field {name!r}; valid: {', '.join(sorted(types))}")
+            raise ValueError(
+                f"{pair!r}: {expert} recipes have no field {name!r}; valid: {', '.join(sorted(types))}"
+            )
         out[expert][name] = {"int": int, "float": float, "str": str}[str(types[name])](value)
     return out
 
@@ -103,17 +121,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "Train the mini Chinese-CLIP and the mini Chinese LM from scratch on fresh scenes of the mini world, "
         "with the project's recipes (the package ships the result: seechat/mini/weights). Measured: on one H200 "
         "(both at once) the CLIP took 268 s and the LM 223 s; on a 2-core CPU a step takes 0.87 s (CLIP) and "
-        "13.7 s (LM), so about 40 minutes and 11 hours.")
+        "13.7 s (LM), so about 40 minutes and 11 hours."
+    )
     parser.add_argument("--out", default="runs/mini/experts", help="output folder: OUT/clip and OUT/lm")
     parser.add_argument("--only", choices=sorted(RECIPES), help="train one expert only")
-    parser.add_argument("--set", nargs="*", default=[], metavar="EXPERT.FIELD=VALUE",
-                        help="change a recipe field, e.g. lm.steps=2000 clip.batch_size=64")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="torch device (default: cuda when available)")
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="EXPERT.FIELD=VALUE",
+        help="change a recipe field, e.g. lm.steps=2000 clip.batch_size=64",
+    )
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="torch device (default: cuda when available)",
+    )
     parser.add_argument("--workers", type=int, default=4, help="processes that draw and render the batches")
     parser.add_argument("--force", action="store_true", help="retrain even when OUT holds a finished run")
-    parser.add_argument("--evaluate", metavar="WORLD", help="then evaluate on this world's val split "
-                        "(writes eval.json into each expert's folder)")
+    parser.add_argument(
+        "--evaluate",
+        metavar="WORLD",
+        help="then evaluate on this world's val split (writes eval.json into each expert's folder)",
+    )
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -126,15 +156,23 @@ def run_from_args(args: argparse.Namespace) -> int:
     trained: dict[str, Path] = {}
     start = time.time()
     if args.only in (None, "clip"):
-        trained["clip"] = train_mini_clip(out / "clip", ClipRecipe(**over["clip"]), force=args.force,
-                                          device=args.device, workers=args.workers)
+        trained["clip"] = train_mini_clip(
+            out / "clip",
+            ClipRecipe(**over["clip"]),
+            force=args.force,
+            device=args.device,
+            workers=args.workers,
+        )
     if args.only in (None, "lm"):
-        trained["lm"] = train_mini_lm(out / "lm", LMRecipe(**over["lm"]), force=args.force,
-                                      device=args.device, workers=args.workers)
+        trained["lm"] = train_mini_lm(
+            out / "lm", LMRecipe(**over["lm"]), force=args.force, device=args.device, workers=args.workers
+        )
     print(f"trained {', '.join(f'{k}: {v}' for k, v in trained.items())} in {time.time() - start:.0f} s")
     if args.evaluate:
         for name, directory in trained.items():
             result = (evaluate_clip if name == "clip" else evaluate_lm)(directory, args.evaluate)
-            (directory / "eval.json").write_text(json.dumps(result, ensure_ascii=False, indent=1), encoding="utf-8")
+            (directory / "eval.json").write_text(
+                json.dumps(result, ensure_ascii=False, indent=1), encoding="utf-8"
+            )
             print(f"{name} on {args.evaluate} (val): {json.dumps(result, ensure_ascii=False)}")
     return 0

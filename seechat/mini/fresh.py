@@ -61,7 +61,9 @@ def fresh_scenes(rng: random.Random, n: int, image_size: int = 64, max_objects: 
 
 def render_batch(scenes: list[Scene]) -> torch.Tensor:
     """Scenes -> uint8 pixels (B, 3, H, W)."""
-    return torch.from_numpy(np.stack([np.asarray(render(s)) for s in scenes])).permute(0, 3, 1, 2).contiguous()
+    return (
+        torch.from_numpy(np.stack([np.asarray(render(s)) for s in scenes])).permute(0, 3, 1, 2).contiguous()
+    )
 
 
 class _Steps(IterableDataset):
@@ -78,8 +80,13 @@ class _Steps(IterableDataset):
 def step_batches(make: Callable[[int], Any], steps: int, workers: int = 0) -> Iterator[Any]:
     """`make(0)`, `make(1)`, ... `make(steps - 1)`, built in `workers` background processes
     (0: in this process). `make` must be picklable (a module-level function or a partial of one)."""
-    loader = DataLoader(_Steps(make, steps), batch_size=None, num_workers=workers,
-                        prefetch_factor=4 if workers else None, persistent_workers=False)
+    loader = DataLoader(
+        _Steps(make, steps),
+        batch_size=None,
+        num_workers=workers,
+        prefetch_factor=4 if workers else None,
+        persistent_workers=False,
+    )
     yield from loader
 
 
@@ -92,9 +99,17 @@ def text_fingerprint(n_scenes: int = 64) -> str:
         h.update(np.asarray(render(scene)).tobytes())
         g = scene_text.grounding(scene, rng)
         items: list[Any] = [
-            scene_text.concise_caption(scene), scene_text.concise_caption(scene, rng), scene_text.detailed_caption(scene, rng),
-            scene_text.detailed_caption(scene, rng, boxes=True), scene_text.dialogue(scene, rng), scene_text.alt_text(scene, rng).text,
-            [q.__dict__ for q in scene_text.vqa_set(scene, rng, len(scene_text.QUESTION_TYPES))], g and g.answer,
-            scene_text.chitchat(rng), scene_text.caption_instruction(rng), scene_text.grounding_instruction("X", rng)]
+            scene_text.concise_caption(scene),
+            scene_text.concise_caption(scene, rng),
+            scene_text.detailed_caption(scene, rng),
+            scene_text.detailed_caption(scene, rng, boxes=True),
+            scene_text.dialogue(scene, rng),
+            scene_text.alt_text(scene, rng).text,
+            [q.__dict__ for q in scene_text.vqa_set(scene, rng, len(scene_text.QUESTION_TYPES))],
+            g and g.answer,
+            scene_text.chitchat(rng),
+            scene_text.caption_instruction(rng),
+            scene_text.grounding_instruction("X", rng),
+        ]
         h.update(json.dumps(items, ensure_ascii=False).encode())
     return h.hexdigest()[:16]

@@ -84,13 +84,19 @@ def _question(scene: Scene, rng: random.Random, boxes: bool) -> list[tuple[str, 
     if kind == "dialogue":
         return scene_text.dialogue(scene, rng)
     qa = scene_text.vqa(scene, rng)
-    return [(qa.question, qa.answer)] if qa else [(scene_text.caption_instruction(rng), scene_text.concise_caption(scene))]
+    return (
+        [(qa.question, qa.answer)]
+        if qa
+        else [(scene_text.caption_instruction(rng), scene_text.concise_caption(scene))]
+    )
 
 
 def reading_row(scene: Scene, rng: random.Random, box_fraction: float, turns: int) -> list[Message]:
     """A description of `scene` in the user's first turn, then `turns` exercises about it."""
     boxes = rng.random() < box_fraction
-    context = rng.choice(scene_text.DESCRIPTION_CONTEXTS).format(d=scene_text.detailed_caption(scene, rng, boxes=boxes))
+    context = rng.choice(scene_text.DESCRIPTION_CONTEXTS).format(
+        d=scene_text.detailed_caption(scene, rng, boxes=boxes)
+    )
     pairs: list[tuple[str, str]] = []
     while len(pairs) < turns:
         pairs += _question(scene, rng, boxes)
@@ -139,26 +145,40 @@ def _char_ids(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
     return dict(tokenizer.get_vocab())
 
 
-def lm_batch(recipe: LMRecipe, tokenizer: PreTrainedTokenizerBase, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+def lm_batch(
+    recipe: LMRecipe, tokenizer: PreTrainedTokenizerBase, step: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Step `step`'s rows, right-padded: ids (B, L) and labels (B, L) with -100 where unsupervised."""
     rng = step_rng("lm", recipe.seed, step)
-    rows = [reading_row(s, rng, recipe.box_fraction, rng.randint(2, 6)) if rng.random() < recipe.qa_fraction
-            else text_row(s, rng) for s in fresh_scenes(rng, recipe.batch_size)]
+    rows = [
+        reading_row(s, rng, recipe.box_fraction, rng.randint(2, 6))
+        if rng.random() < recipe.qa_fraction
+        else text_row(s, rng)
+        for s in fresh_scenes(rng, recipe.batch_size)
+    ]
     encoded = [encode_row(r, tokenizer) for r in rows]
     width = max(len(i) for i, _ in encoded)
     ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
     for r, (i, lab) in enumerate(encoded):
-        ids[r, :len(i)], labels[r, :len(lab)] = torch.tensor(i), torch.tensor(lab)
+        ids[r, : len(i)], labels[r, : len(lab)] = torch.tensor(i), torch.tensor(lab)
     return ids, labels
 
 
 def lm_config(recipe: LMRecipe, tokenizer: PreTrainedTokenizerBase) -> Qwen2Config:
     return Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=recipe.hidden, intermediate_size=recipe.intermediate,
-        num_hidden_layers=recipe.layers, num_attention_heads=recipe.heads, num_key_value_heads=recipe.kv_heads,
-        max_position_embeddings=recipe.max_positions, tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+        vocab_size=len(tokenizer),
+        hidden_size=recipe.hidden,
+        intermediate_size=recipe.intermediate,
+        num_hidden_layers=recipe.layers,
+        num_attention_heads=recipe.heads,
+        num_key_value_heads=recipe.kv_heads,
+        max_position_embeddings=recipe.max_positions,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
 
 
 def _lm_train(recipe: LMRecipe, out: Path, device: str, workers: int) -> dict[str, Any]:
@@ -179,12 +199,24 @@ def _lm_train(recipe: LMRecipe, out: Path, device: str, workers: int) -> dict[st
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.to("cpu").eval().half().save_pretrained(out)
     tokenizer.save_pretrained(out / "tokenizer")
-    return {**stats, "tokens_seen": seen["tokens"], "supervised_tokens_seen": seen["supervised"],
-            "rows_seen": recipe.steps * recipe.batch_size, "device": device}
+    return {
+        **stats,
+        "tokens_seen": seen["tokens"],
+        "supervised_tokens_seen": seen["supervised"],
+        "rows_seen": recipe.steps * recipe.batch_size,
+        "device": device,
+    }
 
 
-def train_mini_lm(out_dir: PathLike, recipe: LMRecipe = LMRecipe(), *, force: bool = False,
-                  threads: int | None = None, device: str = "cpu", workers: int = 0) -> Path:
+def train_mini_lm(
+    out_dir: PathLike,
+    recipe: LMRecipe = LMRecipe(),
+    *,
+    force: bool = False,
+    threads: int | None = None,
+    device: str = "cpu",
+    workers: int = 0,
+) -> Path:
     """Pretrain the mini Chinese LM on fresh rows into `out_dir` (returned): fp16 weights there,
     tokenizer in `out_dir/tokenizer` (`LMConfig(path=out, tokenizer_path=out/"tokenizer")`).
 
@@ -192,7 +224,9 @@ def train_mini_lm(out_dir: PathLike, recipe: LMRecipe = LMRecipe(), *, force: bo
     `workers` background processes build the batches (each is a pure function of the step)."""
     out = Path(out_dir)
     with torch_threads(threads):
-        return run_atomic(out, done_marker(recipe), force, lambda tmp: _lm_train(recipe, tmp, device, workers))
+        return run_atomic(
+            out, done_marker(recipe), force, lambda tmp: _lm_train(recipe, tmp, device, workers)
+        )
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -210,29 +244,46 @@ def reading_exam(scenes: list[Scene], seed: int = 0) -> list[tuple[str, list[Mes
     items: list[tuple[str, list[Message]]] = []
     for n, scene in enumerate(scenes):
         rng = random.Random(f"seechat-mini/reading-exam/{seed}/{n}")
-        context = rng.choice(scene_text.DESCRIPTION_CONTEXTS).format(d=scene_text.detailed_caption(scene, rng))
+        context = rng.choice(scene_text.DESCRIPTION_CONTEXTS).format(
+            d=scene_text.detailed_caption(scene, rng)
+        )
         for qtype in scene_text.QUESTION_TYPES:
             if (qa := scene_text.vqa(scene, rng, qtype)) is not None:
                 items.append((qtype, [("user", context + qa.question), ("assistant", qa.answer)]))
         if (g := scene_text.grounding(scene, rng)) is not None:
-            boxed = rng.choice(scene_text.DESCRIPTION_CONTEXTS).format(d=scene_text.detailed_caption(scene, rng, boxes=True))
-            items.append(("grounding", [("user", boxed + scene_text.grounding_instruction(g.expression, rng)),
-                                        ("assistant", g.answer)]))
+            boxed = rng.choice(scene_text.DESCRIPTION_CONTEXTS).format(
+                d=scene_text.detailed_caption(scene, rng, boxes=True)
+            )
+            items.append(
+                (
+                    "grounding",
+                    [
+                        ("user", boxed + scene_text.grounding_instruction(g.expression, rng)),
+                        ("assistant", g.answer),
+                    ],
+                )
+            )
     return items
 
 
-def _nll(model: torch.nn.Module, rows: list[tuple[list[int], list[int]]], batch: int = 64) -> tuple[float, int, list[bool]]:
+def _nll(
+    model: torch.nn.Module, rows: list[tuple[list[int], list[int]]], batch: int = 64
+) -> tuple[float, int, list[bool]]:
     """Summed NLL of the supervised tokens (labels != -100) of each row, how many there are, and per
     row whether the greedy next-token prediction is right on all of them (what greedy decoding prints)."""
     total, count, exact = 0.0, 0, []
     for i in range(0, len(rows), batch):
-        chunk = rows[i:i + batch]
+        chunk = rows[i : i + batch]
         width = max(len(ids) for ids, _ in chunk)
         tokens = torch.zeros(len(chunk), width, dtype=torch.long)
         labels = torch.full((len(chunk), width), IGNORE, dtype=torch.long)
         mask = torch.zeros(len(chunk), width, dtype=torch.long)
         for r, (ids, lab) in enumerate(chunk):
-            tokens[r, :len(ids)], labels[r, :len(lab)], mask[r, :len(ids)] = torch.tensor(ids), torch.tensor(lab), 1
+            tokens[r, : len(ids)], labels[r, : len(lab)], mask[r, : len(ids)] = (
+                torch.tensor(ids),
+                torch.tensor(lab),
+                1,
+            )
         logits = model(input_ids=tokens, attention_mask=mask).logits[:, :-1].float()  # (b, L-1, V)
         targets = labels[:, 1:]  # (b, L-1): target j is the token at position j + 1
         scored = targets != IGNORE
@@ -244,8 +295,14 @@ def _nll(model: torch.nn.Module, rows: list[tuple[list[int], list[int]]], batch:
 
 
 @torch.inference_mode()
-def evaluate_lm(model_dir: PathLike, world_root: PathLike, split: str = "val", *,
-                threads: int | None = None, limit: int = 0) -> dict[str, Any]:
+def evaluate_lm(
+    model_dir: PathLike,
+    world_root: PathLike,
+    split: str = "val",
+    *,
+    threads: int | None = None,
+    limit: int = 0,
+) -> dict[str, Any]:
     """How well the LM reads, on a world split's scenes (never in its training rows):
 
     - `val_ppl`: perplexity over the split's captions (concise references and detailed), text + eos;
@@ -269,6 +326,11 @@ def evaluate_lm(model_dir: PathLike, world_root: PathLike, split: str = "val", *
     by_type: dict[str, list[bool]] = {}
     for (qtype, _), ok in zip(exam, exact, strict=True):
         by_type.setdefault(qtype, []).append(ok)
-    return {"val_ppl": math.exp(t_nll / t_n), "val_tokens": t_n, "qa_answer_ppl": math.exp(q_nll / q_n),
-            "qa_exact": sum(exact) / len(exact), "n_qa": len(exact),
-            "qa_exact_by_type": {k: sum(v) / len(v) for k, v in sorted(by_type.items())}}
+    return {
+        "val_ppl": math.exp(t_nll / t_n),
+        "val_tokens": t_n,
+        "qa_answer_ppl": math.exp(q_nll / q_n),
+        "qa_exact": sum(exact) / len(exact),
+        "n_qa": len(exact),
+        "qa_exact_by_type": {k: sum(v) / len(v) for k, v in sorted(by_type.items())},
+    }

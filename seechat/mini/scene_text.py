@@ -58,8 +58,17 @@ POSITION_MODIFIERS: dict[str, Callable[[int, int], bool]] = {
     "右边": lambda r, c: c == 2,
 }
 # Grid name -> how a detailed caption says "at that place".
-LOCATIVE = {"左上": "左上角", "上方": "上方", "右上": "右上角", "左边": "左边", "中间": "中间",
-            "右边": "右边", "左下": "左下角", "下方": "下方", "右下": "右下角"}
+LOCATIVE = {
+    "左上": "左上角",
+    "上方": "上方",
+    "右上": "右上角",
+    "左边": "左边",
+    "中间": "中间",
+    "右边": "右边",
+    "左下": "左下角",
+    "下方": "下方",
+    "右下": "右下角",
+}
 
 
 # --------------------------------------------------------------------------- records
@@ -112,7 +121,9 @@ def normalize_box(bbox: Sequence[float], image_size: int | tuple[int, int]) -> t
     return (x1, y1, x2, y2)
 
 
-def denormalize_box(box: Sequence[int], image_size: int | tuple[int, int]) -> tuple[float, float, float, float]:
+def denormalize_box(
+    box: Sequence[int], image_size: int | tuple[int, int]
+) -> tuple[float, float, float, float]:
     """0..1000 box -> pixel (x1, y1, x2, y2) floats."""
     w, h = _wh(image_size)
     x1, y1, x2, y2 = (v / 1000 * d for v, d in zip(box, (w, h, w, h), strict=True))
@@ -140,8 +151,9 @@ def _join(items: Sequence[str]) -> str:
     return items[0] if len(items) == 1 else "、".join(items[:-1]) + "和" + items[-1]
 
 
-def phrase(shape: str | None = None, colour: str | None = None, size: str | None = None,
-           position: str | None = None) -> str:
+def phrase(
+    shape: str | None = None, colour: str | None = None, size: str | None = None, position: str | None = None
+) -> str:
     """A noun phrase for an attribute set: "红色的圆形", "大的红色圆形", "左边的圆形", "红色的图形"."""
     noun = shape or "图形"
     core = f"{colour}{noun}" if colour else noun
@@ -176,8 +188,11 @@ def referring_expressions(scene: Scene, index: int) -> list[RefExpr]:
     candidates: list[dict[str, str]] = [{k: values[k] for k in keys} for keys in _BASE_ATTRS]
     for word, fits in POSITION_MODIFIERS.items():
         if fits(obj.row, obj.col):
-            candidates += [{"position": word}, {"position": word, "shape": obj.shape},
-                           {"position": word, "colour": obj.colour, "shape": obj.shape}]
+            candidates += [
+                {"position": word},
+                {"position": word, "shape": obj.shape},
+                {"position": word, "colour": obj.colour, "shape": obj.shape},
+            ]
     return [
         RefExpr(phrase(**attrs), index, frozenset(attrs))
         for attrs in candidates
@@ -192,12 +207,28 @@ def _pick_ref(scene: Scene, index: int, rng: random.Random, without: str | None 
 
 # --------------------------------------------------------------------------- captions
 
-CONCISE_FRAMES = ("{c}", "图中有{c}。", "画面里是{c}。", "这张图片上有{c}。", "图片展示了{c}。",
-                  "可以看到{c}。", "一张画着{c}的图片。", "{bg}的背景上有{c}。")
-DETAILED_INTROS = ("这张图片的背景是{bg}，上面一共有{n}个图形。", "图片是{bg}背景，画面中有{n}个图形。",
-                   "在{bg}的背景上，可以看到{n}个图形。", "这是一张{bg}背景的图片，里面画了{n}个图形。")
-DETAILED_OBJECTS = ("{pos}有一个{size}的{colour}{shape}。", "在{pos}，有一个{size}的{colour}{shape}。",
-                    "{pos}画着一个{size}的{colour}{shape}。", "{pos}是一个{size}的{colour}{shape}。")
+CONCISE_FRAMES = (
+    "{c}",
+    "图中有{c}。",
+    "画面里是{c}。",
+    "这张图片上有{c}。",
+    "图片展示了{c}。",
+    "可以看到{c}。",
+    "一张画着{c}的图片。",
+    "{bg}的背景上有{c}。",
+)
+DETAILED_INTROS = (
+    "这张图片的背景是{bg}，上面一共有{n}个图形。",
+    "图片是{bg}背景，画面中有{n}个图形。",
+    "在{bg}的背景上，可以看到{n}个图形。",
+    "这是一张{bg}背景的图片，里面画了{n}个图形。",
+)
+DETAILED_OBJECTS = (
+    "{pos}有一个{size}的{colour}{shape}。",
+    "在{pos}，有一个{size}的{colour}{shape}。",
+    "{pos}画着一个{size}的{colour}{shape}。",
+    "{pos}是一个{size}的{colour}{shape}。",
+)
 RELATION_SENTENCES = ("{a}在{b}的{rel}。", "其中，{a}位于{b}的{rel}。", "可以看出{a}在{b}的{rel}。")
 
 
@@ -244,7 +275,8 @@ def detailed_caption(scene: Scene, rng: random.Random, boxes: bool = False) -> s
         parts[0] = parts[0].replace(one, "只有一个", 1)
     for o in scene.objects:
         sentence = rng.choice(DETAILED_OBJECTS).format(
-            pos=LOCATIVE[o.position], size=o.size, colour=o.colour, shape=o.shape)
+            pos=LOCATIVE[o.position], size=o.size, colour=o.colour, shape=o.shape
+        )
         parts.append(sentence[:-1] + format_box(o.bbox, scene.image_size) + "。" if boxes else sentence)
     pairs = list(combinations(range(n), 2))
     rng.shuffle(pairs)
@@ -257,14 +289,29 @@ def detailed_caption(scene: Scene, rng: random.Random, boxes: bool = False) -> s
     return "".join(parts)
 
 
-CONCISE_INSTRUCTIONS = ("请用一句话描述这张图片。", "简要描述一下图片内容。", "图里有什么？", "这张图片画了什么？",
-                        "给这张图配一句简短的说明。", "用简短的话说说图中的内容。")
-DETAILED_INSTRUCTIONS = ("请详细描述这张图片。", "详细说说图里每个图形的位置和大小。",
-                         "请仔细描述图片中的内容，包括位置和大小。", "描述一下这张图片，越详细越好。")
+CONCISE_INSTRUCTIONS = (
+    "请用一句话描述这张图片。",
+    "简要描述一下图片内容。",
+    "图里有什么？",
+    "这张图片画了什么？",
+    "给这张图配一句简短的说明。",
+    "用简短的话说说图中的内容。",
+)
+DETAILED_INSTRUCTIONS = (
+    "请详细描述这张图片。",
+    "详细说说图里每个图形的位置和大小。",
+    "请仔细描述图片中的内容，包括位置和大小。",
+    "描述一下这张图片，越详细越好。",
+)
 # How a reading exercise hands the LM a scene's description before asking about it.
 DESCRIPTION_CONTEXTS = ("图片描述：{d}\n", "下面是一张图片的描述：{d}\n请回答：", "{d}\n根据上面的描述回答：")
-GROUNDING_INSTRUCTIONS = ("请给出{e}的位置（坐标框）。", "{e}在哪里？请用坐标框回答。", "找到{e}，输出它的边界框。",
-                          "请框出{e}。", "给出{e}的边界框坐标。")
+GROUNDING_INSTRUCTIONS = (
+    "请给出{e}的位置（坐标框）。",
+    "{e}在哪里？请用坐标框回答。",
+    "找到{e}，输出它的边界框。",
+    "请框出{e}。",
+    "给出{e}的边界框坐标。",
+)
 
 
 def caption_instruction(rng: random.Random, detailed: bool = False) -> str:
@@ -279,10 +326,28 @@ def grounding_instruction(expression: str, rng: random.Random) -> str:
 
 # --------------------------------------------------------------------------- web alt-text
 
-WEB_JUNK = ("高清壁纸 免费下载", "点击查看更多图片", "图片来源网络，侵删", "本站素材仅供学习交流", "【热门】精选图片大全",
-            "微信图片_20190312", "转发收藏", "默认标题", "未命名-1.jpg", "正品保障 包邮", "点击进入下一页",
-            "image", "banner", "logo设计 矢量素材", "IMG_2023_0815", "更多精彩内容请关注我们",
-            "版权所有 翻版必究", "加载中…", "缩略图", "PPT模板 免费")
+WEB_JUNK = (
+    "高清壁纸 免费下载",
+    "点击查看更多图片",
+    "图片来源网络，侵删",
+    "本站素材仅供学习交流",
+    "【热门】精选图片大全",
+    "微信图片_20190312",
+    "转发收藏",
+    "默认标题",
+    "未命名-1.jpg",
+    "正品保障 包邮",
+    "点击进入下一页",
+    "image",
+    "banner",
+    "logo设计 矢量素材",
+    "IMG_2023_0815",
+    "更多精彩内容请关注我们",
+    "版权所有 翻版必究",
+    "加载中…",
+    "缩略图",
+    "PPT模板 免费",
+)
 WEB_WORDS = ("图片", "素材", "几何", "图案", "设计", "免费", "png", "矢量图", "背景", "简约", "卡通", "高清")
 WEB_FRAMES = ("{c}", "{c} - {junk}", "【{c}】{junk}", "{c}图片", "{c}_{junk}", "图为{c}")
 
@@ -329,7 +394,11 @@ def _alt_keywords(scene: Scene, rng: random.Random) -> str:
 
 
 _ALT_MAKERS: dict[str, Callable[[Scene, random.Random], str]] = {
-    "partial": _alt_partial, "wrong": _alt_wrong, "irrelevant": _alt_irrelevant, "keywords": _alt_keywords}
+    "partial": _alt_partial,
+    "wrong": _alt_wrong,
+    "irrelevant": _alt_irrelevant,
+    "keywords": _alt_keywords,
+}
 
 
 def alt_text(scene: Scene, rng: random.Random, kind: str | None = None) -> AltText:
@@ -358,8 +427,14 @@ def _ask(key: str, rng: random.Random, **fields: str) -> str:
 
 def _q_count(scene: Scene, rng: random.Random) -> QA:
     o = rng.choice(scene.objects)
-    options: list[dict[str, str]] = [{}, {"shape": o.shape}, {"shape": o.shape}, {"colour": o.colour, "shape": o.shape},
-                                     {"colour": o.colour}, {"shape": rng.choice(SHAPES)}]
+    options: list[dict[str, str]] = [
+        {},
+        {"shape": o.shape},
+        {"shape": o.shape},
+        {"colour": o.colour, "shape": o.shape},
+        {"colour": o.colour},
+        {"shape": rng.choice(SHAPES)},
+    ]
     attrs = rng.choice(options)
     ref = phrase(**attrs)
     return QA(_ask("count", rng, r=ref), str(len(matching(scene, attrs))), "count", (ref,))
@@ -455,10 +530,17 @@ def _dlg_count_then_colour(scene: Scene, rng: random.Random) -> list[Turn]:
     shape = rng.choice(scene.objects).shape
     objs = [o for o in scene.objects if o.shape == shape]
     plural = len(objs) > 1
-    turns = [(rng.choice(("图里有几个{s}？", "图中一共有几个{s}？", "数一数有几个{s}？")).format(s=shape), str(len(objs))),
-             ("它们是什么颜色？" if plural else "它是什么颜色的？", _colours_reply(objs))]
+    turns = [
+        (
+            rng.choice(("图里有几个{s}？", "图中一共有几个{s}？", "数一数有几个{s}？")).format(s=shape),
+            str(len(objs)),
+        ),
+        ("它们是什么颜色？" if plural else "它是什么颜色的？", _colours_reply(objs)),
+    ]
     if rng.random() < 0.6:
-        turns.append(("它们分别在什么位置？" if plural else "它在什么位置？", _join([o.position for o in objs])))
+        turns.append(
+            ("它们分别在什么位置？" if plural else "它在什么位置？", _join([o.position for o in objs]))
+        )
     return turns
 
 
@@ -469,8 +551,11 @@ def _dlg_locate_then_describe(scene: Scene, rng: random.Random) -> list[Turn] | 
     if ref is None:
         return None
     turns = [(_ask("position", rng, r=ref.text), o.position)]
-    follow = [("它是什么颜色的？", o.colour, "colour"), ("它是什么形状？", o.shape, "shape"),
-              ("它是大的还是小的？", o.size, "size")]
+    follow = [
+        ("它是什么颜色的？", o.colour, "colour"),
+        ("它是什么形状？", o.shape, "shape"),
+        ("它是大的还是小的？", o.size, "size"),
+    ]
     follow = [f for f in follow if f[2] not in ref.uses]
     if follow:
         q, a, _ = rng.choice(follow)
@@ -496,8 +581,10 @@ def _dlg_caption_then_locate(scene: Scene, rng: random.Random) -> list[Turn] | N
         return None
     rng.shuffle(located)
     (i, ra), rest = located[0], located[1:]
-    turns = [(caption_instruction(rng), concise_caption(scene)),
-             (_follow_up_position(scene, ra, rng), scene.objects[i].position)]
+    turns = [
+        (caption_instruction(rng), concise_caption(scene)),
+        (_follow_up_position(scene, ra, rng), scene.objects[i].position),
+    ]
     if rest:
         j, rb = rest[0]
         turns.append((f"那{rb.text}呢？", scene.objects[j].position))
@@ -511,12 +598,19 @@ def _dlg_exists_then_count(scene: Scene, rng: random.Random) -> list[Turn]:
     first = (_ask("existence", rng, r=shape), "是" if objs else "否")
     if not objs:
         return [first, ("那图里有什么？", concise_caption(scene))]
-    return [first, ("有几个？", str(len(objs))), ("它们是什么颜色？" if len(objs) > 1 else "它是什么颜色的？",
-                                                  _colours_reply(objs))]
+    return [
+        first,
+        ("有几个？", str(len(objs))),
+        ("它们是什么颜色？" if len(objs) > 1 else "它是什么颜色的？", _colours_reply(objs)),
+    ]
 
 
 _DIALOGUES: tuple[Callable[[Scene, random.Random], list[Turn] | None], ...] = (
-    _dlg_count_then_colour, _dlg_locate_then_describe, _dlg_caption_then_locate, _dlg_exists_then_count)
+    _dlg_count_then_colour,
+    _dlg_locate_then_describe,
+    _dlg_caption_then_locate,
+    _dlg_exists_then_count,
+)
 
 
 def dialogue(scene: Scene, rng: random.Random) -> list[Turn]:
@@ -539,30 +633,61 @@ def grounding(scene: Scene, rng: random.Random) -> Grounding | None:
         if refs:
             ref = rng.choice(refs)
             bbox = scene.objects[i].bbox
-            return Grounding(ref.text, i, normalize_box(bbox, scene.image_size), format_box(bbox, scene.image_size))
+            return Grounding(
+                ref.text, i, normalize_box(bbox, scene.image_size), format_box(bbox, scene.image_size)
+            )
     return None
 
 
 # --------------------------------------------------------------------------- text-only chit-chat
 
 _MIXES = {("红色", "黄色"): "橙色", ("蓝色", "黄色"): "绿色", ("红色", "蓝色"): "紫色"}
-_THINGS = {"香蕉": "黄色", "草": "绿色", "晴朗的天空": "蓝色", "西红柿": "红色", "茄子": "紫色", "橙子": "橙色",
-           "乌鸦": "黑色", "柠檬": "黄色", "树叶": "绿色", "大海": "蓝色", "葡萄": "紫色", "煤炭": "黑色"}
-_FACTS = (("三角形有几条边？", "3"), ("三角形有几个角？", "3"), ("正方形有几个角？", "4"), ("长方形有几条边？", "4"),
-          ("菱形有几条边？", "4"), ("五角星有几个角？", "5"), ("圆形有几个角？", "0"), ("哪种图形没有角？", "圆形"),
-          ("四条边相等、四个角都是直角的图形叫什么？", "正方形"), ("左边的反义词是什么？", "右边"),
-          ("上面的反义词是什么？", "下面"), ("大的反义词是什么？", "小"))
-_SMALL_TALK = (("你好", "你好！我是SeeChat，可以和你聊聊图片里的内容。"), ("你是谁？", "我是SeeChat，一个能看图说话的中文助手。"),
-               ("你能做什么？", "我可以描述图片、回答关于图片的问题，还能用坐标框指出物体的位置。"),
-               ("谢谢", "不客气！"), ("再见", "再见，欢迎下次再来！"), ("早上好", "早上好！今天想看什么图片？"),
-               ("你会看图吗？", "会的，请把图片发给我，我来告诉你图里有什么。"))
+_THINGS = {
+    "香蕉": "黄色",
+    "草": "绿色",
+    "晴朗的天空": "蓝色",
+    "西红柿": "红色",
+    "茄子": "紫色",
+    "橙子": "橙色",
+    "乌鸦": "黑色",
+    "柠檬": "黄色",
+    "树叶": "绿色",
+    "大海": "蓝色",
+    "葡萄": "紫色",
+    "煤炭": "黑色",
+}
+_FACTS = (
+    ("三角形有几条边？", "3"),
+    ("三角形有几个角？", "3"),
+    ("正方形有几个角？", "4"),
+    ("长方形有几条边？", "4"),
+    ("菱形有几条边？", "4"),
+    ("五角星有几个角？", "5"),
+    ("圆形有几个角？", "0"),
+    ("哪种图形没有角？", "圆形"),
+    ("四条边相等、四个角都是直角的图形叫什么？", "正方形"),
+    ("左边的反义词是什么？", "右边"),
+    ("上面的反义词是什么？", "下面"),
+    ("大的反义词是什么？", "小"),
+)
+_SMALL_TALK = (
+    ("你好", "你好！我是SeeChat，可以和你聊聊图片里的内容。"),
+    ("你是谁？", "我是SeeChat，一个能看图说话的中文助手。"),
+    ("你能做什么？", "我可以描述图片、回答关于图片的问题，还能用坐标框指出物体的位置。"),
+    ("谢谢", "不客气！"),
+    ("再见", "再见，欢迎下次再来！"),
+    ("早上好", "早上好！今天想看什么图片？"),
+    ("你会看图吗？", "会的，请把图片发给我，我来告诉你图里有什么。"),
+)
 
 
 def _chat_mix(rng: random.Random) -> Turn:
     (a, b), c = rng.choice(list(_MIXES.items()))
     if rng.random() < 0.5:
         a, b = b, a
-    q = rng.choice(("{a}和{b}混在一起是什么颜色？", "把{a}和{b}的颜料混合，会得到什么颜色？", "{a}加{b}会变成什么颜色？"))
+    q = rng.choice(
+        ("{a}和{b}混在一起是什么颜色？", "把{a}和{b}的颜料混合，会得到什么颜色？", "{a}加{b}会变成什么颜色？")
+    )
     return q.format(a=a, b=b), c
 
 
@@ -590,7 +715,6 @@ def chitchat(rng: random.Random) -> Turn:
     return rng.choice(_FACTS if kind == "fact" else _SMALL_TALK)
 
 
-
 # --------------------------------------------------------------------------- the character set
 
 
@@ -614,8 +738,10 @@ def _strings_of(value: object) -> Iterator[str]:
 
 # Characters the world's generators do not hold as constants but its users type: the evaluation and
 # demo prompts and the stage-1 pair instructions (seechat.eval.tasks, seechat.mini.demo, configs/mini).
-PROMPT_TEXT = ("请用一句话描述这张图片。简要描述图片内容。这张图里有什么？请给出的位置（坐标框）。图中有几个图形？"
-               "请给出第一个图形的位置（坐标框）。，。：；！？、（）【】《》“”‘’…—")
+PROMPT_TEXT = (
+    "请用一句话描述这张图片。简要描述图片内容。这张图里有什么？请给出的位置（坐标框）。图中有几个图形？"
+    "请给出第一个图形的位置（坐标框）。，。：；！？、（）【】《》“”‘’…—"
+)
 
 
 def charset() -> list[str]:

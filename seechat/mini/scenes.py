@@ -197,7 +197,9 @@ def _star(x1: float, y1: float, x2: float, y2: float) -> list[tuple[float, float
         pts.append((r * math.cos(a), r * math.sin(a)))
     xs, ys = [p[0] for p in pts], [p[1] for p in pts]
     (ax, bx), (ay, by) = (min(xs), max(xs)), (min(ys), max(ys))
-    return [(x1 + (px - ax) / (bx - ax) * (x2 - x1), y1 + (py - ay) / (by - ay) * (y2 - y1)) for px, py in pts]
+    return [
+        (x1 + (px - ax) / (bx - ax) * (x2 - x1), y1 + (py - ay) / (by - ay) * (y2 - y1)) for px, py in pts
+    ]
 
 
 def _draw_object(draw: ImageDraw.ImageDraw, obj: SceneObject, s: int) -> None:

@@ -116,8 +116,12 @@ class WorldManifest:
         return self.root / relative
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": FORMAT_VERSION, "config": asdict(self.config), "counts": self.counts,
-                "files": list(self.files)}
+        return {
+            "format": FORMAT_VERSION,
+            "config": asdict(self.config),
+            "counts": self.counts,
+            "files": list(self.files),
+        }
 
 
 def load_manifest(root: str | os.PathLike[str]) -> WorldManifest:
@@ -190,33 +194,57 @@ def _instruct_turns(scene: Scene, kind: str, rng: random.Random, cfg: WorldConfi
                 turns.append((scene_text.grounding_instruction(g.expression, rng), g.answer))
         return turns
     # "vqa", or a grounding fallback when no object has a unique expression
-    qas = scene_text.vqa_set(scene, rng, cfg.vqa_turns) if cfg.vqa_turns > 1 else [q for q in [scene_text.vqa(scene, rng)] if q]
-    return [(qa.question, qa.answer) for qa in qas] or [(scene_text.caption_instruction(rng), scene_text.concise_caption(scene))]
+    qas = (
+        scene_text.vqa_set(scene, rng, cfg.vqa_turns)
+        if cfg.vqa_turns > 1
+        else [q for q in [scene_text.vqa(scene, rng)] if q]
+    )
+    return [(qa.question, qa.answer) for qa in qas] or [
+        (scene_text.caption_instruction(rng), scene_text.concise_caption(scene))
+    ]
 
 
 def _instruct_rows(scene: Scene, key: str, image: str, cfg: WorldConfig, rng: random.Random) -> list[dict]:
     kinds = rng.choices(INSTRUCT_KINDS, weights=cfg.instruct_weights, k=cfg.instruct_per_image)
-    return [{"id": f"{key}-{n}", "kind": kind, "image": image,
-             "conversations": _conversation(_instruct_turns(scene, kind, rng, cfg))}
-            for n, kind in enumerate(kinds)]
+    return [
+        {
+            "id": f"{key}-{n}",
+            "kind": kind,
+            "image": image,
+            "conversations": _conversation(_instruct_turns(scene, kind, rng, cfg)),
+        }
+        for n, kind in enumerate(kinds)
+    ]
 
 
-def _eval_rows(scene: Scene, key: str, image: str, alt: scene_text.AltText, cfg: WorldConfig,
-               rng: random.Random) -> dict[str, list[dict[str, Any]]]:
-    vqa = [{"id": f"{key}-{n}", "image": image, "question": q.question, "answer": q.answer, "type": q.type}
-           for n, q in enumerate(scene_text.vqa_set(scene, rng, cfg.vqa_per_eval_image))]
+def _eval_rows(
+    scene: Scene, key: str, image: str, alt: scene_text.AltText, cfg: WorldConfig, rng: random.Random
+) -> dict[str, list[dict[str, Any]]]:
+    vqa = [
+        {"id": f"{key}-{n}", "image": image, "question": q.question, "answer": q.answer, "type": q.type}
+        for n, q in enumerate(scene_text.vqa_set(scene, rng, cfg.vqa_per_eval_image))
+    ]
     g = scene_text.grounding(scene, rng)
-    grounding = [] if g is None else [
-        {"id": key, "image": image, "expression": g.expression, "box": list(g.box), "answer": g.answer}]
+    grounding = (
+        []
+        if g is None
+        else [{"id": key, "image": image, "expression": g.expression, "box": list(g.box), "answer": g.answer}]
+    )
     refs = [scene_text.concise_caption(scene)]
     for _ in range(8 * cfg.caption_references):  # varied phrasings, distinct from each other
         if len(refs) >= cfg.caption_references:
             break
         if (c := scene_text.concise_caption(scene, rng)) not in refs:
             refs.append(c)
-    captions = [{"id": key, "image": image, "references": refs, "detailed": scene_text.detailed_caption(scene, rng)}]
-    return {"vqa": vqa, "grounding": grounding, "captions": captions,
-            "alt_text": [{"id": key, "image": image, "caption": alt.text, "kind": alt.kind}]}
+    captions = [
+        {"id": key, "image": image, "references": refs, "detailed": scene_text.detailed_caption(scene, rng)}
+    ]
+    return {
+        "vqa": vqa,
+        "grounding": grounding,
+        "captions": captions,
+        "alt_text": [{"id": key, "image": image, "caption": alt.text, "kind": alt.kind}],
+    }
 
 
 def _lm_rows(scene: Scene, detailed: str, cfg: WorldConfig, rng: random.Random) -> list[dict[str, Any]]:
@@ -224,14 +252,22 @@ def _lm_rows(scene: Scene, detailed: str, cfg: WorldConfig, rng: random.Random) 
     context = rng.choice(scene_text.DESCRIPTION_CONTEXTS).format(d=detailed)
     qa = scene_text.vqa(scene, rng)
     if qa is not None:
-        rows.append({"messages": [{"role": "user", "content": context + qa.question},
-                                  {"role": "assistant", "content": qa.answer}]})
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": context + qa.question},
+                    {"role": "assistant", "content": qa.answer},
+                ]
+            }
+        )
     if rng.random() < cfg.lm_dialogue_prob:
         turns = scene_text.dialogue(scene, rng)
         messages = []
         for k, (q, a) in enumerate(turns):
-            messages += [{"role": "user", "content": context + q if k == 0 else q},
-                         {"role": "assistant", "content": a}]
+            messages += [
+                {"role": "user", "content": context + q if k == 0 else q},
+                {"role": "assistant", "content": a},
+            ]
         rows.append({"messages": messages})
     n_chat = int(cfg.chitchat_per_scene) + (rng.random() < cfg.chitchat_per_scene % 1)
     for _ in range(n_chat):
@@ -251,10 +287,20 @@ def scene_records(scene: Scene, split: str, index: int, cfg: WorldConfig) -> Sce
     detailed_boxes = scene_text.detailed_caption(scene, boxed, boxes=True)
     alt = scene_text.alt_text(scene, rng)
     clean = rng.random() < cfg.clean_fraction
-    web_text = (scene_text.concise_caption(scene, rng) if rng.random() < 0.8 else detailed) if clean else alt.text
-    meta = {"split": split, "caption": caption, "detailed": detailed, "detailed_boxes": detailed_boxes, "alt_text": alt.text,
-            "alt_kind": alt.kind, "web_text_is_clean": clean, "web_text": web_text,
-            "scene": scene.to_dict()}
+    web_text = (
+        (scene_text.concise_caption(scene, rng) if rng.random() < 0.8 else detailed) if clean else alt.text
+    )
+    meta = {
+        "split": split,
+        "caption": caption,
+        "detailed": detailed,
+        "detailed_boxes": detailed_boxes,
+        "alt_text": alt.text,
+        "alt_kind": alt.kind,
+        "web_text_is_clean": clean,
+        "web_text": web_text,
+        "scene": scene.to_dict(),
+    }
     rows: dict[str, list[dict[str, Any]]] = {}
     if split in ("train", "val"):
         rows[f"instruct/{split}.jsonl"] = _instruct_rows(scene, key, image, cfg, rng)
@@ -284,11 +330,20 @@ def _iter_records(cfg: WorldConfig, scenes: list[Scene], split: str, workers: in
         yield from pool.imap(_records_job, jobs, chunksize=64)
 
 
-def _write_split(root: Path, split: str, scenes: list[Scene], cfg: WorldConfig, workers: int,
-                 handles: dict[str, io.TextIOBase], counts: dict[str, int], bar: tqdm) -> None:
+def _write_split(
+    root: Path,
+    split: str,
+    scenes: list[Scene],
+    cfg: WorldConfig,
+    workers: int,
+    handles: dict[str, io.TextIOBase],
+    counts: dict[str, int],
+    bar: tqdm,
+) -> None:
     (root / "images" / split).mkdir(parents=True, exist_ok=True)
-    with ShardWriter(root / "pairs" / split, max_samples_per_shard=cfg.pairs_per_shard,
-                     max_bytes_per_shard=1 << 40) as shards:
+    with ShardWriter(
+        root / "pairs" / split, max_samples_per_shard=cfg.pairs_per_shard, max_bytes_per_shard=1 << 40
+    ) as shards:
         for rec in _iter_records(cfg, scenes, split, workers):
             (root / "images" / split / f"{rec.key}.jpg").write_bytes(rec.jpeg)
             shards.write(rec.key, rec.jpeg, rec.web_text, rec.meta)
@@ -307,8 +362,9 @@ def _build_into(root: Path, cfg: WorldConfig, workers: int, progress: bool) -> W
     counts: dict[str, int] = {f"scenes/{s}": len(scenes[s]) for s in SPLITS}
     handles: dict[str, io.TextIOBase] = {}
     try:
-        with tqdm(total=sum(map(len, scenes.values())), desc="mini world", unit="scene",
-                  disable=not progress) as bar:
+        with tqdm(
+            total=sum(map(len, scenes.values())), desc="mini world", unit="scene", disable=not progress
+        ) as bar:
             for split in SPLITS:
                 _write_split(root, split, scenes[split], cfg, workers, handles, counts, bar)
     finally:
@@ -316,13 +372,20 @@ def _build_into(root: Path, cfg: WorldConfig, workers: int, progress: bool) -> W
             h.close()
     files = tuple(sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()))
     manifest = WorldManifest(root, cfg, counts, files)
-    (root / "manifest.json").write_text(json.dumps(manifest.to_dict(), ensure_ascii=False, indent=1),
-                                        encoding="utf-8")
+    (root / "manifest.json").write_text(
+        json.dumps(manifest.to_dict(), ensure_ascii=False, indent=1), encoding="utf-8"
+    )
     return manifest
 
 
-def build_world(out_dir: str | os.PathLike[str], cfg: WorldConfig | None = None, *, force: bool = False,
-                workers: int = 1, progress: bool = True) -> WorldManifest:
+def build_world(
+    out_dir: str | os.PathLike[str],
+    cfg: WorldConfig | None = None,
+    *,
+    force: bool = False,
+    workers: int = 1,
+    progress: bool = True,
+) -> WorldManifest:
     """Write the mini world to `out_dir` and return its manifest.
 
     If `out_dir` already holds a world built from the same config it is reused (unless `force`).

@@ -6,4 +6,13 @@ from seechat.model.checkpoint import load_checkpoint as load
 from seechat.model.checkpoint import merge_lora, write_checkpoint
 from seechat.model.modeling import SeeChatModel
 
-__all__ = ["BRIDGES", "SeeChatModel", "apply_trainable", "build", "build_bridge", "load", "merge_lora", "write_checkpoint"]
+__all__ = [
+    "BRIDGES",
+    "SeeChatModel",
+    "apply_trainable",
+    "build",
+    "build_bridge",
+    "load",
+    "merge_lora",
+    "write_checkpoint",
+]

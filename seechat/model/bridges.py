@@ -36,8 +36,10 @@ def merged_grid(num_patches: int, merge: int) -> int:
     the grid is not square or its side is not a multiple of `merge`."""
     side = math.isqrt(num_patches)
     if merge < 1 or side * side != num_patches or side % merge:
-        raise ValueError(f"bridge.merge={merge} needs a square patch grid whose side is a multiple of it; "
-                         f"the vision tower gives {num_patches} patches")
+        raise ValueError(
+            f"bridge.merge={merge} needs a square patch grid whose side is a multiple of it; "
+            f"the vision tower gives {num_patches} patches"
+        )
     return (side // merge) ** 2
 
 
@@ -173,6 +175,8 @@ def build_bridge(cfg: BridgeConfig, d_vision: int, d_lm: int, num_patches: int) 
     if cfg.type not in BRIDGES:
         raise ValueError(f"unknown bridge {cfg.type!r}; registered bridges: {', '.join(BRIDGES)}")
     if cfg.merge != 1 and cfg.type not in ("linear", "mlp2x_gelu"):
-        raise ValueError(f"bridge.merge applies to the linear and mlp2x_gelu bridges; {cfg.type} sets its token "
-                         "count with bridge.num_queries")
+        raise ValueError(
+            f"bridge.merge applies to the linear and mlp2x_gelu bridges; {cfg.type} sets its token "
+            "count with bridge.num_queries"
+        )
     return BRIDGES[cfg.type](d_vision, d_lm, num_patches, cfg)

@@ -64,7 +64,10 @@ def assemble(
     """Stitch loaded experts together with a freshly initialised bridge."""
     vision_tower = VisionTower(vision_model, cfg.vision)
     bridge = build_bridge(
-        cfg.bridge, vision_tower.hidden_size, lm.config.get_text_config().hidden_size, vision_tower.num_features
+        cfg.bridge,
+        vision_tower.hidden_size,
+        lm.config.get_text_config().hidden_size,
+        vision_tower.num_features,
     ).to(DTYPES[cfg.dtype])
     processor = SeeChatProcessor(
         tokenizer, image_processor, bridge.num_tokens, image_token=cfg.image_token, max_length=cfg.max_length

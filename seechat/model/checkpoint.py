@@ -63,11 +63,26 @@ def write_checkpoint(
     final = Path(directory)
     with atomic_directory(final, keep) as tmp:
         parts = {"vision": _part_mode(model, "vision"), "lm": _part_mode(model, "lm")}
-        save_file(_contiguous(_values(model.bridge, "bridge.", state) or model.bridge.state_dict()), tmp / BRIDGE_NAME)
-        _save_part(model.vision_tower.model, parts["vision"], tmp, "vision_tower", "vision_adapter",
-                   _values(model.vision_tower.model, "vision_tower.model.", state))
-        _save_part(model.language_model, parts["lm"], tmp, "language_model", "lm_adapter",
-                   _values(model.language_model, "language_model.", state))
+        save_file(
+            _contiguous(_values(model.bridge, "bridge.", state) or model.bridge.state_dict()),
+            tmp / BRIDGE_NAME,
+        )
+        _save_part(
+            model.vision_tower.model,
+            parts["vision"],
+            tmp,
+            "vision_tower",
+            "vision_adapter",
+            _values(model.vision_tower.model, "vision_tower.model.", state),
+        )
+        _save_part(
+            model.language_model,
+            parts["lm"],
+            tmp,
+            "language_model",
+            "lm_adapter",
+            _values(model.language_model, "language_model.", state),
+        )
         processor.save_pretrained(tmp)
         meta = {
             "format": FORMAT,
@@ -107,7 +122,9 @@ def read_meta(directory: str | Path) -> dict:
     return meta
 
 
-def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -> tuple[SeeChatModel, SeeChatProcessor]:
+def load_checkpoint(
+    directory: str | Path, device: str | torch.device = "cpu"
+) -> tuple[SeeChatModel, SeeChatProcessor]:
     """Load model and processor from a checkpoint directory written by `write_checkpoint`."""
     d = existing(directory)
     meta = read_meta(d)
@@ -115,7 +132,9 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
     parts = meta["parts"]
     dtype = DTYPES[cfg.dtype]
 
-    vision = load_vision_model(str(d / "vision_tower") if parts["vision"] == "full" else cfg.vision.path, dtype)
+    vision = load_vision_model(
+        str(d / "vision_tower") if parts["vision"] == "full" else cfg.vision.path, dtype
+    )
     lm = load_language_model(str(d / "language_model") if parts["lm"] == "full" else cfg.lm.path, cfg)
     tokenizer = AutoTokenizer.from_pretrained(d / "tokenizer")
     image_processor = AutoImageProcessor.from_pretrained(d / "image_processor")

@@ -103,7 +103,9 @@ def _load_exact(module: torch.nn.Module, state: dict[str, torch.Tensor], what: s
     # Non-persistent buffers (position_ids, rotary inv_freq) are rebuilt by the module itself.
     missing = [k for k in missing if k not in dict(module.named_buffers())]
     if missing or unexpected:
-        raise ExportError(f"{what}: parameter names do not map onto LLaVA's (missing {missing}, unexpected {unexpected})")
+        raise ExportError(
+            f"{what}: parameter names do not map onto LLaVA's (missing {missing}, unexpected {unexpected})"
+        )
 
 
 def export_llava_hf(directory: str | Path, out: str | Path) -> Path:
@@ -139,7 +141,9 @@ def export_llava_hf(directory: str | Path, out: str | Path) -> Path:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--format", choices=FORMATS, default="llava-hf", help="target layout (default: llava-hf)")
+    parser.add_argument(
+        "--format", choices=FORMATS, default="llava-hf", help="target layout (default: llava-hf)"
+    )
     parser.add_argument("model", help="a seechat checkpoint directory")
     parser.add_argument("out", help="directory to write")
 

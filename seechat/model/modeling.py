@@ -142,7 +142,9 @@ class SeeChatModel(nn.Module):
         """New token ids per row of a left-padded batch (KV-cached; see `seechat.infer.generate`)."""
         from seechat.infer.generate import SamplingParams, generate
 
-        return generate(self, input_ids, attention_mask, pixel_values, params or SamplingParams(), stop_token_ids)
+        return generate(
+            self, input_ids, attention_mask, pixel_values, params or SamplingParams(), stop_token_ids
+        )
 
 
 def supervised_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -177,4 +179,3 @@ def token_loss(
         reduction="sum",
     )
     return loss / (num_items_in_batch or n), n
-

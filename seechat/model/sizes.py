@@ -20,17 +20,32 @@ from seechat.config import LoraConfig
 def _qwen2_7b():
     from transformers import Qwen2Config
 
-    return Qwen2Config(hidden_size=3584, num_hidden_layers=28, intermediate_size=18944, num_attention_heads=28,
-                       num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False, rope_theta=1e6,
-                       max_position_embeddings=32768)
+    return Qwen2Config(
+        hidden_size=3584,
+        num_hidden_layers=28,
+        intermediate_size=18944,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        vocab_size=152064,
+        tie_word_embeddings=False,
+        rope_theta=1e6,
+        max_position_embeddings=32768,
+    )
 
 
 def _chinese_clip_vit_l14(image_size: int) -> Callable:
     def make():
         from transformers import ChineseCLIPVisionConfig
 
-        return ChineseCLIPVisionConfig(hidden_size=1024, num_hidden_layers=24, intermediate_size=4096,
-                                       num_attention_heads=16, image_size=image_size, patch_size=14)
+        return ChineseCLIPVisionConfig(
+            hidden_size=1024,
+            num_hidden_layers=24,
+            intermediate_size=4096,
+            num_attention_heads=16,
+            image_size=image_size,
+            patch_size=14,
+        )
+
     return make
 
 
@@ -52,11 +67,11 @@ def expert_config(path: str):
     elif path in ARCHITECTURES:
         config = ARCHITECTURES[path]()
     else:
-        raise ValueError(f"{path!r} is neither a local model directory nor a known architecture; "
-                         f"known: {', '.join(ARCHITECTURES)} (add it to seechat.model.sizes.ARCHITECTURES)")
+        raise ValueError(
+            f"{path!r} is neither a local model directory nor a known architecture; "
+            f"known: {', '.join(ARCHITECTURES)} (add it to seechat.model.sizes.ARCHITECTURES)"
+        )
     return config.vision_config if getattr(config, "vision_config", None) is not None else config
-
-
 
 
 @dataclass(frozen=True)
@@ -88,9 +103,19 @@ class LMShape:
     def linears(self) -> dict[str, tuple[int, int]]:
         """(in, out) of each linear layer of one decoder layer, by module name."""
         h, i = self.hidden, self.intermediate
-        mlp = ({"gate_up_proj": (h, 2 * i)} if self.family == "glm4" else {"gate_proj": (h, i), "up_proj": (h, i)})
-        return {"q_proj": (h, self.q_dim), "k_proj": (h, self.kv_dim), "v_proj": (h, self.kv_dim),
-                "o_proj": (self.q_dim, h), **mlp, "down_proj": (i, h)}
+        mlp = (
+            {"gate_up_proj": (h, 2 * i)}
+            if self.family == "glm4"
+            else {"gate_proj": (h, i), "up_proj": (h, i)}
+        )
+        return {
+            "q_proj": (h, self.q_dim),
+            "k_proj": (h, self.kv_dim),
+            "v_proj": (h, self.kv_dim),
+            "o_proj": (self.q_dim, h),
+            **mlp,
+            "down_proj": (i, h),
+        }
 
     @property
     def layer_params(self) -> int:
@@ -112,9 +137,21 @@ class LMShape:
 
 def _lm_shape(config, family: str, qkv_bias: bool, o_bias: bool, mlp_bias: bool, norms: int) -> LMShape:
     c = config
-    return LMShape(family, c.hidden_size, c.num_hidden_layers, c.intermediate_size, c.num_attention_heads,
-                   c.num_key_value_heads, getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
-                   c.vocab_size, bool(c.tie_word_embeddings), qkv_bias, o_bias, mlp_bias, norms)
+    return LMShape(
+        family,
+        c.hidden_size,
+        c.num_hidden_layers,
+        c.intermediate_size,
+        c.num_attention_heads,
+        c.num_key_value_heads,
+        getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
+        c.vocab_size,
+        bool(c.tie_word_embeddings),
+        qkv_bias,
+        o_bias,
+        mlp_bias,
+        norms,
+    )
 
 
 LM_FAMILIES: dict[str, Callable[..., LMShape]] = {
@@ -149,7 +186,14 @@ class VisionShape:
 
     def linears(self) -> dict[str, tuple[int, int]]:
         h, i = self.hidden, self.intermediate
-        return {"q_proj": (h, h), "k_proj": (h, h), "v_proj": (h, h), "out_proj": (h, h), "fc1": (h, i), "fc2": (i, h)}
+        return {
+            "q_proj": (h, h),
+            "k_proj": (h, h),
+            "v_proj": (h, h),
+            "out_proj": (h, h),
+            "fc1": (h, i),
+            "fc2": (i, h),
+        }
 
     @property
     def layer_params(self) -> int:
@@ -159,7 +203,9 @@ class VisionShape:
     @property
     def params(self) -> int:
         h, i = self.hidden, self.intermediate
-        patch = self.channels * self.patch_size**2 * h + (0 if self.has_cls else h)  # SigLIP's conv has a bias
+        patch = self.channels * self.patch_size**2 * h + (
+            0 if self.has_cls else h
+        )  # SigLIP's conv has a bias
         embeddings = patch + self.tokens * h + (h if self.has_cls else 0)  # positions (+ class embedding)
         norms = 2 * h * (2 if self.has_cls else 1)  # (pre-layernorm +) post-layernorm
         head = (h + 4 * h * h + 4 * h + 2 * h + (h * i + i) + (i * h + h)) if self.pooling_head else 0
@@ -168,8 +214,18 @@ class VisionShape:
 
 def _vision_shape(config, family: str, has_cls: bool, head: bool) -> VisionShape:
     c = config
-    return VisionShape(family, c.hidden_size, c.num_hidden_layers, c.intermediate_size, c.num_attention_heads,
-                       c.image_size, c.patch_size, c.num_channels, has_cls, head)
+    return VisionShape(
+        family,
+        c.hidden_size,
+        c.num_hidden_layers,
+        c.intermediate_size,
+        c.num_attention_heads,
+        c.image_size,
+        c.patch_size,
+        c.num_channels,
+        has_cls,
+        head,
+    )
 
 
 VISION_FAMILIES: dict[str, Callable[..., VisionShape]] = {
@@ -181,14 +237,17 @@ VISION_FAMILIES: dict[str, Callable[..., VisionShape]] = {
 
 def lm_shape(config) -> LMShape:
     if config.model_type not in LM_FAMILIES:
-        raise ValueError(f"no parameter formula for LM type {config.model_type!r}; known: {', '.join(LM_FAMILIES)}")
+        raise ValueError(
+            f"no parameter formula for LM type {config.model_type!r}; known: {', '.join(LM_FAMILIES)}"
+        )
     return LM_FAMILIES[config.model_type](config)
 
 
 def vision_shape(config) -> VisionShape:
     if config.model_type not in VISION_FAMILIES:
-        raise ValueError(f"no parameter formula for vision type {config.model_type!r}; "
-                         f"known: {', '.join(VISION_FAMILIES)}")
+        raise ValueError(
+            f"no parameter formula for vision type {config.model_type!r}; known: {', '.join(VISION_FAMILIES)}"
+        )
     return VISION_FAMILIES[config.model_type](config)
 
 

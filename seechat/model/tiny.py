@@ -40,12 +40,21 @@ def _vision_config(arch: str, image_size: int, patch_size: int, hidden: int):
         image_size=image_size,
         patch_size=patch_size,
     )
-    configs = {"clip": CLIPVisionConfig, "chinese_clip": ChineseCLIPVisionConfig, "siglip": SiglipVisionConfig}
+    configs = {
+        "clip": CLIPVisionConfig,
+        "chinese_clip": ChineseCLIPVisionConfig,
+        "siglip": SiglipVisionConfig,
+    }
     return configs[arch](**common)
 
 
 def write_tiny_vision(
-    directory: str | Path, arch: str = "clip", image_size: int = 32, patch_size: int = 8, hidden: int = 32, seed: int = 0
+    directory: str | Path,
+    arch: str = "clip",
+    image_size: int = 32,
+    patch_size: int = 8,
+    hidden: int = 32,
+    seed: int = 0,
 ) -> Path:
     """A random vision encoder + its image processor saved to `directory`."""
     if arch not in VISION_ARCHS:

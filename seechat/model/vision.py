@@ -17,7 +17,10 @@ from seechat.config import VisionConfig
 def load_vision_model(path: str, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """Load a vision encoder from a local dir or hub id; a dual encoder yields its vision half."""
     config = AutoConfig.from_pretrained(path)
-    if getattr(config, "vision_config", None) is not None and getattr(config, "text_config", None) is not None:
+    if (
+        getattr(config, "vision_config", None) is not None
+        and getattr(config, "text_config", None) is not None
+    ):
         # A full CLIP-style dual encoder: keep only the vision half, as its own model class.
         full = AutoModel.from_pretrained(path, dtype=dtype)
         if isinstance(full.vision_model, PreTrainedModel):  # Chinese-CLIP holds a whole vision model

@@ -97,8 +97,10 @@ class HostCheck:
             host = host_name(Headers(scope=scope).get("host", ""))
             if host.rstrip(".") not in self.allowed:
                 err = APIError(
-                    421, f"this server does not answer for host {host[:100]!r}; allowed: {', '.join(sorted(self.allowed))} "
-                    "(start it with --allowed-hosts to add names)", code="invalid_host",
+                    421,
+                    f"this server does not answer for host {host[:100]!r}; allowed: {', '.join(sorted(self.allowed))} "
+                    "(start it with --allowed-hosts to add names)",
+                    code="invalid_host",
                 )
                 await JSONResponse(err.body(), status_code=err.status)(scope, receive, send)
                 return
@@ -151,13 +153,17 @@ def create_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
-        err = APIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}", code=str(e.status_code))
+        err = APIError(
+            e.status_code, f"{request.method} {request.url.path}: {e.detail}", code=str(e.status_code)
+        )
         return JSONResponse(err.body(), status_code=e.status_code)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, e: Exception) -> JSONResponse:
         log.exception("unexpected error in %s %s", request.method, request.url.path)
-        err = APIError(500, f"internal server error ({type(e).__name__})", type="server_error", code="internal_error")
+        err = APIError(
+            500, f"internal server error ({type(e).__name__})", type="server_error", code="internal_error"
+        )
         return JSONResponse(err.body(), status_code=500)
 
     def scope_of(request: Request) -> str | None:
@@ -176,8 +182,10 @@ def create_app(
         scope = scope_of(request)
         if scope is None:
             raise APIError(
-                401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
-                code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"},
+                401,
+                "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
             )
         return scope
 
@@ -194,8 +202,13 @@ def create_app(
         return JSONResponse(body, status_code=200 if alive else 503)
 
     def model_card() -> dict:
-        return {"id": model_name, "object": "model", "created": created, "owned_by": "seechat",
-                "max_model_len": engine.max_model_len}
+        return {
+            "id": model_name,
+            "object": "model",
+            "created": created,
+            "owned_by": "seechat",
+            "max_model_len": engine.max_model_len,
+        }
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
@@ -206,8 +219,12 @@ def create_app(
     async def model(model_id: str, request: Request) -> dict:
         check_key(request)
         if model_id != model_name:
-            raise APIError(404, f"model {model_id!r} does not exist; this server serves {model_name!r}",
-                           param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"model {model_id!r} does not exist; this server serves {model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
         return model_card()
 
     def prepare_images(req: ChatRequest) -> torch.Tensor | None:
@@ -228,26 +245,40 @@ def create_app(
         scope = check_key(request)
         media = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if media != "application/json":
-            raise APIError(415, f"the request body must be sent as 'Content-Type: application/json' (got "
-                           f"{media[:60] or 'none'!r})", code="unsupported_media_type")
+            raise APIError(
+                415,
+                f"the request body must be sent as 'Content-Type: application/json' (got "
+                f"{media[:60] or 'none'!r})",
+                code="unsupported_media_type",
+            )
         raw = await read_body(request, max_body_bytes, body_timeout_s)
         req = await run_in_threadpool(parse_chat_request, raw, processor.image_token, limits)
         del raw
         if req.model != model_name:
-            raise APIError(404, f"model {req.model!r} does not exist; this server serves {model_name!r}",
-                           param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"model {req.model!r} does not exist; this server serves {model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
         try:
             ids = await run_in_threadpool(prompt_ids, processor, req.messages, len(req.images))
         except ValueError as e:
-            raise APIError(400, f"the conversation cannot be rendered: {e}", param="messages",
-                           code="invalid_value") from None
+            raise APIError(
+                400, f"the conversation cannot be rendered: {e}", param="messages", code="invalid_value"
+            ) from None
         n, ctx = int(ids.numel()), engine.max_model_len
         if n >= ctx or (req.max_tokens_given and n + req.params.max_new_tokens > ctx):
-            asked = f" + {req.params.max_new_tokens} requested completion tokens" if req.max_tokens_given else ""
+            asked = (
+                f" + {req.params.max_new_tokens} requested completion tokens" if req.max_tokens_given else ""
+            )
             raise APIError(
-                400, f"this model's context is {ctx} tokens, but the messages are {n} tokens "
+                400,
+                f"this model's context is {ctx} tokens, but the messages are {n} tokens "
                 f"({len(req.images)} image(s) x {engine.model.num_image_tokens} tokens included){asked}; "
-                "send fewer images or a shorter conversation", param="messages", code="context_length_exceeded",
+                "send fewer images or a shorter conversation",
+                param="messages",
+                code="context_length_exceeded",
             )
         async with decoding:
             pixels = await run_in_threadpool(prepare_images, req)
@@ -255,12 +286,24 @@ def create_app(
         loop = asyncio.get_running_loop()
         try:
             events = await run_in_threadpool(
-                engine.astream, ids, () if pixels is None else pixels, req.params, req.stop, True, loop,
-                req.ignore_eos, scope,
+                engine.astream,
+                ids,
+                () if pixels is None else pixels,
+                req.params,
+                req.stop,
+                True,
+                loop,
+                req.ignore_eos,
+                scope,
             )
         except QueueFullError as e:
-            raise APIError(429, f"the server is busy: {e}", type="rate_limit_error", code="queue_full",
-                           headers={"Retry-After": "1"}) from None
+            raise APIError(
+                429,
+                f"the server is busy: {e}",
+                type="rate_limit_error",
+                code="queue_full",
+                headers={"Retry-After": "1"},
+            ) from None
         except EngineClosedError as e:
             raise APIError(503, str(e), type="server_error", code="unavailable") from None
         except RequestError as e:
@@ -269,7 +312,8 @@ def create_app(
         cid = new_id()
         if req.stream:
             return StreamingResponse(
-                _stream(events, cid, model_name, req.include_usage), media_type="text/event-stream",
+                _stream(events, cid, model_name, req.include_usage),
+                media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
         watcher = asyncio.create_task(_cancel_on_disconnect(request, events))
@@ -293,8 +337,11 @@ async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     check first): 413 as soon as it passes `limit`, 408 when it takes longer than `timeout_s`."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise APIError(413, f"the request body is {int(declared):,} bytes; the limit is {limit:,}",
-                       code="request_too_large")
+        raise APIError(
+            413,
+            f"the request body is {int(declared):,} bytes; the limit is {limit:,}",
+            code="request_too_large",
+        )
     chunks: list[bytes] = []
 
     async def receive() -> None:
@@ -302,16 +349,23 @@ async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                raise APIError(413, f"the request body is more than {limit:,} bytes (the limit)",
-                               code="request_too_large")
+                raise APIError(
+                    413,
+                    f"the request body is more than {limit:,} bytes (the limit)",
+                    code="request_too_large",
+                )
             chunks.append(chunk)
 
     try:
         await asyncio.wait_for(receive(), timeout_s)
     except TimeoutError:
-        raise APIError(408, f"the request body did not arrive within {timeout_s:g} s", code="timeout") from None
+        raise APIError(
+            408, f"the request body did not arrive within {timeout_s:g} s", code="timeout"
+        ) from None
     except ClientDisconnect:
-        raise APIError(400, "the client disconnected while sending the body", code="client_disconnected") from None
+        raise APIError(
+            400, "the client disconnected while sending the body", code="client_disconnected"
+        ) from None
     return b"".join(chunks)
 
 
@@ -364,40 +418,98 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="a seechat checkpoint directory")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--allowed-hosts", default="",
-                        help="comma-separated names the Host header may carry, '*' for any (default: the loopback "
-                        "names for a loopback bind, the address itself for another address, any for 0.0.0.0 / ::)")
-    parser.add_argument("--model-name", default="", help="the id clients send as 'model' (default: the folder name)")
-    parser.add_argument("--api-key", action="append", default=[],
-                        help=f"require 'Authorization: Bearer KEY'; repeat for several keys, each its own cache "
-                        f"scope (or set {API_KEY_ENV}, comma-separated)")
+    parser.add_argument(
+        "--allowed-hosts",
+        default="",
+        help="comma-separated names the Host header may carry, '*' for any (default: the loopback "
+        "names for a loopback bind, the address itself for another address, any for 0.0.0.0 / ::)",
+    )
+    parser.add_argument(
+        "--model-name", default="", help="the id clients send as 'model' (default: the folder name)"
+    )
+    parser.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        help=f"require 'Authorization: Bearer KEY'; repeat for several keys, each its own cache "
+        f"scope (or set {API_KEY_ENV}, comma-separated)",
+    )
     parser.add_argument("--device", default="cpu", help="torch device for the model (cpu, cuda, cuda:1 ...)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
-    parser.add_argument("--max-batch-size", type=int, default=e.max_batch_size, help="requests decoded together")
-    parser.add_argument("--max-batch-tokens", type=int, default=e.max_batch_tokens,
-                        help="KV tokens the running batch may hold, padding included (at least --max-model-len)")
-    parser.add_argument("--max-waiting", type=int, default=e.max_waiting, help="queued requests before answering 429")
-    parser.add_argument("--max-waiting-mb", type=int, default=e.max_waiting_bytes >> 20,
-                        help="MB the queued requests may hold (image pixels, token ids) before answering 429")
-    parser.add_argument("--max-connections", type=int, default=1024, help="open connections before answering 503")
-    parser.add_argument("--max-model-len", type=int, default=0, help="context tokens (0 = the LM's own limit)")
+    parser.add_argument(
+        "--max-batch-size", type=int, default=e.max_batch_size, help="requests decoded together"
+    )
+    parser.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=e.max_batch_tokens,
+        help="KV tokens the running batch may hold, padding included (at least --max-model-len)",
+    )
+    parser.add_argument(
+        "--max-waiting", type=int, default=e.max_waiting, help="queued requests before answering 429"
+    )
+    parser.add_argument(
+        "--max-waiting-mb",
+        type=int,
+        default=e.max_waiting_bytes >> 20,
+        help="MB the queued requests may hold (image pixels, token ids) before answering 429",
+    )
+    parser.add_argument(
+        "--max-connections", type=int, default=1024, help="open connections before answering 503"
+    )
+    parser.add_argument(
+        "--max-model-len", type=int, default=0, help="context tokens (0 = the LM's own limit)"
+    )
     parser.add_argument("--max-body-mb", type=int, default=32, help="request body size limit (413 beyond)")
-    parser.add_argument("--body-timeout", type=float, default=60.0, help="seconds to receive a request body (408 beyond)")
+    parser.add_argument(
+        "--body-timeout", type=float, default=60.0, help="seconds to receive a request body (408 beyond)"
+    )
     parser.add_argument("--max-images", type=int, default=lim.max_images, help="images per request")
-    parser.add_argument("--max-image-pixels", type=int, default=lim.max_image_pixels,
-                        help="refuse images with more pixels than this (decompression bombs)")
-    parser.add_argument("--max-image-aspect", type=float, default=lim.max_image_aspect,
-                        help="refuse images whose long side is more than this many times the short side")
-    parser.add_argument("--image-decoders", type=int, default=2,
-                        help="images decoded at once across all requests (each holds one full-size image)")
-    parser.add_argument("--max-stop-chars", type=int, default=lim.max_stop_chars, help="total length of a request's stop strings")
-    parser.add_argument("--max-tokens", type=int, default=512, help="completion tokens when a request does not say")
-    parser.add_argument("--temperature", type=float, default=0.0,
-                        help="temperature when a request does not say (default 0: greedy)")
-    parser.add_argument("--prefix-cache-mb", type=int, default=256,
-                        help="KV prefix cache size (0 = off); reuse is scoped per API key")
-    parser.add_argument("--request-timeout", type=float, default=e.request_timeout_s, help="seconds per request")
-    parser.add_argument("--no-fast-decode", action="store_true", help="decode with the transformers forward only")
+    parser.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=lim.max_image_pixels,
+        help="refuse images with more pixels than this (decompression bombs)",
+    )
+    parser.add_argument(
+        "--max-image-aspect",
+        type=float,
+        default=lim.max_image_aspect,
+        help="refuse images whose long side is more than this many times the short side",
+    )
+    parser.add_argument(
+        "--image-decoders",
+        type=int,
+        default=2,
+        help="images decoded at once across all requests (each holds one full-size image)",
+    )
+    parser.add_argument(
+        "--max-stop-chars",
+        type=int,
+        default=lim.max_stop_chars,
+        help="total length of a request's stop strings",
+    )
+    parser.add_argument(
+        "--max-tokens", type=int, default=512, help="completion tokens when a request does not say"
+    )
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="temperature when a request does not say (default 0: greedy)",
+    )
+    parser.add_argument(
+        "--prefix-cache-mb",
+        type=int,
+        default=256,
+        help="KV prefix cache size (0 = off); reuse is scoped per API key",
+    )
+    parser.add_argument(
+        "--request-timeout", type=float, default=e.request_timeout_s, help="seconds per request"
+    )
+    parser.add_argument(
+        "--no-fast-decode", action="store_true", help="decode with the transformers forward only"
+    )
     parser.add_argument("--log-level", default="info")
 
 
@@ -417,25 +529,64 @@ def run_from_args(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    keys = [k for k in args.api_key if k] or [k.strip() for k in os.environ.get(API_KEY_ENV, "").split(",") if k.strip()]
-    hosts = tuple(h.strip() for h in args.allowed_hosts.split(",") if h.strip()) or default_allowed_hosts(args.host)
+    keys = [k for k in args.api_key if k] or [
+        k.strip() for k in os.environ.get(API_KEY_ENV, "").split(",") if k.strip()
+    ]
+    hosts = tuple(h.strip() for h in args.allowed_hosts.split(",") if h.strip()) or default_allowed_hosts(
+        args.host
+    )
     model, processor = load(args.model, device=args.device)
     name = args.model_name or Path(args.model).resolve().name
-    engine = Engine(model, processor, EngineConfig(
-        max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens, max_waiting=args.max_waiting,
-        max_waiting_bytes=args.max_waiting_mb << 20, max_model_len=args.max_model_len,
-        max_images_per_request=args.max_images, prefix_cache_mb=args.prefix_cache_mb,
-        request_timeout_s=args.request_timeout, fast_decode="off" if args.no_fast_decode else "auto",
-    ))
-    limits = Limits(max_image_pixels=args.max_image_pixels, max_image_aspect=args.max_image_aspect, max_images=args.max_images,
-                    max_tokens=engine.max_model_len, default_max_tokens=args.max_tokens,
-                    default_temperature=args.temperature, max_stop_chars=args.max_stop_chars)
-    app = create_app(engine, processor, name, keys, limits, max_body_bytes=args.max_body_mb << 20,
-                     allowed_hosts=hosts, image_decoders=args.image_decoders, body_timeout_s=args.body_timeout)
+    engine = Engine(
+        model,
+        processor,
+        EngineConfig(
+            max_batch_size=args.max_batch_size,
+            max_batch_tokens=args.max_batch_tokens,
+            max_waiting=args.max_waiting,
+            max_waiting_bytes=args.max_waiting_mb << 20,
+            max_model_len=args.max_model_len,
+            max_images_per_request=args.max_images,
+            prefix_cache_mb=args.prefix_cache_mb,
+            request_timeout_s=args.request_timeout,
+            fast_decode="off" if args.no_fast_decode else "auto",
+        ),
+    )
+    limits = Limits(
+        max_image_pixels=args.max_image_pixels,
+        max_image_aspect=args.max_image_aspect,
+        max_images=args.max_images,
+        max_tokens=engine.max_model_len,
+        default_max_tokens=args.max_tokens,
+        default_temperature=args.temperature,
+        max_stop_chars=args.max_stop_chars,
+    )
+    app = create_app(
+        engine,
+        processor,
+        name,
+        keys,
+        limits,
+        max_body_bytes=args.max_body_mb << 20,
+        allowed_hosts=hosts,
+        image_decoders=args.image_decoders,
+        body_timeout_s=args.body_timeout,
+    )
     if args.host not in LOOPBACK_HOSTS and not keys:
-        print(f"warning: binding {args.host} without an API key: anyone who can reach this port can use the model")
-    print(f"seechat serve: model {name!r} ({engine.runner.decode_path} decode) on http://{args.host}:{args.port}/ "
-          f"(API: /v1/chat/completions{', API key required' if keys else ''}; hosts: {', '.join(hosts)})", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                limit_concurrency=args.max_connections, timeout_keep_alive=30)
+        print(
+            f"warning: binding {args.host} without an API key: anyone who can reach this port can use the model"
+        )
+    print(
+        f"seechat serve: model {name!r} ({engine.runner.decode_path} decode) on http://{args.host}:{args.port}/ "
+        f"(API: /v1/chat/completions{', API key required' if keys else ''}; hosts: {', '.join(hosts)})",
+        flush=True,
+    )
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        limit_concurrency=args.max_connections,
+        timeout_keep_alive=30,
+    )
     return 0

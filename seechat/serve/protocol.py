@@ -42,8 +42,13 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 
 class APIError(Exception):
     def __init__(
-        self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-        code: str | None = None, headers: dict[str, str] | None = None,
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
     ):
         super().__init__(message)
         self.status = status
@@ -126,19 +131,25 @@ def decode_image_url(url: Any, limits: Limits, param: str) -> bytes:
     """An inline data URI -> the image's bytes, its format and size checked (no pixel decoded);
     anything that would make the server fetch or read -> 400."""
     if not isinstance(url, str) or not url:
-        raise _bad("'image_url.url' must be a non-empty string (a data:image/...;base64,... URI)", param, "invalid_type")
+        raise _bad(
+            "'image_url.url' must be a non-empty string (a data:image/...;base64,... URI)",
+            param,
+            "invalid_type",
+        )
     scheme = url.split(":", 1)[0].lower() if ":" in url[:16] else ""
     if scheme in ("http", "https"):
         raise _bad(
             "remote image URLs are not fetched: this server does no server-side fetching. Send the image "
             "inline as 'data:image/png;base64,...' (read the file and base64-encode it on the client)",
-            param, "image_url_not_allowed",
+            param,
+            "image_url_not_allowed",
         )
     if scheme != "data":
         raise _bad(
             "file URLs and paths are never read by this server; send the image inline as "
             "'data:image/png;base64,...'",
-            param, "image_url_not_allowed",
+            param,
+            "image_url_not_allowed",
         )
     header, sep, payload = url[5:].partition(",")
     if not sep:
@@ -146,10 +157,16 @@ def decode_image_url(url: Any, limits: Limits, param: str) -> bytes:
     parts = [p.strip().lower() for p in header.split(";")]
     media = parts[0]
     if not media.startswith("image/"):
-        raise _bad(f"the data URI is not an image (media type {_shown(media) if media else 'missing'}); "
-                   "send data:image/...", param, "invalid_image")
+        raise _bad(
+            f"the data URI is not an image (media type {_shown(media) if media else 'missing'}); "
+            "send data:image/...",
+            param,
+            "invalid_image",
+        )
     if "base64" not in parts[1:]:
-        raise _bad("image data URIs must be base64-encoded (data:image/png;base64,...)", param, "invalid_image")
+        raise _bad(
+            "image data URIs must be base64-encoded (data:image/png;base64,...)", param, "invalid_image"
+        )
     try:
         data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
@@ -161,12 +178,18 @@ def decode_image_url(url: Any, limits: Limits, param: str) -> bytes:
     if max(w, h) > limits.max_image_aspect * min(w, h):
         # the vision processor resizes the short side to its input size: a 2 x 200,000 image would
         # become 336 x 33,600,000 pixels (34 GB) before the crop
-        raise _bad(f"the image is {w}x{h}: its sides differ by more than {limits.max_image_aspect:g} times "
-                   "(crop or pad it first)", param, "invalid_image")
+        raise _bad(
+            f"the image is {w}x{h}: its sides differ by more than {limits.max_image_aspect:g} times "
+            "(crop or pad it first)",
+            param,
+            "invalid_image",
+        )
     return data
 
 
-def _message(m: Any, i: int, marker: str, limits: Limits, image_urls: list[tuple[Any, str]]) -> dict[str, str]:
+def _message(
+    m: Any, i: int, marker: str, limits: Limits, image_urls: list[tuple[Any, str]]
+) -> dict[str, str]:
     """One message -> seechat form; its image parts are queued in `image_urls` (decoded later)."""
     where = f"messages[{i}]"
     if not isinstance(m, dict):
@@ -174,7 +197,11 @@ def _message(m: Any, i: int, marker: str, limits: Limits, image_urls: list[tuple
     role = m.get("role")
     if not isinstance(role, str) or role not in ROLES:
         shown = _shown(role) if role is not None else "missing"
-        raise _bad(f"{where}.role is {shown}; it must be one of system, developer, user, assistant", f"{where}.role", "invalid_role")
+        raise _bad(
+            f"{where}.role is {shown}; it must be one of system, developer, user, assistant",
+            f"{where}.role",
+            "invalid_role",
+        )
     content = m.get("content")
     if isinstance(content, str):
         text = _string(content, f"{where}.content", "a string")
@@ -184,7 +211,11 @@ def _message(m: Any, i: int, marker: str, limits: Limits, image_urls: list[tuple
             pw = f"{where}.content[{j}]"
             kind = part.get("type") if isinstance(part, dict) else None
             if not isinstance(kind, str) or kind not in ("text", "image_url"):
-                raise _bad(f"{pw} must be {{'type': 'text', 'text': ...}} or {{'type': 'image_url', 'image_url': {{'url': ...}}}}", pw, "invalid_type")
+                raise _bad(
+                    f"{pw} must be {{'type': 'text', 'text': ...}} or {{'type': 'image_url', 'image_url': {{'url': ...}}}}",
+                    pw,
+                    "invalid_type",
+                )
             if kind == "text":
                 piece = _string(part.get("text"), f"{pw}.text", "a string")
                 if marker in piece:
@@ -206,15 +237,21 @@ def _message(m: Any, i: int, marker: str, limits: Limits, image_urls: list[tuple
         if text.count(marker) != n_images:  # e.g. "<ima" + "ge>" in two text parts
             raise _bad(
                 f"{where}: its text parts join into the reserved image marker {marker!r}; send images as "
-                "image_url parts", f"{where}.content",
+                "image_url parts",
+                f"{where}.content",
             )
         return {"role": ROLES[role], "content": text}
     elif content is None and role == "assistant":
         text = ""
     else:
-        raise _bad(f"{where}.content must be a string or a list of content parts", f"{where}.content", "invalid_type")
+        raise _bad(
+            f"{where}.content must be a string or a list of content parts", f"{where}.content", "invalid_type"
+        )
     if marker in text:
-        raise _bad(f"{where}: text contains the reserved image marker {marker!r}; send images as image_url parts", where)
+        raise _bad(
+            f"{where}: text contains the reserved image marker {marker!r}; send images as image_url parts",
+            where,
+        )
     return {"role": ROLES[role], "content": text}
 
 
@@ -234,7 +271,8 @@ def _check_context_bound(messages: list[dict[str, str]], n_images: int, marker: 
             f"this model's context is {ctx} tokens, but the messages are at least {least:,} tokens "
             f"({n_images} image(s) x {limits.tokens_per_image} tokens, and {chars:,} characters of text that "
             f"take at least {text_tokens:,} tokens); send fewer images or a shorter conversation",
-            "messages", "context_length_exceeded",
+            "messages",
+            "context_length_exceeded",
         )
 
 
@@ -250,7 +288,10 @@ def _flag(body: dict, name: str) -> bool:
 def parse_chat_request(raw: bytes, marker: str, limits: Limits = Limits()) -> ChatRequest:
     try:
         body = json.loads(raw)
-    except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, integers of > 4300 digits, deep nesting
+    except (
+        ValueError,
+        RecursionError,
+    ) as e:  # JSONDecodeError, bad UTF-8, integers of > 4300 digits, deep nesting
         shown = str(e)[:200] if not isinstance(e, RecursionError) else "nested too deeply"
         raise _bad(f"the request body is not valid JSON ({shown})", None, "invalid_json") from None
     if not isinstance(body, dict):
@@ -265,40 +306,59 @@ def parse_chat_request(raw: bytes, marker: str, limits: Limits = Limits()) -> Ch
     image_urls: list[tuple[Any, str]] = []
     converted = [_message(m, i, marker, limits, image_urls) for i, m in enumerate(messages)]
     if converted[-1]["role"] != "user":
-        raise _bad("the last message must be from the user", f"messages[{len(messages) - 1}].role", "invalid_value")
+        raise _bad(
+            "the last message must be from the user", f"messages[{len(messages) - 1}].role", "invalid_value"
+        )
     n = body.get("n")
     if n is not None and (isinstance(n, bool) or n != 1):
         raise _bad("only n=1 is supported", "n", "invalid_value")
     for name in ("frequency_penalty", "presence_penalty"):
         v = body.get(name)
         if v is not None and (isinstance(v, bool) or v != 0):
-            raise _bad(f"'{name}' is not supported; use 'repetition_penalty' (1.0 = off)", name, "unsupported")
+            raise _bad(
+                f"'{name}' is not supported; use 'repetition_penalty' (1.0 = off)", name, "unsupported"
+            )
     for name in ("tools", "functions", "tool_choice", "logprobs", "response_format"):
         v = body.get(name)
         if v is not None and v is not False and v != [] and v != "none" and v != {"type": "text"}:
             raise _bad(f"'{name}' is not supported by this server", name, "unsupported")
     given = body.get("max_completion_tokens", body.get("max_tokens"))
     name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-    max_tokens = int(_number({name: given}, name, 1, limits.max_tokens, limits.default_max_tokens, integer=True))
+    max_tokens = int(
+        _number({name: given}, name, 1, limits.max_tokens, limits.default_max_tokens, integer=True)
+    )
     seed = body.get("seed")
     if seed is not None:
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise _bad(f"'seed' must be an integer, got {_shown(seed)}", "seed", "invalid_type")
         if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
-            raise _bad(f"'seed' must be between {SEED_RANGE[0]} and {SEED_RANGE[1]}, got {_shown(seed)}", "seed",
-                       "invalid_value")
+            raise _bad(
+                f"'seed' must be between {SEED_RANGE[0]} and {SEED_RANGE[1]}, got {_shown(seed)}",
+                "seed",
+                "invalid_value",
+            )
     stop = body.get("stop")
     if stop is None:
         stop = []
     elif isinstance(stop, str):
         stop = [stop]
-    if not isinstance(stop, list) or len(stop) > limits.max_stops or not all(isinstance(s, str) for s in stop):
-        raise _bad(f"'stop' must be a string or a list of at most {limits.max_stops} strings", "stop", "invalid_type")
+    if (
+        not isinstance(stop, list)
+        or len(stop) > limits.max_stops
+        or not all(isinstance(s, str) for s in stop)
+    ):
+        raise _bad(
+            f"'stop' must be a string or a list of at most {limits.max_stops} strings", "stop", "invalid_type"
+        )
     for s in stop:
         _string(s, "stop", "a string")
     if sum(map(len, stop)) > limits.max_stop_chars:
-        raise _bad(f"the stop strings are {sum(map(len, stop)):,} characters in all; the limit is "
-                   f"{limits.max_stop_chars}", "stop", "invalid_value")
+        raise _bad(
+            f"the stop strings are {sum(map(len, stop)):,} characters in all; the limit is "
+            f"{limits.max_stop_chars}",
+            "stop",
+            "invalid_value",
+        )
     stream = _flag(body, "stream")
     ignore_eos = _flag(body, "ignore_eos")  # vLLM's extension: exactly max_tokens (benchmarks)
     options = body.get("stream_options")
@@ -322,8 +382,15 @@ def parse_chat_request(raw: bytes, marker: str, limits: Limits = Limits()) -> Ch
     _check_context_bound(converted, len(image_urls), marker, limits)
     images = [decode_image_url(url, limits, param) for url, param in image_urls]
     return ChatRequest(
-        model=model, messages=converted, images=images, params=params, stop=tuple(stop), stream=stream,
-        include_usage=include_usage, max_tokens_given=given is not None, ignore_eos=ignore_eos,
+        model=model,
+        messages=converted,
+        images=images,
+        params=params,
+        stop=tuple(stop),
+        stream=stream,
+        include_usage=include_usage,
+        max_tokens_given=given is not None,
+        ignore_eos=ignore_eos,
     )
 
 
@@ -343,19 +410,29 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dic
     }
 
 
-def completion_body(cid: str, model: str, text: str, finish_reason: str, use: dict[str, Any]) -> dict[str, Any]:
+def completion_body(
+    cid: str, model: str, text: str, finish_reason: str, use: dict[str, Any]
+) -> dict[str, Any]:
     return {
         "id": cid,
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}],
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}
+        ],
         "usage": use,
     }
 
 
-def chunk_body(cid: str, model: str, delta: dict[str, Any], finish_reason: str | None = None,
-               use: dict[str, Any] | None = None, choices: bool = True) -> dict[str, Any]:
+def chunk_body(
+    cid: str,
+    model: str,
+    delta: dict[str, Any],
+    finish_reason: str | None = None,
+    use: dict[str, Any] | None = None,
+    choices: bool = True,
+) -> dict[str, Any]:
     body: dict[str, Any] = {
         "id": cid,
         "object": "chat.completion.chunk",

@@ -64,7 +64,10 @@ class PairToEncoded:
 
     def __call__(self, sample: dict) -> Encoded | None:
         instruction = self.instructions[_stable_index(sample["key"], len(self.instructions))]
-        messages = [{"role": "user", "content": instruction}, {"role": "assistant", "content": sample["text"]}]
+        messages = [
+            {"role": "user", "content": instruction},
+            {"role": "assistant", "content": sample["text"]},
+        ]
         try:
             return self.processor.encode_conversation(messages, [sample["image"]], sample_id=sample["key"])
         except NoSupervisedTokensError as e:
@@ -93,8 +96,14 @@ class ConversationDataset(Dataset):
     """Conversations -> encoded samples; a sample that cannot be used is None (logged, and counted
     in `skip_log_dir` when given)."""
 
-    def __init__(self, records: list[Conversation], processor: SeeChatProcessor, image_roots: list[Path],
-                 skip_log_dir: Path | None = None, rank: int = 0):
+    def __init__(
+        self,
+        records: list[Conversation],
+        processor: SeeChatProcessor,
+        image_roots: list[Path],
+        skip_log_dir: Path | None = None,
+        rank: int = 0,
+    ):
         self.records = records
         self.processor = processor
         self.image_roots = image_roots  # per record
@@ -130,8 +139,9 @@ class ConversationDataset(Dataset):
         return None
 
 
-def load_conversation_dataset(cfg: DataConfig, processor: SeeChatProcessor, skip_log_dir: Path | None = None,
-                              rank: int = 0) -> ConversationDataset:
+def load_conversation_dataset(
+    cfg: DataConfig, processor: SeeChatProcessor, skip_log_dir: Path | None = None, rank: int = 0
+) -> ConversationDataset:
     records: list[Conversation] = []
     roots: list[Path] = []
     for path in cfg.paths:
@@ -144,7 +154,9 @@ def load_conversation_dataset(cfg: DataConfig, processor: SeeChatProcessor, skip
     return ConversationDataset(records, processor, roots, skip_log_dir, rank)
 
 
-def epoch_batches(dataset: ConversationDataset, spec: StreamSpec, epoch: int, group_by_length: bool) -> list[list[int]]:
+def epoch_batches(
+    dataset: ConversationDataset, spec: StreamSpec, epoch: int, group_by_length: bool
+) -> list[list[int]]:
     """This rank's micro-batches (lists of indices) for one epoch; a pure function of its inputs."""
     rng = random.Random(f"{spec.seed}/{epoch}")
     order = list(range(len(dataset)))
@@ -178,7 +190,12 @@ def collate_skipping(pad_id: int, samples: list[Encoded | None]) -> dict | None:
 
 
 def conversation_batches(
-    dataset: ConversationDataset, spec: StreamSpec, cfg: DataConfig, group_by_length: bool, epoch: int, start: int
+    dataset: ConversationDataset,
+    spec: StreamSpec,
+    cfg: DataConfig,
+    group_by_length: bool,
+    epoch: int,
+    start: int,
 ) -> Iterator[dict]:
     """Micro-batches of `epoch` from index `start` on; yields {} for a batch whose samples all failed."""
     plan = epoch_batches(dataset, spec, epoch, group_by_length)[start:]
@@ -194,7 +211,12 @@ def conversation_batches(
 
 
 def pair_batches(
-    processor: SeeChatProcessor, spec: StreamSpec, cfg: DataConfig, epoch: int, start: int, skip_log_dir: Path | None
+    processor: SeeChatProcessor,
+    spec: StreamSpec,
+    cfg: DataConfig,
+    epoch: int,
+    start: int,
+    skip_log_dir: Path | None,
 ) -> Iterator[dict]:
     dataset = PairShardDataset(
         list(cfg.paths),
@@ -221,14 +243,25 @@ def pair_batches(
 class BatchStream:
     """Endless micro-batches across epochs, tracking (epoch, batches_in_epoch) for exact resume."""
 
-    def __init__(self, cfg: DataConfig, processor: SeeChatProcessor, spec: StreamSpec, group_by_length: bool,
-                 epoch: int = 0, batches_in_epoch: int = 0, skip_log_dir: Path | None = None):
+    def __init__(
+        self,
+        cfg: DataConfig,
+        processor: SeeChatProcessor,
+        spec: StreamSpec,
+        group_by_length: bool,
+        epoch: int = 0,
+        batches_in_epoch: int = 0,
+        skip_log_dir: Path | None = None,
+    ):
         self.cfg, self.processor, self.spec = cfg, processor, spec
         self.group_by_length = group_by_length
         self.epoch, self.batches_in_epoch = epoch, batches_in_epoch
         self.skip_log_dir = skip_log_dir
-        self.dataset = (load_conversation_dataset(cfg, processor, skip_log_dir, spec.rank)
-                        if cfg.kind == "conversations" else None)
+        self.dataset = (
+            load_conversation_dataset(cfg, processor, skip_log_dir, spec.rank)
+            if cfg.kind == "conversations"
+            else None
+        )
         self._it: Iterator[dict] | None = None
 
     def _open(self) -> Iterator[dict]:
@@ -236,7 +269,9 @@ class BatchStream:
             return conversation_batches(
                 self.dataset, self.spec, self.cfg, self.group_by_length, self.epoch, self.batches_in_epoch
             )
-        return pair_batches(self.processor, self.spec, self.cfg, self.epoch, self.batches_in_epoch, self.skip_log_dir)
+        return pair_batches(
+            self.processor, self.spec, self.cfg, self.epoch, self.batches_in_epoch, self.skip_log_dir
+        )
 
     def __next__(self) -> dict:
         for _ in range(2):
@@ -260,7 +295,9 @@ def _usable(samples: list[Encoded | None]) -> list[Encoded]:
     return [s for s in samples if s is not None]
 
 
-def eval_batches(cfg: DataConfig, processor: SeeChatProcessor, spec: StreamSpec, max_batches: int = 0) -> Iterator[dict]:
+def eval_batches(
+    cfg: DataConfig, processor: SeeChatProcessor, spec: StreamSpec, max_batches: int = 0
+) -> Iterator[dict]:
     """One pass over `cfg.eval_paths` in file order: this rank's part of each global batch.
 
     Every rank reads the whole held-out set and takes its contiguous share of each global batch
@@ -272,11 +309,23 @@ def eval_batches(cfg: DataConfig, processor: SeeChatProcessor, spec: StreamSpec,
     if cfg.kind == "conversations":
         dataset = load_conversation_dataset(replace(cfg, paths=cfg.eval_paths), processor)
     else:
-        dataset = PairShardDataset(list(cfg.eval_paths), text_field=cfg.text_field, shuffle_buffer=0, seed=spec.seed,
-                                   shuffle_shards=False, rank=0, world_size=1,
-                                   transform=PairToEncoded(processor, cfg.pair_instructions))
-    loader = DataLoader(dataset, batch_size=spec.batch_size * spec.world_size, num_workers=cfg.num_workers,
-                        collate_fn=_usable, generator=torch.Generator().manual_seed(spec.seed))
+        dataset = PairShardDataset(
+            list(cfg.eval_paths),
+            text_field=cfg.text_field,
+            shuffle_buffer=0,
+            seed=spec.seed,
+            shuffle_shards=False,
+            rank=0,
+            world_size=1,
+            transform=PairToEncoded(processor, cfg.pair_instructions),
+        )
+    loader = DataLoader(
+        dataset,
+        batch_size=spec.batch_size * spec.world_size,
+        num_workers=cfg.num_workers,
+        collate_fn=_usable,
+        generator=torch.Generator().manual_seed(spec.seed),
+    )
     for i, samples in enumerate(loader):
         if max_batches and i >= max_batches:
             break

@@ -124,7 +124,10 @@ def make_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimi
             (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
     if not decay and not no_decay:
         raise ValueError("nothing to train: every parameter group is frozen in `trainable`")
-    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": cfg.optim.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.optim.lr, betas=cfg.optim.betas)
 
 
@@ -155,8 +158,10 @@ def check_sharded_parts(cfg: RunConfig, acc: Accelerator) -> None:
     """Under FSDP a checkpoint is written from gathered trainable parameters, so every part it
     saves whole must be trainable: a frozen bridge would be saved from rank 0's shard."""
     if acc.distributed_type == DistributedType.FSDP and cfg.trainable.bridge == "frozen":
-        raise ValueError("FSDP with trainable.bridge=frozen is not supported: the checkpoint stores the bridge, "
-                         "which under FSDP is gathered only when it trains. Train it, or use DDP")
+        raise ValueError(
+            "FSDP with trainable.bridge=frozen is not supported: the checkpoint stores the bridge, "
+            "which under FSDP is gathered only when it trains. Train it, or use DDP"
+        )
 
 
 def train(cfg: RunConfig, resume: bool = True) -> TrainResult:
@@ -167,7 +172,9 @@ def train(cfg: RunConfig, resume: bool = True) -> TrainResult:
     # save killed between its renames may have set the resume point aside (recovered just below).
     found = existing(existing(out) / "train" / "resume")
     resuming = resume and (found / "state.json").is_file()
-    trackers = build_trackers(cfg.train.report_to, run_dir, out.name, _last_saved(found) if resuming else None)
+    trackers = build_trackers(
+        cfg.train.report_to, run_dir, out.name, _last_saved(found) if resuming else None
+    )
     acc = Accelerator(mixed_precision=cfg.train.mixed_precision, log_with=trackers or None)
     check_launch(acc)
     check_sharded_parts(cfg, acc)
@@ -188,7 +195,9 @@ def train(cfg: RunConfig, resume: bool = True) -> TrainResult:
     if resuming:
         state = read_resume_state(resume_dir)
         if _resume_key(state.get("config", {})) != _resume_key(to_dict(cfg)):
-            raise ValueError(f"{resume_dir} was written by a different config; pass --no-resume to start over")
+            raise ValueError(
+                f"{resume_dir} was written by a different config; pass --no-resume to start over"
+            )
     elif acc.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "run.yaml")
@@ -210,16 +219,30 @@ def train(cfg: RunConfig, resume: bool = True) -> TrainResult:
     ranks_pos = state.get("data_positions", [[pos.epoch, pos.batches_in_epoch]] * acc.num_processes)
     epoch, in_epoch = ranks_pos[acc.process_index]
     spec = StreamSpec(cfg.train.batch_size, cfg.train.seed, acc.process_index, acc.num_processes)
-    stream = BatchStream(cfg.data, processor, spec, cfg.train.group_by_length, epoch, in_epoch, run_dir / "skipped")
+    stream = BatchStream(
+        cfg.data, processor, spec, cfg.train.group_by_length, epoch, in_epoch, run_dir / "skipped"
+    )
 
-    bar = tqdm(total=cfg.train.max_steps, initial=pos.step, desc=f"train {out.name}", unit="step",
-               disable=not acc.is_main_process, dynamic_ncols=True)
+    bar = tqdm(
+        total=cfg.train.max_steps,
+        initial=pos.step,
+        desc=f"train {out.name}",
+        unit="step",
+        disable=not acc.is_main_process,
+        dynamic_ncols=True,
+    )
     window = _Window()
     loss_value = float("nan")
     while pos.step < cfg.train.max_steps:
         micro = [_next_nonempty(stream) for _ in range(cfg.train.grad_accum)]
-        local = torch.tensor([sum(count_supervised(b) for b in micro), sum(b["input_ids"].shape[0] for b in micro),
-                              sum(int(b["attention_mask"].sum()) for b in micro)], device=acc.device)
+        local = torch.tensor(
+            [
+                sum(count_supervised(b) for b in micro),
+                sum(b["input_ids"].shape[0] for b in micro),
+                sum(int(b["attention_mask"].sum()) for b in micro),
+            ],
+            device=acc.device,
+        )
         n_items, n_samples, n_tokens = (int(x) for x in acc.reduce(local, reduction="sum"))
         lr = lr_at(pos.step, cfg)
         for g in optimizer.param_groups:
@@ -253,15 +276,28 @@ def train(cfg: RunConfig, resume: bool = True) -> TrainResult:
         bar.update(1)
 
         if pos.step % cfg.train.log_every == 0 or pos.step == cfg.train.max_steps:
-            row = {"step": pos.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, **window.rates(),
-                   "epoch": stream.epoch, "elapsed_s": time.time() - t_start}
+            row = {
+                "step": pos.step,
+                "loss": loss_value,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                **window.rates(),
+                "epoch": stream.epoch,
+                "elapsed_s": time.time() - t_start,
+            }
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", sps=f"{row['samples_per_s']:.1f}")
             _record(acc, run_dir / "metrics.jsonl", "train", row)
             window = _Window()
 
-        if cfg.data.eval_paths and (pos.step == cfg.train.max_steps
-                                    or (cfg.train.eval_every and pos.step % cfg.train.eval_every == 0)):
-            _record(acc, run_dir / "eval.jsonl", "eval", {"step": pos.step, **evaluate(acc, model, processor, cfg)})
+        if cfg.data.eval_paths and (
+            pos.step == cfg.train.max_steps or (cfg.train.eval_every and pos.step % cfg.train.eval_every == 0)
+        ):
+            _record(
+                acc,
+                run_dir / "eval.jsonl",
+                "eval",
+                {"step": pos.step, **evaluate(acc, model, processor, cfg)},
+            )
 
         if cfg.train.save_every and pos.step % cfg.train.save_every == 0 and pos.step < cfg.train.max_steps:
             _save(acc, model, processor, optimizer, pos, stream, cfg, out, resume_dir)
@@ -271,14 +307,27 @@ def train(cfg: RunConfig, resume: bool = True) -> TrainResult:
     wall = time.time() - t_start
     finish_trackers(acc.trackers)
     if acc.is_main_process:
-        plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss.png", title=f"{out.name}",
-                        eval_metrics=run_dir / "eval.jsonl")
-        summary = {"status": "done", "steps": pos.step, "final_loss": loss_value, "wall_seconds": wall,
-                   "samples_seen": pos.samples_seen, "tokens_seen": pos.tokens_seen,
-                   "num_processes": acc.num_processes, "distributed_type": acc.distributed_type.value,
-                   "skipped_samples": _skipped(run_dir / "skipped")}
+        plot_loss_curve(
+            run_dir / "metrics.jsonl",
+            run_dir / "loss.png",
+            title=f"{out.name}",
+            eval_metrics=run_dir / "eval.jsonl",
+        )
+        summary = {
+            "status": "done",
+            "steps": pos.step,
+            "final_loss": loss_value,
+            "wall_seconds": wall,
+            "samples_seen": pos.samples_seen,
+            "tokens_seen": pos.tokens_seen,
+            "num_processes": acc.num_processes,
+            "distributed_type": acc.distributed_type.value,
+            "skipped_samples": _skipped(run_dir / "skipped"),
+        }
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False))
-        log.info("trained %d steps in %.1f s; final loss %.4f; checkpoint %s", pos.step, wall, loss_value, out)
+        log.info(
+            "trained %d steps in %.1f s; final loss %.4f; checkpoint %s", pos.step, wall, loss_value, out
+        )
     acc.wait_for_everyone()
     return TrainResult(out, pos.step, loss_value, wall)
 
@@ -312,8 +361,11 @@ class _Window:
 
     def rates(self) -> dict[str, float]:
         dt = max(time.time() - self.t0, 1e-9)
-        return {"samples_per_s": self.samples / dt, "tokens_per_s": self.tokens / dt,
-                "supervised_tokens_per_step": self.supervised / max(self.steps, 1)}
+        return {
+            "samples_per_s": self.samples / dt,
+            "tokens_per_s": self.tokens / dt,
+            "supervised_tokens_per_step": self.supervised / max(self.steps, 1),
+        }
 
 
 def _record(acc: Accelerator, jsonl: Path, section: str, row: dict) -> None:
@@ -336,14 +388,21 @@ def evaluate(acc: Accelerator, model: torch.nn.Module, processor, cfg: RunConfig
             batch = to_device(batch, acc.device)
             with acc.autocast():
                 o = model(**batch, num_items_in_batch=1, return_logits=False)  # divided by 1: the sum
-            totals += torch.tensor([float(o.loss), count_supervised(batch), batch["input_ids"].shape[0]],
-                                   dtype=torch.float64, device=acc.device)
+            totals += torch.tensor(
+                [float(o.loss), count_supervised(batch), batch["input_ids"].shape[0]],
+                dtype=torch.float64,
+                device=acc.device,
+            )
     model.train()
     loss_sum, tokens, samples = acc.reduce(totals, reduction="sum").tolist()
     if not tokens:
         raise ValueError(f"data.eval_paths={list(cfg.data.eval_paths)} gave no usable sample to evaluate")
-    return {"loss": loss_sum / tokens, "supervised_tokens": int(tokens), "samples": int(samples),
-            "seconds": time.time() - t0}
+    return {
+        "loss": loss_sum / tokens,
+        "supervised_tokens": int(tokens),
+        "samples": int(samples),
+        "seconds": time.time() - t0,
+    }
 
 
 MAX_EMPTY_BATCHES = 50
@@ -418,12 +477,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("config", help="a YAML recipe (see configs/)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100")
-    parser.add_argument("--no-resume", action="store_true", help="ignore an existing resume point and start over")
+    parser.add_argument(
+        "--no-resume", action="store_true", help="ignore an existing resume point and start over"
+    )
 
 
 def run_from_args(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = load_config(args.config, args.overrides)
     result = train(cfg, resume=not args.no_resume)
-    print(f"done: {result.steps} steps, final loss {result.final_loss:.4f}, {result.wall_seconds:.1f} s -> {result.output_dir}")
+    print(
+        f"done: {result.steps} steps, final loss {result.final_loss:.4f}, {result.wall_seconds:.1f} s -> {result.output_dir}"
+    )
     return 0

@@ -10,7 +10,9 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def plot_loss_curve(metrics: Path, out: Path, title: str = "", eval_metrics: Path | None = None) -> Path | None:
+def plot_loss_curve(
+    metrics: Path, out: Path, title: str = "", eval_metrics: Path | None = None
+) -> Path | None:
     """Loss (and learning rate on a second axis) against optimizer step, plus the held-out loss
     when `eval_metrics` (eval.jsonl) exists; None if nothing logged."""
     rows = _rows(metrics)
@@ -26,7 +28,13 @@ def plot_loss_curve(metrics: Path, out: Path, title: str = "", eval_metrics: Pat
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     ax.plot(steps, [r["loss"] for r in rows], color="tab:blue", label="loss")
     if evals:
-        ax.plot([r["step"] for r in evals], [r["loss"] for r in evals], "o-", color="tab:green", label="held-out loss")
+        ax.plot(
+            [r["step"] for r in evals],
+            [r["loss"] for r in evals],
+            "o-",
+            color="tab:green",
+            label="held-out loss",
+        )
         ax.legend(loc="upper right")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss", color="tab:blue")

@@ -63,7 +63,9 @@ class TrainingState:
 
     params: dict[str, torch.Tensor]  # trainable parameters by name, tied aliases included
     optimizer: dict[str, Any]  # {"state": {name: {key: value}}, "param_groups": [{..., "params": [names]}]}
-    names: set[str]  # one name per trainable parameter, as named_parameters gives it: what a resume point holds
+    names: set[
+        str
+    ]  # one name per trainable parameter, as named_parameters gives it: what a resume point holds
 
 
 def rng_state() -> dict[str, Any]:
@@ -106,7 +108,11 @@ def trainable_names(model: torch.nn.Module, aliases: bool = False) -> set[str]:
     core = _unwrap(model)
     if not aliases:
         return {n for n, p in core.named_parameters() if p.requires_grad}
-    return {k for k, v in core.state_dict(keep_vars=True).items() if isinstance(v, torch.nn.Parameter) and v.requires_grad}
+    return {
+        k
+        for k, v in core.state_dict(keep_vars=True).items()
+        if isinstance(v, torch.nn.Parameter) and v.requires_grad
+    }
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -131,7 +137,9 @@ def save_resume(directory: Path, state: TrainingState, position: Position, extra
     """Write a resume point atomically (temp dir + rename); the previous one survives a crash.
     Called on rank 0 only, with what `gather_training_state` gave it."""
     with atomic_directory(directory) as tmp:
-        params = {k: v.detach().contiguous() for k, v in state.params.items() if k in state.names}  # no aliases
+        params = {
+            k: v.detach().contiguous() for k, v in state.params.items() if k in state.names
+        }  # no aliases
         save_file(params, tmp / "trainable.safetensors")
         tensors, scalars = {}, {}
         for name, st in state.optimizer["state"].items():
@@ -150,13 +158,17 @@ def read_resume_state(directory: Path) -> dict[str, Any]:
     """The resume point's state.json (position, config, data positions), checked for format."""
     state = json.loads((directory / "state.json").read_text(encoding="utf-8"))
     if state.get("format") != FORMAT:
-        raise ValueError(f"resume point {directory} was written by an older seechat (format "
-                         f"{state.get('format', 'seechat-resume/1')!r}, this one reads {FORMAT!r}); start over "
-                         f"with `seechat train --no-resume` (or `seechat demo --redo STAGE`), or delete {directory}")
+        raise ValueError(
+            f"resume point {directory} was written by an older seechat (format "
+            f"{state.get('format', 'seechat-resume/1')!r}, this one reads {FORMAT!r}); start over "
+            f"with `seechat train --no-resume` (or `seechat demo --redo STAGE`), or delete {directory}"
+        )
     return state
 
 
-def load_resume(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[Position, dict]:
+def load_resume(
+    directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[Position, dict]:
     """Restore trainable weights, optimizer and RNG into a model and optimizer already prepared
     (DDP- or FSDP-wrapped, or plain); returns the position and the state.json dict. Collective
     under FSDP: rank 0 reads the files and broadcasts, the others receive their shards."""
@@ -181,7 +193,7 @@ def load_resume(directory: Path, model: torch.nn.Module, optimizer: torch.optim.
     if reads:
         for key, v in tensors.items():
             if key.startswith("state."):
-                name, k = key[len("state."):].rsplit(".", 1)
+                name, k = key[len("state.") :].rsplit(".", 1)
                 optim["state"].setdefault(name, {})[k] = v
         for name, kv in state["optimizer"]["scalars"].items():
             optim["state"].setdefault(name, {}).update(kv)

@@ -54,8 +54,9 @@ def _tensorboard(run_dir: Path, name: str, resume_step: int | None, state: dict)
 
 def _wandb(run_dir: Path, name: str, resume_step: int | None, state: dict) -> GeneralTracker:
     run_id = state.get("wandb_run_id") or secrets.token_hex(4)
-    return WandBTracker(os.environ.get("WANDB_PROJECT") or "seechat", name=name, id=run_id, resume="allow",
-                        dir=str(run_dir))
+    return WandBTracker(
+        os.environ.get("WANDB_PROJECT") or "seechat", name=name, id=run_id, resume="allow", dir=str(run_dir)
+    )
 
 
 TRACKERS: dict[str, TrackerSpec] = {
@@ -90,7 +91,9 @@ def flat_config(cfg: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def build_trackers(names: Sequence[str], run_dir: Path, run_name: str, resume_step: int | None) -> list[GeneralTracker]:
+def build_trackers(
+    names: Sequence[str], run_dir: Path, run_name: str, resume_step: int | None
+) -> list[GeneralTracker]:
     """accelerate tracker objects for `names` (nothing is started or written yet), for
     `Accelerator(log_with=...)`. `resume_step` is the step a resumed run continues from (None: fresh)."""
     check_installed(names)

@@ -86,8 +86,16 @@ def test_stop_tokens_come_from_the_template():
 
 PARTS = [
     {"role": "system", "content": [{"type": "text", "text": "你是助手。"}]},
-    {"role": "user", "content": [{"type": "text", "text": "比较"}, {"type": "image"}, {"type": "text", "text": "和"},
-                                 {"type": "image"}, {"type": "text", "text": "是什么颜色？"}]},
+    {
+        "role": "user",
+        "content": [
+            {"type": "text", "text": "比较"},
+            {"type": "image"},
+            {"type": "text", "text": "和"},
+            {"type": "image"},
+            {"type": "text", "text": "是什么颜色？"},
+        ],
+    },
     {"role": "assistant", "content": "红色。"},
     {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "图里有什么？"}]},
 ]
@@ -106,7 +114,9 @@ def test_list_of_parts_is_the_string_form_with_markers():
 
 @pytest.mark.parametrize("template", [CHATML_TEMPLATE, FALLBACK_TEMPLATE, LLAMA3_STYLE])
 def test_a_template_with_the_parts_preamble_renders_both_forms_alike(template):
-    tok = build_char_tokenizer(["比较和是什么颜色？你是助手红色图里有"], chat_template=accept_content_parts(template, "<image>"))
+    tok = build_char_tokenizer(
+        ["比较和是什么颜色？你是助手红色图里有"], chat_template=accept_content_parts(template, "<image>")
+    )
     plain = build_char_tokenizer(["比较和是什么颜色？你是助手红色图里有"], chat_template=template)
     strings = text_messages(PARTS, "<image>")
     for n in range(1, len(PARTS) + 1):
@@ -120,17 +130,34 @@ def test_a_template_with_the_parts_preamble_renders_both_forms_alike(template):
 
 def test_processor_takes_parts_with_or_without_their_images():
     tok = build_char_tokenizer(["比较和是什么颜色？你是助手红色图里有"])
-    proc = SeeChatProcessor(tok, CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}),
-                            num_image_tokens=3)
+    proc = SeeChatProcessor(
+        tok,
+        CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}),
+        num_image_tokens=3,
+    )
     red, blue, green = (Image.new("RGB", (20, 20), c) for c in ("red", "blue", "green"))
-    reference = proc.encode_conversation(text_messages(PARTS, "<image>") + [{"role": "assistant", "content": "绿色。"}],
-                                         [red, blue, green])
+    reference = proc.encode_conversation(
+        text_messages(PARTS, "<image>") + [{"role": "assistant", "content": "绿色。"}], [red, blue, green]
+    )
     carried = [dict(m) for m in PARTS] + [{"role": "assistant", "content": "绿色。"}]
-    carried[1] = {"role": "user", "content": [{"type": "text", "text": "比较"}, {"type": "image", "image": red},
-                                              {"type": "text", "text": "和"}, {"type": "image", "image": blue},
-                                              {"type": "text", "text": "是什么颜色？"}]}
-    carried[3] = {"role": "user", "content": [{"type": "image", "image": green}, {"type": "text", "text": "图里有什么？"}]}
-    for messages, images in ((PARTS + [{"role": "assistant", "content": "绿色。"}], [red, blue, green]), (carried, [])):
+    carried[1] = {
+        "role": "user",
+        "content": [
+            {"type": "text", "text": "比较"},
+            {"type": "image", "image": red},
+            {"type": "text", "text": "和"},
+            {"type": "image", "image": blue},
+            {"type": "text", "text": "是什么颜色？"},
+        ],
+    }
+    carried[3] = {
+        "role": "user",
+        "content": [{"type": "image", "image": green}, {"type": "text", "text": "图里有什么？"}],
+    }
+    for messages, images in (
+        (PARTS + [{"role": "assistant", "content": "绿色。"}], [red, blue, green]),
+        (carried, []),
+    ):
         enc = proc.encode_conversation(messages, images)
         assert torch.equal(enc.input_ids, reference.input_ids) and torch.equal(enc.labels, reference.labels)
         assert torch.equal(enc.pixel_values, reference.pixel_values)

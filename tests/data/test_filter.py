@@ -150,7 +150,9 @@ def test_threshold_keeps_exactly_the_pairs_scoring_at_least_t(
         if r["key"] in CORRUPT:
             assert r["score"] is None and not r["kept"] and r["error"]
         else:
-            assert r["score"] == pytest.approx(direct[r["key"]], abs=1e-4) and r["kept"] == (r["key"] in expected)
+            assert r["score"] == pytest.approx(direct[r["key"]], abs=1e-4) and r["kept"] == (
+                r["key"] in expected
+            )
 
     stats = json.loads((out / STATS_FILE).read_text())
     assert stats["n_in"] == 12 and stats["n_kept"] == 5 and stats["threshold"] == t
@@ -185,7 +187,9 @@ def test_top_fraction_output_is_readable_by_pair_shard_dataset(
     assert report.threshold == pytest.approx(min(by_meta[k] for k in best), abs=1e-4)
 
 
-def test_refuses_existing_output_and_inputs_inside_it(shard_dir: Path, scorer: ChineseClipScorer, tmp_path: Path) -> None:
+def test_refuses_existing_output_and_inputs_inside_it(
+    shard_dir: Path, scorer: ChineseClipScorer, tmp_path: Path
+) -> None:
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(FileExistsError):
@@ -198,11 +202,26 @@ def test_refuses_existing_output_and_inputs_inside_it(shard_dir: Path, scorer: C
 # -- CLI -------------------------------------------------------------------------------------------------
 
 
-def test_samples_over_the_size_limit_are_listed_unread(shard_dir: Path, tiny_clip_dir: Path, tmp_path: Path,  # noqa: F811
-                                                       capsys) -> None:
+def test_samples_over_the_size_limit_are_listed_unread(
+    shard_dir: Path,
+    tiny_clip_dir: Path,  # noqa: F811
+    tmp_path: Path,
+    capsys,
+) -> None:
     out = tmp_path / "out"
-    args = ["data", "filter", shards_of(shard_dir), str(out), "--model", str(tiny_clip_dir), "--threshold", "0",
-            "--max-sample-size", "500", "--no-progress"]  # fmt: skip; every sample here is 700-900 bytes
+    args = [
+        "data",
+        "filter",
+        shards_of(shard_dir),
+        str(out),
+        "--model",
+        str(tiny_clip_dir),
+        "--threshold",
+        "0",
+        "--max-sample-size",
+        "500",
+        "--no-progress",
+    ]  # fmt: skip; every sample here is 700-900 bytes
     assert main(args) == 0
     capsys.readouterr()
     rows = scores_rows(out)

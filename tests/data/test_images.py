@@ -54,8 +54,11 @@ def test_every_allowed_format_opens_by_its_bytes_and_nothing_else_does(tmp_path)
     frames[0].save(gif, "GIF", save_all=True, append_images=frames[1:])
     assert load_image(gif.getvalue()).size == (8, 8)  # the first frame
     refused = {
-        "TIFF": encoded(half_red(), "TIFF"), "ICO": encoded(half_red(), "ICO"), "PPM": encoded(half_red(), "PPM"),
-        "EPS": b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n", "PDF": b"%PDF-1.4\n%\n",
+        "TIFF": encoded(half_red(), "TIFF"),
+        "ICO": encoded(half_red(), "ICO"),
+        "PPM": encoded(half_red(), "PPM"),
+        "EPS": b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n",
+        "PDF": b"%PDF-1.4\n%\n",
         "text": b"hello",
     }
     for data in refused.values():
@@ -97,7 +100,10 @@ def test_the_shard_writer_prepares_images_with_load_image(tmp_path):
     rgba.paste((200, 0, 0, 255), (0, 0, 20, 30))
     exif = Image.Exif()
     exif[0x0112] = 6
-    sources = [encoded(rgba, "PNG"), encoded(half_red().transpose(Image.Transpose.ROTATE_90), "PNG", exif=exif)]
+    sources = [
+        encoded(rgba, "PNG"),
+        encoded(half_red().transpose(Image.Transpose.ROTATE_90), "PNG", exif=exif),
+    ]
     for data in sources:
         want = io.BytesIO()
         load_image(data).save(want, "JPEG", quality=90)
@@ -106,6 +112,8 @@ def test_the_shard_writer_prepares_images_with_load_image(tmp_path):
     (tmp_path / "in" / "a.png").write_bytes(sources[0])
     (tmp_path / "in" / "b.png").write_bytes(encoded(half_red(), "TIFF"))  # a TIFF behind a .png name
     table = tmp_path / "in" / "pairs.jsonl"
-    table.write_text('{"image": "a.png", "caption": "红"}\n{"image": "b.png", "caption": "白"}\n', encoding="utf-8")
+    table.write_text(
+        '{"image": "a.png", "caption": "红"}\n{"image": "b.png", "caption": "白"}\n', encoding="utf-8"
+    )
     stats = write_pair_shards(read_pair_table(table), tmp_path / "out", image_size=None)
     assert stats.samples == 1 and stats.failures == 1 and "accepted formats" in stats.failed[0]["reason"]

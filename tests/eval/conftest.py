@@ -15,7 +15,9 @@ from transformers import (
 )
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-CHARACTERS = list(dict.fromkeys("一二两三四个只图中有红色蓝绿黄的圆形方块三角在上下左右是和大小"))  # unique: a repeated vocab line would give ids past vocab_size
+CHARACTERS = list(
+    dict.fromkeys("一二两三四个只图中有红色蓝绿黄的圆形方块三角在上下左右是和大小")
+)  # unique: a repeated vocab line would give ids past vocab_size
 
 
 @pytest.fixture(scope="session")

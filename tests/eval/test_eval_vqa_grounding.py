@@ -58,8 +58,14 @@ def test_parse_box_formats():
 
 @pytest.mark.parametrize(
     "text",
-    ["没有框", "<box>(1,2),(3,4)", "<box>(a,2),(3,4)</box>", "<box>(0,0),(1001,10)</box>",
-     "<box>(50,0),(10,10)</box>", "<box>(1,2,3),(3,4)</box>"],
+    [
+        "没有框",
+        "<box>(1,2),(3,4)",
+        "<box>(a,2),(3,4)</box>",
+        "<box>(0,0),(1001,10)</box>",
+        "<box>(50,0),(10,10)</box>",
+        "<box>(1,2,3),(3,4)</box>",
+    ],
 )
 def test_malformed_boxes_are_misses(text):
     assert parse_box(text) is None
@@ -67,13 +73,20 @@ def test_malformed_boxes_are_misses(text):
 
 def test_iou_by_hand():
     # (0,0,10,10) vs (5,5,15,15): intersection 5*5 = 25, union 100 + 100 - 25 = 175.
-    ious = box_iou([(0, 0, 10, 10), (0, 0, 10, 10), (0, 0, 10, 10), (3, 3, 3, 3)],
-                   [(5, 5, 15, 15), (0, 0, 10, 10), (20, 20, 30, 30), (3, 3, 3, 3)])
+    ious = box_iou(
+        [(0, 0, 10, 10), (0, 0, 10, 10), (0, 0, 10, 10), (3, 3, 3, 3)],
+        [(5, 5, 15, 15), (0, 0, 10, 10), (20, 20, 30, 30), (3, 3, 3, 3)],
+    )
     np.testing.assert_allclose(ious, [25 / 175, 1.0, 0.0, 0.0])  # empty union -> 0, not NaN
 
 
 def test_grounding_accuracy_counts_misses_as_zero():
-    outputs = ["<box>(0,0),(100,100)</box>", "<box>(0,0),(50,100)</box>", "no box", "<box>(0,0),(100,100)</box>"]
+    outputs = [
+        "<box>(0,0),(100,100)</box>",
+        "<box>(0,0),(50,100)</box>",
+        "no box",
+        "<box>(0,0),(100,100)</box>",
+    ]
     targets = [(0, 0, 100, 100), (0, 0, 100, 100), (0, 0, 100, 100), (500, 500, 600, 600)]
     result = grounding_accuracy(outputs, targets)
     assert result.ious == pytest.approx([1.0, 0.5, 0.0, 0.0])  # IoU 0.5 exactly is a hit

@@ -81,8 +81,16 @@ def test_run_winrate_end_to_end_reports_every_problem(tiny_clip_dir, image_dir, 
     source = FolderImages(image_dir)
     assert source.ids == ["broken.png", "img0.png", "img1.png", "img2.png", "img3.png"]
     out = tmp_path / "report"
-    result = run_winrate(source.ids + ["img1.png"], source.load, caption_files, scorer, out,
-                         batch_size=2, n_bootstrap=200, seed=0)
+    result = run_winrate(
+        source.ids + ["img1.png"],
+        source.load,
+        caption_files,
+        scorer,
+        out,
+        batch_size=2,
+        n_bootstrap=200,
+        seed=0,
+    )
 
     kinds = {(p.kind, p.image, p.method) for p in result.problems}
     assert ("unreadable_image", "broken.png", "") in kinds
@@ -101,7 +109,9 @@ def test_run_winrate_end_to_end_reports_every_problem(tiny_clip_dir, image_dir, 
     np.testing.assert_array_equal(result.scores[1:, 0], result.scores[1:, 2])
     np.testing.assert_array_equal(result.wins[1:, 0], result.wins[1:, 2])
     assert result.win_rate.sum() == pytest.approx(1.0)
-    assert (result.ci_low <= result.win_rate + 1e-12).all() and (result.win_rate <= result.ci_high + 1e-12).all()
+    assert (result.ci_low <= result.win_rate + 1e-12).all() and (
+        result.win_rate <= result.ci_high + 1e-12
+    ).all()
 
     assert set(result.files) == {"report", "chart", "per_image", "problems", "summary"}
     assert all(path.is_file() for path in result.files.values())
@@ -115,11 +125,15 @@ def test_run_winrate_end_to_end_reports_every_problem(tiny_clip_dir, image_dir, 
     assert [r["image"] for r in rows] == source.ids
     assert rows[0]["status"] == "unreadable_image" and rows[0]["alt_text"] == ""
     summary = json.loads(result.files["summary"].read_text(encoding="utf-8"))
-    assert summary["n_images_scored"] == 4 and summary["problems"]["missing_caption"] == 3  # stage1: broken, img3; stage2: broken
+    assert (
+        summary["n_images_scored"] == 4 and summary["problems"]["missing_caption"] == 3
+    )  # stage1: broken, img3; stage2: broken
 
 
 def test_jsonl_and_shard_image_sources(image_dir, tmp_path):
-    listing = _write_jsonl(tmp_path / "list.jsonl", [{"image": "images/img0.png"}, {"image": "images/img1.png"}])
+    listing = _write_jsonl(
+        tmp_path / "list.jsonl", [{"image": "images/img0.png"}, {"image": "images/img1.png"}]
+    )
     jsonl = open_image_source(listing)
     assert isinstance(jsonl, JsonlImages) and jsonl.ids == ["images/img0.png", "images/img1.png"]
     assert jsonl.load("images/img1.png").size == (48, 40)
@@ -152,18 +166,52 @@ def test_cli_wiring(tiny_clip_dir, image_dir, caption_files, tmp_path, capsys):
     assert parse_caption_spec("runs/x=y/c.jsonl") == ("c", Path("runs/x=y/c.jsonl"))
 
     out = tmp_path / "cli"
-    args = parser.parse_args([
-        "--images", str(image_dir), "--captions", f"{caption_files['alt_text']}=alt_text",
-        str(caption_files["stage1"]), "--scorer", str(tiny_clip_dir), "--out", str(out),
-        "--batch-size", "3", "--bootstrap", "50", "--seed", "1",
-    ])
+    args = parser.parse_args(
+        [
+            "--images",
+            str(image_dir),
+            "--captions",
+            f"{caption_files['alt_text']}=alt_text",
+            str(caption_files["stage1"]),
+            "--scorer",
+            str(tiny_clip_dir),
+            "--out",
+            str(out),
+            "--batch-size",
+            "3",
+            "--bootstrap",
+            "50",
+            "--seed",
+            "1",
+        ]
+    )
     assert run_winrate_from_args(args) == 0
     printed = capsys.readouterr().out
     assert "alt_text" in printed and "stage1" in printed and (out / "report.md").is_file()
 
-    missing = parser.parse_args(["--images", str(image_dir), "--captions", str(tmp_path / "nope.jsonl"),
-                                 "--scorer", str(tiny_clip_dir), "--out", str(out)])
+    missing = parser.parse_args(
+        [
+            "--images",
+            str(image_dir),
+            "--captions",
+            str(tmp_path / "nope.jsonl"),
+            "--scorer",
+            str(tiny_clip_dir),
+            "--out",
+            str(out),
+        ]
+    )
     assert run_winrate_from_args(missing) == 2
-    no_scorer = parser.parse_args(["--images", str(image_dir), "--captions", str(caption_files["stage1"]),
-                                   "--scorer", str(tmp_path / "no_such_model"), "--out", str(out)])
+    no_scorer = parser.parse_args(
+        [
+            "--images",
+            str(image_dir),
+            "--captions",
+            str(caption_files["stage1"]),
+            "--scorer",
+            str(tmp_path / "no_such_model"),
+            "--out",
+            str(out),
+        ]
+    )
     assert run_winrate_from_args(no_scorer) == 2

@@ -9,13 +9,15 @@ from seechat.eval.winrate import compute_winrate, fractional_wins, head_to_head
 
 NAN = np.nan
 METHODS = ["alt_text", "stage1", "stage2_qformer"]
-SCORES = np.array([
-    [0.3, 0.2, 0.1],  # alt_text wins
-    [0.2, 0.2, 0.1],  # alt_text and stage1 tie: 0.5 each
-    [NAN, 0.1, 0.3],  # alt_text has no caption: it cannot win; stage2 wins
-    [NAN, NAN, NAN],  # nobody has a caption: left out
-    [0.1, 0.1, 0.1],  # three-way tie: 1/3 each
-])
+SCORES = np.array(
+    [
+        [0.3, 0.2, 0.1],  # alt_text wins
+        [0.2, 0.2, 0.1],  # alt_text and stage1 tie: 0.5 each
+        [NAN, 0.1, 0.3],  # alt_text has no caption: it cannot win; stage2 wins
+        [NAN, NAN, NAN],  # nobody has a caption: left out
+        [0.1, 0.1, 0.1],  # three-way tie: 1/3 each
+    ]
+)
 
 
 def test_fractional_wins_split_ties_and_skip_nan():
@@ -63,7 +65,9 @@ def test_bootstrap_ci_is_seeded_and_contains_the_estimate():
 def test_tie_tolerance_merges_near_ties():
     scores = np.array([[0.3, 0.2999, 0.1]])
     np.testing.assert_allclose(compute_winrate(scores, METHODS, n_bootstrap=0).win_rate, [1, 0, 0])
-    np.testing.assert_allclose(compute_winrate(scores, METHODS, n_bootstrap=0, tie_tol=1e-3).win_rate, [0.5, 0.5, 0])
+    np.testing.assert_allclose(
+        compute_winrate(scores, METHODS, n_bootstrap=0, tie_tol=1e-3).win_rate, [0.5, 0.5, 0]
+    )
 
 
 def test_bad_tables_raise():

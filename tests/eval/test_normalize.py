@@ -28,9 +28,20 @@ def test_halfwidth_folds_only_the_fullwidth_block():
 
 @pytest.mark.parametrize(
     ("text", "value"),
-    [("十", 10), ("十二", 12), ("二十", 20), ("一百零五", 105), ("一百五", 150), ("两千三", 2300),
-     ("两万零三", 20003), ("三万五", 35000), ("二十三万四千五百六十七", 234567), ("二〇二四", 2024),
-     ("零", 0), ("两", 2)],
+    [
+        ("十", 10),
+        ("十二", 12),
+        ("二十", 20),
+        ("一百零五", 105),
+        ("一百五", 150),
+        ("两千三", 2300),
+        ("两万零三", 20003),
+        ("三万五", 35000),
+        ("二十三万四千五百六十七", 234567),
+        ("二〇二四", 2024),
+        ("零", 0),
+        ("两", 2),
+    ],
 )
 def test_parse_chinese_number(text, value):
     assert parse_chinese_number(text) == value
@@ -52,7 +63,11 @@ def test_arabic_to_chinese_round_trips(number):
 
 
 def test_arabic_to_chinese_spelling():
-    assert (arabic_to_chinese(12), arabic_to_chinese(105), arabic_to_chinese(20003)) == ("十二", "一百零五", "二万零三")
+    assert (arabic_to_chinese(12), arabic_to_chinese(105), arabic_to_chinese(20003)) == (
+        "十二",
+        "一百零五",
+        "二万零三",
+    )
 
 
 def test_normalize_answer():
@@ -68,7 +83,18 @@ def test_normalize_caption_keeps_word_boundaries():
 
 def test_char_tokenizer():
     # Chinese characters one token each; Latin/digit runs (and decimals) one token; punctuation gone.
-    assert tokenize_char("图中有两只红色Cat，3.5米！") == ["图", "中", "有", "2", "只", "红", "色", "cat", "3.5", "米"]
+    assert tokenize_char("图中有两只红色Cat，3.5米！") == [
+        "图",
+        "中",
+        "有",
+        "2",
+        "只",
+        "红",
+        "色",
+        "cat",
+        "3.5",
+        "米",
+    ]
 
 
 def test_jieba_tokenizer():

@@ -40,12 +40,30 @@ def ckpt(tiny_world, tmp_path_factory) -> Path:
 
 
 def run_cli(task: str, ckpt: Path, data: Path, out: Path, *extra: str) -> int:
-    return main(["eval", task, "--model", str(ckpt), "--data", str(data), "--out", str(out),
-                 "--max-new-tokens", "6", "--batch-size", "4", "--no-progress", *extra])
+    return main(
+        [
+            "eval",
+            task,
+            "--model",
+            str(ckpt),
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--max-new-tokens",
+            "6",
+            "--batch-size",
+            "4",
+            "--no-progress",
+            *extra,
+        ]
+    )
 
 
 def outputs(out: Path) -> tuple[dict, list[dict]]:
-    return json.loads((out / "report.json").read_text(encoding="utf-8")), read_jsonl(out / "predictions.jsonl")
+    return json.loads((out / "report.json").read_text(encoding="utf-8")), read_jsonl(
+        out / "predictions.jsonl"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -57,17 +75,29 @@ def vqa_runs(ckpt, tiny_world, tmp_path_factory) -> dict[str, Path]:
     assert run_cli("vqa", ckpt, test, root / "plain", "--limit", "10") == 0
     _, preds = outputs(root / "plain")
     rows = read_jsonl(test)[:10]
-    rigged = [{**r, "answer": p["prediction"]} if i % 2 == 0 else r for i, (r, p) in enumerate(zip(rows, preds, strict=True))]
+    rigged = [
+        {**r, "answer": p["prediction"]} if i % 2 == 0 else r
+        for i, (r, p) in enumerate(zip(rows, preds, strict=True))
+    ]
     write_jsonl(root / "rigged.jsonl", rigged)
-    assert run_cli("vqa", ckpt, root / "rigged.jsonl", root / "rigged", "--image-root", tiny_world["world"]) == 0
-    return {"test": test, "plain": root / "plain", "rigged_data": root / "rigged.jsonl", "rigged": root / "rigged"}
+    assert (
+        run_cli("vqa", ckpt, root / "rigged.jsonl", root / "rigged", "--image-root", tiny_world["world"]) == 0
+    )
+    return {
+        "test": test,
+        "plain": root / "plain",
+        "rigged_data": root / "rigged.jsonl",
+        "rigged": root / "rigged",
+    }
 
 
 def test_vqa_report_equals_metrics_recomputed_from_predictions(vqa_runs, tiny_world):
     for name in ("plain", "rigged"):
         report, preds = outputs(vqa_runs[name])
         assert report["rows"] == report["scored"] == len(preds) == 10 and report["skipped"] == []
-        res = vqa_accuracy([p["prediction"] for p in preds], [p["reference"] for p in preds], [p["type"] for p in preds])
+        res = vqa_accuracy(
+            [p["prediction"] for p in preds], [p["reference"] for p in preds], [p["type"] for p in preds]
+        )
         assert report["metrics"]["accuracy"] == res.accuracy
         assert report["metrics"]["accuracy_by_type"] == res.per_type
         assert report["metrics"]["count_by_type"] == res.type_counts
@@ -84,10 +114,31 @@ def test_vqa_report_equals_metrics_recomputed_from_predictions(vqa_runs, tiny_wo
 
 def test_two_processes_give_the_one_process_predictions_and_metrics(ckpt, vqa_runs, tiny_world, tmp_path):
     out = tmp_path / "two"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "seechat.cli", "eval", "vqa", "--model", str(ckpt), "--data", str(vqa_runs["rigged_data"]),
-           "--out", str(out), "--image-root", tiny_world["world"], "--max-new-tokens", "6", "--batch-size", "4",
-           "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "seechat.cli",
+        "eval",
+        "vqa",
+        "--model",
+        str(ckpt),
+        "--data",
+        str(vqa_runs["rigged_data"]),
+        "--out",
+        str(out),
+        "--image-root",
+        tiny_world["world"],
+        "--max-new-tokens",
+        "6",
+        "--batch-size",
+        "4",
+        "--no-progress",
+    ]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     one, one_preds = outputs(vqa_runs["rigged"])
@@ -106,7 +157,9 @@ def test_caption_report_equals_metrics_recomputed_from_predictions(ckpt, tiny_wo
     cands, refs = [p["prediction"] for p in preds], [p["reference"] for p in preds]
     assert report["metrics"]["cider_d"] == cider_d(cands, refs).score
     assert report["metrics"]["bleu_4"] == bleu(cands, refs).score
-    exact = [normalize_caption(c) in {normalize_caption(r) for r in rs} for c, rs in zip(cands, refs, strict=True)]
+    exact = [
+        normalize_caption(c) in {normalize_caption(r) for r in rs} for c, rs in zip(cands, refs, strict=True)
+    ]
     assert report["metrics"]["exact_match"] == sum(exact) / len(exact)
     assert [p["cider_d"] for p in preds] == cider_d(cands, refs).per_image
     assert report["settings"]["tokenize"] == "char"
@@ -114,12 +167,21 @@ def test_caption_report_equals_metrics_recomputed_from_predictions(ckpt, tiny_wo
 
 def test_grounding_counts_parse_failures(ckpt, tiny_world, tmp_path):
     data = Path(tiny_world["world"]) / "test" / "grounding.jsonl"
-    assert run_cli("grounding", ckpt, data, tmp_path, "--limit", "8", "--prompt", "<image>\n{expression}在哪里？") == 0
+    assert (
+        run_cli(
+            "grounding", ckpt, data, tmp_path, "--limit", "8", "--prompt", "<image>\n{expression}在哪里？"
+        )
+        == 0
+    )
     report, preds = outputs(tmp_path)
     assert len(preds) == 8 and preds[0]["prompt"].endswith("在哪里？")
     res = grounding_accuracy([p["prediction"] for p in preds], [p["reference"] for p in preds])
     assert report["metrics"]["acc_at_0.5"] == res.accuracy
-    assert report["metrics"]["parse_failures"] == res.parsed.count(False) == [p["parsed"] for p in preds].count(False)
+    assert (
+        report["metrics"]["parse_failures"]
+        == res.parsed.count(False)
+        == [p["parsed"] for p in preds].count(False)
+    )
 
 
 def test_missing_and_corrupt_images_are_reported_by_id(ckpt, tiny_world, tmp_path, capsys):
@@ -129,18 +191,24 @@ def test_missing_and_corrupt_images_are_reported_by_id(ckpt, tiny_world, tmp_pat
     rows[1] = {**rows[1], "image": "images/test/no-such-image.jpg"}
     rows[4] = {**rows[4], "image": str(corrupt)}
     write_jsonl(tmp_path / "vqa.jsonl", rows)
-    assert run_cli("vqa", ckpt, tmp_path / "vqa.jsonl", tmp_path / "out", "--image-root", tiny_world["world"]) == 1
+    assert (
+        run_cli("vqa", ckpt, tmp_path / "vqa.jsonl", tmp_path / "out", "--image-root", tiny_world["world"])
+        == 1
+    )
     assert rows[1]["id"] in capsys.readouterr().out
     report, preds = outputs(tmp_path / "out")
     assert [s["id"] for s in report["skipped"]] == [rows[1]["id"], rows[4]["id"]]
     assert "no such file" in report["skipped"][0]["error"] and "decoded" in report["skipped"][1]["error"]
     assert report["rows"] == len(preds) == 6 and report["scored"] == 4
     assert preds[1]["prediction"] is None and preds[1]["error"] and "correct" not in preds[1]
-    assert report["metrics"]["count_by_type"] == vqa_accuracy(
-        [p["prediction"] for p in preds if p["prediction"] is not None],
-        [p["reference"] for p in preds if p["prediction"] is not None],
-        [p["type"] for p in preds if p["prediction"] is not None],
-    ).type_counts
+    assert (
+        report["metrics"]["count_by_type"]
+        == vqa_accuracy(
+            [p["prediction"] for p in preds if p["prediction"] is not None],
+            [p["reference"] for p in preds if p["prediction"] is not None],
+            [p["type"] for p in preds if p["prediction"] is not None],
+        ).type_counts
+    )
     md = (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
     assert "Skipped rows (2)" in md and rows[1]["id"] in md and rows[4]["id"] in md
 

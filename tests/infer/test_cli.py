@@ -21,10 +21,26 @@ def test_chat_loop_commands_and_multi_image(tiny, tmp_path):
     model, processor = tiny
     for i in range(2):
         coloured(i).save(tmp_path / f"{i}.png")
-    script = "\n".join([
-        "/help", f"/image {tmp_path / '0.png'}", "图里有什么？", "颜色呢？", f"/image {tmp_path / '1.png'}",
-        "比较两张图", "/image missing.png", "/nonsense", "你好" * 300, "/clear", "你好", "/quit", "never read",
-    ]) + "\n"
+    script = (
+        "\n".join(
+            [
+                "/help",
+                f"/image {tmp_path / '0.png'}",
+                "图里有什么？",
+                "颜色呢？",
+                f"/image {tmp_path / '1.png'}",
+                "比较两张图",
+                "/image missing.png",
+                "/nonsense",
+                "你好" * 300,
+                "/clear",
+                "你好",
+                "/quit",
+                "never read",
+            ]
+        )
+        + "\n"
+    )
     out = io.StringIO()
     with Engine(model, processor) as engine:
         chat = EngineChat(engine, processor)
@@ -33,7 +49,9 @@ def test_chat_loop_commands_and_multi_image(tiny, tmp_path):
     text = out.getvalue()
     assert text.count("助手> ") == 5
     assert "error: the prompt is" in text and "context is 512 tokens" in text  # too long: said, not fatal
-    assert "/image PATH" in text and "missing.png: no such file" in text and "unknown command /nonsense" in text
+    assert (
+        "/image PATH" in text and "missing.png: no such file" in text and "unknown command /nonsense" in text
+    )
     assert "(new conversation)" in text
     assert [m["role"] for m in chat.messages] == ["user", "assistant"]  # /clear, then one turn
     assert len(chat.images) == 0
@@ -42,7 +60,20 @@ def test_chat_loop_commands_and_multi_image(tiny, tmp_path):
 def test_chat_verb_reads_stdin(tiny_ckpt, tmp_path, monkeypatch, capsys):
     coloured(0).save(tmp_path / "a.png")
     monkeypatch.setattr("sys.stdin", io.StringIO("图里有什么？\n"))
-    assert main(["chat", "--model", str(tiny_ckpt["qwen2"]), "--image", str(tmp_path / "a.png"), "--max-new-tokens", "4"]) == 0
+    assert (
+        main(
+            [
+                "chat",
+                "--model",
+                str(tiny_ckpt["qwen2"]),
+                "--image",
+                str(tmp_path / "a.png"),
+                "--max-new-tokens",
+                "4",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "1 image(s) attached" in out and "助手> " in out
     assert main(["chat", "--model", str(tiny_ckpt["qwen2"]), "--image", str(tmp_path / "nope.png")]) == 2
@@ -65,7 +96,13 @@ def image_inputs(tmp_path):
     with wds.TarWriter(str(shard)) as w:
         for i in range(4):
             w.write({"__key__": f"{i:05d}", "png": png_bytes(coloured(i)), "txt": "x"})
-    return {"folder": folder, "jsonl": tmp_path / "list.jsonl", "txt": tmp_path / "list.txt", "shard": shard, "names": names}
+    return {
+        "folder": folder,
+        "jsonl": tmp_path / "list.jsonl",
+        "txt": tmp_path / "list.txt",
+        "shard": shard,
+        "names": names,
+    }
 
 
 def test_caption_every_input_kind_gives_winrate_rows(tiny, image_inputs, tmp_path):
@@ -75,7 +112,9 @@ def test_caption_every_input_kind_gives_winrate_rows(tiny, image_inputs, tmp_pat
     with Engine(model, processor) as engine:
         for kind in ("folder", "jsonl", "txt", "shard"):
             out = tmp_path / f"{kind}.jsonl"
-            counts = caption(engine, processor, [str(image_inputs[kind])], out, params=params, window=3, progress=False)
+            counts = caption(
+                engine, processor, [str(image_inputs[kind])], out, params=params, window=3, progress=False
+            )
             captions, problems = load_captions(out, kind)
             assert not [p for p in problems if p.kind != "empty_caption"]
             outs[kind] = [json.loads(line) for line in out.read_text().splitlines()]
@@ -93,11 +132,26 @@ def test_caption_every_input_kind_gives_winrate_rows(tiny, image_inputs, tmp_pat
 def test_caption_verb_resume_and_files(tiny_ckpt, image_inputs, tmp_path, capsys):
     out = tmp_path / "caps.jsonl"
     files = [str(image_inputs["folder"] / n) for n in image_inputs["names"][:2]]
-    args = ["caption", "--model", str(tiny_ckpt["qwen2"]), *files, "--out", str(out), "--max-new-tokens", "4", "--no-progress"]
+    args = [
+        "caption",
+        "--model",
+        str(tiny_ckpt["qwen2"]),
+        *files,
+        "--out",
+        str(out),
+        "--max-new-tokens",
+        "4",
+        "--no-progress",
+    ]
     assert main(args) == 0
     assert [json.loads(line)["image"] for line in out.read_text().splitlines()] == files
     more = str(image_inputs["folder"] / image_inputs["names"][2])
-    assert main([*args[:3], *files, more, *args[3 + len(files):], "--resume"]) == 0
+    assert main([*args[:3], *files, more, *args[3 + len(files) :], "--resume"]) == 0
     assert [json.loads(line)["image"] for line in out.read_text().splitlines()] == [*files, more]
     assert "(2 already there)" in capsys.readouterr().out
-    assert main(["caption", "--model", str(tiny_ckpt["qwen2"]), str(tmp_path / "nothing.bin"), "--out", str(out)]) == 2
+    assert (
+        main(
+            ["caption", "--model", str(tiny_ckpt["qwen2"]), str(tmp_path / "nothing.bin"), "--out", str(out)]
+        )
+        == 2
+    )

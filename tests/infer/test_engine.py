@@ -20,7 +20,13 @@ CONVERSATIONS = [
     ([{"role": "user", "content": "<image>\n你好"}], 1),
     ([{"role": "user", "content": "<image>\n图里有什么？请描述颜色和形状"}], 1),
     ([{"role": "user", "content": "是什么颜色"}], 0),
-    ([{"role": "system", "content": "你是助手。"}, {"role": "user", "content": "<image>\n<image>\n比较两张图"}], 2),
+    (
+        [
+            {"role": "system", "content": "你是助手。"},
+            {"role": "user", "content": "<image>\n<image>\n比较两张图"},
+        ],
+        2,
+    ),
 ]
 
 
@@ -53,7 +59,9 @@ def test_prompt_ids_equal_the_processor(tiny):
     _, processor = tiny
     for messages, n_img in CONVERSATIONS:
         images = [coloured(j) for j in range(n_img)]
-        assert torch.equal(prompt_ids(processor, messages, n_img), processor.encode_prompt(messages, images).input_ids)
+        assert torch.equal(
+            prompt_ids(processor, messages, n_img), processor.encode_prompt(messages, images).input_ids
+        )
     with pytest.raises(ValueError, match="1 <image> marker"):
         prompt_ids(processor, CONVERSATIONS[0][0], 2)
 
@@ -110,7 +118,10 @@ def test_image_features_and_prefix_are_reused_across_turns(tiny):
 def test_speculative_decoding_gives_the_plain_greedy_tokens(fixture, request):
     model, processor = request.getfixturevalue(fixture)
     long = SamplingParams(max_new_tokens=48)
-    with Engine(model, processor, EngineConfig(speculative_tokens=0)) as plain, Engine(model, processor) as spec:
+    with (
+        Engine(model, processor, EngineConfig(speculative_tokens=0)) as plain,
+        Engine(model, processor) as spec,
+    ):
         for k in range(len(CONVERSATIONS)):
             ids, images = _prompt(processor, k)
             for ignore_eos in (False, True):
@@ -127,14 +138,18 @@ def test_sampling_parameters(engine, tiny):
     _, processor = tiny
     ids, images = _prompt(processor, 1)
     greedy = engine.generate(ids, images, GREEDY, cache_prefix=False)
-    top1 = engine.generate(ids, images, SamplingParams(max_new_tokens=12, temperature=1.0, top_k=1), cache_prefix=False)
+    top1 = engine.generate(
+        ids, images, SamplingParams(max_new_tokens=12, temperature=1.0, top_k=1), cache_prefix=False
+    )
     assert top1.token_ids == greedy.token_ids
     hot = SamplingParams(max_new_tokens=12, temperature=1.5, top_p=0.9, seed=7)
     a, b = (engine.generate(ids, images, hot, cache_prefix=False) for _ in range(2))
     assert a.token_ids == b.token_ids  # seeded sampling is reproducible
     short = engine.generate(ids, images, SamplingParams(max_new_tokens=3), cache_prefix=False)
     assert short.finish_reason == "length" and short.completion_tokens == 3
-    penalised = engine.generate(ids, images, SamplingParams(max_new_tokens=12, repetition_penalty=5.0), cache_prefix=False)
+    penalised = engine.generate(
+        ids, images, SamplingParams(max_new_tokens=12, repetition_penalty=5.0), cache_prefix=False
+    )
     assert len(set(penalised.token_ids)) >= len(set(greedy.token_ids))
 
 
@@ -164,8 +179,11 @@ def test_cancel_frees_the_slot(engine, tiny):
 def test_limits_and_errors(tiny):
     model, processor = tiny
     ids, images = _prompt(processor, 0)
-    with Engine(model, processor, EngineConfig(max_batch_size=1, max_waiting=1, max_model_len=64,
-                                               max_images_per_request=1)) as engine:
+    with Engine(
+        model,
+        processor,
+        EngineConfig(max_batch_size=1, max_waiting=1, max_model_len=64, max_images_per_request=1),
+    ) as engine:
         text_only, _ = _prompt(processor, 2)
         with pytest.raises(RequestError, match="context is 64 tokens"):
             engine.submit(torch.cat([text_only] * 5), [], GREEDY)
@@ -219,8 +237,10 @@ def test_a_row_whose_sampling_fails_finishes_alone(tiny, monkeypatch):
     with Engine(model, processor, EngineConfig(speculative_tokens=0)) as engine:
         want = engine.generate(ids, images, GREEDY, cache_prefix=False).token_ids
         with engine._cond:  # nothing is admitted until all three are queued: they share every step
-            streams = [engine.stream(ids, images, p, cache_prefix=False)
-                       for p in (GREEDY, SamplingParams(max_new_tokens=12, temperature=0.7), GREEDY)]
+            streams = [
+                engine.stream(ids, images, p, cache_prefix=False)
+                for p in (GREEDY, SamplingParams(max_new_tokens=12, temperature=0.7), GREEDY)
+            ]
         events = [list(s) for s in streams]
         assert engine.counters["max_running"] >= 2
         assert events[1][-1].finish_reason == "error" and "sampling failed" in events[1][-1].error

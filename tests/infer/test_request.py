@@ -25,7 +25,10 @@ def held_back(text: str, stops) -> int:
 
 
 @settings(max_examples=400, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
-@given(stops=st.lists(st.text("abc", max_size=7), max_size=4), pieces=st.lists(st.text("abc", max_size=4), max_size=12))
+@given(
+    stops=st.lists(st.text("abc", max_size=7), max_size=4),
+    pieces=st.lists(st.text("abc", max_size=4), max_size=12),
+)
 def test_stop_strings_match_a_rescan_of_the_whole_text(stops, pieces):
     matcher, text = StopStrings(stops), ""
     for piece in pieces:

@@ -21,7 +21,16 @@ def write_tiny_checkpoint(experts, directory: Path, lm: str = "qwen2", bridge: s
     return directory
 
 
-COLOURS = ((255, 0, 0), (0, 0, 255), (0, 200, 0), (240, 200, 0), (120, 0, 160), (0, 0, 0), (255, 255, 255), (90, 90, 90))
+COLOURS = (
+    (255, 0, 0),
+    (0, 0, 255),
+    (0, 200, 0),
+    (240, 200, 0),
+    (120, 0, 160),
+    (0, 0, 0),
+    (255, 255, 255),
+    (90, 90, 90),
+)
 
 
 def coloured(i: int, size: tuple[int, int] = (40, 30)) -> Image.Image:

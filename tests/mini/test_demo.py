@@ -20,13 +20,24 @@ STAGES = {
 def test_demo_end_to_end_learns(tmp_path):
     results = demo(tmp_path / "run", world_cfg=WORLD, stage_extra=STAGES, eval_limit=40)
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
-    for key in ("wall_seconds", "vqa_accuracy", "vqa_accuracy_by_type", "vqa_accuracy_blind",
-                "vqa_accuracy_blind_by_type", "grounding_acc_at_0.5", "caption_winrate_vs_alt_text", "caption_cider_d"):
+    for key in (
+        "wall_seconds",
+        "vqa_accuracy",
+        "vqa_accuracy_by_type",
+        "vqa_accuracy_blind",
+        "vqa_accuracy_blind_by_type",
+        "grounding_acc_at_0.5",
+        "caption_winrate_vs_alt_text",
+        "caption_cider_d",
+    ):
         assert key in saved
     assert (tmp_path / "run" / "stage2" / "config.json").is_file()
     # Stage 2 learns: its loss over the last ten logged steps is well below the first logged one
     # (single logged steps are noisy: length-grouped batches mix task types unevenly).
-    rows = [json.loads(r) for r in (tmp_path / "run" / "stage2" / "train" / "metrics.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(r)
+        for r in (tmp_path / "run" / "stage2" / "train" / "metrics.jsonl").read_text().splitlines()
+    ]
     tail = [r["loss"] for r in rows[-10:]]
     assert sum(tail) / len(tail) < 0.8 * rows[0]["loss"]
     assert 0.0 <= results["vqa_accuracy"] <= 1.0 and results["vqa_questions"] == 40
@@ -36,4 +47,3 @@ def test_demo_end_to_end_learns(tmp_path):
     before = [m.stat().st_mtime_ns for m in marks]
     demo(tmp_path / "run", world_cfg=WORLD, stage_extra=STAGES, eval_limit=40)
     assert [m.stat().st_mtime_ns for m in marks] == before
-

@@ -48,10 +48,29 @@ from seechat.mini.world import WorldConfig, build_world
 from seechat.model import build
 
 WORLD = WorldConfig(n_train=64, n_val=16, n_test=16)
-CLIP = ClipRecipe(vision_hidden=32, vision_layers=2, text_hidden=32, text_layers=1, projection_dim=32,
-                  steps=12, batch_size=16, lr=3e-3, warmup_steps=2, log_every=1)
-LM = LMRecipe(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64, steps=12, batch_size=8, warmup_steps=2,
-              log_every=1)
+CLIP = ClipRecipe(
+    vision_hidden=32,
+    vision_layers=2,
+    text_hidden=32,
+    text_layers=1,
+    projection_dim=32,
+    steps=12,
+    batch_size=16,
+    lr=3e-3,
+    warmup_steps=2,
+    log_every=1,
+)
+LM = LMRecipe(
+    hidden=32,
+    layers=1,
+    heads=2,
+    kv_heads=1,
+    intermediate=64,
+    steps=12,
+    batch_size=8,
+    warmup_steps=2,
+    log_every=1,
+)
 
 
 @pytest.fixture(scope="module")
@@ -109,8 +128,16 @@ def test_clip_is_the_relevance_scorer(trained, world):
 
 def test_evaluate_clip_reports_retrieval_and_region_attributes(trained, world):
     result = evaluate_clip(trained["clip"], world, threads=1)
-    for key in ("i2t_top1", "t2i_top1", "i2t_top1_detailed", "t2i_top1_detailed",
-                "region_shape", "region_colour", "region_size", "box_probe_acc@0.5"):
+    for key in (
+        "i2t_top1",
+        "t2i_top1",
+        "i2t_top1_detailed",
+        "t2i_top1_detailed",
+        "region_shape",
+        "region_colour",
+        "region_size",
+        "box_probe_acc@0.5",
+    ):
         assert 0.0 <= result[key] <= 1.0, key
     assert result["n_images"] == WORLD.n_val
 
@@ -142,9 +169,11 @@ def test_evaluate_lm_reports_perplexities(trained, world):
 
 @pytest.mark.parametrize("bridge", ["mlp2x_gelu", "qformer"])
 def test_experts_plug_into_the_stitched_model(trained, world, bridge):
-    cfg = ModelConfig(vision=VisionConfig(path=str(trained["clip"])),
-                      lm=LMConfig(path=str(trained["lm"]), tokenizer_path=str(trained["tok"])),
-                      bridge=BridgeConfig(type=bridge, num_queries=4, num_heads=2))
+    cfg = ModelConfig(
+        vision=VisionConfig(path=str(trained["clip"])),
+        lm=LMConfig(path=str(trained["lm"]), tokenizer_path=str(trained["tok"])),
+        bridge=BridgeConfig(type=bridge, num_queries=4, num_heads=2),
+    )
     model, proc = build(cfg)
     assert model.vision_tower.num_features == 64  # an 8x8 grid of patches, CLS dropped
     image = Image.open(world / "images" / "val" / f"{WORLD.n_train:09d}.jpg")
@@ -199,7 +228,11 @@ def test_clip_loss_does_not_push_apart_images_that_share_a_caption():
 def test_patch_weights_cover_the_box():
     w = patch_weights((2, 23, 18, 39), image_size=64, patch_size=8).view(8, 8)  # 16 x 16 px box
     assert float(w.sum()) == pytest.approx(1.0)
-    assert set(torch.nonzero(w)[:, 0].tolist()) == {2, 3, 4} and set(torch.nonzero(w)[:, 1].tolist()) == {0, 1, 2}
+    assert set(torch.nonzero(w)[:, 0].tolist()) == {2, 3, 4} and set(torch.nonzero(w)[:, 1].tolist()) == {
+        0,
+        1,
+        2,
+    }
     assert float(w[3, 0]) == pytest.approx(6 * 8 / 256)  # 6 px of x in patch 0, all 8 px of y in patch row 3
 
 
@@ -236,7 +269,9 @@ def test_lm_rows_encode_as_the_tokenizer_does_and_supervise_only_replies():
         chat, plain = reading_row(scene, rng, 0.5, 3), text_row(scene, rng)
         rendered = tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in chat], tokenize=False)
         ids, labels = encode_row(chat, tokenizer)
-        assert ids == tokenizer.encode(rendered, add_special_tokens=False) and tokenizer.unk_token_id not in ids
+        assert (
+            ids == tokenizer.encode(rendered, add_special_tokens=False) and tokenizer.unk_token_id not in ids
+        )
         replies = "".join(c + "<|im_end|>" for r, c in chat if r == "assistant")
         assert tokenizer.decode([t for t in labels if t != IGNORE]) == replies
         if isinstance(plain, str):  # text rows (not small talk): every token supervised
@@ -270,6 +305,8 @@ def test_shipped_experts_load_and_read_the_world(world):
     assert type(AutoModel.from_pretrained(paths.clip)).__name__ == "ChineseCLIPModel"
     tokenizer = AutoTokenizer.from_pretrained(paths.lm_tokenizer)
     assert set(scene_text.charset()) <= set(tokenizer.get_vocab())
-    assert set(scene_text.charset()) - {" ", "\n", "\t"} <= set(AutoTokenizer.from_pretrained(paths.clip).get_vocab())
+    assert set(scene_text.charset()) - {" ", "\n", "\t"} <= set(
+        AutoTokenizer.from_pretrained(paths.clip).get_vocab()
+    )
     for name in ("clip", "lm"):
         assert json.loads((SHIPPED / name / "eval.json").read_text())  # their held-out scores ship with them

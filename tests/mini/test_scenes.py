@@ -34,8 +34,13 @@ def resolve(scene: Scene, ref: str) -> list[SceneObject]:
         corner = [cell for word, cell in CORNERS.items() if word in ref]
         if corner:
             return (o.row, o.col) == corner[0]
-        checks = {"中间": (o.row, o.col) == (1, 1), "上方": o.row == 0, "下方": o.row == 2,
-                  "左边": o.col == 0, "右边": o.col == 2}
+        checks = {
+            "中间": (o.row, o.col) == (1, 1),
+            "上方": o.row == 0,
+            "下方": o.row == 2,
+            "左边": o.col == 0,
+            "右边": o.col == 2,
+        }
         return all(ok for word, ok in checks.items() if word in ref)
 
     return [o for o in scene.objects if fits(o)]
@@ -56,10 +61,22 @@ def test_same_seed_same_scenes_pixels_and_text() -> None:
     a, b = generate_scenes(3, 20), generate_scenes(3, 20)
     assert a == b
     assert all(render(x).tobytes() == render(y).tobytes() for x, y in zip(a, b, strict=True))
-    texts = [[T.detailed_caption(s, random.Random(i)), T.dialogue(s, random.Random(i)),
-              T.vqa_set(s, random.Random(i), 5)] for i, s in enumerate(a)]
-    again = [[T.detailed_caption(s, random.Random(i)), T.dialogue(s, random.Random(i)),
-              T.vqa_set(s, random.Random(i), 5)] for i, s in enumerate(b)]
+    texts = [
+        [
+            T.detailed_caption(s, random.Random(i)),
+            T.dialogue(s, random.Random(i)),
+            T.vqa_set(s, random.Random(i), 5),
+        ]
+        for i, s in enumerate(a)
+    ]
+    again = [
+        [
+            T.detailed_caption(s, random.Random(i)),
+            T.dialogue(s, random.Random(i)),
+            T.vqa_set(s, random.Random(i), 5),
+        ]
+        for i, s in enumerate(b)
+    ]
     assert texts == again
     assert generate_scenes(4, 20) != a
 
@@ -190,7 +207,10 @@ def test_chitchat_facts() -> None:
     for q, a in pairs:
         if "混" in q or "加" in q and "色" in q:
             colours = {c for c in COLOURS if c in q}
-            mix = {frozenset({"红色", "黄色"}): "橙色", frozenset({"蓝色", "黄色"}): "绿色",
-                   frozenset({"红色", "蓝色"}): "紫色"}
+            mix = {
+                frozenset({"红色", "黄色"}): "橙色",
+                frozenset({"蓝色", "黄色"}): "绿色",
+                frozenset({"红色", "蓝色"}): "紫色",
+            }
             assert a == mix[frozenset(colours)], (q, a)
     assert len(set(pairs)) > 30

@@ -33,8 +33,11 @@ def world(tmp_path_factory) -> Path:
 
 def _content(root: Path) -> dict[str, bytes]:
     """Every file except the shard writer's stats (they hold wall-clock times)."""
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*")
-            if p.is_file() and not p.name.endswith("stats.json")}
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in root.rglob("*")
+        if p.is_file() and not p.name.endswith("stats.json")
+    }
 
 
 def test_same_config_gives_identical_bytes(world: Path, tmp_path: Path) -> None:
@@ -145,9 +148,15 @@ def test_default_sizes_meet_the_brief() -> None:
 
 
 def test_vqa_and_grounding_conversations_can_ask_several_questions_about_one_image(tmp_path):
-    cfg = WorldConfig(n_train=40, n_val=4, n_test=4, vqa_turns=4, grounding_turns=2, instruct_weights=(0, 0, 1, 0, 1))
-    rows = [json.loads(r) for r in (build_world(tmp_path / "w", cfg, progress=False).root / "instruct" / "train.jsonl")
-            .read_text(encoding="utf-8").splitlines()]
+    cfg = WorldConfig(
+        n_train=40, n_val=4, n_test=4, vqa_turns=4, grounding_turns=2, instruct_weights=(0, 0, 1, 0, 1)
+    )
+    rows = [
+        json.loads(r)
+        for r in (build_world(tmp_path / "w", cfg, progress=False).root / "instruct" / "train.jsonl")
+        .read_text(encoding="utf-8")
+        .splitlines()
+    ]
     vqa = [r for r in rows if r["kind"] == "vqa"]
     assert vqa and max(len(r["conversations"]) for r in vqa) == 8  # 4 questions, 4 answers
     assert all(r["conversations"][0]["value"].startswith("<image>\n") for r in rows)

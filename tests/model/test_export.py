@@ -56,7 +56,9 @@ def test_llava_export_gives_the_same_logits(experts, images, tmp_path, vision):
     torch.testing.assert_close(inputs["pixel_values"], enc.pixel_values)
     ours = model.generate(enc.input_ids[None], None, enc.pixel_values, SamplingParams(max_new_tokens=8))[0]
     with torch.no_grad():
-        theirs = llava.generate(**inputs, max_new_tokens=8, do_sample=False)[0, enc.input_ids.numel():].tolist()
+        theirs = llava.generate(**inputs, max_new_tokens=8, do_sample=False)[
+            0, enc.input_ids.numel() :
+        ].tolist()
     assert theirs[: len(ours)] == ours
 
 
@@ -102,15 +104,25 @@ def test_exported_chat_template_takes_string_and_list_of_parts_messages(experts,
     ours = model.generate(enc.input_ids[None], None, enc.pixel_values, SamplingParams(max_new_tokens=8))[0]
     assert len(ours) >= 4  # a reply long enough for the comparison to mean something
 
-    history = [*QUESTION_PARTS, {"role": "assistant", "content": [{"type": "text", "text": "红色的圆形。"}]},
-               {"role": "user", "content": [{"type": "text", "text": "是什么颜色？"}]}]
+    history = [
+        *QUESTION_PARTS,
+        {"role": "assistant", "content": [{"type": "text", "text": "红色的圆形。"}]},
+        {"role": "user", "content": [{"type": "text", "text": "是什么颜色？"}]},
+    ]
     for parts, string in ((QUESTION_PARTS, QUESTION), (history, text_messages(history, "<image>"))):
-        assert hf.apply_chat_template(parts, add_generation_prompt=True) == \
-            hf.apply_chat_template(string, add_generation_prompt=True) == \
-            processor.tokenizer.apply_chat_template(string, tokenize=False, add_generation_prompt=True)
+        assert (
+            hf.apply_chat_template(parts, add_generation_prompt=True)
+            == hf.apply_chat_template(string, add_generation_prompt=True)
+            == processor.tokenizer.apply_chat_template(string, tokenize=False, add_generation_prompt=True)
+        )
         assert hf.tokenizer.apply_chat_template(parts, tokenize=False) == hf.apply_chat_template(string)
     # seechat's own processor takes the list form too, with the image passed or carried by its part
-    carried = [{"role": "user", "content": [{"type": "image", "image": images[0]}, {"type": "text", "text": "图里有什么？"}]}]
+    carried = [
+        {
+            "role": "user",
+            "content": [{"type": "image", "image": images[0]}, {"type": "text", "text": "图里有什么？"}],
+        }
+    ]
     for form, imgs in ((QUESTION_PARTS, images[:1]), (carried, [])):
         mine = processor.encode_prompt(form, imgs)
         assert torch.equal(mine.input_ids, enc.input_ids) and torch.equal(mine.pixel_values, enc.pixel_values)
@@ -120,11 +132,14 @@ def test_exported_chat_template_takes_string_and_list_of_parts_messages(experts,
         inputs = hf(images=images[:1], text=[text], return_tensors="pt")
         assert torch.equal(inputs["input_ids"][0], enc.input_ids)
         with torch.no_grad():
-            theirs = llava.generate(**inputs, max_new_tokens=8, do_sample=False)[0, enc.input_ids.numel():].tolist()
+            theirs = llava.generate(**inputs, max_new_tokens=8, do_sample=False)[
+                0, enc.input_ids.numel() :
+            ].tolist()
         assert theirs[: len(ours)] == ours
     # the one-call transformers path: the image inside the message, tokenized and preprocessed
-    inputs = hf.apply_chat_template(carried, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                    return_tensors="pt")
+    inputs = hf.apply_chat_template(
+        carried, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
     assert torch.equal(inputs["input_ids"][0], enc.input_ids)
     torch.testing.assert_close(inputs["pixel_values"], enc.pixel_values)
 

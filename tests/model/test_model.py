@@ -33,7 +33,12 @@ def test_every_combination_trains_and_generates(experts, images, vision, bridge,
     assert int((batch["input_ids"] == model.image_token_id).sum()) == 2 * expected_tokens
 
     prompt = collate([proc.encode_prompt(CONVERSATION[:2], images[:1])], proc.tokenizer.pad_token_id, "left")
-    new = model.generate(prompt["input_ids"], prompt["attention_mask"], prompt["pixel_values"], SamplingParams(max_new_tokens=4))
+    new = model.generate(
+        prompt["input_ids"],
+        prompt["attention_mask"],
+        prompt["pixel_values"],
+        SamplingParams(max_new_tokens=4),
+    )
     assert len(new) == 1 and 1 <= len(new[0]) <= 4
 
 
@@ -87,8 +92,13 @@ def test_left_padded_batch_matches_single(experts, images):
     short = proc.encode_prompt([{"role": "user", "content": "<image>\n你好"}], images[:1])
     long = proc.encode_prompt(CONVERSATION[:2], images[1:2])
     batch = collate([short, long], proc.tokenizer.pad_token_id, "left")
-    together = model.generate(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], SamplingParams(max_new_tokens=6))
-    alone = [model.generate(e.input_ids[None], None, e.pixel_values, SamplingParams(max_new_tokens=6))[0] for e in (short, long)]
+    together = model.generate(
+        batch["input_ids"], batch["attention_mask"], batch["pixel_values"], SamplingParams(max_new_tokens=6)
+    )
+    alone = [
+        model.generate(e.input_ids[None], None, e.pixel_values, SamplingParams(max_new_tokens=6))[0]
+        for e in (short, long)
+    ]
     assert together == alone
 
 
@@ -118,7 +128,12 @@ def test_loss_only_forward_equals_full_logits_loss(experts, images, lm):
 def test_patch_merge_concatenates_each_block_of_neighbours_and_quarters_the_tokens(experts, images):
     """bridge.merge=2: a 4x4 patch grid becomes 2x2 tokens, token k built from exactly its block."""
     x = torch.arange(16.0).view(1, 16, 1)
-    assert merge_patches(x, 2).squeeze(0).tolist() == [[0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 12, 13], [10, 11, 14, 15]]
+    assert merge_patches(x, 2).squeeze(0).tolist() == [
+        [0, 1, 4, 5],
+        [2, 3, 6, 7],
+        [8, 9, 12, 13],
+        [10, 11, 14, 15],
+    ]
     cfg = model_config(experts, bridge="mlp2x_gelu")
     model, proc = build(replace(cfg, bridge=replace(cfg.bridge, merge=2)))
     assert model.num_image_tokens == 4 and proc.num_image_tokens == 4

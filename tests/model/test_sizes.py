@@ -21,21 +21,70 @@ from seechat.config import LoraConfig
 from seechat.model.sizes import ARCHITECTURES, expert_config, lm_shape, lora_params, vision_shape
 
 LM_CONFIGS = {
-    "qwen2": Qwen2Config(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=3,
-                         num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=False),
-    "qwen2-tied": Qwen2Config(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
-                              num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True),
-    "llama": LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=False),
-    "llama-biases": LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
-                                num_attention_heads=4, num_key_value_heads=2, attention_bias=True, mlp_bias=True),
-    "glm4": Glm4Config(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, pad_token_id=0, eos_token_id=1),
+    "qwen2": Qwen2Config(
+        vocab_size=97,
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=3,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    ),
+    "qwen2-tied": Qwen2Config(
+        vocab_size=97,
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        tie_word_embeddings=True,
+    ),
+    "llama": LlamaConfig(
+        vocab_size=97,
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        tie_word_embeddings=False,
+    ),
+    "llama-biases": LlamaConfig(
+        vocab_size=97,
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attention_bias=True,
+        mlp_bias=True,
+    ),
+    "glm4": Glm4Config(
+        vocab_size=97,
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        pad_token_id=0,
+        eos_token_id=1,
+    ),
 }
-VISION = dict(hidden_size=40, intermediate_size=72, num_hidden_layers=2, num_attention_heads=4, image_size=48,
-              patch_size=8)
-VISION_CONFIGS = {"clip": CLIPVisionConfig(**VISION), "chinese_clip": ChineseCLIPVisionConfig(**VISION),
-                  "siglip": SiglipVisionConfig(**VISION), "siglip-no-head": SiglipVisionConfig(**VISION, vision_use_head=False)}
+VISION = dict(
+    hidden_size=40,
+    intermediate_size=72,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=48,
+    patch_size=8,
+)
+VISION_CONFIGS = {
+    "clip": CLIPVisionConfig(**VISION),
+    "chinese_clip": ChineseCLIPVisionConfig(**VISION),
+    "siglip": SiglipVisionConfig(**VISION),
+    "siglip-no-head": SiglipVisionConfig(**VISION, vision_use_head=False),
+}
 
 
 def numel(model: torch.nn.Module) -> int:
@@ -79,5 +128,7 @@ def test_lora_counts_what_peft_adds():
     config = LM_CONFIGS["qwen2"]
     model = AutoModelForCausalLM.from_config(config)
     before = numel(model)
-    peft_model = get_peft_model(model, PeftLoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    peft_model = get_peft_model(
+        model, PeftLoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM")
+    )
     assert numel(peft_model) - before == lora_params(lm_shape(config), LoraConfig(r=4))

@@ -51,8 +51,12 @@ def serve_model(experts, tmp_path_factory):
     return load(ckpt)
 
 
-def make_server(serve_model, engine_config: EngineConfig = EngineConfig(), limits: Limits = Limits(max_images=64),
-                **app_kw) -> LiveServer:
+def make_server(
+    serve_model,
+    engine_config: EngineConfig = EngineConfig(),
+    limits: Limits = Limits(max_images=64),
+    **app_kw,
+) -> LiveServer:
     model, processor = serve_model
     engine = Engine(model, processor, engine_config)
     server = LiveServer(create_app(engine, processor, MODEL_NAME, limits=limits, **app_kw))
@@ -66,8 +70,13 @@ def start_serve(args: list[str], env: dict[str, str], timeout: float) -> tuple[s
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "seechat.cli", "serve", "--port", str(port), *args],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "seechat.cli", "serve", "--port", str(port), *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
     while True:
@@ -78,7 +87,9 @@ def start_serve(args: list[str], env: dict[str, str], timeout: float) -> tuple[s
             pass
         if proc.poll() is not None or time.monotonic() >= deadline:
             proc.kill()
-            raise AssertionError("seechat serve did not come up: " + (proc.communicate(timeout=30)[0] or "")[-2000:])
+            raise AssertionError(
+                "seechat serve did not come up: " + (proc.communicate(timeout=30)[0] or "")[-2000:]
+            )
         time.sleep(0.1)
 
 

@@ -13,13 +13,23 @@ from tests.infer.tiny_engine import coloured
 from tests.serve.conftest import make_server
 
 CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 pytestmark = [
     pytest.mark.browser,
-    pytest.mark.skipif(not os.path.exists(CHROMIUM),
-                       reason=f"{CHROMIUM} is absent: `make browser` apt-installs Debian's chromium for this test"),
+    pytest.mark.skipif(
+        not os.path.exists(CHROMIUM),
+        reason=f"{CHROMIUM} is absent: `make browser` apt-installs Debian's chromium for this test",
+    ),
 ]
 
 
@@ -49,12 +59,25 @@ def test_upload_ask_and_see_the_streamed_answer(browser, serve_model, tmp_path):
         text = reply.inner_text()
         updates = int(reply.get_attribute("data-updates"))
         # the same question through the API (greedy): the page shows exactly that reply
-        api = httpx.post(f"{server.url}/v1/chat/completions", timeout=60, json={
-            "model": "tiny-seechat",
-            "messages": [{"role": "user", "content": [
-                {"type": "image_url", "image_url": {"url": page.eval_on_selector("#image-preview", "e => e.src")}},
-                {"type": "text", "text": "图里有什么？"}]}],
-        }).json()["choices"][0]["message"]["content"]
+        api = httpx.post(
+            f"{server.url}/v1/chat/completions",
+            timeout=60,
+            json={
+                "model": "tiny-seechat",
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {
+                                "type": "image_url",
+                                "image_url": {"url": page.eval_on_selector("#image-preview", "e => e.src")},
+                            },
+                            {"type": "text", "text": "图里有什么？"},
+                        ],
+                    }
+                ],
+            },
+        ).json()["choices"][0]["message"]["content"]
         assert text == api and text
         assert updates > 1  # it streamed in, piece by piece
         assert "prompt tokens" in page.inner_text("#status")
@@ -62,15 +85,21 @@ def test_upload_ask_and_see_the_streamed_answer(browser, serve_model, tmp_path):
         # a second turn: the history goes with it, the image is not sent again
         page.fill("#prompt", "是什么颜色？")
         page.press("#prompt", "Enter")
-        page.wait_for_function("document.querySelectorAll('.msg.assistant[data-done]').length === 2", timeout=60_000)
+        page.wait_for_function(
+            "document.querySelectorAll('.msg.assistant[data-done]').length === 2", timeout=60_000
+        )
         assert "cached" in page.inner_text("#status")
         assert page.evaluate("seechat.state.messages.length") == 4
 
         # a <box> in a reply is drawn over the image (0..1000 coordinates)
-        page.evaluate("seechat.renderReply(document.createElement('div'), '红色的圆形在<box>(100,200),(300,600)</box>')")
+        page.evaluate(
+            "seechat.renderReply(document.createElement('div'), '红色的圆形在<box>(100,200),(300,600)</box>')"
+        )
         rect = page.query_selector("#box-layer rect")
         assert [rect.get_attribute(a) for a in ("x", "y", "width", "height")] == ["100", "200", "200", "400"]
-        assert page.evaluate("seechat.parseBoxes('<box>(1,2),(3,4)</box> x <box>(5,6),(7,8)</box>').length") == 2
+        assert (
+            page.evaluate("seechat.parseBoxes('<box>(1,2),(3,4)</box> x <box>(5,6),(7,8)</box>').length") == 2
+        )
         assert not errors
         page.close()
 

@@ -22,11 +22,17 @@ from tests.helpers import model_config
 def png_declaring(width: int, height: int) -> bytes:
     """A few dozen bytes of PNG whose header claims width x height pixels: a decompression bomb
     as far as any reader that trusts the header is concerned."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b""))
+        + chunk(b"IEND", b"")
+    )
 
 
 @pytest.fixture
@@ -44,7 +50,10 @@ def image_tree(tmp_path: Path) -> Path:
 def test_open_training_image_refuses_bombs_escapes_and_garbage(image_tree: Path) -> None:
     assert open_training_image(image_tree, "sub/good.png").size == (16, 12)
     assert open_training_image(image_tree, "sub/../sub/good.png").mode == "RGB"
-    assert open_training_image(image_tree, str(image_tree / "sub" / "good.png")).size == (16, 12)  # absolute, inside
+    assert open_training_image(image_tree, str(image_tree / "sub" / "good.png")).size == (
+        16,
+        12,
+    )  # absolute, inside
     cases = {
         "bomb.png": "too large to decode safely",
         "../../secret.png": "outside the image root",
@@ -61,20 +70,34 @@ def test_open_training_image_refuses_bombs_escapes_and_garbage(image_tree: Path)
 def test_bad_conversations_are_skipped_and_counted_and_training_data_goes_on(experts, image_tree, tmp_path):
     """Before: the bomb raised DecompressionBombError out of the DataLoader and stopped training."""
     _, processor = build(model_config(experts))
-    rows = [("good", "sub/good.png"), ("bomb", "bomb.png"), ("escape", "../../secret.png"),
-            ("garbage", "garbage.png"), ("good2", "sub/good.png")]
+    rows = [
+        ("good", "sub/good.png"),
+        ("bomb", "bomb.png"),
+        ("escape", "../../secret.png"),
+        ("garbage", "garbage.png"),
+        ("good2", "sub/good.png"),
+    ]
     data = tmp_path / "data" / "train.jsonl"
     with data.open("w", encoding="utf-8") as f:
         for sample_id, image in rows:
-            messages = [{"role": "user", "content": "<image>\n这是什么？"}, {"role": "assistant", "content": "一个红色方块。"}]
-            f.write(json.dumps({"id": sample_id, "images": [image], "messages": messages}, ensure_ascii=False) + "\n")
+            messages = [
+                {"role": "user", "content": "<image>\n这是什么？"},
+                {"role": "assistant", "content": "一个红色方块。"},
+            ]
+            f.write(
+                json.dumps({"id": sample_id, "images": [image], "messages": messages}, ensure_ascii=False)
+                + "\n"
+            )
     cfg = DataConfig(kind="conversations", paths=(str(data),), image_root=str(image_tree))
     skips = tmp_path / "run" / "skipped"
-    stream = BatchStream(cfg, processor, StreamSpec(batch_size=5, seed=0, rank=0, world_size=1), False,
-                         skip_log_dir=skips)
+    stream = BatchStream(
+        cfg, processor, StreamSpec(batch_size=5, seed=0, rank=0, world_size=1), False, skip_log_dir=skips
+    )
     batch = next(stream)  # one batch of all five rows: the two good ones survive
     assert batch["input_ids"].shape[0] == 2
     report = _skipped(skips)
     assert report["count"] == 3 and sorted(report["keys"]) == ["bomb", "escape", "garbage"]
-    reasons = [json.loads(line)["reason"] for f in skips.glob("*.jsonl") for line in f.read_text().splitlines()]
+    reasons = [
+        json.loads(line)["reason"] for f in skips.glob("*.jsonl") for line in f.read_text().splitlines()
+    ]
     assert any("outside the image root" in r for r in reasons) and any("too large" in r for r in reasons)

@@ -62,24 +62,56 @@ STEPS = 10
 
 
 def stage1_overrides(w, out, **extra) -> list[str]:
-    return tiny_overrides(w, out, **{
-        "data.paths": f"{w['world']}/pairs/train/{{00000..00003}}.tar", "model.bridge.type": "qformer",
-        "model.bridge.num_queries": 8, "optim.warmup_steps": 2, "train.max_steps": STEPS, **extra})
+    return tiny_overrides(
+        w,
+        out,
+        **{
+            "data.paths": f"{w['world']}/pairs/train/{{00000..00003}}.tar",
+            "model.bridge.type": "qformer",
+            "model.bridge.num_queries": 8,
+            "optim.warmup_steps": 2,
+            "train.max_steps": STEPS,
+            **extra,
+        },
+    )
 
 
 def stage2_overrides(w, out, **extra) -> list[str]:
-    return tiny_overrides(w, out, **{
-        "data.paths": f"{w['world']}/instruct/train.jsonl", "data.image_root": w["world"], "train.init_from": "",
-        "model.bridge.type": "qformer", "model.bridge.num_queries": 8, "optim.warmup_steps": 2,
-        "train.max_steps": 6, **extra})
+    return tiny_overrides(
+        w,
+        out,
+        **{
+            "data.paths": f"{w['world']}/instruct/train.jsonl",
+            "data.image_root": w["world"],
+            "train.init_from": "",
+            "model.bridge.type": "qformer",
+            "model.bridge.num_queries": 8,
+            "optim.warmup_steps": 2,
+            "train.max_steps": 6,
+            **extra,
+        },
+    )
 
 
 def torchrun(recipe: Path, overrides: list[str], wait: bool = True) -> subprocess.Popen:
     """`seechat train` on 2 CPU processes over gloo, as `torchrun --nproc_per_node 2` starts it."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "seechat.cli", "train", str(recipe), *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "seechat.cli",
+        "train",
+        str(recipe),
+        *overrides,
+    ]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     if wait:
         output, _ = proc.communicate(timeout=300)
         assert proc.returncode == 0, output[-4000:]
@@ -111,7 +143,9 @@ def assert_same_curve(one: Path, two: Path) -> None:
 def stage1(tiny_world, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("dist_stage1")
     train(load_config(STAGE1, stage1_overrides(tiny_world, root / "one", **{"train.batch_size": 64})))
-    torchrun(STAGE1, stage1_overrides(tiny_world, root / "two", **{"train.batch_size": 16, "train.grad_accum": 2}))
+    torchrun(
+        STAGE1, stage1_overrides(tiny_world, root / "two", **{"train.batch_size": 16, "train.grad_accum": 2})
+    )
     return {"one": root / "one", "two": root / "two"}
 
 
@@ -120,11 +154,25 @@ def stage2(tiny_world, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("dist_stage2")
     # both evaluate the held-out conversations at the end; the 2-process run also reports to TensorBoard
     held_out = {"data.eval_paths": f"{tiny_world['world']}/instruct/val.jsonl"}
-    train(load_config(STAGE2, stage2_overrides(tiny_world, root / "one", **{"train.batch_size": 10, **held_out})))
+    train(
+        load_config(
+            STAGE2, stage2_overrides(tiny_world, root / "one", **{"train.batch_size": 10, **held_out})
+        )
+    )
     # the 2-process run also checkpoints the LM's layers: recomputation must not change the numbers
-    torchrun(STAGE2, stage2_overrides(tiny_world, root / "two", **{
-        "train.batch_size": 5, "train.gradient_checkpointing": "true", **held_out,
-        "train.report_to": "tensorboard" if HAS_TENSORBOARD else "[]"}))
+    torchrun(
+        STAGE2,
+        stage2_overrides(
+            tiny_world,
+            root / "two",
+            **{
+                "train.batch_size": 5,
+                "train.gradient_checkpointing": "true",
+                **held_out,
+                "train.report_to": "tensorboard" if HAS_TENSORBOARD else "[]",
+            },
+        ),
+    )
     return {"one": root / "one", "two": root / "two"}
 
 
@@ -147,8 +195,10 @@ def test_ranks_split_the_global_batches_of_one_process(n, group_by_length):
     data = _Lengths(n)
     for global_batch, world in ((10, 2), (6, 3), (8, 4)):
         one = epoch_batches(data, StreamSpec(global_batch, 7, 0, 1), 3, group_by_length)
-        shares = [epoch_batches(data, StreamSpec(global_batch // world, 7, r, world), 3, group_by_length)
-                  for r in range(world)]
+        shares = [
+            epoch_batches(data, StreamSpec(global_batch // world, 7, r, world), 3, group_by_length)
+            for r in range(world)
+        ]
         assert len({len(s) for s in shares}) == 1  # every rank takes the same number of steps
         rounds = [[i for s in parts for i in s] for parts in zip(*shares, strict=True)]
         # identical global batches in identical order; only a last batch too small to give every
@@ -166,21 +216,27 @@ def test_stage2_two_processes_match_one_with_the_same_global_batch(stage2):
 
 def test_two_processes_evaluate_the_held_out_loss_of_one(stage2):
     """Each rank takes its share of the same global eval batches: one held-out set, one loss."""
-    (one,), (two,) = ([json.loads(r) for r in (stage2[k] / "train" / "eval.jsonl").read_text().splitlines()]
-                      for k in ("one", "two"))
+    (one,), (two,) = (
+        [json.loads(r) for r in (stage2[k] / "train" / "eval.jsonl").read_text().splitlines()]
+        for k in ("one", "two")
+    )
     assert one["step"] == two["step"] == 6
     assert one["samples"] == 24  # the whole validation split: 8 images x 3 conversations
     assert (two["samples"], two["supervised_tokens"]) == (one["samples"], one["supervised_tokens"])
     assert two["loss"] == pytest.approx(one["loss"], rel=LOSS_RTOL)
 
 
-@pytest.mark.skipif(not HAS_TENSORBOARD, reason="tensorboard not installed (pip install 'seechat[tensorboard]')")
+@pytest.mark.skipif(
+    not HAS_TENSORBOARD, reason="tensorboard not installed (pip install 'seechat[tensorboard]')"
+)
 def test_only_rank_0_writes_tracker_events(stage2):
     tb = stage2["two"] / "train" / "tensorboard"
     assert len(list(tb.glob("events.out.tfevents.*"))) == 1  # one writer: rank 0's
     curve = tensorboard_scalars(tb)
     assert [s for s, _ in curve["train/loss"]] == [r["step"] for r in metrics(stage2["two"])]
-    assert [v for _, v in curve["train/loss"]] == pytest.approx([r["loss"] for r in metrics(stage2["two"])], rel=1e-6)
+    assert [v for _, v in curve["train/loss"]] == pytest.approx(
+        [r["loss"] for r in metrics(stage2["two"])], rel=1e-6
+    )
     assert [s for s, _ in curve["eval/loss"]] == [6]
 
 
@@ -213,7 +269,9 @@ def test_two_process_checkpoint_loads_in_one_process(stage2, tiny_world):
 
 def test_killed_two_process_run_resumes_to_the_uninterrupted_result(stage1, tiny_world, tmp_path):
     out = tmp_path / "killed"
-    over = stage1_overrides(tiny_world, out, **{"train.batch_size": 16, "train.grad_accum": 2, "train.save_every": 3})
+    over = stage1_overrides(
+        tiny_world, out, **{"train.batch_size": 16, "train.grad_accum": 2, "train.save_every": 3}
+    )
     proc = torchrun(STAGE1, over, wait=False)
     state = out / "train" / "resume" / "state.json"
     deadline = time.time() + 240
@@ -231,7 +289,10 @@ def test_killed_two_process_run_resumes_to_the_uninterrupted_result(stage1, tiny
     torchrun(STAGE1, over)
     reference = stage1["two"]
     assert [r["loss"] for r in metrics(out)] == [r["loss"] for r in metrics(reference)]  # bit-identical
-    resumed, uninterrupted = load_file(out / "bridge.safetensors"), load_file(reference / "bridge.safetensors")
+    resumed, uninterrupted = (
+        load_file(out / "bridge.safetensors"),
+        load_file(reference / "bridge.safetensors"),
+    )
     assert resumed.keys() == uninterrupted.keys()
     for name, value in uninterrupted.items():
         assert torch.equal(resumed[name], value), name

@@ -33,24 +33,53 @@ STEPS = 8
 
 
 def overrides(w, out: Path, **extra) -> list[str]:
-    return tiny_overrides(w, str(out), **{
-        "data.paths": f"{w['world']}/instruct/train.jsonl", "data.image_root": w["world"], "train.init_from": "",
-        "model.bridge.type": "qformer", "model.bridge.num_queries": 8, "optim.warmup_steps": 2,
-        "train.max_steps": STEPS, "train.batch_size": 8, "train.log_every": 1,
-        "train.group_by_length": "false", **extra})  # length groups depend on the micro-batch size
+    return tiny_overrides(
+        w,
+        str(out),
+        **{
+            "data.paths": f"{w['world']}/instruct/train.jsonl",
+            "data.image_root": w["world"],
+            "train.init_from": "",
+            "model.bridge.type": "qformer",
+            "model.bridge.num_queries": 8,
+            "optim.warmup_steps": 2,
+            "train.max_steps": STEPS,
+            "train.batch_size": 8,
+            "train.log_every": 1,
+            "train.group_by_length": "false",
+            **extra,
+        },
+    )  # length groups depend on the micro-batch size
 
 
 def launch(w, out: Path, fsdp: bool, precision: str = "no", wait: bool = True, **extra) -> subprocess.Popen:
     """`seechat train`, under `accelerate launch` with fsdp.yaml on every GPU or as one plain process.
     Precision is the recipe's (train.mixed_precision), which the loop gives accelerate."""
     gpus = torch.cuda.device_count()
-    head = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP), "--num_processes",
-            str(gpus)] if fsdp else [sys.executable]
+    head = (
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(FSDP),
+            "--num_processes",
+            str(gpus),
+        ]
+        if fsdp
+        else [sys.executable]
+    )
     if precision != "no":  # "no" is the recipes' default (and YAML would read a bare no as false)
         extra["train.mixed_precision"] = precision
     train = ["-m", "seechat.cli", "train", str(STAGE2), *overrides(w, out, **extra)]
-    proc = subprocess.Popen(head + train, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        head + train,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     if wait:
         output, _ = proc.communicate(timeout=600)
         assert proc.returncode == 0, output[-4000:]

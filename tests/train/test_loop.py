@@ -26,8 +26,18 @@ STAGE2 = ROOT / "configs" / "mini" / "stage2.yaml"
 
 def stage1_overrides(w, out, **extra):
     shards = f"{w['world']}/pairs/train/{{00000..00003}}.tar"
-    return tiny_overrides(w, out, **{"data.paths": shards, "train.batch_size": 4, "model.bridge.type": "qformer",
-                                     "model.bridge.num_queries": 8, "optim.warmup_steps": 2, **extra})
+    return tiny_overrides(
+        w,
+        out,
+        **{
+            "data.paths": shards,
+            "train.batch_size": 4,
+            "model.bridge.type": "qformer",
+            "model.bridge.num_queries": 8,
+            "optim.warmup_steps": 2,
+            **extra,
+        },
+    )
 
 
 def losses(out) -> list[float]:
@@ -35,7 +45,9 @@ def losses(out) -> list[float]:
 
 
 def test_lr_schedule_warms_up_then_decays():
-    cfg = load_config(None, ["optim.lr=1.0", "optim.warmup_steps=10", "optim.min_lr_ratio=0.1", "train.max_steps=110"])
+    cfg = load_config(
+        None, ["optim.lr=1.0", "optim.warmup_steps=10", "optim.min_lr_ratio=0.1", "train.max_steps=110"]
+    )
     assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
     assert lr_at(60, cfg) == pytest.approx(0.55) and lr_at(110, cfg) == pytest.approx(0.1)
 
@@ -50,11 +62,21 @@ def test_stage1_then_stage2_write_checkpoints(tiny_world, tmp_path):
     assert json.loads((s1 / "train" / "summary.json").read_text())["status"] == "done"
 
     s2 = tmp_path / "s2"
-    over = tiny_overrides(tiny_world, s2, **{
-        "train.init_from": s1, "train.max_steps": 3, "train.batch_size": 4, "model.bridge.type": "qformer",
-        "model.bridge.num_queries": 8, "data.paths": f"{tiny_world['world']}/instruct/train.jsonl", "data.image_root": tiny_world["world"],
-        "data.eval_paths": f"{tiny_world['world']}/instruct/val.jsonl", "train.eval_batches": 1,
-    })
+    over = tiny_overrides(
+        tiny_world,
+        s2,
+        **{
+            "train.init_from": s1,
+            "train.max_steps": 3,
+            "train.batch_size": 4,
+            "model.bridge.type": "qformer",
+            "model.bridge.num_queries": 8,
+            "data.paths": f"{tiny_world['world']}/instruct/train.jsonl",
+            "data.image_root": tiny_world["world"],
+            "data.eval_paths": f"{tiny_world['world']}/instruct/val.jsonl",
+            "train.eval_batches": 1,
+        },
+    )
     train(load_config(STAGE2, over))
     (held_out,) = [json.loads(r) for r in (s2 / "train" / "eval.jsonl").read_text().splitlines()]
     assert held_out["step"] == 3 and held_out["samples"] == 4  # eval_batches=1: one global batch
@@ -67,7 +89,9 @@ def test_stage1_then_stage2_write_checkpoints(tiny_world, tmp_path):
 def test_init_from_with_other_bridge_is_refused(tiny_world, tmp_path):
     s1 = tmp_path / "s1"
     train(load_config(STAGE1, stage1_overrides(tiny_world, s1, **{"train.max_steps": 1})))
-    over = stage1_overrides(tiny_world, tmp_path / "x", **{"train.init_from": s1, "model.bridge.type": "linear"})
+    over = stage1_overrides(
+        tiny_world, tmp_path / "x", **{"train.init_from": s1, "model.bridge.type": "linear"}
+    )
     with pytest.raises(ValueError, match="model.bridge"):
         train(load_config(STAGE1, over))
 
@@ -81,15 +105,37 @@ def test_killed_and_resumed_run_matches_uninterrupted(tiny_world, tmp_path):
     train(load_config(STAGE1, stage1_overrides(tiny_world, ref, **common)))
 
     killed = tmp_path / "killed"
-    extra = {**common, "train.eval_every": 2, "data.eval_paths": f"{tiny_world['world']}/pairs/val/*.tar",
-             "train.report_to": "tensorboard" if HAS_TENSORBOARD else "[]"}
-    args = [sys.executable, "-m", "seechat.cli", "train", str(STAGE1), *stage1_overrides(tiny_world, killed, **extra)]
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])})
+    extra = {
+        **common,
+        "train.eval_every": 2,
+        "data.eval_paths": f"{tiny_world['world']}/pairs/val/*.tar",
+        "train.report_to": "tensorboard" if HAS_TENSORBOARD else "[]",
+    }
+    args = [
+        sys.executable,
+        "-m",
+        "seechat.cli",
+        "train",
+        str(STAGE1),
+        *stage1_overrides(tiny_world, killed, **extra),
+    ]
+    proc = subprocess.Popen(
+        args,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])},
+    )
     state, metrics = killed / "train" / "resume" / "state.json", killed / "train" / "metrics.jsonl"
     deadline = time.time() + 240
-    while proc.poll() is None and time.time() < deadline and not (
-            state.exists() and max(r["step"] for r in _rows(metrics)) > json.loads(state.read_text())["position"]["step"]):
+    while (
+        proc.poll() is None
+        and time.time() < deadline
+        and not (
+            state.exists()
+            and max(r["step"] for r in _rows(metrics)) > json.loads(state.read_text())["position"]["step"]
+        )
+    ):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -142,8 +188,17 @@ def test_resume_point_written_before_a_config_field_existed_still_resumes(tiny_w
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_world, tmp_path):
     out = tmp_path / "nan"
-    over = stage1_overrides(tiny_world, out, **{"train.max_steps": 6, "train.save_every": 1, "optim.lr": 1e30,
-                                                "optim.grad_clip": 0.0, "optim.warmup_steps": 0})
+    over = stage1_overrides(
+        tiny_world,
+        out,
+        **{
+            "train.max_steps": 6,
+            "train.save_every": 1,
+            "optim.lr": 1e30,
+            "optim.grad_clip": 0.0,
+            "optim.warmup_steps": 0,
+        },
+    )
     with pytest.raises(NonFiniteLossError, match="last good"):
         train(load_config(STAGE1, over))
     step = json.loads((out / "train" / "resume" / "state.json").read_text())["position"]["step"]
@@ -164,12 +219,16 @@ class Killed(BaseException):
     """Stands for SIGKILL: not an Exception, so nothing on the way up handles it."""
 
 
-def test_a_kill_between_the_checkpoint_renames_keeps_the_resume_point(tiny_world, tmp_path, monkeypatch, caplog):
+def test_a_kill_between_the_checkpoint_renames_keeps_the_resume_point(
+    tiny_world, tmp_path, monkeypatch, caplog
+):
     """The final save sets the step-2 checkpoint (with train/resume inside) aside and dies before
     renaming the new one in: no `killed/` is left. The next start must still resume from step 2
     (it used to find nothing and restart at step 0)."""
     out = tmp_path / "killed"
-    cfg = load_config(STAGE1, stage1_overrides(tiny_world, out, **{"train.max_steps": 4, "train.save_every": 2}))
+    cfg = load_config(
+        STAGE1, stage1_overrides(tiny_world, out, **{"train.max_steps": 4, "train.save_every": 2})
+    )
     real_rename, set_aside = os.rename, []
 
     def rename_then_die(src, dst):

@@ -33,8 +33,11 @@ def run(mode: str, overrides: Path, out: Path, shard: bool, resume_from: Path | 
     worker = ["-m", "tests.train.sharded_worker", mode, str(overrides), str(out)]
     worker += ["--shard"] if shard else []
     worker += ["--resume-from", str(resume_from)] if resume_from else []
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if shard \
+    launch = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+        if shard
         else [sys.executable]
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(launch + worker, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -46,22 +49,40 @@ def runs(tiny_world, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("sharded")
     w = tiny_world
     overrides = root / "overrides.json"
-    overrides.write_text(json.dumps(tiny_overrides(w, str(root / "unused"), **{
-        "data.paths": f"{w['world']}/instruct/train.jsonl", "data.image_root": w["world"], "train.init_from": "",
-        "model.bridge.type": "qformer", "model.bridge.num_queries": 8})))
-    result = {"root": root,
-              "sharded": run("train_save", overrides, root / "sharded", shard=True),
-              "plain": run("train_save", overrides, root / "plain", shard=False)}
+    overrides.write_text(
+        json.dumps(
+            tiny_overrides(
+                w,
+                str(root / "unused"),
+                **{
+                    "data.paths": f"{w['world']}/instruct/train.jsonl",
+                    "data.image_root": w["world"],
+                    "train.init_from": "",
+                    "model.bridge.type": "qformer",
+                    "model.bridge.num_queries": 8,
+                },
+            )
+        )
+    )
+    result = {
+        "root": root,
+        "sharded": run("train_save", overrides, root / "sharded", shard=True),
+        "plain": run("train_save", overrides, root / "plain", shard=False),
+    }
     resume = root / "sharded" / "resume"
     result["plain_from_sharded"] = run("resume", overrides, root / "plain_from_sharded", False, resume)
-    result["sharded_from_plain"] = run("resume", overrides, root / "sharded_from_plain", True, root / "plain" / "resume")
+    result["sharded_from_plain"] = run(
+        "resume", overrides, root / "sharded_from_plain", True, root / "plain" / "resume"
+    )
     return result
 
 
 def test_sharded_training_matches_unsharded(runs):
     assert runs["sharded"]["world_size"] == 2
     assert runs["sharded"]["losses"] == pytest.approx(runs["plain"]["losses"], rel=RTOL)
-    assert runs["plain"]["losses"][2] < runs["plain"]["losses"][0]  # it trains: the comparison is not of a flat line
+    assert (
+        runs["plain"]["losses"][2] < runs["plain"]["losses"][0]
+    )  # it trains: the comparison is not of a flat line
 
 
 def test_resume_point_holds_whole_tensors_equal_to_the_unsharded_run(runs):
@@ -76,7 +97,9 @@ def test_resume_point_holds_whole_tensors_equal_to_the_unsharded_run(runs):
             torch.testing.assert_close(sharded[k], plain[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
-@pytest.mark.parametrize("run_name, source", [("plain_from_sharded", "sharded"), ("sharded_from_plain", "plain")])
+@pytest.mark.parametrize(
+    "run_name, source", [("plain_from_sharded", "sharded"), ("sharded_from_plain", "plain")]
+)
 def test_resume_across_sharding_continues_the_run(runs, run_name, source):
     """The step after resuming equals the source run's own third step, and the state loaded into
     the (re)sharded model gathers back to exactly the tensors on disk."""
@@ -95,6 +118,8 @@ def test_checkpoint_written_from_shards_loads_unsharded(runs):
     model, _ = load_checkpoint(runs["root"] / "sharded" / "ckpt")
     trained = load_file(runs["root"] / "sharded" / "resume" / "trainable.safetensors")
     params = dict(model.named_parameters())
-    assert any(k.startswith("language_model.") for k in trained) and any(k.startswith("bridge.") for k in trained)
+    assert any(k.startswith("language_model.") for k in trained) and any(
+        k.startswith("bridge.") for k in trained
+    )
     for k, v in trained.items():
         torch.testing.assert_close(params[k], v, rtol=0, atol=0, msg=k)

@@ -29,9 +29,17 @@ def test_a_resume_point_of_the_older_format_asks_to_start_over(tmp_path):
 
 def _tied_lm_and_optimizer(seed: int):
     torch.manual_seed(seed)
-    lm = AutoModelForCausalLM.from_config(Qwen2Config(
-        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, tie_word_embeddings=True))
+    lm = AutoModelForCausalLM.from_config(
+        Qwen2Config(
+            vocab_size=32,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            tie_word_embeddings=True,
+        )
+    )
     return lm, torch.optim.AdamW(lm.parameters(), lr=1e-2)
 
 

@@ -28,9 +28,18 @@ TRAIN_KEYS = ("loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "super
 
 
 def overrides(w, out, **extra) -> list[str]:
-    return tiny_overrides(w, out, **{
-        "data.paths": f"{w['world']}/pairs/train/{{00000..00003}}.tar", "train.batch_size": 4,
-        "model.bridge.type": "qformer", "model.bridge.num_queries": 8, "optim.warmup_steps": 2, **extra})
+    return tiny_overrides(
+        w,
+        out,
+        **{
+            "data.paths": f"{w['world']}/pairs/train/{{00000..00003}}.tar",
+            "train.batch_size": 4,
+            "model.bridge.type": "qformer",
+            "model.bridge.num_queries": 8,
+            "optim.warmup_steps": 2,
+            **extra,
+        },
+    )
 
 
 def rows(path: Path) -> list[dict]:
@@ -39,7 +48,10 @@ def rows(path: Path) -> list[dict]:
 
 def test_report_to_is_a_checked_list():
     assert load_config(None, ["train.report_to=tensorboard"]).train.report_to == ("tensorboard",)
-    assert load_config(None, ["train.report_to=[tensorboard, wandb]"]).train.report_to == ("tensorboard", "wandb")
+    assert load_config(None, ["train.report_to=[tensorboard, wandb]"]).train.report_to == (
+        "tensorboard",
+        "wandb",
+    )
     assert load_config(None, []).train.report_to == ()  # default: only metrics.jsonl and loss.png
     with pytest.raises(ConfigError, match=r"train.report_to\[0\].*'tensorboard', 'wandb'"):
         load_config(None, ["train.report_to=[mlflow]"])
@@ -58,12 +70,24 @@ def test_a_tracker_that_is_not_installed_is_named_with_its_extra(name, tiny_worl
     assert not out.exists()  # refused before anything was built or written
 
 
-@pytest.mark.skipif(not HAS_TENSORBOARD, reason="tensorboard not installed (pip install 'seechat[tensorboard]')")
+@pytest.mark.skipif(
+    not HAS_TENSORBOARD, reason="tensorboard not installed (pip install 'seechat[tensorboard]')"
+)
 def test_tensorboard_gets_the_metrics_the_held_out_loss_and_the_config(tiny_world, tmp_path):
     out = tmp_path / "run"
-    cfg = load_config(STAGE1, overrides(tiny_world, out, **{
-        "train.max_steps": 4, "train.report_to": "tensorboard", "train.eval_every": 2,
-        "data.eval_paths": f"{tiny_world['world']}/pairs/val/*.tar"}))
+    cfg = load_config(
+        STAGE1,
+        overrides(
+            tiny_world,
+            out,
+            **{
+                "train.max_steps": 4,
+                "train.report_to": "tensorboard",
+                "train.eval_every": 2,
+                "data.eval_paths": f"{tiny_world['world']}/pairs/val/*.tar",
+            },
+        ),
+    )
     train(cfg)
     logged, evals = rows(out / "train" / "metrics.jsonl"), rows(out / "train" / "eval.jsonl")
     tb = tensorboard_scalars(out / "train" / "tensorboard")
@@ -74,7 +98,10 @@ def test_tensorboard_gets_the_metrics_the_held_out_loss_and_the_config(tiny_worl
     summary = json.loads((out / "train" / "summary.json").read_text())
     assert sum(r["supervised_tokens_per_step"] for r in logged) == summary["tokens_seen"]
     for r in logged:  # tokens_per_s counts every input token: image and prompt tokens too
-        assert r["tokens_per_s"] / r["samples_per_s"] > r["supervised_tokens_per_step"] / cfg.train.batch_size + 8
+        assert (
+            r["tokens_per_s"] / r["samples_per_s"]
+            > r["supervised_tokens_per_step"] / cfg.train.batch_size + 8
+        )
     # the held-out loss at eval_every and at the end, over the whole validation split (8 pairs)
     assert [r["step"] for r in evals] == [2, 4] and {r["samples"] for r in evals} == {8}
     assert [s for s, _ in tb["eval/loss"]] == [2, 4]
@@ -91,7 +118,9 @@ def test_wandb_offline_gets_the_metrics_and_the_config(tiny_world, tmp_path, mon
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     out = tmp_path / "run"
-    cfg = load_config(STAGE1, overrides(tiny_world, out, **{"train.max_steps": 3, "train.report_to": "wandb"}))
+    cfg = load_config(
+        STAGE1, overrides(tiny_world, out, **{"train.max_steps": 3, "train.report_to": "wandb"})
+    )
     train(cfg)
     run_id = json.loads((out / "train" / "trackers.json").read_text())["wandb_run_id"]
     (run_file,) = (out / "train" / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")

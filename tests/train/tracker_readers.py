@@ -71,7 +71,9 @@ def wandb_history(path: Path) -> dict[int, dict]:
     rows = {}
     for r in wandb_records(path):
         if r.WhichOneof("record_type") == "history":
-            rows[r.history.step.num] = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+            rows[r.history.step.num] = {
+                i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item
+            }
     return rows
 
 

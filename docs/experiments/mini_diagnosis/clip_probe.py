@@ -18,7 +18,9 @@ size, patch = int(sys.argv[1]), int(sys.argv[2])
 root = f"/tmp/mini_diagnosis/world{size}"
 build_world(root, WorldConfig(image_size=size))
 start = time.time()
-out = train_mini_clip(root, f"/tmp/mini_diagnosis/clip{size}_{patch}", ClipRecipe(image_size=size, patch_size=patch))
+out = train_mini_clip(
+    root, f"/tmp/mini_diagnosis/clip{size}_{patch}", ClipRecipe(image_size=size, patch_size=patch)
+)
 seconds = time.time() - start
 result = {k: round(v, 3) for k, v in evaluate_clip(out, root, "val").items()}
 print(json.dumps({"size": size, "patch": patch, "train_s": round(seconds, 1), **result}))

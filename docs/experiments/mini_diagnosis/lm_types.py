@@ -20,9 +20,14 @@ model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
 detailed = {r["image"]: r["detailed"] for r in read_jsonl(world / "val" / "captions.jsonl")}
 by_type = collections.defaultdict(list)
 for r in read_jsonl(world / "val" / "vqa.jsonl"):
-    by_type[r["type"]].append({"messages": [
-        {"role": "user", "content": f"图片描述：{detailed[r['image']]}\n{r['question']}"},
-        {"role": "assistant", "content": r["answer"]}]})
+    by_type[r["type"]].append(
+        {
+            "messages": [
+                {"role": "user", "content": f"图片描述：{detailed[r['image']]}\n{r['question']}"},
+                {"role": "assistant", "content": r["answer"]},
+            ]
+        }
+    )
 
 
 def encode(docs: list[str]) -> list[list[int]]:
@@ -32,6 +37,9 @@ def encode(docs: list[str]) -> list[list[int]]:
 with torch.inference_mode():
     for kind, rows in sorted(by_type.items()):
         ids = [x[:-1] for x in encode(lm_documents(rows, tok))]  # drop the template's final "\n"
-        prompts = [tok.apply_chat_template(r["messages"][:1], add_generation_prompt=True, tokenize=False) for r in rows]
+        prompts = [
+            tok.apply_chat_template(r["messages"][:1], add_generation_prompt=True, tokenize=False)
+            for r in rows
+        ]
         _, _, exact = _nll(model, ids, [len(p) for p in encode(prompts)])
         print(kind, len(rows), round(exact / len(rows), 3))

@@ -43,8 +43,8 @@ span = recipe.seq_len + 1
 
 def loss_at(step: int) -> torch.Tensor:
     starts = torch.randint(0, len(stream) - span, (recipe.batch_size,), generator=windows).tolist()
-    batch = torch.stack([stream[s:s + span] for s in starts])  # (B, L + 1)
-    w = torch.stack([token_weight[s + 1:s + span] for s in starts])  # weight of each target token
+    batch = torch.stack([stream[s : s + span] for s in starts])  # (B, L + 1)
+    w = torch.stack([token_weight[s + 1 : s + span] for s in starts])  # weight of each target token
     logits = model(input_ids=batch[:, :-1]).logits
     nll = F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")
     return (nll * w).sum() / w.sum()

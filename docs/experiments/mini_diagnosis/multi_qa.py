@@ -38,7 +38,9 @@ with open(out, "w", encoding="utf-8") as f:
     for i, scene in enumerate(split_scenes(cfg)["train"]):
         key = f"{cfg.key_offset('train') + i:09d}"
         rng = random.Random(f"multi/{i}")
-        for n, kind in enumerate(rng.choices(INSTRUCT_KINDS, weights=cfg.instruct_weights, k=cfg.instruct_per_image)):
+        for n, kind in enumerate(
+            rng.choices(INSTRUCT_KINDS, weights=cfg.instruct_weights, k=cfg.instruct_per_image)
+        ):
             turns: list[scene_text.Turn] = []
             if kind == "vqa":
                 turns = [(q.question, q.answer) for q in scene_text.vqa_set(scene, rng, k_vqa)]
@@ -46,7 +48,11 @@ with open(out, "w", encoding="utf-8") as f:
                 turns = grounding_turns(scene, rng)
             turns = turns or _instruct_turns(scene, kind, rng)
             turns_written += len(turns)
-            row = {"id": f"{key}-{n}", "kind": kind, "image": f"images/train/{key}.jpg",
-                   "conversations": _conversation(turns)}
+            row = {
+                "id": f"{key}-{n}",
+                "kind": kind,
+                "image": f"images/train/{key}.jpg",
+                "conversations": _conversation(turns),
+            }
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 print("turns", turns_written)

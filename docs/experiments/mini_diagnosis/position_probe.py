@@ -18,10 +18,14 @@ from seechat.model import load
 model, processor = load(sys.argv[1])
 model.eval()
 world = Path("runs/mini/world")
-rows = read_jsonl(world / "val" / "captions.jsonl")[:300] + read_jsonl(world / "test" / "captions.jsonl")[:300]
+rows = (
+    read_jsonl(world / "val" / "captions.jsonl")[:300] + read_jsonl(world / "test" / "captions.jsonl")[:300]
+)
 images = [Image.open(world / r["image"]).convert("RGB") for r in rows]
 with torch.no_grad():
-    features = model.vision_tower(processor.image_processor(images, return_tensors="pt")["pixel_values"])  # (N, P, D)
+    features = model.vision_tower(
+        processor.image_processor(images, return_tensors="pt")["pixel_values"]
+    )  # (N, P, D)
     bridged = model.bridge(features)  # (N, P, D_lm) for the per-token bridges
 
 

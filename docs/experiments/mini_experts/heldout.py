@@ -24,10 +24,20 @@ def main() -> None:
     world = Path(sys.argv[2])
     model, proc = load(ck)
     # train split: the first question of the first 1000 single-question VQA conversations of stage 2's data
-    rows = [r for r in read_jsonl(world / "instruct/train.jsonl")
-            if r["kind"] == "vqa" and len(r["conversations"]) == 2][:1000]
-    train_vqa = [{"image": r["image"], "question": r["conversations"][0]["value"].removeprefix("<image>\n"),
-                  "answer": r["conversations"][1]["value"], "type": "all"} for r in rows]
+    rows = [
+        r
+        for r in read_jsonl(world / "instruct/train.jsonl")
+        if r["kind"] == "vqa" and len(r["conversations"]) == 2
+    ][:1000]
+    train_vqa = [
+        {
+            "image": r["image"],
+            "question": r["conversations"][0]["value"].removeprefix("<image>\n"),
+            "answer": r["conversations"][1]["value"],
+            "type": "all",
+        }
+        for r in rows
+    ]
     m, _ = answer_split(model, proc, load_images(world, train_vqa), train_vqa, [], [])
     print("train-split VQA", json.dumps({k: m[k] for k in ("vqa_accuracy", "vqa_accuracy_blind")}))
     val = read_jsonl(world / "val/vqa.jsonl")
@@ -37,6 +47,7 @@ def main() -> None:
     vqa, grd = read_jsonl(other / "test/vqa.jsonl"), read_jsonl(other / "test/grounding.jsonl")
     m, _ = answer_split(model, proc, load_images(other, vqa + grd), vqa, grd, [])
     print("seed-1 world test split", json.dumps(m, ensure_ascii=False))
+
 
 if __name__ == "__main__":
     main()

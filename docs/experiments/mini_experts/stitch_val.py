@@ -30,13 +30,20 @@ def main() -> None:
     limit = int(sys.argv[4]) if len(sys.argv) > 4 else 200
     assets = Assets.of_run(Path(os.environ.get("RUN", "runs/mini")))
     t = time.time()
-    p1 = Path(os.environ["STAGE1"]) if os.environ.get("STAGE1") else run_stage(assets, out / "stage1", "stage1", None, s1)
+    p1 = (
+        Path(os.environ["STAGE1"])
+        if os.environ.get("STAGE1")
+        else run_stage(assets, out / "stage1", "stage1", None, s1)
+    )
     t1 = time.time() - t
     p2 = run_stage(assets, out / "stage2", "stage2", None, s2, init_from=p1)
     t2 = time.time() - t - t1
     model, processor = load(p2)
     world = Path("runs/mini/world")  # always scored on the default world's val split
-    vqa, grd = read_jsonl(world / "val/vqa.jsonl")[:limit], read_jsonl(world / "val/grounding.jsonl")[:limit // 2]
+    vqa, grd = (
+        read_jsonl(world / "val/vqa.jsonl")[:limit],
+        read_jsonl(world / "val/grounding.jsonl")[: limit // 2],
+    )
     metrics, _ = answer_split(model, processor, load_images(world, vqa + grd), vqa, grd, [])
     print(json.dumps({"t_stage1": round(t1), "t_stage2": round(t2), **metrics}, ensure_ascii=False))
 

@@ -32,8 +32,22 @@ DEFAULT_STEPS = {"clip": 30000, "lm": 60000}  # caps; the budget decides
 def launch(name: str, out: Path, sets: list[str], workers: int, evaluate: str | None) -> subprocess.Popen:
     """`seechat mini experts` for run `name` into `out`, logging to /tmp/<out parent>-<name>.log."""
     expert = RUNS[name][0]
-    cmd = [sys.executable, "-m", "seechat.cli", "mini", "experts", "--only", expert, "--out", str(out),
-           "--workers", str(workers), "--force", "--set", *sets]
+    cmd = [
+        sys.executable,
+        "-m",
+        "seechat.cli",
+        "mini",
+        "experts",
+        "--only",
+        expert,
+        "--out",
+        str(out),
+        "--workers",
+        str(workers),
+        "--force",
+        "--set",
+        *sets,
+    ]
     if evaluate:
         cmd += ["--evaluate", evaluate]
     log = open(f"/tmp/{out.parent.name}-{name}.log", "w")  # noqa: SIM115 (lives as long as the run)
@@ -44,25 +58,36 @@ def main() -> None:
     t0 = time.time()
     small = os.environ.get("DRY_RUN") == "1"  # a CPU rehearsal: a tiny world
     cfg = WorldConfig(n_train=64, n_val=32, n_test=16) if small else WorldConfig()
-    world = build_world("/tmp/world-dry" if small else "/tmp/world", cfg, workers=min(16, os.cpu_count() or 1),
-                        progress=False).root
+    world = build_world(
+        "/tmp/world-dry" if small else "/tmp/world", cfg, workers=min(16, os.cpu_count() or 1), progress=False
+    ).root
     print(f"world {time.time() - t0:.0f} s", flush=True)
-    probes = {n: launch(n, Path(f"/tmp/probe/{n}"), sets + [f"{e}.steps=60"], w, None) for n, (e, sets, w) in RUNS.items()}
+    probes = {
+        n: launch(n, Path(f"/tmp/probe/{n}"), sets + [f"{e}.steps=60"], w, None)
+        for n, (e, sets, w) in RUNS.items()
+    }
     rate = {}
     for n, p in probes.items():
         p.wait()
         rows = [json.loads(x) for x in open(f"/tmp/probe/{n}/{RUNS[n][0]}/metrics.jsonl")]
         rate[n] = (rows[-1]["elapsed_s"] - rows[0]["elapsed_s"]) / (rows[-1]["step"] - rows[0]["step"])
-    steps = {n: min(DEFAULT_STEPS[RUNS[n][0]], max(20, int(BUDGET / r) // 100 * 100)) for n, r in rate.items()}
+    steps = {
+        n: min(DEFAULT_STEPS[RUNS[n][0]], max(20, int(BUDGET / r) // 100 * 100)) for n, r in rate.items()
+    }
     print(f"probe done at {time.time() - t0:.0f} s; s/step {rate}; steps {steps}", flush=True)
-    mains = {n: launch(n, Path(f"/tmp/main/{n}"), sets + [f"{e}.steps={steps[n]}"], w, str(world))
-             for n, (e, sets, w) in RUNS.items()}
+    mains = {
+        n: launch(n, Path(f"/tmp/main/{n}"), sets + [f"{e}.steps={steps[n]}"], w, str(world))
+        for n, (e, sets, w) in RUNS.items()
+    }
     summary = {"rate_s_per_step": rate, "steps": steps}
     for n, p in mains.items():
         summary[f"{n}_rc"] = p.wait()
         d = Path(f"/tmp/main/{n}/{RUNS[n][0]}")
         if (d / "eval.json").exists():
-            summary[n] = {"eval": json.loads((d / "eval.json").read_text()), "done": json.loads((d / "done.json").read_text())}
+            summary[n] = {
+                "eval": json.loads((d / "eval.json").read_text()),
+                "done": json.loads((d / "done.json").read_text()),
+            }
             with tarfile.open(OUT / f"{n}.tar.gz", "w:gz") as tar:
                 tar.add(d, arcname=RUNS[n][0])
         print(f"{n} finished at {time.time() - t0:.0f} s rc {summary[f'{n}_rc']}", flush=True)
