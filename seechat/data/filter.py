@@ -45,6 +45,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from seechat.atomic import atomic_directory
+from seechat.data.jsonl import dumps_line
 from seechat.data.pairs import (
     DEFAULT_MAX_SAMPLE_BYTES,
     CorruptSample,
@@ -297,12 +298,12 @@ def _write_kept(
                     raise RuntimeError(f"{shard} changed while filtering (key {key!r} != {bad['key']!r})")
                 writer.add_failure(key, bad["reason"])
                 row.update(score=None, kept=False, error=bad["reason"])
-                scores_out.write(json.dumps(row, ensure_ascii=False) + "\n")
+                scores_out.write(dumps_line(row))
                 continue
             score = float(per_shard[s][i])
             kept = bool(keep[s][i])
             row.update(score=round(score, 6), kept=kept)
-            scores_out.write(json.dumps(row, ensure_ascii=False) + "\n")
+            scores_out.write(dumps_line(row))
             if not kept:
                 continue
             encoded = check_sample(key, members, text_field)  # passed in pass 1

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from seechat.atomic import atomic_file
+from seechat.data.jsonl import JsonlError, enumerate_jsonl, write_jsonl
 
 IMAGE_MARKER = "<image>"
 ROLES = ("system", "user", "assistant")
@@ -118,16 +119,13 @@ def _looks_like_jsonl(path: Path) -> bool:
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield f"line {line_no}", json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataFormatError(
-                    f"invalid JSON ({e})", path=path, where=f"line {line_no}", record_id=None
-                ) from e
+    try:
+        for line_no, record in enumerate_jsonl(path):
+            yield f"line {line_no}", record
+    except JsonlError as e:
+        raise DataFormatError(
+            f"invalid JSON ({e.reason})", path=path, where=f"line {e.line}", record_id=None
+        ) from e
 
 
 # -- converters: raw record -> Conversation (raise ValueError with a reason; the caller adds the place) --
@@ -338,13 +336,8 @@ def load_conversations(
 
 
 def write_conversations(conversations: Iterable[Conversation], path: str | os.PathLike[str]) -> int:
-    """Write our JSONL (UTF-8, one conversation per line); returns the count."""
-    count = 0
-    with Path(path).open("w", encoding="utf-8") as f:
-        for conversation in conversations:
-            f.write(json.dumps(conversation.to_dict(), ensure_ascii=False) + "\n")
-            count += 1
-    return count
+    """Write our JSONL (UTF-8, one conversation per line; crash-safe); returns the count."""
+    return write_jsonl(path, (conversation.to_dict() for conversation in conversations))
 
 
 def convert_file(

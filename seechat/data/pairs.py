@@ -59,6 +59,8 @@ from braceexpand import braceexpand
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
+from seechat.data.jsonl import append_jsonl, iter_jsonl
+
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -405,9 +407,7 @@ class SkipReport:
 def log_skip(path: Path, key: str, reason: str, source: str) -> None:
     """Append one skipped sample to a skip log (JSONL: key, reason, shard or file). Each process
     writes its own file; the trainer counts every file of its skip folder into its summary."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", encoding="utf-8") as f:
-        f.write(json.dumps({"key": key, "reason": reason, "shard": source}, ensure_ascii=False) + "\n")
+    append_jsonl(path, [{"key": key, "reason": reason, "shard": source}])
 
 
 @dataclass(frozen=True)
@@ -526,8 +526,7 @@ class PairShardDataset(IterableDataset):
             return self._skipped
         report = SkipReport()
         for path in sorted(self.skip_log_dir.glob("skipped-*.jsonl")):
-            for line in path.read_text(encoding="utf-8").splitlines():
-                entry = json.loads(line)
+            for entry in iter_jsonl(path):
                 report.add(entry["key"], entry["reason"])
         return report
 

@@ -33,6 +33,7 @@ from typing import Any
 from PIL import Image
 
 from seechat.data.images import load_image
+from seechat.data.jsonl import JsonlError, enumerate_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -338,12 +339,10 @@ def _rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     suffix = path.suffix.lower()
     with path.open(encoding="utf-8", newline="") as f:
         if suffix in (".jsonl", ".json"):
-            for line_no, line in enumerate(f, start=1):
-                if line.strip():
-                    try:
-                        yield line_no, json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise ShardInputError(f"{path}:{line_no}: invalid JSON ({e})") from e
+            try:
+                yield from enumerate_jsonl(path)
+            except JsonlError as e:
+                raise ShardInputError(str(e)) from e
         elif suffix in (".tsv", ".csv"):
             reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
             for row in reader:

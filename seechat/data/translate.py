@@ -31,7 +31,6 @@ nor a serving engine — for millions of lines put a vLLM server behind a custom
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import re
@@ -46,6 +45,7 @@ import torch
 
 from seechat.atomic import atomic_file
 from seechat.data.instruct import Conversation, Message, iter_conversations
+from seechat.data.jsonl import dumps_line
 
 logger = logging.getLogger(__name__)
 
@@ -470,10 +470,10 @@ def _write(
             "translation": conversation.to_dict(),
             "source": source.to_dict(),
         }
-        flagged.write(json.dumps(row, ensure_ascii=False) + "\n")
+        flagged.write(dumps_line(row))
     else:
         stats.written += 1
-        out.write(json.dumps(conversation.to_dict(), ensure_ascii=False) + "\n")
+        out.write(dumps_line(conversation.to_dict()))
 
 
 def _remember(conversations: Iterable[Conversation], store: deque[Conversation]) -> Iterator[Conversation]:

@@ -38,6 +38,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from seechat.data.collate import collate
+from seechat.data.jsonl import read_jsonl, write_jsonl
 from seechat.data.processor import SeeChatProcessor
 from seechat.eval.bleu import bleu
 from seechat.eval.cider import cider_d
@@ -56,11 +57,9 @@ __all__ = [
     "Task",
     "answer_batch",
     "generate_answers",
-    "read_jsonl",
     "resolve_image_root",
     "run_eval",
     "shard_batches",
-    "write_jsonl",
 ]
 
 VQA_PROMPT = "<image>\n{question}"
@@ -68,14 +67,6 @@ CAPTION_PROMPT = "<image>\n请用一句话描述这张图片。"
 GROUNDING_PROMPT = "<image>\n请给出{expr}的位置（坐标框）。"
 SHARD_DIR = ".shards"
 MAX_LISTED = 50  # skipped rows listed in report.md; report.json lists all of them
-
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def write_jsonl(path: str | Path, rows: Sequence[dict]) -> None:
-    Path(path).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
 
 # --- generation --------------------------------------------------------------------------------

@@ -36,8 +36,8 @@ import torch
 from PIL import Image
 
 from seechat.data.filter import KeepRule, count_samples, filter_shards
+from seechat.data.jsonl import read_jsonl, write_jsonl
 from seechat.eval.scorer import ChineseClipScorer
-from seechat.eval.tasks import read_jsonl, write_jsonl
 from seechat.eval.winrate import JsonlImages, WinRateResult, run_winrate
 from seechat.mini.demo import Assets, run_stage
 from seechat.mini.evaluate import answer_split, load_images

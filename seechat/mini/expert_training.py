@@ -25,6 +25,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from seechat.atomic import atomic_directory
+from seechat.data.jsonl import read_jsonl
 from seechat.mini.fresh import text_fingerprint
 
 PathLike = str | os.PathLike[str]
@@ -164,11 +165,6 @@ def plot_losses(losses: list[float], path: Path, title: str) -> None:
 
 
 # --------------------------------------------------------------------------- world files
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def pair_meta(world: Path, split: str) -> dict[str, dict[str, Any]]:

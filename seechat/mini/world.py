@@ -48,6 +48,7 @@ from typing import Any
 from tqdm import tqdm
 
 from seechat.atomic import atomic_directory
+from seechat.data.jsonl import dumps_line
 from seechat.data.shards import ShardWriter
 from seechat.mini import scene_text
 from seechat.mini.scenes import Scene, fingerprint, generate_scene, render
@@ -351,7 +352,7 @@ def _write_split(
                 if rel not in handles:
                     (root / rel).parent.mkdir(parents=True, exist_ok=True)
                     handles[rel] = open(root / rel, "w", encoding="utf-8")
-                handles[rel].writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+                handles[rel].writelines(dumps_line(r) for r in rows)
                 counts[rel] = counts.get(rel, 0) + len(rows)
             bar.update(1)
     counts[f"pairs/{split}"] = len(scenes)

@@ -45,8 +45,9 @@ from accelerate import Accelerator, DistributedType
 from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
-from seechat.atomic import atomic_file, existing, recover
+from seechat.atomic import existing, recover
 from seechat.config import ModelConfig, RunConfig, from_dict, load_config, save_config, to_dict
+from seechat.data.jsonl import append_jsonl, read_jsonl, write_jsonl
 from seechat.model.build import apply_trainable, build
 from seechat.model.checkpoint import load_checkpoint, read_meta, write_checkpoint
 from seechat.train.data import BatchStream, StreamSpec, count_supervised, eval_batches, to_device
@@ -371,8 +372,7 @@ class _Window:
 def _record(acc: Accelerator, jsonl: Path, section: str, row: dict) -> None:
     """One metrics row: appended to its JSONL file and sent to the trackers as `section/name`, by rank 0."""
     if acc.is_main_process:
-        with open(jsonl, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        append_jsonl(jsonl, [row])
     acc.log({f"{section}/{k}": v for k, v in row.items() if k != "step"}, step=row["step"])
 
 
@@ -445,9 +445,8 @@ def _save(acc, model, processor, optimizer, pos, stream, cfg, out: Path, resume_
 def _truncate_metrics(path: Path, step: int) -> None:
     """Drop rows logged after the resume point: they will be produced again."""
     if path.is_file():
-        rows = [r for r in path.read_text().splitlines() if r.strip() and json.loads(r)["step"] <= step]
-        with atomic_file(path) as tmp:  # a kill mid-write must not empty the run's history
-            tmp.write_text("".join(r + "\n" for r in rows))
+        # crash-safe: a kill mid-write must not empty the run's history
+        write_jsonl(path, [r for r in read_jsonl(path) if r["step"] <= step])
 
 
 def _last_saved(resume_dir: Path) -> int:
@@ -462,7 +461,7 @@ def _skipped(directory: Path) -> dict:
         return {"count": 0, "keys": []}
     keys = []
     for f in sorted(directory.glob("*.jsonl")):
-        keys += [json.loads(line).get("key") for line in f.read_text().splitlines() if line.strip()]
+        keys += [row.get("key") for row in read_jsonl(f)]
     return {"count": len(keys), "keys": keys[:100]}
 
 

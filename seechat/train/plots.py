@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-
-def _rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+from seechat.data.jsonl import read_jsonl
 
 
 def plot_loss_curve(
@@ -15,8 +12,8 @@ def plot_loss_curve(
 ) -> Path | None:
     """Loss (and learning rate on a second axis) against optimizer step, plus the held-out loss
     when `eval_metrics` (eval.jsonl) exists; None if nothing logged."""
-    rows = _rows(metrics)
-    evals = _rows(eval_metrics) if eval_metrics is not None and Path(eval_metrics).is_file() else []
+    rows = read_jsonl(metrics)
+    evals = read_jsonl(eval_metrics) if eval_metrics is not None and Path(eval_metrics).is_file() else []
     if not rows:
         return None
     import matplotlib
