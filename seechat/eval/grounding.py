@@ -1,14 +1,10 @@
 """Grounding evaluation: parse ``<box>(x1,y1),(x2,y2)</box>`` from model output, IoU, Acc@0.5.
 
-What this module is: the box format the project's grounding data uses (Qwen-VL style, integer or
-decimal coordinates normalised to 0–1000, top-left then bottom-right), a strict parser, IoU on
-continuous coordinates (area = width × height, no "+1 pixel" convention) and accuracy at an IoU
-threshold (a hit needs IoU ≥ threshold).
-
-Parsing rule: only the *first* ``<box>…</box>`` in the output counts. Full-width brackets and
-commas are folded to half-width first. The box is a miss (None) when that first box is malformed:
-not two ``(x, y)`` pairs, a coordinate outside [0, 1000], or x1 > x2 or y1 > y2. A missing box
-or a malformed first box scores IoU 0.
+What this module is: IoU on continuous coordinates (area = width × height, no "+1 pixel"
+convention) and accuracy at an IoU threshold (a hit needs IoU ≥ threshold) of the first box in
+each model output. The box format and its parsing rules (first ``<box>`` only, full-width folded,
+0–1000 range, x1 <= x2 and y1 <= y2) live in `seechat.data.boxes`; a missing or malformed first
+box scores IoU 0.
 
 What it is not: multi-box matching (no Hungarian assignment), and not pixel-coordinate boxes —
 convert ground truth to the 0–1000 frame first.
@@ -16,23 +12,14 @@ convert ground truth to the 0–1000 frame first.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from seechat.eval.normalize import to_halfwidth
+from seechat.data.boxes import Box, parse_box
 
-__all__ = ["BOX_SCALE", "Box", "GroundingResult", "box_iou", "grounding_accuracy", "parse_box"]
-
-BOX_SCALE = 1000.0  # coordinates are normalised to [0, BOX_SCALE]
-
-Box = tuple[float, float, float, float]  # (x1, y1, x2, y2)
-
-_BOX_TAG = re.compile(r"<box>(.*?)</box>", re.DOTALL)
-_NUM = r"\s*([-+]?\d+(?:\.\d+)?)\s*"
-_BOX_BODY = re.compile(rf"\s*\({_NUM},{_NUM}\)\s*,?\s*\({_NUM},{_NUM}\)\s*")
+__all__ = ["GroundingResult", "box_iou", "grounding_accuracy"]
 
 
 @dataclass(frozen=True)
@@ -41,20 +28,6 @@ class GroundingResult:
     ious: list[float]  # per item; 0 for a missing or malformed box
     parsed: list[bool]  # per item: whether a valid box was found
     threshold: float
-
-
-def parse_box(text: str) -> Box | None:
-    """First ``<box>(x1,y1),(x2,y2)</box>`` in ``text`` as floats, or None (missing or malformed)."""
-    tag = _BOX_TAG.search(to_halfwidth(text))
-    if tag is None:
-        return None
-    body = _BOX_BODY.fullmatch(tag.group(1))
-    if body is None:
-        return None
-    x1, y1, x2, y2 = (float(v) for v in body.groups())
-    if not all(0.0 <= v <= BOX_SCALE for v in (x1, y1, x2, y2)) or x1 > x2 or y1 > y2:
-        return None
-    return (x1, y1, x2, y2)
 
 
 def box_iou(boxes_a: np.ndarray | Sequence[Box], boxes_b: np.ndarray | Sequence[Box]) -> np.ndarray:

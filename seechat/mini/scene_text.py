@@ -25,18 +25,18 @@ column" and 上方/下方 "in the top/bottom row"; an expression is only used wh
 fits it. (A *position answer* is always the exact grid cell name, e.g. "左边" = middle-left cell.)
 
 Boxes are written ``<box>(x1,y1),(x2,y2)</box>`` with integers in 0..1000, relative to the image
-width/height (Qwen-VL style); see `format_box` and `parse_box`.
+width/height (Qwen-VL style); the format lives in `seechat.data.boxes`.
 """
 
 from __future__ import annotations
 
 import random
-import re
 import types
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import combinations
 
+from seechat.data.boxes import format_box, normalize_box
 from seechat.mini.scenes import COLOURS, SHAPES, Scene, SceneObject
 
 QUESTION_TYPES: tuple[str, ...] = ("count", "colour", "shape", "existence", "position", "relation", "size")
@@ -103,43 +103,6 @@ class RefExpr:
     text: str
     index: int  # the object it picks out
     uses: frozenset[str]  # subset of {"shape", "colour", "size", "position"}
-
-
-# --------------------------------------------------------------------------- boxes
-
-_BOX_RE = re.compile(r"<box>\s*\(\s*(\d+)\s*,\s*(\d+)\s*\)\s*,\s*\(\s*(\d+)\s*,\s*(\d+)\s*\)\s*</box>")
-
-
-def _wh(image_size: int | tuple[int, int]) -> tuple[int, int]:
-    return (image_size, image_size) if isinstance(image_size, int) else image_size
-
-
-def normalize_box(bbox: Sequence[float], image_size: int | tuple[int, int]) -> tuple[int, int, int, int]:
-    """Pixel (x1, y1, x2, y2) -> integers in 0..1000 of (width, height)."""
-    w, h = _wh(image_size)
-    x1, y1, x2, y2 = (min(1000, max(0, round(v / d * 1000))) for v, d in zip(bbox, (w, h, w, h), strict=True))
-    return (x1, y1, x2, y2)
-
-
-def denormalize_box(
-    box: Sequence[int], image_size: int | tuple[int, int]
-) -> tuple[float, float, float, float]:
-    """0..1000 box -> pixel (x1, y1, x2, y2) floats."""
-    w, h = _wh(image_size)
-    x1, y1, x2, y2 = (v / 1000 * d for v, d in zip(box, (w, h, w, h), strict=True))
-    return (x1, y1, x2, y2)
-
-
-def format_box(bbox: Sequence[float], image_size: int | tuple[int, int]) -> str:
-    """Pixel bbox -> ``<box>(x1,y1),(x2,y2)</box>`` in 0..1000 coordinates."""
-    x1, y1, x2, y2 = normalize_box(bbox, image_size)
-    return f"<box>({x1},{y1}),({x2},{y2})</box>"
-
-
-def parse_box(text: str) -> tuple[int, int, int, int] | None:
-    """The first ``<box>(x1,y1),(x2,y2)</box>`` in `text` as 0..1000 ints, or None if there is none."""
-    m = _BOX_RE.search(text)
-    return None if m is None else tuple(int(g) for g in m.groups())  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------- phrases

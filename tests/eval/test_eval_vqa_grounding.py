@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from seechat.eval.grounding import box_iou, grounding_accuracy, parse_box
+from seechat.eval.grounding import box_iou, grounding_accuracy
 from seechat.eval.vqa import answers_match, vqa_accuracy
 
 
@@ -45,30 +45,6 @@ def test_vqa_accuracy_per_type_and_multiple_answers():
     assert result.accuracy == pytest.approx(0.75)
     assert result.per_type == {"color": 0.0, "count": 1.0, "position": 1.0}
     assert result.type_counts == {"color": 1, "count": 2, "position": 1}
-
-
-def test_parse_box_formats():
-    assert parse_box("在<box>(100,200),(300,400)</box>这里") == (100.0, 200.0, 300.0, 400.0)
-    assert parse_box("<box>( 1.5 , 2 ) , (3,4)</box>") == (1.5, 2.0, 3.0, 4.0)
-    assert parse_box("<box>（10，20），（30，40）</box>") == (10.0, 20.0, 30.0, 40.0)  # full-width
-    # only the first box counts, even when a later one is well-formed
-    assert parse_box("<box>(1,2),(3,4)</box><box>(5,6),(7,8)</box>") == (1.0, 2.0, 3.0, 4.0)
-    assert parse_box("<box>(1,2)</box><box>(5,6),(7,8)</box>") is None
-
-
-@pytest.mark.parametrize(
-    "text",
-    [
-        "没有框",
-        "<box>(1,2),(3,4)",
-        "<box>(a,2),(3,4)</box>",
-        "<box>(0,0),(1001,10)</box>",
-        "<box>(50,0),(10,10)</box>",
-        "<box>(1,2,3),(3,4)</box>",
-    ],
-)
-def test_malformed_boxes_are_misses(text):
-    assert parse_box(text) is None
 
 
 def test_iou_by_hand():

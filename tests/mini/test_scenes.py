@@ -12,6 +12,7 @@ import re
 import numpy as np
 import pytest
 
+from seechat.data.boxes import normalize_box, parse_box
 from seechat.mini import scene_text as T
 from seechat.mini.scenes import COLOURS, POSITIONS, SHAPES, Scene, SceneObject, generate_scenes, render
 
@@ -107,16 +108,6 @@ def test_render_paints_objects_in_their_colour(scenes: list[Scene]) -> None:
         assert np.abs(corner_bg - np.array(s.background_rgb)).max() <= 20
 
 
-def test_box_round_trip() -> None:
-    text = T.format_box((16, 8, 32, 64), 64)
-    assert text == "<box>(250,125),(500,1000)</box>"
-    assert T.parse_box(f"在这里：{text}。") == (250, 125, 500, 1000)
-    assert T.parse_box("<box>( 1, 2 ),(3,4)</box>") == (1, 2, 3, 4)
-    assert T.parse_box("没有框") is None
-    assert T.normalize_box((0, 0, 100, 50), (200, 100)) == (0, 0, 500, 500)
-    assert T.denormalize_box((0, 0, 500, 500), (200, 100)) == (0.0, 0.0, 100.0, 50.0)
-
-
 def _expected(scene: Scene, qa: T.QA) -> str:
     if qa.type == "count":
         return str(len(resolve(scene, qa.refs[0])))
@@ -153,8 +144,8 @@ def test_referring_expressions_and_grounding_are_unique(scenes: list[Scene]) -> 
                 assert the(s, ref.text) is s.objects[j], ref
         g = T.grounding(s, random.Random(i))
         if g is not None:
-            assert g.box == T.normalize_box(the(s, g.expression).bbox, s.image_size)
-            assert T.parse_box(g.answer) == g.box
+            assert g.box == normalize_box(the(s, g.expression).bbox, s.image_size)
+            assert parse_box(g.answer) == g.box
 
 
 def test_captions_name_every_object_and_vary(scenes: list[Scene]) -> None:

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import webdataset as wds
 
-from seechat.mini.scene_text import QUESTION_TYPES, parse_box
+from seechat.data.boxes import parse_box
+from seechat.mini.scene_text import QUESTION_TYPES
 from seechat.mini.scenes import Scene, fingerprint
 from seechat.mini.world import SPLITS, WorldConfig, build_world, load_manifest, split_scenes
 
