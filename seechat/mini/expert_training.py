@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import glob
 import json
-import math
 import os
 import tarfile
 import time
@@ -25,8 +24,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from seechat.atomic import atomic_directory
-from seechat.data.jsonl import read_jsonl
+from seechat.data.jsonl import dumps_line, read_jsonl
 from seechat.mini.fresh import text_fingerprint
+from seechat.train.plots import plot_loss_curve
+from seechat.train.schedule import warmup_cosine
 
 PathLike = str | os.PathLike[str]
 DONE = "done.json"
@@ -45,14 +46,6 @@ class Recipe(Protocol):
 
 
 # --------------------------------------------------------------------------- running a recipe
-
-
-def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """Linear warmup to 1, then cosine decay to `min_ratio` at `total`."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 @contextlib.contextmanager
@@ -114,7 +107,7 @@ def train_loop(
         betas=(0.9, 0.98),
     )
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, recipe.warmup_steps, recipe.steps, recipe.min_lr_ratio)
+        opt, lambda s: warmup_cosine(s, recipe.warmup_steps, recipe.steps, recipe.min_lr_ratio)
     )
     losses: list[float] = []
     start = time.perf_counter()
@@ -138,30 +131,15 @@ def train_loop(
                     "lr": sched.get_last_lr()[0],
                     "elapsed_s": round(time.perf_counter() - start, 2),
                 }
-                log.write(json.dumps(row) + "\n")
+                log.write(dumps_line(row))
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    plot_losses(losses, out / "loss.png", name)
+    plot_loss_curve(out / "metrics.jsonl", out / "loss.png", name)
     tail = losses[-max(1, len(losses) // 10) :]
     return {
         "train_seconds": round(time.perf_counter() - start, 1),
         "first_loss": losses[0],
         "final_loss": sum(tail) / len(tail),
     }
-
-
-def plot_losses(losses: list[float], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display; pyplot is imported only after the backend is fixed
-    from matplotlib import pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(losses, lw=1)
-    ax.set(xlabel="step", ylabel="loss", title=title)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 # --------------------------------------------------------------------------- world files

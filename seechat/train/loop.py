@@ -52,6 +52,7 @@ from seechat.model.build import apply_trainable, build
 from seechat.model.checkpoint import load_checkpoint, read_meta, write_checkpoint
 from seechat.train.data import BatchStream, StreamSpec, count_supervised, eval_batches, to_device
 from seechat.train.plots import plot_loss_curve
+from seechat.train.schedule import warmup_cosine
 from seechat.train.state import (
     Position,
     gather_training_state,
@@ -87,12 +88,8 @@ class TrainResult:
 
 def lr_at(step: int, cfg: RunConfig) -> float:
     """Linear warmup to optim.lr, then cosine decay to lr * min_lr_ratio at max_steps."""
-    o, total = cfg.optim, cfg.train.max_steps
-    if o.warmup_steps and step < o.warmup_steps:
-        return o.lr * (step + 1) / o.warmup_steps
-    progress = (step - o.warmup_steps) / max(1, total - o.warmup_steps)
-    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * cosine)
+    o = cfg.optim
+    return o.lr * warmup_cosine(step, o.warmup_steps, cfg.train.max_steps, o.min_lr_ratio)
 
 
 def check_init_matches(run: ModelConfig, ckpt: ModelConfig, path: str) -> None:

@@ -18,6 +18,7 @@ from transformers import AutoImageProcessor, AutoModel, AutoProcessor, AutoToken
 
 from seechat.config import BridgeConfig, LMConfig, ModelConfig, VisionConfig
 from seechat.data.collate import collate
+from seechat.data.jsonl import read_jsonl
 from seechat.eval.scorer import ChineseClipScorer
 from seechat.mini import scene_text
 from seechat.mini.clip_expert import (
@@ -28,7 +29,7 @@ from seechat.mini.clip_expert import (
     patch_box_targets,
     patch_weights,
 )
-from seechat.mini.expert_training import lr_factor, read_jsonl, world_texts
+from seechat.mini.expert_training import world_texts
 from seechat.mini.experts import (
     SHIPPED,
     ClipRecipe,
@@ -234,12 +235,6 @@ def test_patch_weights_cover_the_box():
         2,
     }
     assert float(w[3, 0]) == pytest.approx(6 * 8 / 256)  # 6 px of x in patch 0, all 8 px of y in patch row 3
-
-
-def test_lr_warms_up_then_decays_to_the_floor():
-    f = [lr_factor(s, 10, 100, 0.1) for s in range(101)]
-    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(f[10:], f[11:], strict=False)) and f[100] == pytest.approx(0.1)
 
 
 def test_patch_box_targets_name_the_object_covering_most_of_each_patch():
