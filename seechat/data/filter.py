@@ -46,17 +46,16 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from seechat.atomic import atomic_directory
 from seechat.data.jsonl import dumps_line
-from seechat.data.pairs import (
+from seechat.data.pairs import CorruptSample, check_sample, decode_rgb, image_ext
+from seechat.data.shards import (
     DEFAULT_MAX_SAMPLE_BYTES,
-    CorruptSample,
-    check_sample,
-    decode_rgb,
+    MAX_LISTED_FAILURES,
+    ShardWriter,
+    encode_image,
     expand_shards,
-    image_ext,
     iter_tar_member_names,
     iter_tar_samples,
 )
-from seechat.data.shards import MAX_LISTED_FAILURES, ShardWriter, encode_image
 from seechat.eval.scorer import ChineseClipScorer
 
 logger = logging.getLogger(__name__)

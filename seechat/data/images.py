@@ -14,9 +14,15 @@ areas turned black, and ignored EXIF orientation).
    applied; transparency composited on white (web PNGs and GIFs often carry alpha); RGB.
 
 `probe_image(data)` runs steps 1-2 only (no pixel is decoded): a server checks every image of a
-request this way before it decodes any. What this module is not: image *sources* (folders, JSONL
-lists, shards: `seechat.eval.winrate`, `seechat.data.pairs`) and pixel preprocessing for a vision
-tower (`SeeChatProcessor.preprocess_images`).
+request this way before it decodes any. `load_image_file(path)` is `load_image` for a user's file
+path (`~` expanded, errors name the file). `IMAGE_EXTENSIONS` is the one list of file extensions
+taken for images (folders, shard members, command-line inputs): exactly the accepted formats'
+(three lists used to disagree: the training reader skipped a .gif or .bmp sample as having no image,
+while captioning and the win rate took those files).
+
+What this module is not: image *sources* (folders, JSONL lists, shards: `seechat.data.image_sources`;
+training shards: `seechat.data.pairs`) and pixel preprocessing for a vision tower
+(`SeeChatProcessor.preprocess_images`).
 """
 
 from __future__ import annotations
@@ -34,6 +40,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 # Pillow format ids; "MPO" is how Pillow names a JPEG carrying extra pictures (many phone cameras
 # write one); only its first picture is used, like a GIF's first frame.
 IMAGE_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+# File extensions of those formats, lower case; the order is the preference when a shard sample
+# holds several image members.
+IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 _OPENED_AS = {"MPO": "JPEG"}
 DEFAULT_MAX_IMAGE_PIXELS = 40_000_000  # 40 MP: any real photo fits; a decompression bomb does not
 WHITE = (255, 255, 255)
@@ -152,3 +161,16 @@ def load_image(
             if out is not img:
                 img.close()
         return out
+
+
+def load_image_file(
+    path: str | os.PathLike[str], max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+) -> Image.Image:
+    """`load_image` of a file a user named (`~` expanded); every error message starts with the path."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ImageError(f"{p}: no such file")
+    try:
+        return load_image(p.read_bytes(), max_pixels)
+    except ImageError as e:
+        raise ImageError(f"{p}: {e}") from None

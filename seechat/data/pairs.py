@@ -40,14 +40,11 @@ Call ``set_epoch``/``set_resume`` before creating the DataLoader iterator and do
 
 from __future__ import annotations
 
-import glob
-import io
 import json
 import logging
 import math
 import os
 import random
-import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -55,109 +52,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from braceexpand import braceexpand
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
+from seechat.data.images import IMAGE_EXTENSIONS, ImageError, load_image, probe_image
 from seechat.data.jsonl import append_jsonl, iter_jsonl
+from seechat.data.shards import (
+    DEFAULT_MAX_SAMPLE_BYTES,
+    UnreadMember,
+    expand_shards,
+    iter_tar_member_names,
+    iter_tar_samples,
+)
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+IMAGE_EXTS = tuple(e.removeprefix(".") for e in IMAGE_EXTENSIONS)  # shard member extensions
 MAX_REMEMBERED_KEYS = 1000
-DEFAULT_MAX_SAMPLE_BYTES = 64 << 20  # one sample's members together; a web image is far smaller
 
 Sample = dict[str, Any]
-
-
-# -- shard lists -------------------------------------------------------------------------------------
-
-
-def expand_shards(shards: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[str]:
-    """Expand brace patterns (``data/{00000..00099}.tar``) and globs (``data/*.tar``) into paths.
-
-    Order: the order given, each glob sorted. A pattern that matches nothing is an error.
-    """
-    patterns = [shards] if isinstance(shards, str | os.PathLike) else list(shards)
-    paths: list[str] = []
-    for pattern in patterns:
-        for expanded in braceexpand(str(pattern)):
-            matches = sorted(glob.glob(expanded)) if glob.has_magic(expanded) else [expanded]
-            matches = [m for m in matches if os.path.isfile(m)]
-            if not matches:
-                raise FileNotFoundError(f"no shard matches {expanded!r}")
-            paths.extend(matches)
-    return paths
-
-
-def _split_key(name: str) -> tuple[str, str]:
-    """webdataset's rule: key = path up to the first dot of the basename, ext = the rest."""
-    directory, _, base = name.rpartition("/")
-    stem, dot, ext = base.partition(".")
-    return (f"{directory}/{stem}" if directory else stem), (ext.lower() if dot else "")
-
-
-@dataclass(frozen=True)
-class UnreadMember:
-    """Stands in :func:`iter_tar_samples`'s output for a member whose data was not read because
-    its sample's members together exceed the size limit; :func:`check_sample` rejects the sample."""
-
-    size: int  # bytes, from the tar header
-    sample_size: int  # the sample's members together, up to and including this one
-    limit: int
-
-
-def iter_tar_samples(
-    path: str, max_sample_bytes: int = DEFAULT_MAX_SAMPLE_BYTES
-) -> Iterator[tuple[str, dict[str, bytes | UnreadMember]]]:
-    """Stream (key, {ext: bytes}) groups of consecutive members sharing a key.
-
-    A member that would take its sample past ``max_sample_bytes`` (by the sizes in the tar headers)
-    is not read: it is skipped over in the stream (memory stays bounded, even for a gzip bomb) and
-    stands as an :class:`UnreadMember`."""
-    key, members, held = None, {}, 0
-    try:
-        with tarfile.open(path, "r|*") as tar:
-            for info in tar:
-                if not info.isfile():
-                    continue
-                k, ext = _split_key(info.name)
-                if k != key and key is not None:
-                    yield key, members
-                    members, held = {}, 0
-                key = k
-                held += info.size
-                if held > max_sample_bytes:
-                    members[ext] = UnreadMember(info.size, held, max_sample_bytes)
-                else:
-                    members[ext] = tar.extractfile(info).read()
-    except (tarfile.TarError, OSError, EOFError) as e:
-        logger.warning("shard %s is damaged after key %r (%s); reading stops there", path, key, e)
-        return  # the group in flight may be incomplete: drop it
-    if key is not None:
-        yield key, members
-
-
-def iter_tar_member_names(path: str) -> Iterator[tuple[str, set[str], int]]:
-    """Like :func:`iter_tar_samples` but reads headers only (seeks over the data): (key, member
-    extensions, the members' bytes together)."""
-    key, exts, size = None, set(), 0
-    try:
-        with tarfile.open(path, "r:*") as tar:
-            for info in tar:
-                if not info.isfile():
-                    continue
-                k, ext = _split_key(info.name)
-                if k != key and key is not None:
-                    yield key, exts, size
-                    exts, size = set(), 0
-                key = k
-                exts.add(ext)
-                size += info.size
-    except (tarfile.TarError, OSError, EOFError):
-        return
-    if key is not None:
-        yield key, exts, size
 
 
 # -- epoch plan: which shards / samples a consumer reads ---------------------------------------------
@@ -239,10 +152,9 @@ def image_ext(members: dict[str, bytes]) -> str:
 
 
 def _check_image_header(data: bytes, ext: str) -> None:
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image_format = image.format
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
+    try:  # the header only, with the accepted formats: what decode_rgb would refuse is refused here
+        image_format = probe_image(data, max_pixels=None).format
+    except ImageError as e:
         raise CorruptSample(f"bad image ({type(e).__name__})") from e
     if not _has_end_marker(data, image_format):
         raise CorruptSample(f"truncated {image_format} (no end marker)")
@@ -332,8 +244,10 @@ def shuffle_buffer(items: Iterable[Any], size: int, rng: random.Random) -> Itera
 
 
 def decode_rgb(data: bytes) -> Image.Image:
-    with Image.open(io.BytesIO(data)) as image:
-        return image.convert("RGB")
+    """The sample's image the way every part of seechat opens one (`seechat.data.images.load_image`:
+    accepted formats, first frame, EXIF orientation, transparency on white, RGB); Pillow's own
+    decompression-bomb limit, since the shard's size limit already bounds the bytes."""
+    return load_image(data, max_pixels=None)
 
 
 # -- resume arithmetic --------------------------------------------------------------------------------

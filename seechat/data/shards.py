@@ -1,4 +1,4 @@
-"""Write image–text pairs as webdataset tar shards in the img2dataset layout.
+"""Webdataset tar shards in the img2dataset layout: the one place that reads and writes them.
 
 Each sample ``KEY`` becomes three tar members, ``KEY.jpg`` (JPEG bytes), ``KEY.txt`` (the caption,
 UTF-8) and ``KEY.json`` (metadata, always including ``key`` and ``caption``). Shards are named
@@ -7,16 +7,23 @@ when complete, so a reader globbing ``*.tar`` never sees a half-written shard. O
 leaves ``{prefix}NNNNN_stats.json`` next to every shard and a ``{prefix}stats.json`` summary
 (samples, bytes, failures and which keys failed).
 
-What this module is: the writer (:class:`ShardWriter`), image re-encoding (:func:`encode_image`),
-table readers for local TSV / CSV / JSONL pair lists (:func:`read_pair_table`) and the conversion
-driver behind ``seechat data shards`` (:func:`write_pair_shards`).
+What this module is: shard iteration (:func:`expand_shards` for brace patterns and globs,
+:func:`iter_tar_samples` streaming ``(key, {ext: bytes})`` groups with a per-sample size limit,
+:func:`iter_tar_member_names` reading headers only; keys split as webdataset does), the writer
+(:class:`ShardWriter`), image re-encoding (:func:`encode_image`), table readers for local TSV / CSV /
+JSONL pair lists (:func:`read_pair_table`) and the conversion driver behind ``seechat data shards``
+(:func:`write_pair_shards`). Every shard reader of the project — training (:mod:`seechat.data.pairs`),
+the quality filter, image sources for captioning and win rate, the mini experts — iterates through
+here; the ``webdataset`` package is not needed to read (the tests use it to check compatibility).
 What it is not: a downloader — image URLs are refused (use img2dataset for that, it writes the same
-layout) — and not the training-time reader, which is :mod:`seechat.data.pairs`.
+layout) — and not the training-time dataset (sample checks, shuffling, resume), which is
+:mod:`seechat.data.pairs`.
 """
 
 from __future__ import annotations
 
 import csv
+import glob
 import io
 import json
 import logging
@@ -25,11 +32,12 @@ import os
 import re
 import tarfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from braceexpand import braceexpand
 from PIL import Image
 
 from seechat.data.images import load_image
@@ -41,6 +49,97 @@ TAR_BLOCK = 512
 TAR_RECORD = 20 * TAR_BLOCK  # tarfile pads archives to whole records
 MAX_LISTED_FAILURES = 1000  # cap on failed keys listed in the summary (per-shard stats list all)
 _FIXED_MTIME = 0  # reproducible shards: identical input gives byte-identical tars
+DEFAULT_MAX_SAMPLE_BYTES = 64 << 20  # one sample's members together; a web image is far smaller
+
+
+# -- reading: shard lists and sample iteration -------------------------------------------------------------------------------------
+
+
+def expand_shards(shards: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[str]:
+    """Expand brace patterns (``data/{00000..00099}.tar``) and globs (``data/*.tar``) into paths.
+
+    Order: the order given, each glob sorted. A pattern that matches nothing is an error.
+    """
+    patterns = [shards] if isinstance(shards, str | os.PathLike) else list(shards)
+    paths: list[str] = []
+    for pattern in patterns:
+        for expanded in braceexpand(str(pattern)):
+            matches = sorted(glob.glob(expanded)) if glob.has_magic(expanded) else [expanded]
+            matches = [m for m in matches if os.path.isfile(m)]
+            if not matches:
+                raise FileNotFoundError(f"no shard matches {expanded!r}")
+            paths.extend(matches)
+    return paths
+
+
+def split_key(name: str) -> tuple[str, str]:
+    """webdataset's rule: key = path up to the first dot of the basename, ext = the rest."""
+    directory, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    return (f"{directory}/{stem}" if directory else stem), (ext.lower() if dot else "")
+
+
+@dataclass(frozen=True)
+class UnreadMember:
+    """Stands in :func:`iter_tar_samples`'s output for a member whose data was not read because
+    its sample's members together exceed the size limit; :func:`check_sample` rejects the sample."""
+
+    size: int  # bytes, from the tar header
+    sample_size: int  # the sample's members together, up to and including this one
+    limit: int
+
+
+def iter_tar_samples(
+    path: str, max_sample_bytes: int = DEFAULT_MAX_SAMPLE_BYTES
+) -> Iterator[tuple[str, dict[str, bytes | UnreadMember]]]:
+    """Stream (key, {ext: bytes}) groups of consecutive members sharing a key.
+
+    A member that would take its sample past ``max_sample_bytes`` (by the sizes in the tar headers)
+    is not read: it is skipped over in the stream (memory stays bounded, even for a gzip bomb) and
+    stands as an :class:`UnreadMember`."""
+    key, members, held = None, {}, 0
+    try:
+        with tarfile.open(path, "r|*") as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                k, ext = split_key(info.name)
+                if k != key and key is not None:
+                    yield key, members
+                    members, held = {}, 0
+                key = k
+                held += info.size
+                if held > max_sample_bytes:
+                    members[ext] = UnreadMember(info.size, held, max_sample_bytes)
+                else:
+                    members[ext] = tar.extractfile(info).read()
+    except (tarfile.TarError, OSError, EOFError) as e:
+        logger.warning("shard %s is damaged after key %r (%s); reading stops there", path, key, e)
+        return  # the group in flight may be incomplete: drop it
+    if key is not None:
+        yield key, members
+
+
+def iter_tar_member_names(path: str) -> Iterator[tuple[str, set[str], int]]:
+    """Like :func:`iter_tar_samples` but reads headers only (seeks over the data): (key, member
+    extensions, the members' bytes together)."""
+    key, exts, size = None, set(), 0
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                k, ext = split_key(info.name)
+                if k != key and key is not None:
+                    yield key, exts, size
+                    exts, size = set(), 0
+                key = k
+                exts.add(ext)
+                size += info.size
+    except (tarfile.TarError, OSError, EOFError):
+        return
+    if key is not None:
+        yield key, exts, size
 
 
 class ShardInputError(ValueError):

@@ -38,6 +38,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from seechat.data.collate import collate
+from seechat.data.images import ImageError, load_image_file
 from seechat.data.jsonl import read_jsonl, write_jsonl
 from seechat.data.processor import SeeChatProcessor
 from seechat.eval.bleu import bleu
@@ -274,9 +275,6 @@ def _render_prompts(template: str, rows: list[dict]) -> list[str]:
 
 def _load_batch_images(root: Path, rows: Sequence[dict]) -> tuple[dict[str, Image.Image], dict[str, str]]:
     """Each distinct image of the batch once: (path -> image, path -> why it could not be read)."""
-    from seechat.data.images import ImageError
-    from seechat.infer.chat_cli import load_image_file
-
     images, errors = {}, {}
     for path in dict.fromkeys(r["image"] for r in rows):
         try:

@@ -9,7 +9,7 @@ What this module is:
   ``{"image": ..., "caption": ...}``), load the images, score every caption against its image with
   a Chinese-CLIP scorer (cosine similarity), compute the table and write the report files
   (``seechat.eval.winrate_report``). Every input problem is listed, never silently dropped.
-- Image sources for it: a folder, a JSONL list (``{"image": path}``), or webdataset tar shards.
+- Image sources for it (a folder, a JSONL list, shards) are in ``seechat.data.image_sources``.
 
 Scoring and tie rule (see :data:`TIE_RULE`): a method's score on an image is the cosine between
 the image and its caption. The winner of an image is the method with the highest score; when k
@@ -25,13 +25,11 @@ human preference study — the judge is the scorer model, with its biases.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from glob import glob
 from pathlib import Path, PurePath
 from typing import Protocol
 
@@ -39,29 +37,23 @@ import numpy as np
 import torch
 from PIL import Image
 
+from seechat.data.jsonl import enumerate_jsonl
 from seechat.eval.winrate_report import PROBLEM_KINDS, TIE_RULE, write_report
 
 __all__ = [
     "PROBLEM_KINDS",
     "TIE_RULE",
-    "FolderImages",
-    "ImageSource",
     "ImageTextEmbedder",
-    "JsonlImages",
     "Problem",
-    "ShardImages",
     "WinRateResult",
     "compute_winrate",
     "fractional_wins",
     "head_to_head",
     "load_captions",
-    "open_image_source",
     "run_winrate",
 ]
 
 log = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 
 
 @dataclass(frozen=True)
@@ -218,46 +210,34 @@ def load_captions(path: str | Path, method: str) -> tuple[dict[str, str], list[P
     captions: dict[str, str] = {}
     seen_rows: dict[str, int] = {}
     problems: list[Problem] = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            row = _parse_caption_row(line)
-            if row is None:
-                problems.append(
-                    Problem("bad_caption_row", "", method, f"{path}:{line_no}: {line.strip()[:80]!r}")
+
+    def bad_row(line_no: int, line: str, _err: Exception | None = None) -> None:
+        problems.append(Problem("bad_caption_row", "", method, f"{path}:{line_no}: {line.strip()[:80]!r}"))
+
+    for line_no, row in enumerate_jsonl(path, on_error=bad_row):
+        if not (
+            isinstance(row, dict)
+            and isinstance(row.get("image"), str)
+            and isinstance(row.get("caption"), str)
+        ):
+            bad_row(line_no, json.dumps(row, ensure_ascii=False))
+            continue
+        image, caption = row["image"], row["caption"]
+        if image in captions:
+            same = "same caption" if captions[image] == caption else f"differs: {caption[:40]!r}"
+            problems.append(
+                Problem(
+                    "duplicate_caption",
+                    image,
+                    method,
+                    f"{path}:{line_no} repeats the row of line {seen_rows[image]} ({same})",
                 )
-                continue
-            image, caption = row
-            if image in captions:
-                same = "same caption" if captions[image] == caption else f"differs: {caption[:40]!r}"
-                problems.append(
-                    Problem(
-                        "duplicate_caption",
-                        image,
-                        method,
-                        f"{path}:{line_no} repeats the row of line {seen_rows[image]} ({same})",
-                    )
-                )
-                continue
-            captions[image], seen_rows[image] = caption, line_no
-            if not caption.strip():
-                problems.append(Problem("empty_caption", image, method, f"{path}:{line_no}"))
+            )
+            continue
+        captions[image], seen_rows[image] = caption, line_no
+        if not caption.strip():
+            problems.append(Problem("empty_caption", image, method, f"{path}:{line_no}"))
     return captions, problems
-
-
-def _parse_caption_row(line: str) -> tuple[str, str] | None:
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError:
-        return None
-    if (
-        not isinstance(row, dict)
-        or not isinstance(row.get("image"), str)
-        or not isinstance(row.get("caption"), str)
-    ):
-        return None
-    return row["image"], row["caption"]
 
 
 def _match_image_keys(
@@ -288,99 +268,6 @@ def _match_path_suffix(parts: tuple[str, ...], by_parts: Mapping[tuple[str, ...]
         if parts[start:] in by_parts:
             return by_parts[parts[start:]]
     return None
-
-
-def _open_rgb(source: str | Path | io.BytesIO) -> Image.Image:
-    with Image.open(source) as image:
-        return image.convert("RGB")  # forces the full decode, so corrupt files fail here
-
-
-class ImageSource(Protocol):
-    """Anything with image ids and a way to load one of them."""
-
-    ids: list[str]
-
-    def load(self, image_id: str) -> Image.Image: ...
-
-
-class FolderImages:
-    """Every image file under ``root`` (recursively, by extension); ids are POSIX paths relative to root."""
-
-    def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
-        if not self.root.is_dir():
-            raise NotADirectoryError(f"image folder {self.root} does not exist")
-        files = (p for p in self.root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-        self.ids = sorted(p.relative_to(self.root).as_posix() for p in files)
-
-    def load(self, image_id: str) -> Image.Image:
-        return _open_rgb(self.root / image_id)
-
-
-class JsonlImages:
-    """Images listed one per line as ``{"image": path, ...}``; ids are the paths as written.
-    Relative paths are resolved against ``image_root`` (default: the JSONL file's folder), as in
-    ``seechat.data``. Duplicates stay in ``ids`` so that :func:`run_winrate` reports them."""
-
-    def __init__(self, path: str | Path, image_root: str | Path | None = None) -> None:
-        self.path = Path(path)
-        self.image_root = Path(image_root) if image_root is not None else self.path.parent
-        self.ids: list[str] = []
-        with open(self.path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                row = json.loads(line)
-                if not isinstance(row, dict) or not isinstance(row.get("image"), str):
-                    raise ValueError(
-                        f'{self.path}:{line_no}: expected {{"image": path}}, got {line.strip()[:80]!r}'
-                    )
-                self.ids.append(row["image"])
-
-    def load(self, image_id: str) -> Image.Image:
-        return _open_rgb(self.image_root / image_id)  # an absolute image_id replaces the root
-
-
-class ShardImages:
-    """Images in webdataset tar shards (img2dataset layout: ``key.jpg`` next to ``key.txt``); ids are
-    the sample keys. The encoded bytes are held in memory: meant for held-out evaluation shards, not
-    for a training corpus. Duplicate keys stay in ``ids`` so that :func:`run_winrate` reports them."""
-
-    def __init__(self, urls: str | Sequence[str]) -> None:
-        import webdataset as wds
-
-        self.ids: list[str] = []
-        self._encoded: dict[str, bytes] = {}
-        for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):  # raw bytes, no decode
-            key = sample["__key__"]
-            self.ids.append(key)
-            ext = next((e for e in IMAGE_EXTENSIONS if e[1:] in sample), None)
-            if ext is not None and key not in self._encoded:
-                self._encoded[key] = sample[ext[1:]]
-
-    def load(self, image_id: str) -> Image.Image:
-        if image_id not in self._encoded:
-            raise KeyError(f"sample {image_id!r} has no image member ({', '.join(IMAGE_EXTENSIONS)})")
-        return _open_rgb(io.BytesIO(self._encoded[image_id]))
-
-
-def open_image_source(spec: str | Path, *, image_root: str | Path | None = None) -> ImageSource:
-    """A folder → :class:`FolderImages`; ``*.jsonl`` → :class:`JsonlImages` (with ``image_root``);
-    ``*.tar``, a brace pattern (``shards/{00000..00009}.tar``) or a glob (``shards/*.tar``) →
-    :class:`ShardImages`."""
-    text = str(spec)
-    if Path(text).is_dir():
-        return FolderImages(text)
-    if text.endswith(".jsonl"):
-        return JsonlImages(text, image_root)
-    if "*" in text or "?" in text:
-        shards = sorted(glob(text))
-        if not shards:
-            raise FileNotFoundError(f"no shards match {text!r}")
-        return ShardImages(shards)
-    if text.endswith(".tar") or "{" in text:
-        return ShardImages(text)
-    raise ValueError(f"cannot read images from {text!r}: give a folder, a .jsonl list, or .tar shard(s)")
 
 
 # --- the experiment ----------------------------------------------------------------------------

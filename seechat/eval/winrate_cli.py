@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 
+from seechat.data.image_sources import open_image_source
 from seechat.eval.scorer import ChineseClipScorer
-from seechat.eval.winrate import WinRateResult, open_image_source, run_winrate
+from seechat.eval.winrate import WinRateResult, run_winrate
 
 __all__ = [
     "DEFAULT_SCORER",

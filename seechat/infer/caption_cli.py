@@ -27,11 +27,12 @@ from pathlib import Path
 
 from PIL import Image
 
-from seechat.data.images import ImageError
-from seechat.infer.chat_cli import add_sampling_arguments, load_image_file, sampling_from_args
+from seechat.data.image_sources import open_image_source
+from seechat.data.images import IMAGE_EXTENSIONS as IMAGE_SUFFIXES
+from seechat.data.images import ImageError, load_image_file
+from seechat.infer.chat_cli import add_sampling_arguments, sampling_from_args
 
 DEFAULT_PROMPT = "请用一句话描述这张图片。"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 
 
 class _TextList:
@@ -56,8 +57,6 @@ class _Files:
 
 def open_inputs(inputs: list[str], image_root: str | None = None) -> Iterator[tuple[str, object]]:
     """(id, source) for every image of every input, in order."""
-    from seechat.eval.winrate import open_image_source
-
     root = Path(image_root) if image_root else None
     files: list[str] = []
     for spec in inputs:

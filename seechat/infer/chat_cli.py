@@ -17,12 +17,11 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-from pathlib import Path
 from typing import TextIO
 
 from PIL import Image
 
-from seechat.data.images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, load_image
+from seechat.data.images import ImageError, load_image_file
 from seechat.infer.generate import SamplingParams
 
 HELP = """commands:
@@ -30,18 +29,6 @@ HELP = """commands:
   /clear                   start a new conversation
   /help                    show this list
   /quit                    leave (also /exit, Ctrl-D)"""
-
-
-def load_image_file(path: str | Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
-    """An RGB image from a file, prepared exactly as the server and the training readers do
-    (`seechat.data.images.load_image`: accepted formats, size limit, EXIF, alpha on white)."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise ImageError(f"{p}: no such file")
-    try:
-        return load_image(p.read_bytes(), max_pixels)
-    except ImageError as e:
-        raise ImageError(f"{p}: {e}") from None
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens: int = 256) -> None:

@@ -24,9 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from seechat.config import load_config, to_dict
+from seechat.data.images import load_image
+from seechat.data.jsonl import read_jsonl
 from seechat.infer.chat import ChatSession
 from seechat.infer.generate import SamplingParams
-from seechat.mini.evaluate import evaluate_split, read_jsonl
+from seechat.mini.evaluate import evaluate_split
 from seechat.mini.experts import ExpertPaths, shipped_experts
 from seechat.mini.world import WorldConfig, build_world
 from seechat.model import load
@@ -108,11 +110,9 @@ def run_stage(
 
 def sample_dialogue(checkpoint: Path, world: Path) -> list[tuple[str, str]]:
     """A short multi-turn chat about the first test image, printed by the demo."""
-    from PIL import Image
-
     model, processor = load(checkpoint)
     row = read_jsonl(world / "test" / "captions.jsonl")[0]
-    image = Image.open(world / row["image"]).convert("RGB")
+    image = load_image(world / row["image"])
     chat = ChatSession(model, processor)
     turns = []
     for q in ("请用一句话描述这张图片。", "图中有几个图形？", "请给出第一个图形的位置（坐标框）。"):

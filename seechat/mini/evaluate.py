@@ -12,6 +12,9 @@ from pathlib import Path
 
 from PIL import Image
 
+from seechat.data.image_sources import JsonlImages
+from seechat.data.images import load_image
+from seechat.data.jsonl import read_jsonl, write_jsonl
 from seechat.data.processor import SeeChatProcessor
 from seechat.eval.bleu import bleu
 from seechat.eval.cider import cider_d
@@ -23,14 +26,11 @@ from seechat.eval.tasks import (
     VQA_PROMPT,
     answer_batch,
     caption_exact_match,
-    read_jsonl,
-    write_jsonl,
 )
 from seechat.eval.vqa import vqa_accuracy
-from seechat.eval.winrate import JsonlImages, run_winrate
+from seechat.eval.winrate import run_winrate
 from seechat.model.modeling import SeeChatModel
 
-# answer_batch and read_jsonl are re-exported: seechat.mini.demo and older callers import them from here.
 __all__ = [
     "CAPTION_PROMPT",
     "GROUNDING_PROMPT",
@@ -38,13 +38,12 @@ __all__ = [
     "answer_split",
     "evaluate_split",
     "load_images",
-    "read_jsonl",
 ]
 
 
 def load_images(world: Path, rows: list[dict]) -> dict[str, Image.Image]:
     """Each row's image (paths relative to the world root), by path, each opened once."""
-    return {r["image"]: Image.open(world / r["image"]).convert("RGB") for r in rows}
+    return {r["image"]: load_image(world / r["image"]) for r in rows}
 
 
 def blank_like(image: Image.Image) -> Image.Image:

@@ -36,9 +36,10 @@ import torch
 from PIL import Image
 
 from seechat.data.filter import KeepRule, count_samples, filter_shards
+from seechat.data.image_sources import JsonlImages
 from seechat.data.jsonl import read_jsonl, write_jsonl
 from seechat.eval.scorer import ChineseClipScorer
-from seechat.eval.winrate import JsonlImages, WinRateResult, run_winrate
+from seechat.eval.winrate import WinRateResult, run_winrate
 from seechat.mini.demo import Assets, run_stage
 from seechat.mini.evaluate import answer_split, load_images
 from seechat.model import load

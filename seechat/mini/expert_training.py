@@ -11,7 +11,6 @@ import contextlib
 import glob
 import json
 import os
-import tarfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
@@ -20,11 +19,12 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from seechat.atomic import atomic_directory
+from seechat.data.images import load_image
 from seechat.data.jsonl import dumps_line, read_jsonl
+from seechat.data.shards import iter_tar_samples
 from seechat.mini.fresh import text_fingerprint
 from seechat.train.plots import plot_loss_curve
 from seechat.train.schedule import warmup_cosine
@@ -149,11 +149,10 @@ def pair_meta(world: Path, split: str) -> dict[str, dict[str, Any]]:
     """key -> `KEY.json` metadata of the split's pair shards (caption, detailed, scene …)."""
     metas: dict[str, dict[str, Any]] = {}
     for shard in sorted(glob.glob(str(world / "pairs" / split / "*.tar"))):
-        with tarfile.open(shard) as tar:
-            for member in tar:
-                if member.name.endswith(".json"):
-                    meta = json.loads(tar.extractfile(member).read())  # type: ignore[union-attr]
-                    metas[meta["key"]] = meta
+        for _, members in iter_tar_samples(shard):
+            if isinstance(members.get("json"), bytes):
+                meta = json.loads(members["json"])  # type: ignore[arg-type]
+                metas[meta["key"]] = meta
     return metas
 
 
@@ -182,5 +181,5 @@ def world_texts(world_root: PathLike) -> Iterator[str]:
 
 def load_pixels(world: Path, rel_paths: list[str]) -> torch.Tensor:
     """JPEGs (paths relative to the world root) -> uint8 (N, 3, H, W)."""
-    arrays = [np.asarray(Image.open(world / p).convert("RGB")) for p in rel_paths]
+    arrays = [np.asarray(load_image(world / p)) for p in rel_paths]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()

@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from seechat.data.pairs import PairShardDataset, ResumeSchedule, expand_shards, resume_schedule
-from seechat.data.shards import ShardWriter
+from seechat.data.pairs import PairShardDataset, ResumeSchedule, resume_schedule
+from seechat.data.shards import ShardWriter, expand_shards
 
 N_SHARDS, PER_SHARD = 5, 7
 

@@ -12,8 +12,9 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from seechat.data.image_sources import FolderImages
 from seechat.eval.scorer import ChineseClipScorer
-from seechat.eval.winrate import FolderImages, JsonlImages, ShardImages, open_image_source, run_winrate
+from seechat.eval.winrate import run_winrate
 from seechat.eval.winrate_cli import add_winrate_arguments, parse_caption_spec, run_winrate_from_args
 
 COLOURS = {"红色": (220, 30, 30), "蓝色": (30, 30, 220), "绿色": (30, 180, 30), "黄色": (230, 220, 40)}
@@ -128,34 +129,6 @@ def test_run_winrate_end_to_end_reports_every_problem(tiny_clip_dir, image_dir, 
     assert (
         summary["n_images_scored"] == 4 and summary["problems"]["missing_caption"] == 3
     )  # stage1: broken, img3; stage2: broken
-
-
-def test_jsonl_and_shard_image_sources(image_dir, tmp_path):
-    listing = _write_jsonl(
-        tmp_path / "list.jsonl", [{"image": "images/img0.png"}, {"image": "images/img1.png"}]
-    )
-    jsonl = open_image_source(listing)
-    assert isinstance(jsonl, JsonlImages) and jsonl.ids == ["images/img0.png", "images/img1.png"]
-    assert jsonl.load("images/img1.png").size == (48, 40)
-    (tmp_path / "test").mkdir()  # mini-world layout: lists in test/, paths relative to the world root
-    nested = _write_jsonl(tmp_path / "test" / "list.jsonl", [{"image": "images/img2.png", "id": "x"}])
-    assert open_image_source(nested, image_root=tmp_path).load("images/img2.png").size == (48, 40)
-    with pytest.raises(FileNotFoundError):
-        open_image_source(nested).load("images/img2.png")  # default root: the list's own folder
-
-    import webdataset as wds
-
-    shard = tmp_path / "heldout-00000.tar"
-    with wds.TarWriter(str(shard)) as sink:
-        sink.write({"__key__": "000000", "jpg": (image_dir / "img0.png").read_bytes(), "txt": "红色"})
-        sink.write({"__key__": "000001", "txt": "no image member"})
-    shards = open_image_source(str(shard))
-    assert isinstance(shards, ShardImages) and shards.ids == ["000000", "000001"]
-    assert shards.load("000000").mode == "RGB"
-    with pytest.raises(KeyError):
-        shards.load("000001")
-    with pytest.raises(ValueError, match="folder"):
-        open_image_source(tmp_path / "captions.csv")
 
 
 def test_cli_wiring(tiny_clip_dir, image_dir, caption_files, tmp_path, capsys):
