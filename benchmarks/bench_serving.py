@@ -126,7 +126,7 @@ class Bench:
     # ---------------------------------------------------------------- seechat engine
 
     def engine_run(self, name: str, concurrency: int) -> dict:
-        from seechat.infer.generate import SamplingParams
+        from seechat.infer.sampling import SamplingParams
 
         images = self._images(concurrency)
         params = SamplingParams(max_new_tokens=self.n)
@@ -164,7 +164,7 @@ class Bench:
         }
 
     def engine_tokens(self, name: str, image: Image.Image) -> list[int]:
-        from seechat.infer.generate import SamplingParams
+        from seechat.infer.sampling import SamplingParams
 
         params = SamplingParams(max_new_tokens=self.n)
         return (

@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw
 from seechat.config import BridgeConfig, LMConfig, ModelConfig, TrainableConfig, VisionConfig
 from seechat.data.collate import collate
 from seechat.infer.chat import ChatSession
-from seechat.infer.generate import SamplingParams
+from seechat.infer.sampling import SamplingParams
 from seechat.model import apply_trainable, build, load
 from seechat.model.tiny import write_tiny_lm, write_tiny_vision
 

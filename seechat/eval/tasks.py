@@ -46,7 +46,8 @@ from seechat.eval.cider import cider_d
 from seechat.eval.grounding import grounding_accuracy
 from seechat.eval.normalize import get_tokenizer, normalize_caption
 from seechat.eval.vqa import vqa_accuracy
-from seechat.infer.generate import SamplingParams, generate
+from seechat.infer.generate import generate
+from seechat.infer.sampling import SamplingParams
 from seechat.model.modeling import SeeChatModel
 
 __all__ = [

@@ -105,7 +105,7 @@ def caption(
     """Caption every input image into `out`; returns counts {"written", "skipped", "failed"}."""
     from tqdm import tqdm
 
-    from seechat.infer.generate import SamplingParams
+    from seechat.infer.sampling import SamplingParams
     from seechat.infer.session import prompt_ids
 
     params = params or SamplingParams(max_new_tokens=64)

@@ -15,7 +15,8 @@ from PIL import Image
 
 from seechat.data.collate import collate
 from seechat.data.processor import SeeChatProcessor
-from seechat.infer.generate import SamplingParams, stream_generate
+from seechat.infer.generate import stream_generate
+from seechat.infer.sampling import SamplingParams
 from seechat.model.modeling import SeeChatModel
 
 

@@ -22,7 +22,7 @@ from typing import TextIO
 from PIL import Image
 
 from seechat.data.images import ImageError, load_image_file
-from seechat.infer.generate import SamplingParams
+from seechat.infer.sampling import SamplingParams
 
 HELP = """commands:
   /image PATH [PATH ...]   attach image(s) to your next question

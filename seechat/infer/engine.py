@@ -41,11 +41,11 @@ import torch
 from PIL import Image
 
 from seechat.data.processor import SeeChatProcessor
-from seechat.infer.generate import SamplingParams, apply_repetition_penalty, sample_next
 from seechat.infer.images import ImageFeatureCache, key_tag, pixel_key
 from seechat.infer.kv import BatchKV, Layers, PrefixCache, kv_peak_tokens
 from seechat.infer.request import Completion, Request, StopStrings, StreamEvent, ngram_drafts, plain_greedy
 from seechat.infer.runner import ModelRunner, PrefillRow
+from seechat.infer.sampling import SamplingParams, apply_repetition_penalty, sample_next
 from seechat.model.modeling import SeeChatModel
 
 log = logging.getLogger(__name__)

@@ -2,71 +2,23 @@
 
 The generator knows token ids and embeddings, not chat: `stream_generate` yields new token ids
 as they are produced (so streaming is free), `generate` collects them for a left-padded batch.
-Sampling: greedy (temperature 0), temperature, top-k, top-p and a repetition penalty. The image
-token is never sampled. The serving engine builds on the same pieces.
+The image token is never sampled. How a token is picked from the logits (greedy, temperature,
+top-k, top-p, repetition penalty) is `seechat.infer.sampling`, shared with the serving engine.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 
 import torch
 
+from seechat.infer.sampling import SamplingParams, apply_repetition_penalty, sample_next
 from seechat.model.modeling import SeeChatModel
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_new_tokens: int = 128
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = off
-    repetition_penalty: float = 1.0  # 1 = off
-    seed: int | None = None
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids that skip left padding: 0 at each row's first real token. (B, T)"""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """CTRL-style penalty on tokens already in `seen` (B, S); logits (B, V)."""
-    if penalty == 1.0 or seen.numel() == 0:
-        return logits
-    picked = logits.gather(1, seen)
-    picked = torch.where(picked > 0, picked / penalty, picked * penalty)
-    return logits.scatter(1, seen, picked)
-
-
-GREEDY_BELOW = 1e-5  # temperatures under this sample greedily: the T -> 0 limit of softmax(l / T)
-
-
-def sample_next(
-    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """logits (B, V) -> next token ids (B,).
-
-    Numerically safe for every temperature >= 0: the logits are shifted so that their maximum is 0
-    before dividing, so l / T is never +inf (a tiny T once gave inf / inf = NaN probabilities and a
-    crash in `torch.multinomial`); T below GREEDY_BELOW is greedy, the limit the distribution tends
-    to. Non-finite logits from the model still raise: the caller fails that request alone."""
-    if params.temperature < GREEDY_BELOW:
-        return logits.argmax(-1)
-    logits = logits.float()
-    logits = (logits - logits.max(-1, keepdim=True).values) / params.temperature  # <= 0, max exactly 0
-    if params.top_k > 0:
-        kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) > params.top_p  # keep the token that crosses top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
 @torch.inference_mode()

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from seechat.infer.generate import GREEDY_BELOW, SamplingParams
 from seechat.infer.kv import Layers
+from seechat.infer.sampling import GREEDY_BELOW, SamplingParams
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from PIL import Image
 
 from seechat.data.processor import SeeChatProcessor
 from seechat.infer.engine import Engine, StreamEvent
-from seechat.infer.generate import SamplingParams
+from seechat.infer.sampling import SamplingParams
 
 
 def prompt_ids(

@@ -27,7 +27,7 @@ from seechat.config import load_config, to_dict
 from seechat.data.images import load_image
 from seechat.data.jsonl import read_jsonl
 from seechat.infer.chat import ChatSession
-from seechat.infer.generate import SamplingParams
+from seechat.infer.sampling import SamplingParams
 from seechat.mini.evaluate import evaluate_split
 from seechat.mini.experts import ExpertPaths, shipped_experts
 from seechat.mini.world import WorldConfig, build_world

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from seechat.data.images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, probe_image
-from seechat.infer.generate import SamplingParams
+from seechat.infer.sampling import SamplingParams
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes

@@ -12,7 +12,7 @@ from seechat.eval.winrate import load_captions
 from seechat.infer.caption_cli import caption
 from seechat.infer.chat_cli import chat_loop
 from seechat.infer.engine import Engine
-from seechat.infer.generate import SamplingParams
+from seechat.infer.sampling import SamplingParams
 from seechat.infer.session import EngineChat
 from tests.infer.tiny_engine import coloured, png_bytes
 

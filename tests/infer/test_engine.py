@@ -11,7 +11,7 @@ import torch
 
 from seechat.infer import engine as engine_module
 from seechat.infer.engine import Engine, EngineConfig, QueueFullError, RequestError
-from seechat.infer.generate import SamplingParams
+from seechat.infer.sampling import SamplingParams
 from seechat.infer.session import EngineChat, prompt_ids
 from tests.infer.tiny_engine import coloured
 

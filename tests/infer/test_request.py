@@ -1,14 +1,11 @@
 """Stop strings in linear time give exactly what re-scanning the whole text gives; the KV budget's
-bound; sampling that is safe for every accepted temperature."""
+bound."""
 
 from __future__ import annotations
 
-import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from seechat.infer.generate import SamplingParams, sample_next
 from seechat.infer.kv import kv_peak_tokens
 from seechat.infer.request import StopStrings
 
@@ -57,13 +54,3 @@ def test_kv_peak_bound():
     # three rows: all three for 2 more steps (3 x 12), two of them for 4 (2 x 14), one for 20 (30)
     assert kv_peak_tokens(10, [2, 20, 4]) == 36
     assert kv_peak_tokens(100, [2, 20, 4]) == 306
-
-
-def test_sampling_is_safe_for_every_temperature():
-    logits = torch.tensor([[1e4, 2.0, -3.0, 0.5], [0.0, 0.0, 5.0, 5.0]])
-    for t in (5e-324, 1e-300, 1e-40, 1e-6, 1e-5, 1e-3, 0.5, 2.0):
-        g = torch.Generator().manual_seed(0)
-        out = sample_next(logits.clone(), SamplingParams(temperature=t, top_p=0.9, top_k=3), g)
-        assert out[0] == 0 and out[1] in (2, 3)
-    with pytest.raises(RuntimeError):  # a model's NaN is not hidden: the engine fails that request alone
-        sample_next(torch.tensor([[float("nan"), 1.0]]), SamplingParams(temperature=1.0))

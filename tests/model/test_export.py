@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoProcessor, LlavaForConditiona
 from seechat.cli import main
 from seechat.config import TrainableConfig
 from seechat.data.conversation import text_messages
-from seechat.infer.generate import SamplingParams
+from seechat.infer.sampling import SamplingParams
 from seechat.model import apply_trainable, build, load
 from seechat.model.export import ExportError, export_llava_hf
 from tests.helpers import model_config

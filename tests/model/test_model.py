@@ -9,7 +9,8 @@ import torch
 
 from seechat.config import BridgeConfig
 from seechat.data.collate import collate
-from seechat.infer.generate import SamplingParams, generate_without_cache
+from seechat.infer.generate import generate_without_cache
+from seechat.infer.sampling import SamplingParams
 from seechat.model import BRIDGES, build
 from seechat.model.bridges import build_bridge, merge_patches, merged_grid
 from seechat.model.tiny import LM_ARCHS, VISION_ARCHS
