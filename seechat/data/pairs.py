@@ -130,8 +130,10 @@ def _raw_samples(
 
 
 @dataclass(frozen=True)
-class _Encoded:
-    """A sample that passed the cheap checks, image still encoded."""
+class CheckedPair:
+    """An image–text pair that passed the cheap structural checks (`check_sample`), its image still
+    encoded bytes; decoding comes later, after the shuffle buffer. (Not `seechat.data.processor.Encoded`,
+    which is a tokenised training sample.)"""
 
     key: str
     image_bytes: bytes
@@ -204,7 +206,7 @@ def _text(members: dict[str, bytes], meta: dict[str, Any], text_field: str) -> s
     return value
 
 
-def check_sample(key: str, members: dict[str, bytes | UnreadMember], text_field: str) -> _Encoded:
+def check_sample(key: str, members: dict[str, bytes | UnreadMember], text_field: str) -> CheckedPair:
     """The cheap, deterministic validity check (no pixel decoding). Raises :class:`CorruptSample`."""
     for name, member in members.items():
         if isinstance(member, UnreadMember):
@@ -216,7 +218,7 @@ def check_sample(key: str, members: dict[str, bytes | UnreadMember], text_field:
     meta = _parse_meta(members, required=text_field != "txt")
     text = _text(members, meta, text_field)
     _check_image_header(members[ext], ext)
-    return _Encoded(key, members[ext], text, meta)
+    return CheckedPair(key, members[ext], text, meta)
 
 
 def _structurally_complete(exts: set[str], size: int, text_field: str, max_sample_bytes: int) -> bool:
@@ -458,14 +460,14 @@ class PairShardDataset(IterableDataset):
             num_workers=num_workers,
         )
 
-    def _checked(self, plan: SlotPlan, worker: int) -> Iterator[_Encoded]:
+    def _checked(self, plan: SlotPlan, worker: int) -> Iterator[CheckedPair]:
         for shard, key, members in _raw_samples(plan, self.max_sample_bytes):
             try:
                 yield check_sample(key, members, self.text_field)
             except CorruptSample as e:
                 self._record_skip(key, str(e), shard, worker)
 
-    def _decode(self, encoded: _Encoded, worker: int) -> Sample | None:
+    def _decode(self, encoded: CheckedPair, worker: int) -> Sample | None:
         try:
             image = decode_rgb(encoded.image_bytes)
         except (OSError, ValueError, Image.DecompressionBombError) as e:
