@@ -95,8 +95,8 @@ class Bench:
     def __init__(self, ckpt: Path, llava_dir: Path, new_tokens: int, max_batch: int):
         from transformers import LlavaForConditionalGeneration
 
+        from seechat.infer.chat import prompt_ids
         from seechat.infer.engine import Engine, EngineConfig
-        from seechat.infer.session import prompt_ids
         from seechat.model import load
 
         self.model, self.processor = load(ckpt)

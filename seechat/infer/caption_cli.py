@@ -105,8 +105,8 @@ def caption(
     """Caption every input image into `out`; returns counts {"written", "skipped", "failed"}."""
     from tqdm import tqdm
 
+    from seechat.infer.chat import prompt_ids
     from seechat.infer.sampling import SamplingParams
-    from seechat.infer.session import prompt_ids
 
     params = params or SamplingParams(max_new_tokens=64)
     out = Path(out)

@@ -71,7 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def chat_loop(
     chat, params: SamplingParams, stop: list[str], pending: list[Image.Image], stdin: TextIO, stdout: TextIO
 ) -> None:
-    """The REPL over an `EngineChat`; `pending` images go with the next question."""
+    """The REPL over a `ChatSession`; `pending` images go with the next question."""
     interactive = stdin.isatty()
     print("seechat chat — /help for commands, /quit to leave", file=stdout)
     if pending:
@@ -125,8 +125,8 @@ def chat_loop(
 def run_from_args(args: argparse.Namespace) -> int:
     import torch
 
+    from seechat.infer.chat import ChatSession
     from seechat.infer.engine import Engine
-    from seechat.infer.session import EngineChat
     from seechat.model import load
 
     if args.threads:
@@ -138,7 +138,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         return 2
     model, processor = load(args.model, device=args.device)
     with Engine(model, processor) as engine:
-        chat = EngineChat(engine, processor, system=args.system)
+        chat = ChatSession(engine, processor, system=args.system)
         try:
             chat_loop(chat, sampling_from_args(args), args.stop, pending, sys.stdin, sys.stdout)
         except KeyboardInterrupt:

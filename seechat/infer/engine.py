@@ -18,7 +18,7 @@ Requests come in as token ids (image tokens already expanded) plus images and sa
 parameters; they go out as `StreamEvent`s. Images are preprocessed to pixel values on the
 submitting thread (never on the scheduler thread), and the waiting queue is bounded in bytes as
 well as in requests. The engine knows token ids, images and text pieces, not chat roles or HTTP:
-`seechat.infer.session` renders conversations, `seechat.serve` speaks OpenAI.
+`seechat.infer.chat` renders conversations, `seechat.serve` speaks OpenAI.
 Submitting is thread-safe; `stream` (sync) and `astream` (asyncio) wrap `submit`.
 
 Greedy outputs do not depend on what else is in the batch: rows are independent (attention masks

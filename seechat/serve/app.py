@@ -10,7 +10,7 @@
                                 the reply streams in, <box>...</box> in a reply is drawn on the image
 
 The layer is thin: `seechat.serve.protocol` validates requests and shapes responses,
-`seechat.infer.session.prompt_ids` renders the conversation, `seechat.infer.engine.Engine` does the
+`seechat.infer.chat.prompt_ids` renders the conversation, `seechat.infer.engine.Engine` does the
 rest (batching, caches, streaming). What it promises, and how (docs/serving.md lists the limits
 and their flags):
 
@@ -55,8 +55,8 @@ from starlette.requests import ClientDisconnect
 
 from seechat.data.images import ImageError, load_image
 from seechat.data.processor import SeeChatProcessor
+from seechat.infer.chat import prompt_ids
 from seechat.infer.engine import Engine, EngineClosedError, EngineConfig, QueueFullError, RequestError
-from seechat.infer.session import prompt_ids
 from seechat.serve.protocol import (
     APIError,
     ChatRequest,

@@ -10,10 +10,10 @@ import pytest
 from seechat.cli import main
 from seechat.eval.winrate import load_captions
 from seechat.infer.caption_cli import caption
+from seechat.infer.chat import ChatSession
 from seechat.infer.chat_cli import chat_loop
 from seechat.infer.engine import Engine
 from seechat.infer.sampling import SamplingParams
-from seechat.infer.session import EngineChat
 from tests.infer.tiny_engine import coloured, png_bytes
 
 
@@ -43,7 +43,7 @@ def test_chat_loop_commands_and_multi_image(tiny, tmp_path):
     )
     out = io.StringIO()
     with Engine(model, processor) as engine:
-        chat = EngineChat(engine, processor)
+        chat = ChatSession(engine, processor)
         chat_loop(chat, SamplingParams(max_new_tokens=6), [], [], io.StringIO(script), out)
         assert engine.counters["images_encoded"] == 2
     text = out.getvalue()

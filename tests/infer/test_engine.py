@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from seechat.infer import engine as engine_module
+from seechat.infer.chat import ChatSession, prompt_ids
 from seechat.infer.engine import Engine, EngineConfig, QueueFullError, RequestError
 from seechat.infer.sampling import SamplingParams
-from seechat.infer.session import EngineChat, prompt_ids
 from tests.infer.tiny_engine import coloured
 
 GREEDY = SamplingParams(max_new_tokens=12)
@@ -92,7 +92,7 @@ def test_concurrent_requests_are_batched_and_match_single_runs(engine, tiny):
 def test_image_features_and_prefix_are_reused_across_turns(tiny):
     model, processor = tiny
     with Engine(model, processor) as engine:
-        chat = EngineChat(engine, processor)
+        chat = ChatSession(engine, processor)
         first = chat.ask("图里有什么？", [coloured(0)], GREEDY)
         turn1 = chat.last
         assert engine.counters["images_encoded"] == 1 and turn1.cached_tokens == 0
@@ -108,7 +108,7 @@ def test_image_features_and_prefix_are_reused_across_turns(tiny):
     # the same second turn without any cache gives the same reply
     plain = EngineConfig(prefix_cache_mb=0, image_cache_entries=0, speculative_tokens=0)
     with Engine(model, processor, plain) as fresh:
-        again = EngineChat(fresh, processor)
+        again = ChatSession(fresh, processor)
         assert again.ask("图里有什么？", [coloured(0)], GREEDY) == first
         assert again.ask("是什么颜色？", [], GREEDY) == second
         assert again.last.cached_tokens == 0

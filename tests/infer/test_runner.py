@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from seechat.infer.chat import prompt_ids
 from seechat.infer.runner import FAST_DECODERS, LlamaStyleDecoder, ModelRunner, PrefillRow
-from seechat.infer.session import prompt_ids
 from tests.infer.tiny_engine import coloured
 
 QUESTIONS = ["你好", "图里有什么？请描述", "是什么颜色", "左右上下是否几个颜色形状位置"]

@@ -13,9 +13,9 @@ import httpx
 import openai
 import pytest
 
+from seechat.infer.chat import prompt_ids
 from seechat.infer.engine import EngineConfig
 from seechat.infer.sampling import SamplingParams
-from seechat.infer.session import prompt_ids
 from tests.infer.tiny_engine import coloured, data_uri
 from tests.serve.conftest import MODEL_NAME, make_server, start_serve
 
