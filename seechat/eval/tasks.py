@@ -29,7 +29,7 @@ import json
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -58,6 +58,7 @@ __all__ = [
     "EvalSettings",
     "Task",
     "answer_batch",
+    "answer_rows",
     "generate_answers",
     "resolve_image_root",
     "run_eval",
@@ -112,6 +113,26 @@ def answer_batch(
             )
         )
     return out
+
+
+def answer_rows(
+    model: SeeChatModel,
+    processor: SeeChatProcessor,
+    task: Task,
+    rows: Sequence[dict],
+    images: Mapping[str, Image.Image],
+    batch_size: int = 64,
+    max_new_tokens: int = 48,
+    prompt: str | None = None,
+    desc: str = "generate",
+) -> list[str]:
+    """Greedy answers to eval rows already in memory, one per row: the task's prompt (or `prompt`)
+    rendered with each row, about `images[row["image"]]`. The in-process twin of `run_eval`'s
+    decoding, for callers that hold their images (the mini demo, its blind control)."""
+    prompts = _render_prompts(prompt if prompt is not None else task.prompt, list(rows))
+    return answer_batch(
+        model, processor, prompts, [images[r["image"]] for r in rows], batch_size, max_new_tokens, desc
+    )
 
 
 def shard_batches(n_rows: int, batch_size: int, rank: int, world_size: int) -> list[range]:

@@ -1,9 +1,11 @@
-"""Evaluate a checkpoint on a mini-world split: VQA, grounding and captions.
+"""Evaluate a checkpoint on a mini-world split: VQA, grounding and captions, plus a blind control.
 
-Batched greedy generation (left padding, KV cache) over the split's files, then the metrics of
-`seechat.eval`: VQA accuracy per question type, grounding Acc@0.5, caption exact match / CIDEr-D /
-BLEU-4 against the references, and the caption win rate against the world's noisy alt-text
-under the mini Chinese-CLIP scorer. Predictions are written next to the report.
+The decoding and the scoring are `seechat.eval.tasks`' (the task table behind `seechat eval`):
+batched greedy generation with the tasks' prompts, VQA accuracy per question type, grounding
+Acc@0.5, caption exact match / CIDEr-D / BLEU-4. What this module adds is the demo's view: the
+blind control (the same questions about a blank image), the caption win rate against the world's
+noisy alt-text under the mini Chinese-CLIP scorer, and the demo's flat `results.json` keys.
+Predictions are written next to the report.
 """
 
 from __future__ import annotations
@@ -16,34 +18,27 @@ from seechat.data.image_sources import JsonlImages
 from seechat.data.images import load_image
 from seechat.data.jsonl import read_jsonl, write_jsonl
 from seechat.data.processor import SeeChatProcessor
-from seechat.eval.bleu import bleu
-from seechat.eval.cider import cider_d
-from seechat.eval.grounding import grounding_accuracy
 from seechat.eval.scorer import ChineseClipScorer
-from seechat.eval.tasks import (
-    CAPTION_PROMPT,
-    GROUNDING_PROMPT,
-    VQA_PROMPT,
-    answer_batch,
-    caption_exact_match,
-)
-from seechat.eval.vqa import vqa_accuracy
+from seechat.eval.tasks import TASKS, answer_rows
 from seechat.eval.winrate import run_winrate
 from seechat.model.modeling import SeeChatModel
 
-__all__ = [
-    "CAPTION_PROMPT",
-    "GROUNDING_PROMPT",
-    "answer_batch",
-    "answer_split",
-    "evaluate_split",
-    "load_images",
-]
+__all__ = ["answer_split", "blank_like", "evaluate_split", "load_images"]
+
+TOKENIZE = "char"  # caption metrics' tokenisation, as `seechat eval caption` defaults to
 
 
 def load_images(world: Path, rows: list[dict]) -> dict[str, Image.Image]:
     """Each row's image (paths relative to the world root), by path, each opened once."""
     return {r["image"]: load_image(world / r["image"]) for r in rows}
+
+
+# results.json key -> the caption task's metric
+CAPTION_KEYS = {
+    "caption_exact_match": "exact_match",
+    "caption_cider_d": "cider_d",
+    "caption_bleu_4": "bleu_4",
+}
 
 
 def blank_like(image: Image.Image) -> Image.Image:
@@ -60,53 +55,49 @@ def answer_split(
     captions: list[dict],
     batch_size: int = 64,
     tag: str = "",
+    max_new_tokens: int = 48,
 ) -> tuple[dict, dict[str, list[str]]]:
     """Greedy answers to the VQA questions, referring expressions and caption prompts of the given
     rows, and the metrics that need no scorer: (VQA per type, the blind control's VQA per type (the
     same questions about a blank image), grounding Acc@0.5; predictions by task: "vqa", "vqa_blind",
     "grounding", "captions")."""
 
-    def ask(prompts: list[str], rows: list[dict], what: str) -> list[str]:
-        return answer_batch(
+    def ask(task: str, rows: list[dict], seen: dict[str, Image.Image], what: str) -> list[str]:
+        return answer_rows(
             model,
             processor,
-            prompts,
-            [images[r["image"]] for r in rows],
+            TASKS[task],
+            rows,
+            seen,
             batch_size,
+            max_new_tokens,
             desc=f"{what} {tag}".strip(),
         )
 
     model.eval()
     blank = blank_like(next(iter(images.values()))) if images else None
     preds = {
-        "vqa": ask([VQA_PROMPT.format(**r) for r in vqa], vqa, "vqa"),
-        "vqa_blind": answer_batch(
-            model,
-            processor,
-            [VQA_PROMPT.format(**r) for r in vqa],
-            [blank] * len(vqa),
-            batch_size,
-            desc=f"vqa blind {tag}".strip(),
-        ),
-        "grounding": ask(
-            [GROUNDING_PROMPT.format(expr=r["expression"]) for r in grounding], grounding, "grounding"
-        ),
-        "captions": ask([CAPTION_PROMPT] * len(captions), captions, "captions"),
+        "vqa": ask("vqa", vqa, images, "vqa"),
+        "vqa_blind": ask("vqa", vqa, dict.fromkeys(images, blank), "vqa blind"),
+        "grounding": ask("grounding", grounding, images, "grounding"),
+        "captions": ask("caption", captions, images, "captions"),
     }
-    vqa_res = vqa_accuracy(preds["vqa"], [r["answer"] for r in vqa], [r["type"] for r in vqa])
-    blind = vqa_accuracy(preds["vqa_blind"], [r["answer"] for r in vqa], [r["type"] for r in vqa])
+    seeing, blind = _score("vqa", vqa, preds["vqa"]), _score("vqa", vqa, preds["vqa_blind"])
     metrics = {
-        "vqa_accuracy": vqa_res.accuracy,
-        "vqa_accuracy_by_type": vqa_res.per_type,
-        "vqa_accuracy_blind": blind.accuracy,
-        "vqa_accuracy_blind_by_type": blind.per_type,
+        "vqa_accuracy": seeing.get("accuracy", 0.0),
+        "vqa_accuracy_by_type": seeing.get("accuracy_by_type", {}),
+        "vqa_accuracy_blind": blind.get("accuracy", 0.0),
+        "vqa_accuracy_blind_by_type": blind.get("accuracy_by_type", {}),
         "vqa_questions": len(vqa),
-        "grounding_acc_at_0.5": grounding_accuracy(
-            preds["grounding"], [r["box"] for r in grounding]
-        ).accuracy,
+        "grounding_acc_at_0.5": _score("grounding", grounding, preds["grounding"]).get("acc_at_0.5", 0.0),
         "grounding_items": len(grounding),
     }
     return metrics, preds
+
+
+def _score(task: str, rows: list[dict], predictions: list[str]) -> dict:
+    """The task table's metrics of `predictions` (empty when there are no rows)."""
+    return TASKS[task].score(rows, predictions, TOKENIZE)[0] if rows else {}
 
 
 def evaluate_split(
@@ -145,10 +136,6 @@ def evaluate_split(
         captions_file, [{"image": r["image"], "caption": p} for r, p in zip(caps, cap_pred, strict=True)]
     )
 
-    refs = [r["references"] for r in caps]
-    exact = sum(caption_exact_match(p, r["references"]) for p, r in zip(cap_pred, caps, strict=True)) / max(
-        1, len(caps)
-    )
     alt_file = out / "alt_text.jsonl"
     alt_rows = {r["image"]: r for r in read_jsonl(world / split / "alt_text.jsonl")}
     write_jsonl(alt_file, [{"image": r["image"], "caption": alt_rows[r["image"]]["caption"]} for r in caps])
@@ -163,11 +150,10 @@ def evaluate_split(
         n_bootstrap=500,
     )
     i_model = wr.methods.index("model")
+    caption_metrics = _score("caption", caps, cap_pred)
     return {
         **metrics,
-        "caption_exact_match": exact,
-        "caption_cider_d": cider_d(cap_pred, refs).score,
-        "caption_bleu_4": bleu(cap_pred, refs).score,
+        **{key: caption_metrics.get(name, 0.0) for key, name in CAPTION_KEYS.items()},
         "caption_winrate_vs_alt_text": float(wr.win_rate[i_model]),
         "caption_winrate_ci95": [float(wr.ci_low[i_model]), float(wr.ci_high[i_model])],
         "caption_clip_score_mean": {m: float(s) for m, s in zip(wr.methods, wr.mean_score, strict=True)},

@@ -14,11 +14,12 @@ import torch
 
 from seechat.cli import main
 from seechat.config import BridgeConfig, LMConfig, ModelConfig, VisionConfig
+from seechat.data.jsonl import read_jsonl, write_jsonl
 from seechat.eval.bleu import bleu
 from seechat.eval.cider import cider_d
 from seechat.eval.grounding import grounding_accuracy
 from seechat.eval.normalize import normalize_caption
-from seechat.eval.tasks import read_jsonl, shard_batches, write_jsonl
+from seechat.eval.tasks import shard_batches
 from seechat.eval.vqa import vqa_accuracy
 from seechat.model import build, write_checkpoint
 

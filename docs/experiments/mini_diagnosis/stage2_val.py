@@ -7,7 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from seechat.mini.evaluate import answer_split, load_images, read_jsonl
+from seechat.data.jsonl import read_jsonl
+from seechat.mini.evaluate import answer_split, load_images
 from seechat.model import load
 
 checkpoint, world = sys.argv[1], Path("runs/mini/world")
