@@ -1,9 +1,9 @@
 """Run a checkpoint on an eval set — VQA, captions or grounding — and score it.
 
-What this module is: batched greedy generation over a JSONL eval set (left padding, KV cache,
-``seechat.infer.generate``), split across processes when launched with several, then the metrics
-of ``seechat.eval`` over all rows, written as ``predictions.jsonl``, ``report.json`` and
-``report.md``. The eval sets are the mini world's test files (any file with the same fields works):
+What this module is: greedy generation over a JSONL eval set through the serving engine
+(``seechat.infer.engine``, the way ``seechat caption`` decodes), split across processes when
+launched with several, then the metrics of ``seechat.eval`` over all rows, written as
+``predictions.jsonl``, ``report.json`` and ``report.md``. The eval sets are the mini world's test files (any file with the same fields works):
 
     vqa        {"id", "image", "question", "answer" (or a list of accepted answers), "type"}
     caption    {"id", "image", "references": [...]}
@@ -11,22 +11,23 @@ of ``seechat.eval`` over all rows, written as ``predictions.jsonl``, ``report.js
 
 Several processes (``torchrun --nproc_per_node N`` or ``accelerate launch``): the rows are cut into
 the batches a 1-process run would make (file order, ``batch_size`` rows each), and each rank takes
-a contiguous run of whole batches. Every batch — its rows and so its padding — is the one the
-1-process run decodes, so the predictions and the metrics are the same. Each rank writes its
+a contiguous run of whole batches. The engine decodes every row as it would alone (its greedy
+tokens do not depend on the rows decoded beside it), so the predictions and the metrics are the
+1-process run's. Each rank writes its
 predictions under ``out/.shards/``; after a barrier rank 0 merges them and scores all rows, so
 ``out`` must be a folder every rank sees (always true on one machine).
 
 Images that are missing or cannot be decoded are not guessed around: their rows are skipped,
 listed by id in both reports with the reason, and counted; the metrics are over the scored rows.
 
-What it is not: sampling-based evaluation, the caption win rate (``seechat eval winrate``) or the
-serving engine's continuous batching (``seechat caption``).
+What it is not: sampling-based evaluation or the caption win rate (``seechat eval winrate``).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -37,7 +38,6 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from seechat.data.collate import collate
 from seechat.data.images import ImageError, load_image_file
 from seechat.data.jsonl import read_jsonl, write_jsonl
 from seechat.data.processor import SeeChatProcessor
@@ -46,7 +46,8 @@ from seechat.eval.cider import cider_d
 from seechat.eval.grounding import grounding_accuracy
 from seechat.eval.normalize import get_tokenizer, normalize_caption
 from seechat.eval.vqa import vqa_accuracy
-from seechat.infer.generate import generate
+from seechat.infer.engine import Engine, EngineConfig
+from seechat.infer.request import StreamEvent
 from seechat.infer.sampling import SamplingParams
 from seechat.model.modeling import SeeChatModel
 
@@ -76,22 +77,36 @@ MAX_LISTED = 50  # skipped rows listed in report.md; report.json lists all of th
 
 
 def generate_answers(
-    model: SeeChatModel,
+    engine: Engine,
     processor: SeeChatProcessor,
     prompts: Sequence[str],
     images: Sequence[Image.Image],
     params: SamplingParams,
 ) -> list[str]:
-    """One left-padded batch: one answer per (prompt with one <image>, image), in order."""
-    encs = [
-        processor.encode_prompt([{"role": "user", "content": p}], [im])
-        for p, im in zip(prompts, images, strict=True)
-    ]
-    b = collate(encs, processor.tokenizer.pad_token_id, side="left")
-    ids = generate(
-        model, b["input_ids"], b["attention_mask"], b["pixel_values"], params, processor.stop_token_ids
-    )
-    return [processor.decode(x).strip() for x in ids]
+    """One answer per (prompt with one <image>, image), in order, decoded by the serving engine
+    (the way `seechat caption` decodes; each row is decoded as it would be alone)."""
+    done = [threading.Event() for _ in prompts]
+    parts: list[list[str]] = [[] for _ in prompts]
+    errors: list[str | None] = [None] * len(prompts)
+
+    def sink(k: int) -> Callable[[StreamEvent], None]:
+        def on_event(ev: StreamEvent) -> None:
+            parts[k].append(ev.text)
+            if ev.finish_reason is not None:
+                if ev.finish_reason in ("error", "timeout", "abort"):
+                    errors[k] = ev.error or ev.finish_reason
+                done[k].set()
+
+        return on_event
+
+    for k, (prompt, image) in enumerate(zip(prompts, images, strict=True)):
+        ids = processor.prompt_ids([{"role": "user", "content": prompt}], 1)
+        engine.submit(ids, [image], params, sink=sink(k), cache_prefix=False)
+    for k, event in enumerate(done):
+        event.wait()
+        if errors[k] is not None:
+            raise RuntimeError(f"generation failed for prompt {k}: {errors[k]}")
+    return ["".join(p).strip() for p in parts]
 
 
 def answer_batch(
@@ -103,16 +118,23 @@ def answer_batch(
     max_new_tokens: int = 48,
     desc: str = "generate",
 ) -> list[str]:
-    """Greedy one-turn answers, one per (prompt with one <image>, image), `batch_size` at a time."""
+    """Greedy one-turn answers, one per (prompt with one <image>, image), submitted to one engine
+    `batch_size` at a time (the progress unit; the engine batches them as it sees fit)."""
     params = SamplingParams(max_new_tokens=max_new_tokens)
     out: list[str] = []
-    for i in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch"):
-        out.extend(
-            generate_answers(
-                model, processor, prompts[i : i + batch_size], images[i : i + batch_size], params
+    with Engine(model, processor, _engine_config(batch_size)) as engine:
+        for i in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch"):
+            out.extend(
+                generate_answers(
+                    engine, processor, prompts[i : i + batch_size], images[i : i + batch_size], params
+                )
             )
-        )
     return out
+
+
+def _engine_config(batch_size: int) -> EngineConfig:
+    """Room for a whole batch in the queue; a batch of one image prompt never reuses another's KV."""
+    return EngineConfig(max_waiting=max(256, batch_size), prefix_cache_mb=0)
 
 
 def answer_rows(
@@ -347,19 +369,27 @@ def run_eval(settings: EvalSettings, progress: bool = True) -> dict | None:
     mine = shard_batches(len(rows), settings.batch_size, state.process_index, state.num_processes)
     records: list[dict] = []
     who = f" [rank {state.process_index}/{state.num_processes}]" if state.num_processes > 1 else ""
-    for batch in tqdm(
-        mine, desc=f"{task.name}{who}", unit="batch", disable=not (progress and state.is_local_main_process)
-    ):
-        images, errors = _load_batch_images(root, [rows[i] for i in batch])
-        ok = [i for i in batch if rows[i]["image"] in images]
-        records += [
-            {"index": i, "error": errors[rows[i]["image"]]} for i in batch if rows[i]["image"] in errors
-        ]
-        if ok:
-            answers = generate_answers(
-                model, processor, [prompts[i] for i in ok], [images[rows[i]["image"]] for i in ok], params
-            )
-            records += [{"index": i, "prediction": a} for i, a in zip(ok, answers, strict=True)]
+    with Engine(model, processor, _engine_config(settings.batch_size)) as engine:
+        for batch in tqdm(
+            mine,
+            desc=f"{task.name}{who}",
+            unit="batch",
+            disable=not (progress and state.is_local_main_process),
+        ):
+            images, errors = _load_batch_images(root, [rows[i] for i in batch])
+            ok = [i for i in batch if rows[i]["image"] in images]
+            records += [
+                {"index": i, "error": errors[rows[i]["image"]]} for i in batch if rows[i]["image"] in errors
+            ]
+            if ok:
+                answers = generate_answers(
+                    engine,
+                    processor,
+                    [prompts[i] for i in ok],
+                    [images[rows[i]["image"]] for i in ok],
+                    params,
+                )
+                records += [{"index": i, "prediction": a} for i, a in zip(ok, answers, strict=True)]
 
     shards = settings.out / SHARD_DIR
     shards.mkdir(parents=True, exist_ok=True)

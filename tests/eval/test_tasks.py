@@ -166,6 +166,33 @@ def test_caption_report_equals_metrics_recomputed_from_predictions(ckpt, tiny_wo
     assert report["settings"]["tokenize"] == "char"
 
 
+def test_eval_caption_and_seechat_caption_decode_the_same_way(ckpt, tiny_world, tmp_path):
+    """Both go through the engine: the same prompt gives the same caption for every image."""
+    from seechat.infer.caption_cli import caption
+    from seechat.infer.engine import Engine
+    from seechat.infer.sampling import SamplingParams
+    from seechat.model import load
+
+    world = Path(tiny_world["world"])
+    assert run_cli("caption", ckpt, world / "test" / "captions.jsonl", tmp_path / "eval", "--limit", "6") == 0
+    _, preds = outputs(tmp_path / "eval")
+    write_jsonl(tmp_path / "images.jsonl", [{"image": p["image"]} for p in preds])
+    model, processor = load(ckpt)
+    with Engine(model, processor) as engine:
+        counts = caption(
+            engine,
+            processor,
+            [str(tmp_path / "images.jsonl")],
+            tmp_path / "captions.jsonl",
+            params=SamplingParams(max_new_tokens=6),
+            image_root=str(world),
+            progress=False,
+        )
+    assert counts["written"] == 6
+    captioned = {r["image"]: r["caption"] for r in read_jsonl(tmp_path / "captions.jsonl")}
+    assert captioned == {p["image"]: p["prediction"] for p in preds}
+
+
 def test_grounding_counts_parse_failures(ckpt, tiny_world, tmp_path):
     data = Path(tiny_world["world"]) / "test" / "grounding.jsonl"
     assert (
