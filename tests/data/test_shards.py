@@ -1,4 +1,5 @@
-"""ShardWriter layout/rollover/stats, image re-encoding, table conversion and `seechat data shards`."""
+"""Shard reading (the one iteration), ShardWriter layout/rollover/stats, image re-encoding, table
+conversion and `seechat data shards`."""
 
 from __future__ import annotations
 
@@ -17,9 +18,14 @@ from seechat.data.shards import (
     PairRecord,
     ShardInputError,
     ShardWriter,
+    UnreadMember,
     encode_image,
+    expand_shards,
+    iter_tar_member_names,
+    iter_tar_samples,
     read_pair_table,
     resized_size,
+    split_key,
     write_pair_shards,
 )
 
@@ -181,3 +187,32 @@ def test_cli_shards_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str
     url_table.write_text("image,caption\nhttp://x/a.jpg,猫\n", encoding="utf-8")
     assert cli(str(url_table), str(tmp_path / "o2"), "--no-progress") == 2
     assert "URL" in capsys.readouterr().err
+
+
+def test_reading_groups_members_by_key_like_webdataset(tmp_path: Path) -> None:
+    """The one shard iteration: the keys and member groups the webdataset library sees, headers-only
+    counts that agree, a size limit that leaves a member unread, a damaged tail that ends reading."""
+    with ShardWriter(tmp_path / "s", max_samples_per_shard=3) as writer:
+        for i in range(5):
+            writer.write(f"k{i}", jpeg(), f"第{i}张", {"i": i})
+    shards = expand_shards(str(tmp_path / "s" / "{00000..00001}.tar"))
+    assert shards == expand_shards(str(tmp_path / "s" / "*.tar"))
+    ours = [(k, sorted(m)) for shard in shards for k, m in iter_tar_samples(shard)]
+    theirs = [
+        (s["__key__"], sorted(k for k in s if not k.startswith("__")))
+        for s in wds.WebDataset([str(p) for p in shards], shardshuffle=False)
+    ]
+    assert ours == theirs == [(f"k{i}", ["jpg", "json", "txt"]) for i in range(5)]
+    heads = [(k, exts) for shard in shards for k, exts, _ in iter_tar_member_names(shard)]
+    assert heads == [(f"k{i}", {"jpg", "json", "txt"}) for i in range(5)]
+    assert split_key("dir/a.b.JPG") == ("dir/a", "b.jpg")  # key up to the basename's first dot
+
+    (key, members), *_ = iter_tar_samples(shards[0], max_sample_bytes=len(jpeg()) - 1)
+    assert key == "k0" and isinstance(members["jpg"], UnreadMember)
+
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(Path(shards[0]).read_bytes()[:4000])  # ends inside k1's image data
+    assert [(k, sorted(m)) for k, m in iter_tar_samples(str(cut))] == [("k0", ["jpg", "json", "txt"])]
+    cut.write_bytes(Path(shards[0]).read_bytes()[:2600])  # ends inside k0's json data: tarfile sees an
+    (key, members), *rest = iter_tar_samples(str(cut))  # end of archive, the sample lacks its json
+    assert key == "k0" and "json" not in members and rest == []  # (check_sample rejects it)
