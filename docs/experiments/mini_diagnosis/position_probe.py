@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from seechat.mini.evaluate import read_jsonl
+from seechat.data.jsonl import read_jsonl
 from seechat.model import load
 
 model, processor = load(sys.argv[1])

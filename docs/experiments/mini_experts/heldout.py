@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from seechat.eval.tasks import read_jsonl
+from seechat.data.jsonl import read_jsonl
 from seechat.mini.evaluate import answer_split, load_images
 from seechat.mini.world import WorldConfig, build_world
 from seechat.model import load

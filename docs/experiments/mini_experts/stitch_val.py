@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from seechat.eval.tasks import read_jsonl
+from seechat.data.jsonl import read_jsonl
 from seechat.mini.demo import Assets, run_stage
 from seechat.mini.evaluate import answer_split, load_images
 from seechat.model import load
