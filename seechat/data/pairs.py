@@ -1,8 +1,9 @@
 """Stream image–text pairs from webdataset tar shards for stage-1 training, with exact resume.
 
 :class:`PairShardDataset` is a ``torch.utils.data.IterableDataset`` that reads shards in the
-img2dataset layout (``KEY.jpg|png|webp`` + ``KEY.txt`` + ``KEY.json``) one member at a time — the
-data set is never held in memory — and yields ``{"key", "image" (PIL RGB), "text", "meta"}``.
+img2dataset layout (``KEY.jpg`` or another of ``IMAGE_EXTENSIONS`` + ``KEY.txt`` + ``KEY.json``) one
+member at a time through :mod:`seechat.data.shards` — the data set is never held in memory — and
+yields ``{"key", "image" (PIL RGB, opened by :func:`seechat.data.images.load_image`), "text", "meta"}``.
 
 Per epoch, for every consumer ("slot" = distributed rank × DataLoader worker):
 
