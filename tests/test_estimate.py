@@ -106,7 +106,7 @@ def test_estimate_of_tiny_local_experts_counts_the_built_model(tiny_world, tmp_p
     from seechat.model.build import build
 
     cfg = load_config(
-        CONFIGS / "mini" / "stage2.yaml",
+        CONFIGS.parent / "seechat" / "mini" / "recipes" / "stage2.yaml",
         tiny_overrides(tiny_world, tmp_path, **{"model.bridge.type": "qformer"}),
     )
     e = estimate(cfg, Setup(gpus=2, strategy="fsdp"))

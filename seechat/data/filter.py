@@ -2,7 +2,7 @@
 
 Web pairs are noisy: many captions do not describe their image. This module scores every
 (image, caption) pair of webdataset shards in the img2dataset layout with a Chinese-CLIP model
-(:class:`seechat.eval.scorer.ChineseClipScorer`: cosine of the L2-normalised embeddings, in
+(:class:`seechat.data.scorer.ChineseClipScorer`: cosine of the L2-normalised embeddings, in
 [-1, 1]) and writes the pairs that pass a :class:`KeepRule` — ``score >= threshold`` or the
 ``round(top_fraction × n_scored)`` best — as new shards in the same layout.
 
@@ -55,8 +55,8 @@ from seechat.data.pairs import (
     iter_tar_member_names,
     iter_tar_samples,
 )
+from seechat.data.scorer import ChineseClipScorer
 from seechat.data.shards import MAX_LISTED_FAILURES, ShardWriter, encode_image
-from seechat.eval.scorer import ChineseClipScorer
 
 logger = logging.getLogger(__name__)
 

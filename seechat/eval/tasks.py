@@ -284,7 +284,7 @@ def _render_prompts(template: str, rows: list[dict]) -> list[str]:
 def _load_batch_images(root: Path, rows: Sequence[dict]) -> tuple[dict[str, Image.Image], dict[str, str]]:
     """Each distinct image of the batch once: (path -> image, path -> why it could not be read)."""
     from seechat.data.images import ImageError
-    from seechat.infer.chat_cli import load_image_file
+    from seechat.infer.images import load_image_file
 
     images, errors = {}, {}
     for path in dict.fromkeys(r["image"] for r in rows):

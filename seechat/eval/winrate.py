@@ -387,7 +387,7 @@ def open_image_source(spec: str | Path, *, image_root: str | Path | None = None)
 
 
 class ImageTextEmbedder(Protocol):
-    """What :func:`run_winrate` needs from a scorer (``seechat.eval.scorer.ChineseClipScorer``)."""
+    """What :func:`run_winrate` needs from a scorer (``seechat.data.scorer.ChineseClipScorer``)."""
 
     name: str
 

@@ -9,14 +9,21 @@ or resizes, and a waiting request holds (3, H, W) floats per image rather than a
   picture sent twice — a second turn of a chat — is recognised whatever its file name or encoding.
 - `ImageFeatureCache` maps those keys to the bridge's output features (N_tok, D_lm): a multi-turn
   chat never re-encodes an image. An LRU bounded by entry count.
+- `load_image_file` opens an image file for the callers that read files (chat, captioning,
+  evaluation), through the same hardened decoder as the server (`seechat.data.images.load_image`).
+  It moves to `seechat.data.images` with the one-home-per-format work (branch i15-io).
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from pathlib import Path
 
 import torch
+from PIL import Image
+
+from seechat.data.images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, load_image
 
 
 def pixel_key(pixels: torch.Tensor, scope: str = "") -> bytes:
@@ -61,3 +68,15 @@ class ImageFeatureCache:
         self._items.move_to_end(key)
         while len(self._items) > self.max_entries:
             self._items.popitem(last=False)
+
+
+def load_image_file(path: str | Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """An RGB image from a file, prepared exactly as the server and the training readers do
+    (`seechat.data.images.load_image`: accepted formats, size limit, EXIF, alpha on white)."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ImageError(f"{p}: no such file")
+    try:
+        return load_image(p.read_bytes(), max_pixels)
+    except ImageError as e:
+        raise ImageError(f"{p}: {e}") from None

@@ -13,10 +13,10 @@ from pathlib import Path
 from PIL import Image
 
 from seechat.data.processor import SeeChatProcessor
+from seechat.data.scorer import ChineseClipScorer
 from seechat.eval.bleu import bleu
 from seechat.eval.cider import cider_d
 from seechat.eval.grounding import grounding_accuracy
-from seechat.eval.scorer import ChineseClipScorer
 from seechat.eval.tasks import (
     CAPTION_PROMPT,
     GROUNDING_PROMPT,

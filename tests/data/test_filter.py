@@ -14,11 +14,11 @@ import webdataset as wds
 from PIL import Image
 
 from seechat.cli import main
-from seechat.data.data_cli import add_filter_arguments
+from seechat.cli.data_filter import add_arguments as add_filter_arguments
 from seechat.data.filter import HISTOGRAM_FILE, SCORES_FILE, STATS_FILE, KeepRule, filter_shards
 from seechat.data.pairs import PairShardDataset
+from seechat.data.scorer import ChineseClipScorer
 from seechat.data.shards import ShardWriter
-from seechat.eval.scorer import ChineseClipScorer
 from tests.eval.conftest import tiny_clip_dir  # noqa: F401  (fixture: a tiny random ChineseCLIPModel)
 
 COLOURS = {"红": (220, 20, 20), "蓝": (20, 20, 220), "绿": (20, 200, 20), "黄": (230, 220, 20)}

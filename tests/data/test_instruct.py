@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from seechat.data.data_cli import add_convert_arguments, run_convert
+from seechat.cli.data_convert import add_arguments as add_convert_arguments
+from seechat.cli.data_convert import run as run_convert
 from seechat.data.instruct import (
     Conversation,
     ConvertOptions,

@@ -12,7 +12,8 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from seechat.data.data_cli import add_shards_arguments, run_shards
+from seechat.cli.data_shards import add_arguments as add_shards_arguments
+from seechat.cli.data_shards import run as run_shards
 from seechat.data.shards import (
     PairRecord,
     ShardInputError,

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from seechat.data.data_cli import add_translate_arguments, run_translate
+from seechat.cli.data_translate import add_arguments as add_translate_arguments
+from seechat.cli.data_translate import run as run_translate
 from seechat.data.instruct import Conversation, Message, load_conversations, write_conversations
 from seechat.data.translate import (
     TranslateStats,

@@ -12,9 +12,11 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from seechat.eval.scorer import ChineseClipScorer
+from seechat.cli.eval_winrate import _parse_caption_spec as parse_caption_spec
+from seechat.cli.eval_winrate import add_arguments as add_winrate_arguments
+from seechat.cli.eval_winrate import run as run_winrate_from_args
+from seechat.data.scorer import ChineseClipScorer
 from seechat.eval.winrate import FolderImages, JsonlImages, ShardImages, open_image_source, run_winrate
-from seechat.eval.winrate_cli import add_winrate_arguments, parse_caption_spec, run_winrate_from_args
 
 COLOURS = {"红色": (220, 30, 30), "蓝色": (30, 30, 220), "绿色": (30, 180, 30), "黄色": (230, 220, 40)}
 
@@ -159,7 +161,8 @@ def test_jsonl_and_shard_image_sources(image_dir, tmp_path):
 
 
 def test_cli_wiring(tiny_clip_dir, image_dir, caption_files, tmp_path, capsys):
-    parser = add_winrate_arguments(argparse.ArgumentParser(prog="seechat eval winrate"))
+    parser = argparse.ArgumentParser(prog="seechat eval winrate")
+    add_winrate_arguments(parser)
     assert "--captions" in parser.format_help() and "FILE[=METHOD]" in parser.format_help()
     assert parse_caption_spec("out/a.jsonl=alt_text") == ("alt_text", Path("out/a.jsonl"))
     assert parse_caption_spec("out/stage1.jsonl") == ("stage1", Path("out/stage1.jsonl"))

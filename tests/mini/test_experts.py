@@ -18,7 +18,7 @@ from transformers import AutoImageProcessor, AutoModel, AutoProcessor, AutoToken
 
 from seechat.config import BridgeConfig, LMConfig, ModelConfig, VisionConfig
 from seechat.data.collate import collate
-from seechat.eval.scorer import ChineseClipScorer
+from seechat.data.scorer import ChineseClipScorer
 from seechat.mini import scene_text
 from seechat.mini.clip_expert import (
     clip_batch,
