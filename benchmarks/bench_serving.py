@@ -49,7 +49,7 @@ def build_mini_size_model(root: Path) -> Path:
     )
 
     from seechat.config import BridgeConfig, LMConfig, ModelConfig, VisionConfig
-    from seechat.mini.tokenizer import build_char_tokenizer
+    from seechat.data.char_tokenizer import build_char_tokenizer
     from seechat.model import build
 
     torch.manual_seed(0)

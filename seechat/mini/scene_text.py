@@ -751,8 +751,8 @@ def charset() -> list[str]:
 
     A pure function of the code, not of a generated world, so the shipped experts' vocabularies
     cover every world any seed generates (a test checks a fresh world against it)."""
+    from seechat.data.char_tokenizer import ASCII
     from seechat.mini import scenes
-    from seechat.mini.tokenizer import ASCII
 
     chars = set(ASCII) | set(PROMPT_TEXT)
     for module in (globals(), vars(scenes)):

@@ -17,6 +17,7 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoModel, AutoProcessor, AutoTokenizer, ChineseCLIPModel
 
 from seechat.config import BridgeConfig, LMConfig, ModelConfig, VisionConfig
+from seechat.data.char_tokenizer import build_char_tokenizer
 from seechat.data.collate import collate
 from seechat.data.scorer import ChineseClipScorer
 from seechat.mini import scene_text
@@ -43,7 +44,6 @@ from seechat.mini.experts import (
 from seechat.mini.fresh import fresh_scenes, held_out_meanings, step_batches, text_fingerprint
 from seechat.mini.lm_expert import IGNORE, encode_row, lm_batch, reading_row, text_row
 from seechat.mini.scenes import fingerprint
-from seechat.mini.tokenizer import build_char_tokenizer
 from seechat.mini.world import WorldConfig, build_world
 from seechat.model import build
 
