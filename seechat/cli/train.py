@@ -9,7 +9,7 @@ import logging
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Train one stage from a YAML recipe. Overrides are dotted key=value pairs, e.g. "
-        "`seechat train configs/mini/stage1.yaml train.max_steps=50 optim.lr=5e-4`. "
+        "`seechat train seechat/mini/recipes/stage1.yaml train.max_steps=50 optim.lr=5e-4`. "
         "Launch on several GPUs with `accelerate launch -m seechat.cli train ...`."
     )
     parser.add_argument("config", help="a YAML recipe (see configs/)")
