@@ -196,3 +196,26 @@ def test_the_reader_sees_every_kind_of_import(tmp_path, monkeypatch, source, tar
     fake = PACKAGE / "infer" / "caption.py"  # any real module: its name anchors relative imports
     monkeypatch.setattr(Path, "read_text", lambda self, encoding=None: source)
     assert [i.target for i in imports_of(module_name(fake))] == [target]
+
+
+def test_the_library_never_prints_or_parses_argv():
+    """Only seechat.cli talks to the terminal: the library takes Python values and returns results."""
+    bad = []
+    for module, path in MODULES.items():
+        if part(module) == "cli":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            where = f"{path.relative_to(PACKAGE.parent)}:{getattr(node, 'lineno', 0)}"
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print":
+                bad.append(f"{where}: print()")
+            elif isinstance(node, ast.Import | ast.ImportFrom):
+                names = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
+                if "argparse" in names:
+                    bad.append(f"{where}: imports argparse")
+            elif (
+                isinstance(node, ast.Attribute)
+                and node.attr in ("argv", "exit")
+                and getattr(node.value, "id", "") == "sys"
+            ):
+                bad.append(f"{where}: sys.{node.attr}")
+    assert not bad, "the library must not print or parse argv (move it to seechat/cli):\n" + "\n".join(bad)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 
 import pytest
 
@@ -40,3 +41,15 @@ def test_bad_arguments_exit_2():
     with pytest.raises(SystemExit) as e:
         main(["train"])  # the recipe argument is missing
     assert e.value.code == 2
+
+
+@pytest.mark.parametrize("verb", VERBS, ids=[" ".join(v.words) for v in VERBS])
+def test_every_verb_module_has_exactly_add_arguments_and_run(verb):
+    module = verb.load()
+    own = {
+        name
+        for name, value in vars(module).items()
+        if inspect.isfunction(value) and value.__module__ == module.__name__ and not name.startswith("_")
+    }
+    assert own == {"add_arguments", "run"}
+    assert list(inspect.signature(module.run).parameters) == ["args"]
