@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 from pathlib import Path
@@ -12,9 +11,6 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from seechat.cli.eval_winrate import _parse_caption_spec as parse_caption_spec
-from seechat.cli.eval_winrate import add_arguments as add_winrate_arguments
-from seechat.cli.eval_winrate import run as run_winrate_from_args
 from seechat.data.scorer import ChineseClipScorer
 from seechat.eval.winrate import FolderImages, JsonlImages, ShardImages, open_image_source, run_winrate
 
@@ -158,63 +154,3 @@ def test_jsonl_and_shard_image_sources(image_dir, tmp_path):
         shards.load("000001")
     with pytest.raises(ValueError, match="folder"):
         open_image_source(tmp_path / "captions.csv")
-
-
-def test_cli_wiring(tiny_clip_dir, image_dir, caption_files, tmp_path, capsys):
-    parser = argparse.ArgumentParser(prog="seechat eval winrate")
-    add_winrate_arguments(parser)
-    assert "--captions" in parser.format_help() and "FILE[=METHOD]" in parser.format_help()
-    assert parse_caption_spec("out/a.jsonl=alt_text") == ("alt_text", Path("out/a.jsonl"))
-    assert parse_caption_spec("out/stage1.jsonl") == ("stage1", Path("out/stage1.jsonl"))
-    assert parse_caption_spec("runs/x=y/c.jsonl") == ("c", Path("runs/x=y/c.jsonl"))
-
-    out = tmp_path / "cli"
-    args = parser.parse_args(
-        [
-            "--images",
-            str(image_dir),
-            "--captions",
-            f"{caption_files['alt_text']}=alt_text",
-            str(caption_files["stage1"]),
-            "--scorer",
-            str(tiny_clip_dir),
-            "--out",
-            str(out),
-            "--batch-size",
-            "3",
-            "--bootstrap",
-            "50",
-            "--seed",
-            "1",
-        ]
-    )
-    assert run_winrate_from_args(args) == 0
-    printed = capsys.readouterr().out
-    assert "alt_text" in printed and "stage1" in printed and (out / "report.md").is_file()
-
-    missing = parser.parse_args(
-        [
-            "--images",
-            str(image_dir),
-            "--captions",
-            str(tmp_path / "nope.jsonl"),
-            "--scorer",
-            str(tiny_clip_dir),
-            "--out",
-            str(out),
-        ]
-    )
-    assert run_winrate_from_args(missing) == 2
-    no_scorer = parser.parse_args(
-        [
-            "--images",
-            str(image_dir),
-            "--captions",
-            str(caption_files["stage1"]),
-            "--scorer",
-            str(tmp_path / "no_such_model"),
-            "--out",
-            str(out),
-        ]
-    )
-    assert run_winrate_from_args(no_scorer) == 2
