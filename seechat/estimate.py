@@ -1,4 +1,4 @@
-"""`seechat estimate`: per-GPU memory and wall time of a recipe on N GPUs, before renting them.
+"""Per-GPU memory and wall time of a recipe on N GPUs, before renting them (`seechat estimate`).
 
 Arithmetic, not a profiler: parameter counts come from the experts' transformers configs
 (`seechat.model.sizes`: a local directory's config.json, or a registry of known hub ids for offline

@@ -1,4 +1,5 @@
-"""The stack holds: every import of every seechat module points down, and no modules import in a cycle.
+"""The stack holds: every import of every seechat module points down, no modules import in a cycle,
+and only seechat.cli prints or parses argv.
 
 The stack, bottom to top (docs/architecture.md):
 

@@ -13,7 +13,7 @@ One import for everything a caller needs; the concepts live in their own modules
   loop with its progress bar, `metrics.jsonl` and `loss.png`.
 
 The package ships the pair the default recipes made (`SHIPPED`, `shipped_experts()`), and the demo
-starts from it; `seechat mini experts` (below) retrains them. Every run is deterministic by
+starts from it; `seechat mini experts` (seechat.cli.mini_experts) retrains them. Every run is deterministic by
 `recipe.seed`, and a finished output (`done.json` with the same recipe and world-generator
 fingerprint) is reused unless `force=True`. Not here: the world (`seechat.mini.world`), stage 1 and
 stage 2 (`seechat.train`).
