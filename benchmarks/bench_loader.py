@@ -58,10 +58,10 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from transformers import ChineseCLIPImageProcessor  # noqa: E402
 
 from seechat.config import DataConfig, load_config  # noqa: E402
+from seechat.data.char_tokenizer import build_char_tokenizer  # noqa: E402
 from seechat.data.pairs import check_sample, expand_shards, iter_tar_samples  # noqa: E402
 from seechat.data.processor import SeeChatProcessor  # noqa: E402
 from seechat.data.shards import ShardWriter, encode_image  # noqa: E402
-from seechat.mini.tokenizer import build_char_tokenizer  # noqa: E402
 from seechat.train.data import PairToEncoded, StreamSpec, collate_skipping, pair_batches  # noqa: E402
 
 REFERENCE = Path("configs/reference/stage1_qformer_qwen2.5-7b.yaml")

@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from seechat.model.checkpoint import write_checkpoint
+
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import numpy as np  # noqa: E402
@@ -47,7 +49,7 @@ def build_mini_size_model(root: Path) -> Path:
     )
 
     from seechat.config import BridgeConfig, LMConfig, ModelConfig, VisionConfig
-    from seechat.mini.tokenizer import build_char_tokenizer
+    from seechat.data.char_tokenizer import build_char_tokenizer
     from seechat.model import build
 
     torch.manual_seed(0)
@@ -82,7 +84,7 @@ def build_mini_size_model(root: Path) -> Path:
         bridge=BridgeConfig(type="mlp2x_gelu"),
     )
     model, processor = build(cfg)
-    model.save_pretrained(root / "ckpt", processor)
+    write_checkpoint(model, processor, root / "ckpt")
     return root / "ckpt"
 
 

@@ -3,7 +3,7 @@
 A run is described by a `RunConfig` (model architecture, which parts train, data, optimisation).
 It is read from YAML and then patched with dotted `key=value` overrides from the command line:
 
-    cfg = load_config("configs/mini/stage1.yaml", ["train.lr=1e-3", "model.bridge.type=qformer"])
+    cfg = load_config("seechat/mini/recipes/stage1.yaml", ["train.lr=1e-3", "model.bridge.type=qformer"])
 
 Unknown keys are an error that lists the valid ones; values are checked against their annotated
 types (including `Literal` choices). Configs are frozen: code never mutates them at run time —

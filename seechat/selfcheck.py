@@ -4,13 +4,15 @@ Builds tiny random instances of the real architectures (a CLIP vision model and 
 stitches them with a bridge, runs one training step, saves and reloads the checkpoint, and chats
 one turn about a generated image. The reply is gibberish — the weights are random — but every
 code path a real model takes has run.
+
+What this module is not: the command line (`seechat.cli.selfcheck` prints the returned report).
 """
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,15 +22,25 @@ from seechat.config import BridgeConfig, LMConfig, ModelConfig, TrainableConfig,
 from seechat.data.collate import collate
 from seechat.infer.chat import ChatSession
 from seechat.infer.sampling import SamplingParams
-from seechat.model import apply_trainable, build, load
+from seechat.model import apply_trainable, build, load, write_checkpoint
 from seechat.model.tiny import write_tiny_lm, write_tiny_vision
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--bridge", default="qformer", help="bridge to stitch with (default: qformer)")
+@dataclass(frozen=True)
+class SelfCheck:
+    """What the check did: every number a person would want to see that it ran."""
+
+    bridge: str
+    image_tokens: int  # per image, after the bridge
+    loss: float  # of the one training step
+    checkpoint: str  # where it was saved (a temporary folder, gone now)
+    checkpoint_files: list[str]
+    reply: str  # the reloaded model's answer (random weights: gibberish)
+    seconds: float
 
 
-def selfcheck(bridge: str = "qformer") -> str:
+def selfcheck(bridge: str = "qformer") -> SelfCheck:
+    """Build, train one step, save, reload and chat one turn; raises on the first thing that fails."""
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -52,18 +64,9 @@ def selfcheck(bridge: str = "qformer") -> str:
         loss = model(**batch).loss
         loss.backward()
         opt.step()
-        print(
-            f"built {bridge} bridge: {model.num_image_tokens} tokens per image; one training step, loss {loss.item():.3f}"
-        )
-        model.save_pretrained(root / "ckpt", proc)
+        image_tokens = model.num_image_tokens
+        write_checkpoint(model, proc, root / "ckpt")
         model, proc = load(root / "ckpt")
-        print(f"saved and reloaded {root / 'ckpt'}: {sorted(p.name for p in (root / 'ckpt').iterdir())}")
+        files = sorted(p.name for p in (root / "ckpt").iterdir())
         reply = ChatSession(model, proc).ask("图里有什么？", [image], SamplingParams(max_new_tokens=12))
-    print(f"用户：图里有什么？\n助手（随机权重）：{reply!r}")
-    print(f"selfcheck passed in {time.time() - t0:.1f} s")
-    return reply
-
-
-def run_from_args(args: argparse.Namespace) -> int:
-    selfcheck(args.bridge)
-    return 0
+    return SelfCheck(bridge, image_tokens, loss.item(), str(root / "ckpt"), files, reply, time.time() - t0)

@@ -8,11 +8,15 @@ import pytest
 
 from seechat.config import ConfigError, RunConfig, load_config, save_config
 
+ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(
     p
-    for p in Path(__file__).resolve().parents[1].joinpath("configs").rglob("*.yaml")
+    for p in [
+        *ROOT.joinpath("configs").rglob("*.yaml"),
+        *ROOT.joinpath("seechat", "mini", "recipes").glob("*.yaml"),
+    ]
     if "accelerate" not in p.parts
-)  # launcher configs: tests/test_accelerate_configs.py
+)  # launcher configs: tests/test_accelerate_configs.py; the mini recipes ship in the package
 
 
 def test_overrides_apply_and_types_coerce(tmp_path):

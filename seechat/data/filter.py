@@ -2,7 +2,7 @@
 
 Web pairs are noisy: many captions do not describe their image. This module scores every
 (image, caption) pair of webdataset shards in the img2dataset layout with a Chinese-CLIP model
-(:class:`seechat.eval.scorer.ChineseClipScorer`: cosine of the L2-normalised embeddings, in
+(:class:`seechat.data.scorer.ChineseClipScorer`: cosine of the L2-normalised embeddings, in
 [-1, 1]) and writes the pairs that pass a :class:`KeepRule` — ``score >= threshold`` or the
 ``round(top_fraction × n_scored)`` best — as new shards in the same layout.
 
@@ -47,6 +47,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from seechat.atomic import atomic_directory
 from seechat.data.jsonl import dumps_line
 from seechat.data.pairs import CorruptSample, check_sample, decode_rgb, image_ext
+from seechat.data.scorer import ChineseClipScorer
 from seechat.data.shards import (
     DEFAULT_MAX_SAMPLE_BYTES,
     MAX_LISTED_FAILURES,
@@ -56,7 +57,6 @@ from seechat.data.shards import (
     iter_tar_member_names,
     iter_tar_samples,
 )
-from seechat.eval.scorer import ChineseClipScorer
 
 logger = logging.getLogger(__name__)
 

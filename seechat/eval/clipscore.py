@@ -7,7 +7,7 @@ What this module is: the two formulas, vectorised over a batch of candidates:
   (0 when both terms are 0).
 
 Embeddings need not be normalised (they are normalised here); get them from
-:class:`seechat.eval.scorer.ChineseClipScorer`.
+:class:`seechat.data.scorer.ChineseClipScorer`.
 
 What it is not: an embedding model, and not the paper's reference implementation with
 OpenAI CLIP and its "A photo depicts" prompt — scores from a Chinese-CLIP are on their own scale.

@@ -29,7 +29,7 @@ import json
 import logging
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path, PurePath
 from typing import Protocol
 
@@ -38,7 +38,8 @@ import torch
 from PIL import Image
 
 from seechat.data.jsonl import enumerate_jsonl
-from seechat.eval.winrate_report import PROBLEM_KINDS, TIE_RULE, write_report
+from seechat.eval.winrate_report import write_report
+from seechat.eval.winrate_result import PROBLEM_KINDS, TIE_RULE, Problem, WinRateResult
 
 __all__ = [
     "PROBLEM_KINDS",
@@ -54,54 +55,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Problem:
-    kind: str  # a key of PROBLEM_KINDS
-    image: str = ""  # "" when not about one image
-    method: str = ""  # "" when not about one method
-    detail: str = ""
-
-
-@dataclass(frozen=True)
-class WinRateResult:
-    methods: list[str]
-    image_ids: list[str]  # rows of the tables below, one per unique listed image
-    scores: np.ndarray  # (I, M) cosine of each method's caption with the image; NaN = missing
-    wins: np.ndarray  # (I, M) fractional wins; a scored image's row sums to 1, others are 0
-    scored: np.ndarray  # (I,) bool: the image counts (readable, at least one score)
-    win_rate: np.ndarray  # (M,) wins / number of scored images
-    ci_low: np.ndarray  # (M,) percentile-bootstrap bounds; NaN without bootstrap
-    ci_high: np.ndarray  # (M,)
-    mean_score: np.ndarray  # (M,) mean cosine over the scored images the method has a caption for
-    head_to_head: np.ndarray  # (M, M) row beats column, over images both scored; ties 0.5; NaN diagonal
-    n_bootstrap: int
-    seed: int
-    confidence: float
-    image_status: list[str]  # (I,) "ok", "no_scores" or "unreadable_image"
-    scorer: str = ""
-    problems: list[Problem] = field(default_factory=list)
-    files: dict[str, Path] = field(default_factory=dict)  # written report files by role
-
-    @property
-    def n_scored(self) -> int:
-        return int(self.scored.sum())
-
-    def summary(self) -> dict[str, dict[str, float]]:
-        """Per method: win_rate, ci_low, ci_high, wins, mean_score, n_captions (scored images with a caption)."""
-        has_score = ~np.isnan(self.scores[self.scored])
-        return {
-            m: {
-                "win_rate": float(self.win_rate[j]),
-                "ci_low": float(self.ci_low[j]),
-                "ci_high": float(self.ci_high[j]),
-                "wins": float(self.wins[:, j].sum()),
-                "mean_score": float(self.mean_score[j]),
-                "n_captions": int(has_score[:, j].sum()),
-            }
-            for j, m in enumerate(self.methods)
-        }
 
 
 # --- the arithmetic ----------------------------------------------------------------------------
@@ -274,7 +227,7 @@ def _match_path_suffix(parts: tuple[str, ...], by_parts: Mapping[tuple[str, ...]
 
 
 class ImageTextEmbedder(Protocol):
-    """What :func:`run_winrate` needs from a scorer (``seechat.eval.scorer.ChineseClipScorer``)."""
+    """What :func:`run_winrate` needs from a scorer (``seechat.data.scorer.ChineseClipScorer``)."""
 
     name: str
 

@@ -20,38 +20,15 @@ import json
 import math
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from seechat.eval.clipscore import CLIPSCORE_WEIGHT
+from seechat.eval.winrate_result import PROBLEM_KINDS, TIE_RULE, WinRateResult
 
-if TYPE_CHECKING:  # winrate imports this module; the type is only needed for annotations
-    from seechat.eval.winrate import WinRateResult
-
-__all__ = ["PROBLEM_KINDS", "TIE_RULE", "write_report"]
-
-# The tie rule and the problem kinds live here, with the prose that presents them, so that
-# winrate.py (which re-exports them) can import this module without an import cycle.
-TIE_RULE = (
-    "The winner of an image is the method whose caption scores highest. When k methods tie for the "
-    "highest score, each gets 1/k of a win, so win rates sum to 1. A method with no caption for an "
-    "image scores NaN there: it cannot win that image. Images with no scored caption, and unreadable "
-    "images, are left out."
-)
-
-PROBLEM_KINDS = {
-    "missing_caption": "the method has no caption for this image: it scores NaN there and cannot win it",
-    "duplicate_caption": "the captions file has more than one row for this image: the first row is used",
-    "duplicate_image": "the image list names this image more than once: it is scored once",
-    "unreadable_image": "the image could not be opened or decoded: it is left out of every statistic",
-    "unknown_image": "a captions row names an image that is not in the image list: the row is ignored",
-    "bad_caption_row": "a captions line is not JSON with string 'image' and 'caption': the line is ignored",
-    "empty_caption": "the caption is empty: it is still scored",
-    "no_scores": "no method has a caption for this image: it is left out of every statistic",
-}
+__all__ = ["write_report"]
 
 MAX_EXAMPLES = 10  # problems listed per kind in report.md; problems.csv has all of them
 

@@ -3,20 +3,23 @@
     world    procedurally generated Chinese scenes, pairs, conversations, eval sets  (seechat.mini.world)
     experts  the pretrained mini Chinese-CLIP (vision expert + scorer) and mini Chinese LM shipped in
              the package (seechat/mini/weights; `seechat mini experts` retrains them, `--experts` uses those)
-    stage1   bridge only, on pair shards        configs/mini/stage1.yaml, via seechat.train.train
-    stage2   bridge + LM, on conversations      configs/mini/stage2.yaml, via seechat.train.train
+    stage1   bridge only, on pair shards        seechat/mini/recipes/stage1.yaml, via seechat.train.train
+    stage2   bridge + LM, on conversations      seechat/mini/recipes/stage2.yaml, via seechat.train.train
     eval     held-out test split: VQA per type next to a blind control (the same questions about a blank
              image), grounding Acc@0.5, captions, win rate vs alt-text
 
 Everything goes under `--out` (default runs/mini): the ready checkpoint is `<out>/stage2` and the
 numbers are `<out>/results.json`. A finished step is reused when run again (same config) unless
 `--redo` names it. The recipes are the same YAML files and the same `train` function a 7B run uses;
-the demo only points their paths at `--out`.
+the demo only points their paths at `--out`. The recipes ship inside the package (package data),
+so an installed seechat runs the demo from any folder.
+
+What this module is not: the command line (`seechat.cli.demo` parses the options and prints the
+results); progress goes to this module's logger.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import time
@@ -36,7 +39,7 @@ from seechat.train.loop import train
 
 log = logging.getLogger(__name__)
 STEPS = ("world", "stage1", "stage2", "eval")
-RECIPES = Path(__file__).resolve().parents[2] / "configs" / "mini"
+RECIPES = Path(__file__).resolve().parent / "recipes"  # package data: the stage recipes of the mini world
 
 
 @dataclass(frozen=True)
@@ -102,14 +105,15 @@ def run_stage(
     )
     target = Path(cfg.train.output_dir)
     if not redo and _done(target, to_dict(cfg)):
-        print(f"[{stage}] reusing finished run in {target}")
+        log.info(f"[{stage}] reusing finished run in {target}")
         return target
     train(cfg, resume=not redo)
     return target
 
 
 def sample_dialogue(checkpoint: Path, world: Path) -> list[tuple[str, str]]:
-    """A short multi-turn chat about the first test image, printed by the demo."""
+    """A short multi-turn chat about the first test image (the demo shows it)."""
+
     model, processor = load(checkpoint)
     row = read_jsonl(world / "test" / "captions.jsonl")[0]
     image = load_image(world / row["image"])
@@ -136,21 +140,21 @@ def demo(
     out.mkdir(parents=True, exist_ok=True)
     extra = stage_extra or {}
     world = out / "world"
-    print(
+    log.info(
         "[world] building the mini world"
         if "world" in redo or not (world / "manifest.json").exists()
         else f"[world] reusing {world}"
     )
     build_world(world, world_cfg or WorldConfig(), force="world" in redo, workers=2)
     assets = Assets.of_run(out, experts)
-    print(f"[experts] pretrained mini Chinese-CLIP {assets.vision} and mini Chinese LM {assets.lm}")
+    log.info(f"[experts] pretrained mini Chinese-CLIP {assets.vision} and mini Chinese LM {assets.lm}")
     s1 = run_stage(assets, out / "stage1", "stage1", bridge, extra.get("stage1", []), "stage1" in redo)
     s2 = run_stage(
         assets, out / "stage2", "stage2", bridge, extra.get("stage2", []), "stage2" in redo, init_from=s1
     )
     t_train = time.time() - t0
 
-    print("[eval] held-out test split")
+    log.info("[eval] held-out test split")
     model, processor = load(s2)
     results = evaluate_split(
         model, processor, world, out / "eval" / "stage2", assets.scorer, "test", eval_limit
@@ -162,52 +166,4 @@ def demo(
     results["sample_dialogue"] = [{"user": q, "assistant": a} for q, a in turns]
     (out / "results.json").write_text(json.dumps(results, ensure_ascii=False, indent=2), encoding="utf-8")
 
-    print("\n示例对话（测试集图片 " + read_jsonl(world / "test" / "captions.jsonl")[0]["image"] + "）：")
-    for q, a in turns:
-        print(f"  用户：{q}\n  助手：{a}")
-    print(
-        f"\nVQA accuracy {results['vqa_accuracy']:.1%} over {results['vqa_questions']} questions; "
-        f"by type: " + ", ".join(f"{k} {v:.0%}" for k, v in sorted(results["vqa_accuracy_by_type"].items()))
-    )
-    print(
-        f"blind control (the same questions about a blank image): {results['vqa_accuracy_blind']:.1%}; "
-        f"by type: "
-        + ", ".join(f"{k} {v:.0%}" for k, v in sorted(results["vqa_accuracy_blind_by_type"].items()))
-    )
-    print(
-        f"grounding Acc@0.5 {results['grounding_acc_at_0.5']:.1%}; caption exact {results['caption_exact_match']:.1%}, "
-        f"CIDEr-D {results['caption_cider_d']:.2f}, win rate vs alt-text {results['caption_winrate_vs_alt_text']:.1%}"
-    )
-    print(f"checkpoint: {s2}   results: {out / 'results.json'}   wall: {results['wall_seconds']:.0f} s")
     return results
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = __doc__.split("\n\n")[0] + " Re-running reuses finished steps."
-    parser.add_argument("--out", default="runs/mini", help="where the whole run goes (default: runs/mini)")
-    parser.add_argument(
-        "--redo",
-        nargs="*",
-        default=[],
-        choices=STEPS,
-        metavar="STEP",
-        help=f"steps to redo even if finished: {', '.join(STEPS)}",
-    )
-    parser.add_argument(
-        "--bridge",
-        choices=["linear", "mlp2x_gelu", "qformer", "resampler"],
-        default=None,
-        help="bridge for stages 1 and 2 (default: the recipe's, mlp2x_gelu)",
-    )
-    parser.add_argument(
-        "--experts",
-        default=None,
-        metavar="DIR",
-        help="start from the experts of `seechat mini experts --out DIR` instead of the shipped ones",
-    )
-
-
-def run_from_args(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    demo(args.out, tuple(args.redo), args.bridge, ExpertPaths.of(args.experts) if args.experts else None)
-    return 0

@@ -18,7 +18,7 @@ from seechat.data.image_sources import JsonlImages
 from seechat.data.images import load_image
 from seechat.data.jsonl import read_jsonl, write_jsonl
 from seechat.data.processor import SeeChatProcessor
-from seechat.eval.scorer import ChineseClipScorer
+from seechat.data.scorer import ChineseClipScorer
 from seechat.eval.tasks import TASKS, answer_rows
 from seechat.eval.winrate import run_winrate
 from seechat.model.modeling import SeeChatModel

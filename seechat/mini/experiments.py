@@ -17,14 +17,13 @@ pairs (the first half of the shards) vs all 2N unfiltered, each with the same st
 the same stage 2. Reported: held-out VQA accuracy of each stage-2 model and the caption win rate
 among them (and among the three stage-1-only models, which show stage 1's effect undiluted).
 
-Every model uses the demo's recipes (`configs/mini/`) and the one `train` function; a finished
+Every model uses the demo's recipes (`seechat/mini/recipes/`) and the one `train` function; a finished
 stage is reused. Results: `<out>/results.json`, `<out>/report.md`, and the win-rate reports
 (table, head-to-head matrix, per-image CSV, bar chart) under `<out>/winrate*/`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import time
@@ -38,7 +37,7 @@ from PIL import Image
 from seechat.data.filter import KeepRule, count_samples, filter_shards
 from seechat.data.image_sources import JsonlImages
 from seechat.data.jsonl import read_jsonl, write_jsonl
-from seechat.eval.scorer import ChineseClipScorer
+from seechat.data.scorer import ChineseClipScorer
 from seechat.eval.winrate import WinRateResult, run_winrate
 from seechat.mini.demo import Assets, run_stage
 from seechat.mini.evaluate import answer_split, load_images
@@ -239,73 +238,3 @@ def data_quality_experiment(opts: Options, out: Path, bridge: str = "mlp2x_gelu"
     results["device"], results["wall_seconds"] = opts.device, time.time() - t0
     (out / "results.json").write_text(json.dumps(results, ensure_ascii=False, indent=1), encoding="utf-8")
     return results
-
-
-# ---------------------------------------------------------------- CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = __doc__.split("\n\n")[0]
-    parser.add_argument(
-        "--run",
-        default="runs/mini",
-        help="a `seechat demo` run folder holding world/ (default: runs/mini); the world is built "
-        "first where missing; the experts are the shipped ones",
-    )
-    parser.add_argument(
-        "--out", default="", help="where the experiment goes (default: <run>/experiments/<name>)"
-    )
-    parser.add_argument(
-        "--limit", type=int, default=0, help="caption only the first N split images (default: all)"
-    )
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument(
-        "--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals"
-    )
-    parser.add_argument(
-        "--workers",
-        type=int,
-        default=None,
-        help="data.num_workers for every stage (default: the recipes' 1; shard order depends on it)",
-    )
-
-
-def _options(args: argparse.Namespace) -> tuple[Options, Path]:
-    from seechat.mini.world import WorldConfig, build_world
-
-    run = Path(args.run)
-    build_world(run / "world", WorldConfig(), workers=2)
-    extra = () if args.workers is None else (f"data.num_workers={args.workers}",)
-    return Options(
-        Assets.of_run(run),
-        limit=args.limit,
-        device=args.device,
-        n_bootstrap=args.bootstrap,
-        stage_extra=(("stage1", extra), ("stage2", extra)),
-    ), run
-
-
-def run_seed(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    opts, run = _options(args)
-    res = seed_experiment(opts, Path(args.out or run / "experiments" / "seed"))
-    for m, s in sorted(res["methods"].items(), key=lambda kv: -kv[1]["win_rate"]):
-        print(
-            f"{m:<20} win rate {s['win_rate']:.1%}  [{s['ci95'][0]:.1%}, {s['ci95'][1]:.1%}]  "
-            f"mean score {s['mean_score']:.3f}"
-        )
-    return 0
-
-
-def run_data_quality(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    opts, run = _options(args)
-    res = data_quality_experiment(opts, Path(args.out or run / "experiments" / "data_quality"))
-    for name, v in res["variants"].items():
-        w2 = res["winrate_stage2"][f"stage2_{name}"]["win_rate"]
-        w1 = res["winrate_stage1_only"][f"stage1_{name}"]["win_rate"]
-        print(
-            f"{name:<12} VQA {v['vqa_accuracy']:.1%}  stage-2 caption win rate {w2:.1%}  "
-            f"stage-1-only win rate {w1:.1%}"
-        )
-    return 0

@@ -13,7 +13,7 @@ One import for everything a caller needs; the concepts live in their own modules
   loop with its progress bar, `metrics.jsonl` and `loss.png`.
 
 The package ships the pair the default recipes made (`SHIPPED`, `shipped_experts()`), and the demo
-starts from it; `seechat mini experts` (below) retrains them. Every run is deterministic by
+starts from it; `seechat mini experts` (seechat.cli.mini_experts) retrains them. Every run is deterministic by
 `recipe.seed`, and a finished output (`done.json` with the same recipe and world-generator
 fingerprint) is reused unless `force=True`. Not here: the world (`seechat.mini.world`), stage 1 and
 stage 2 (`seechat.train`).
@@ -21,15 +21,10 @@ stage 2 (`seechat.train`).
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
-import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from seechat.mini.clip_expert import ClipRecipe, evaluate_clip, train_mini_clip
 from seechat.mini.expert_training import PathLike, world_texts
@@ -41,6 +36,7 @@ __all__ = [
     "ExpertPaths",
     "LMRecipe",
     "evaluate_clip",
+    "evaluate_experts",
     "evaluate_lm",
     "shipped_experts",
     "train_experts",
@@ -94,6 +90,7 @@ def train_experts(
 
 
 # --------------------------------------------------------------------------- `seechat mini experts`
+# (the verb itself is seechat.cli.mini_experts)
 
 RECIPES = {"clip": ClipRecipe, "lm": LMRecipe}
 
@@ -116,63 +113,14 @@ def recipe_overrides(pairs: list[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = (
-        "Train the mini Chinese-CLIP and the mini Chinese LM from scratch on fresh scenes of the mini world, "
-        "with the project's recipes (the package ships the result: seechat/mini/weights). Measured: on one H200 "
-        "(both at once) the CLIP took 268 s and the LM 223 s; on a 2-core CPU a step takes 0.87 s (CLIP) and "
-        "13.7 s (LM), so about 40 minutes and 11 hours."
-    )
-    parser.add_argument("--out", default="runs/mini/experts", help="output folder: OUT/clip and OUT/lm")
-    parser.add_argument("--only", choices=sorted(RECIPES), help="train one expert only")
-    parser.add_argument(
-        "--set",
-        nargs="*",
-        default=[],
-        metavar="EXPERT.FIELD=VALUE",
-        help="change a recipe field, e.g. lm.steps=2000 clip.batch_size=64",
-    )
-    parser.add_argument(
-        "--device",
-        default="cuda" if torch.cuda.is_available() else "cpu",
-        help="torch device (default: cuda when available)",
-    )
-    parser.add_argument("--workers", type=int, default=4, help="processes that draw and render the batches")
-    parser.add_argument("--force", action="store_true", help="retrain even when OUT holds a finished run")
-    parser.add_argument(
-        "--evaluate",
-        metavar="WORLD",
-        help="then evaluate on this world's val split (writes eval.json into each expert's folder)",
-    )
-
-
-def run_from_args(args: argparse.Namespace) -> int:
-    try:
-        over = recipe_overrides(args.set)
-    except ValueError as e:
-        print(f"seechat mini experts: {e}", file=sys.stderr)
-        return 2
-    out = Path(args.out)
-    trained: dict[str, Path] = {}
-    start = time.time()
-    if args.only in (None, "clip"):
-        trained["clip"] = train_mini_clip(
-            out / "clip",
-            ClipRecipe(**over["clip"]),
-            force=args.force,
-            device=args.device,
-            workers=args.workers,
+def evaluate_experts(trained: dict[str, Path], world: PathLike) -> dict[str, dict]:
+    """Score each trained expert ({"clip": dir, "lm": dir}) on `world`'s val split; each result is
+    also written to `<dir>/eval.json`."""
+    results = {}
+    for name, directory in trained.items():
+        result = (evaluate_clip if name == "clip" else evaluate_lm)(directory, world)
+        (directory / "eval.json").write_text(
+            json.dumps(result, ensure_ascii=False, indent=1), encoding="utf-8"
         )
-    if args.only in (None, "lm"):
-        trained["lm"] = train_mini_lm(
-            out / "lm", LMRecipe(**over["lm"]), force=args.force, device=args.device, workers=args.workers
-        )
-    print(f"trained {', '.join(f'{k}: {v}' for k, v in trained.items())} in {time.time() - start:.0f} s")
-    if args.evaluate:
-        for name, directory in trained.items():
-            result = (evaluate_clip if name == "clip" else evaluate_lm)(directory, args.evaluate)
-            (directory / "eval.json").write_text(
-                json.dumps(result, ensure_ascii=False, indent=1), encoding="utf-8"
-            )
-            print(f"{name} on {args.evaluate} (val): {json.dumps(result, ensure_ascii=False)}")
-    return 0
+        results[name] = result
+    return results

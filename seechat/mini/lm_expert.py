@@ -1,6 +1,6 @@
 """The mini Chinese LM: a tiny `Qwen2ForCausalLM` pretrained on the mini world's text, no images.
 
-The tokenizer is `seechat.mini.tokenizer.build_char_tokenizer` (one token per character, ChatML
+The tokenizer is `seechat.data.char_tokenizer.build_char_tokenizer` (one token per character, ChatML
 template, eos = `<|im_end|>`) over `seechat.mini.scene_text.charset()`, every character any mini world
 can write, so stage 2 never meets an unknown character whatever the world's seed. It is saved in
 `out_dir/tokenizer`, never next to the model's `config.json`: `AutoTokenizer` on a folder whose
@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, Qwen2Config
 
+from seechat.data.char_tokenizer import build_char_tokenizer
 from seechat.mini import scene_text
 from seechat.mini.expert_training import (
     PathLike,
@@ -43,7 +44,6 @@ from seechat.mini.expert_training import (
 )
 from seechat.mini.fresh import fresh_scenes, step_batches, step_rng
 from seechat.mini.scenes import Scene
-from seechat.mini.tokenizer import build_char_tokenizer
 
 IGNORE = -100
 

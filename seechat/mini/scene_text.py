@@ -700,7 +700,7 @@ def _strings_of(value: object) -> Iterator[str]:
 
 
 # Characters the world's generators do not hold as constants but its users type: the evaluation and
-# demo prompts and the stage-1 pair instructions (seechat.eval.tasks, seechat.mini.demo, configs/mini).
+# demo prompts and the stage-1 pair instructions (seechat.eval.tasks, seechat.mini.demo, seechat/mini/recipes).
 PROMPT_TEXT = (
     "请用一句话描述这张图片。简要描述图片内容。这张图里有什么？请给出的位置（坐标框）。图中有几个图形？"
     "请给出第一个图形的位置（坐标框）。，。：；！？、（）【】《》“”‘’…—"
@@ -714,8 +714,8 @@ def charset() -> list[str]:
 
     A pure function of the code, not of a generated world, so the shipped experts' vocabularies
     cover every world any seed generates (a test checks a fresh world against it)."""
+    from seechat.data.char_tokenizer import ASCII
     from seechat.mini import scenes
-    from seechat.mini.tokenizer import ASCII
 
     chars = set(ASCII) | set(PROMPT_TEXT)
     for module in (globals(), vars(scenes)):

@@ -15,8 +15,6 @@ message that says so; this module does not approximate one architecture with ano
 
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
 
 import torch
@@ -138,21 +136,3 @@ def export_llava_hf(directory: str | Path, out: str | Path) -> Path:
         )
         hf_processor.save_pretrained(tmp)
     return final
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--format", choices=FORMATS, default="llava-hf", help="target layout (default: llava-hf)"
-    )
-    parser.add_argument("model", help="a seechat checkpoint directory")
-    parser.add_argument("out", help="directory to write")
-
-
-def run_from_args(args: argparse.Namespace) -> int:
-    try:
-        out = export_llava_hf(args.model, args.out)
-    except ExportError as e:
-        print(f"seechat export: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {out} (transformers LlavaForConditionalGeneration layout)")
-    return 0

@@ -122,30 +122,6 @@ class SeeChatModel(nn.Module):
         loss, n = token_loss(out.logits, labels[:, keep + 1], num_items_in_batch)
         return SeeChatOutput(logits=None, loss=loss, cache=out.cache, num_items=n)
 
-    # Persistence and generation are thin methods over seechat.model.checkpoint and
-    # seechat.infer.generate, imported lazily because those modules build on this one.
-
-    def save_pretrained(self, directory, processor) -> None:
-        """Write a self-describing checkpoint directory (see `seechat.model.checkpoint`)."""
-        from seechat.model.checkpoint import write_checkpoint
-
-        write_checkpoint(self, processor, directory)
-
-    @classmethod
-    def from_pretrained(cls, directory, device="cpu") -> SeeChatModel:
-        """The model of a checkpoint directory; `seechat.model.load` also returns the processor."""
-        from seechat.model.checkpoint import load_checkpoint
-
-        return load_checkpoint(directory, device)[0]
-
-    def generate(self, input_ids, attention_mask=None, pixel_values=None, params=None, stop_token_ids=()):
-        """New token ids per row of a left-padded batch (KV-cached; see `seechat.infer.generate`)."""
-        from seechat.infer.generate import SamplingParams, generate
-
-        return generate(
-            self, input_ids, attention_mask, pixel_values, params or SamplingParams(), stop_token_ids
-        )
-
 
 def supervised_positions(labels: torch.Tensor) -> torch.Tensor:
     """Positions t (any row) whose next label is supervised: the only logits the loss reads. (K,)"""

@@ -23,7 +23,7 @@ from transformers import (
     SiglipVisionConfig,
 )
 
-from seechat.mini.tokenizer import CHATML_TEMPLATE, build_char_tokenizer
+from seechat.data.char_tokenizer import CHATML_TEMPLATE, build_char_tokenizer
 
 VISION_ARCHS = ("clip", "chinese_clip", "siglip")
 LM_ARCHS = ("qwen2", "llama", "glm4")

@@ -30,7 +30,6 @@ Outputs, in `train.output_dir`:
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -46,7 +45,7 @@ from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from seechat.atomic import existing, recover
-from seechat.config import ModelConfig, RunConfig, from_dict, load_config, save_config, to_dict
+from seechat.config import ModelConfig, RunConfig, from_dict, save_config, to_dict
 from seechat.data.jsonl import append_jsonl, read_jsonl, write_jsonl
 from seechat.model.build import apply_trainable, build
 from seechat.model.checkpoint import load_checkpoint, read_meta, write_checkpoint
@@ -460,29 +459,3 @@ def _skipped(directory: Path) -> dict:
     for f in sorted(directory.glob("*.jsonl")):
         keys += [row.get("key") for row in read_jsonl(f)]
     return {"count": len(keys), "keys": keys[:100]}
-
-
-# ---------------------------------------------------------------- CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = (
-        "Train one stage from a YAML recipe. Overrides are dotted key=value pairs, e.g. "
-        "`seechat train configs/mini/stage1.yaml train.max_steps=50 optim.lr=5e-4`. "
-        "Launch on several GPUs with `accelerate launch -m seechat.cli train ...`."
-    )
-    parser.add_argument("config", help="a YAML recipe (see configs/)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100")
-    parser.add_argument(
-        "--no-resume", action="store_true", help="ignore an existing resume point and start over"
-    )
-
-
-def run_from_args(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = load_config(args.config, args.overrides)
-    result = train(cfg, resume=not args.no_resume)
-    print(
-        f"done: {result.steps} steps, final loss {result.final_loss:.4f}, {result.wall_seconds:.1f} s -> {result.output_dir}"
-    )
-    return 0

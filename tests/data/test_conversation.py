@@ -8,6 +8,7 @@ from jinja2.exceptions import TemplateError as JinjaTemplateError
 from PIL import Image
 from transformers import CLIPImageProcessor
 
+from seechat.data.char_tokenizer import CHATML_TEMPLATE, build_char_tokenizer
 from seechat.data.conversation import (
     FALLBACK_TEMPLATE,
     IGNORE_INDEX,
@@ -19,7 +20,6 @@ from seechat.data.conversation import (
     tokenize_with_labels,
 )
 from seechat.data.processor import SeeChatProcessor
-from seechat.mini.tokenizer import CHATML_TEMPLATE, build_char_tokenizer
 from tests.helpers import CONVERSATION
 
 # A Llama-3-style template (header tokens, <|eot_id|> ends a turn), spelled with our specials.

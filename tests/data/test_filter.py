@@ -1,9 +1,8 @@
-"""`seechat data filter`: keep rules, kept sets against directly computed scores, output readable by
-webdataset and PairShardDataset, corrupt samples reported, reports written, CLI end to end."""
+"""`seechat.data.filter`: keep rules, kept sets against directly computed scores, output readable by
+webdataset and PairShardDataset, corrupt samples reported, reports written (the verb: tests/cli)."""
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 from pathlib import Path
@@ -14,11 +13,10 @@ import webdataset as wds
 from PIL import Image
 
 from seechat.cli import main
-from seechat.data.data_cli import add_filter_arguments
 from seechat.data.filter import HISTOGRAM_FILE, SCORES_FILE, STATS_FILE, KeepRule, filter_shards
 from seechat.data.pairs import PairShardDataset
+from seechat.data.scorer import ChineseClipScorer
 from seechat.data.shards import ShardWriter
-from seechat.eval.scorer import ChineseClipScorer
 from tests.eval.conftest import tiny_clip_dir  # noqa: F401  (fixture: a tiny random ChineseCLIPModel)
 
 COLOURS = {"红": (220, 20, 20), "蓝": (20, 20, 220), "绿": (20, 200, 20), "黄": (230, 220, 20)}
@@ -228,34 +226,3 @@ def test_samples_over_the_size_limit_are_listed_unread(
     assert len(rows) == 12 and all(r["error"].startswith("sample too large") for r in rows)
     stats = json.loads((out / STATS_FILE).read_text())
     assert stats["n_corrupt"] == 12 and stats["n_scored"] == 0
-
-
-def test_help_explains_every_option() -> None:
-    parser = argparse.ArgumentParser()
-    add_filter_arguments(parser)
-    assert parser.description
-    for action in parser._actions:
-        assert action.help, f"{action.dest} has no help"
-
-
-def test_cli_end_to_end(shard_dir: Path, tiny_clip_dir: Path, tmp_path: Path, capsys) -> None:  # noqa: F811
-    out = tmp_path / "filtered"
-    args = ["data", "filter", shards_of(shard_dir), str(out), "--model", str(tiny_clip_dir),
-            "--top-fraction", "0.5", "--batch-size", "3", "--workers", "1", "--no-progress"]  # fmt: skip
-    assert main(args) == 0
-    assert "kept 5 of 10 scored pairs" in capsys.readouterr().out
-    assert len(read_wds(out)) == 5 and len(scores_rows(out)) == 12
-    assert json.loads((out / STATS_FILE).read_text())["rule"] == {"top_fraction": 0.5}
-
-    assert main(args) == 2  # exists: refused without --overwrite
-    assert "already exists" in capsys.readouterr().err
-    assert main([*args, "--overwrite", "--prefix", "f-"]) == 0
-    assert sorted(p.name for p in out.glob("*.tar")) == ["f-00000.tar"]  # replaced, not mixed
-
-    base = ["data", "filter", shards_of(shard_dir), str(tmp_path / "x"), "--model", str(tiny_clip_dir)]
-    for extra in ([], ["--threshold", "0.1", "--top-fraction", "0.5"], ["--top-fraction", "2"]):
-        with pytest.raises(SystemExit) as exc:
-            main(base + extra)
-        assert exc.value.code == 2
-    assert main([*base, "--threshold", "0.1", "--text-field", "caption"]) == 2
-    assert "--text-field" in capsys.readouterr().err

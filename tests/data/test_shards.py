@@ -3,7 +3,6 @@ conversion and `seechat data shards`."""
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import tarfile
@@ -13,7 +12,6 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from seechat.data.data_cli import add_shards_arguments, run_shards
 from seechat.data.shards import (
     PairRecord,
     ShardInputError,
@@ -162,31 +160,6 @@ def test_read_pair_table_refuses_urls(tmp_path: Path) -> None:
     path.write_text("image\tcaption\nhttps://example.com/a.jpg\t猫\n", encoding="utf-8")
     with pytest.raises(ShardInputError, match=r"pairs.tsv:2: .*URL.*does not download"):
         list(read_pair_table(path))
-
-
-def cli(*argv: str) -> int:
-    parser = argparse.ArgumentParser()
-    add_shards_arguments(parser)
-    return run_shards(parser.parse_args(list(argv)))
-
-
-def test_cli_shards_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    write_images(tmp_path)
-    table = tmp_path / "pairs.tsv"
-    table.write_text(
-        "url\ttext\tsim\nimg/a.png\t红\t0.3\nimg/broken.jpg\t坏\t0.1\nimg/b.jpg\t蓝\t0.2\n", encoding="utf-8"
-    )
-    out = tmp_path / "shards"
-    code = cli(str(table), str(out), "--image-column", "url", "--caption-column", "text", "--resize", "8",
-               "--samples-per-shard", "1", "--no-progress")  # fmt: skip
-    assert code == 0
-    summary = json.loads((out / "stats.json").read_text())
-    assert summary["samples"] == 2 and summary["num_shards"] == 2 and summary["failures"] == 1
-    assert "2 samples" in capsys.readouterr().out
-    url_table = tmp_path / "urls.csv"
-    url_table.write_text("image,caption\nhttp://x/a.jpg,猫\n", encoding="utf-8")
-    assert cli(str(url_table), str(tmp_path / "o2"), "--no-progress") == 2
-    assert "URL" in capsys.readouterr().err
 
 
 def test_reading_groups_members_by_key_like_webdataset(tmp_path: Path) -> None:

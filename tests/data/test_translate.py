@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 from collections.abc import Sequence
@@ -11,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from seechat.data.data_cli import add_translate_arguments, run_translate
 from seechat.data.instruct import Conversation, Message, load_conversations, write_conversations
 from seechat.data.translate import (
     TranslateStats,
@@ -250,17 +248,3 @@ def test_tiny_real_models_batch_cache_and_flag(
     translate_file(source, tmp_path / "zh2.jsonl", translator, cache_path=cache, batch_size=2)
     assert generate_calls == []
     assert (tmp_path / "zh.flagged.jsonl").read_text() == (tmp_path / "zh2.flagged.jsonl").read_text()
-
-
-def test_cli_translate(
-    tmp_path: Path, source: Path, tiny_marian: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    parser = argparse.ArgumentParser()
-    add_translate_arguments(parser)
-    out = tmp_path / "zh.jsonl"
-    args = parser.parse_args(
-        [str(source), str(out), "--model", str(tiny_marian), "--max-new-tokens", "4", "--no-progress"]
-    )
-    assert run_translate(args) == 0
-    assert (tmp_path / "zh.jsonl.cache.sqlite").exists() and (tmp_path / "zh.flagged.jsonl").exists()
-    assert "3 conversations" in capsys.readouterr().out

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 from pathlib import Path
@@ -13,9 +12,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from seechat.data.image_sources import FolderImages
-from seechat.eval.scorer import ChineseClipScorer
+from seechat.data.scorer import ChineseClipScorer
 from seechat.eval.winrate import run_winrate
-from seechat.eval.winrate_cli import add_winrate_arguments, parse_caption_spec, run_winrate_from_args
 
 COLOURS = {"红色": (220, 30, 30), "蓝色": (30, 30, 220), "绿色": (30, 180, 30), "黄色": (230, 220, 40)}
 
@@ -129,62 +127,3 @@ def test_run_winrate_end_to_end_reports_every_problem(tiny_clip_dir, image_dir, 
     assert (
         summary["n_images_scored"] == 4 and summary["problems"]["missing_caption"] == 3
     )  # stage1: broken, img3; stage2: broken
-
-
-def test_cli_wiring(tiny_clip_dir, image_dir, caption_files, tmp_path, capsys):
-    parser = add_winrate_arguments(argparse.ArgumentParser(prog="seechat eval winrate"))
-    assert "--captions" in parser.format_help() and "FILE[=METHOD]" in parser.format_help()
-    assert parse_caption_spec("out/a.jsonl=alt_text") == ("alt_text", Path("out/a.jsonl"))
-    assert parse_caption_spec("out/stage1.jsonl") == ("stage1", Path("out/stage1.jsonl"))
-    assert parse_caption_spec("runs/x=y/c.jsonl") == ("c", Path("runs/x=y/c.jsonl"))
-
-    out = tmp_path / "cli"
-    args = parser.parse_args(
-        [
-            "--images",
-            str(image_dir),
-            "--captions",
-            f"{caption_files['alt_text']}=alt_text",
-            str(caption_files["stage1"]),
-            "--scorer",
-            str(tiny_clip_dir),
-            "--out",
-            str(out),
-            "--batch-size",
-            "3",
-            "--bootstrap",
-            "50",
-            "--seed",
-            "1",
-        ]
-    )
-    assert run_winrate_from_args(args) == 0
-    printed = capsys.readouterr().out
-    assert "alt_text" in printed and "stage1" in printed and (out / "report.md").is_file()
-
-    missing = parser.parse_args(
-        [
-            "--images",
-            str(image_dir),
-            "--captions",
-            str(tmp_path / "nope.jsonl"),
-            "--scorer",
-            str(tiny_clip_dir),
-            "--out",
-            str(out),
-        ]
-    )
-    assert run_winrate_from_args(missing) == 2
-    no_scorer = parser.parse_args(
-        [
-            "--images",
-            str(image_dir),
-            "--captions",
-            str(caption_files["stage1"]),
-            "--scorer",
-            str(tmp_path / "no_such_model"),
-            "--out",
-            str(out),
-        ]
-    )
-    assert run_winrate_from_args(no_scorer) == 2

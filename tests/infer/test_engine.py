@@ -12,6 +12,7 @@ import torch
 from seechat.infer import engine as engine_module
 from seechat.infer.chat import ChatSession, prompt_ids
 from seechat.infer.engine import Engine, EngineConfig, QueueFullError, RequestError
+from seechat.infer.generate import generate
 from seechat.infer.sampling import SamplingParams
 from tests.infer.tiny_engine import coloured
 
@@ -49,7 +50,7 @@ def test_greedy_equals_reference_generator(fixture, request):
         for k in range(len(CONVERSATIONS)):
             ids, images = _prompt(processor, k)
             pixels = processor.preprocess_images(images)
-            ref = model.generate(ids[None], None, pixels, GREEDY, processor.stop_token_ids)[0]
+            ref = generate(model, ids[None], None, pixels, GREEDY, processor.stop_token_ids)[0]
             got = engine.generate(ids, images, GREEDY, cache_prefix=False)
             assert got.token_ids == ref
             assert got.text == processor.decode(ref) and got.prompt_tokens == ids.numel()

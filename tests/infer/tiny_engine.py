@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from seechat.model import build
+from seechat.model.checkpoint import write_checkpoint
 from tests.helpers import model_config
 
 
@@ -17,7 +18,7 @@ def write_tiny_checkpoint(experts, directory: Path, lm: str = "qwen2", bridge: s
     """A tiny random seechat checkpoint (CLIP vision, 16 tokens per image) saved like a real one."""
     torch.manual_seed(0)
     model, processor = build(model_config(experts, "clip", lm, bridge))
-    model.save_pretrained(directory, processor)
+    write_checkpoint(model, processor, directory)
     return directory
 
 

@@ -17,9 +17,10 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoModel, AutoProcessor, AutoTokenizer, ChineseCLIPModel
 
 from seechat.config import BridgeConfig, LMConfig, ModelConfig, VisionConfig
+from seechat.data.char_tokenizer import build_char_tokenizer
 from seechat.data.collate import collate
 from seechat.data.jsonl import read_jsonl
-from seechat.eval.scorer import ChineseClipScorer
+from seechat.data.scorer import ChineseClipScorer
 from seechat.mini import scene_text
 from seechat.mini.clip_expert import (
     clip_batch,
@@ -44,7 +45,6 @@ from seechat.mini.experts import (
 from seechat.mini.fresh import fresh_scenes, held_out_meanings, step_batches, text_fingerprint
 from seechat.mini.lm_expert import IGNORE, encode_row, lm_batch, reading_row, text_row
 from seechat.mini.scenes import fingerprint
-from seechat.mini.tokenizer import build_char_tokenizer
 from seechat.mini.world import WorldConfig, build_world
 from seechat.model import build
 

@@ -11,6 +11,7 @@ from seechat.atomic import OutputOverlapError
 from seechat.config import TrainableConfig
 from seechat.data.collate import collate
 from seechat.model import apply_trainable, build, load, merge_lora
+from seechat.model.checkpoint import write_checkpoint
 from tests.helpers import CONVERSATION, model_config
 
 SETTINGS = {
@@ -39,7 +40,7 @@ def test_save_load_identical_logits(experts, images, tmp_path, setting):
     batch = collate([proc.encode_conversation(CONVERSATION, images[:1])], proc.tokenizer.pad_token_id)
     before = model(**batch).logits
 
-    model.save_pretrained(tmp_path / "ckpt", proc)
+    write_checkpoint(model, proc, tmp_path / "ckpt")
     meta = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     assert meta["parts"] == parts
     assert not list((tmp_path / "ckpt").rglob("*.bin")) and not list((tmp_path / "ckpt").rglob("*.pt"))
@@ -60,8 +61,8 @@ def test_save_load_identical_logits(experts, images, tmp_path, setting):
 
 def test_save_is_atomic_and_overwrites(experts, tmp_path):
     model, proc = build(model_config(experts))
-    model.save_pretrained(tmp_path / "ckpt", proc)
-    model.save_pretrained(tmp_path / "ckpt", proc)
+    write_checkpoint(model, proc, tmp_path / "ckpt")
+    write_checkpoint(model, proc, tmp_path / "ckpt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
@@ -84,8 +85,8 @@ def test_a_checkpoint_set_aside_by_a_killed_save_is_loaded(experts, tmp_path):
     """A save killed between its two renames leaves no `ckpt`, only `.ckpt.old-*`: loading finds it,
     and the next save puts it back first."""
     model, proc = build(model_config(experts))
-    model.save_pretrained(tmp_path / "ckpt", proc)
+    write_checkpoint(model, proc, tmp_path / "ckpt")
     (tmp_path / "ckpt").rename(tmp_path / ".ckpt.old-0123abcd")
     assert load(tmp_path / "ckpt")[0].num_image_tokens == model.num_image_tokens
-    model.save_pretrained(tmp_path / "ckpt", proc)
+    write_checkpoint(model, proc, tmp_path / "ckpt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]

@@ -11,8 +11,10 @@ from transformers import AutoModelForCausalLM, AutoProcessor, LlavaForConditiona
 from seechat.cli import main
 from seechat.config import TrainableConfig
 from seechat.data.conversation import text_messages
+from seechat.infer.generate import generate
 from seechat.infer.sampling import SamplingParams
 from seechat.model import apply_trainable, build, load
+from seechat.model.checkpoint import write_checkpoint
 from seechat.model.export import ExportError, export_llava_hf
 from tests.helpers import model_config
 
@@ -45,7 +47,7 @@ def test_llava_export_gives_the_same_logits(experts, images, tmp_path, vision):
     model, processor = build(model_config(experts, vision, "qwen2", "mlp2x_gelu"))
     _perturb(model)
     model.provenance["vision"] = model.provenance["lm"] = "full"  # save the perturbed experts too
-    model.save_pretrained(tmp_path / "ckpt", processor)
+    write_checkpoint(model, processor, tmp_path / "ckpt")
     export_llava_hf(tmp_path / "ckpt", tmp_path / "llava")
     model, processor, llava, enc = _check_same_logits(tmp_path / "ckpt", tmp_path / "llava", images)
     # transformers' own processor and generate agree with seechat's
@@ -54,7 +56,7 @@ def test_llava_export_gives_the_same_logits(experts, images, tmp_path, vision):
     inputs = hf(images=images[:1], text=[text], return_tensors="pt")
     assert torch.equal(inputs["input_ids"][0], enc.input_ids)
     torch.testing.assert_close(inputs["pixel_values"], enc.pixel_values)
-    ours = model.generate(enc.input_ids[None], None, enc.pixel_values, SamplingParams(max_new_tokens=8))[0]
+    ours = generate(model, enc.input_ids[None], None, enc.pixel_values, SamplingParams(max_new_tokens=8))[0]
     with torch.no_grad():
         theirs = llava.generate(**inputs, max_new_tokens=8, do_sample=False)[
             0, enc.input_ids.numel() :
@@ -73,7 +75,7 @@ def test_tied_embeddings_and_lora_are_exported(experts, images, tmp_path):
     model, processor = build(mc)
     apply_trainable(model, TrainableConfig(bridge="full", lm="lora"))
     _perturb(model)  # also moves the LoRA B matrices off zero, so the adapter matters
-    model.save_pretrained(tmp_path / "ckpt", processor)
+    write_checkpoint(model, processor, tmp_path / "ckpt")
     assert load(tmp_path / "ckpt")[0].provenance["lm"] == "lora"
     export_llava_hf(tmp_path / "ckpt", tmp_path / "llava")
     _check_same_logits(tmp_path / "ckpt", tmp_path / "llava", images)
@@ -81,7 +83,7 @@ def test_tied_embeddings_and_lora_are_exported(experts, images, tmp_path):
 
 def test_other_bridges_are_refused_clearly(experts, tmp_path, capsys):
     model, processor = build(model_config(experts, bridge="qformer"))
-    model.save_pretrained(tmp_path / "ckpt", processor)
+    write_checkpoint(model, processor, tmp_path / "ckpt")
     with pytest.raises(ExportError, match="needs the mlp2x_gelu bridge.*'qformer'"):
         export_llava_hf(tmp_path / "ckpt", tmp_path / "out")
     assert main(["export", "--format", "llava-hf", str(tmp_path / "ckpt"), str(tmp_path / "out")]) == 2
@@ -95,13 +97,13 @@ def test_exported_chat_template_takes_string_and_list_of_parts_messages(experts,
     model, processor = build(model_config(experts, "clip", "qwen2", "mlp2x_gelu"))
     _perturb(model)
     model.provenance["vision"] = model.provenance["lm"] = "full"
-    model.save_pretrained(tmp_path / "ckpt", processor)
+    write_checkpoint(model, processor, tmp_path / "ckpt")
     export_llava_hf(tmp_path / "ckpt", tmp_path / "llava")
     model, processor = load(tmp_path / "ckpt")
     llava = LlavaForConditionalGeneration.from_pretrained(tmp_path / "llava").eval()
     hf = AutoProcessor.from_pretrained(tmp_path / "llava")
     enc = processor.encode_prompt(QUESTION, images[:1])
-    ours = model.generate(enc.input_ids[None], None, enc.pixel_values, SamplingParams(max_new_tokens=8))[0]
+    ours = generate(model, enc.input_ids[None], None, enc.pixel_values, SamplingParams(max_new_tokens=8))[0]
     assert len(ours) >= 4  # a reply long enough for the comparison to mean something
 
     history = [
@@ -148,7 +150,7 @@ def test_export_onto_its_own_source_is_refused_and_loses_nothing(experts, tmp_pa
     """`seechat export CK CK` used to delete CK (the output was removed before the rename)."""
     ckpt = tmp_path / "ckpt"
     model, processor = build(model_config(experts, "clip", "qwen2", "mlp2x_gelu"))
-    model.save_pretrained(ckpt, processor)
+    write_checkpoint(model, processor, ckpt)
     before = sorted(p.relative_to(ckpt) for p in ckpt.rglob("*"))
     for out in (ckpt, ckpt / "llava", tmp_path):
         assert main(["export", "--format", "llava-hf", str(ckpt), str(out)]) == 2

@@ -9,7 +9,7 @@ import torch
 
 from seechat.config import BridgeConfig
 from seechat.data.collate import collate
-from seechat.infer.generate import generate_without_cache
+from seechat.infer.generate import generate, generate_without_cache
 from seechat.infer.sampling import SamplingParams
 from seechat.model import BRIDGES, build
 from seechat.model.bridges import build_bridge, merge_patches, merged_grid
@@ -34,7 +34,8 @@ def test_every_combination_trains_and_generates(experts, images, vision, bridge,
     assert int((batch["input_ids"] == model.image_token_id).sum()) == 2 * expected_tokens
 
     prompt = collate([proc.encode_prompt(CONVERSATION[:2], images[:1])], proc.tokenizer.pad_token_id, "left")
-    new = model.generate(
+    new = generate(
+        model,
         prompt["input_ids"],
         prompt["attention_mask"],
         prompt["pixel_values"],
@@ -81,7 +82,7 @@ def test_kv_cached_greedy_equals_full_recompute(experts, images):
     model.eval()
     enc = proc.encode_prompt(CONVERSATION[:2], images[:1])
     ids = enc.input_ids[None]
-    cached = model.generate(ids, None, enc.pixel_values, SamplingParams(max_new_tokens=12))[0]
+    cached = generate(model, ids, None, enc.pixel_values, SamplingParams(max_new_tokens=12))[0]
     reference = generate_without_cache(model, ids, enc.pixel_values, max_new_tokens=12)
     assert cached == reference[: len(cached)] and len(cached) == 12
 
@@ -93,11 +94,15 @@ def test_left_padded_batch_matches_single(experts, images):
     short = proc.encode_prompt([{"role": "user", "content": "<image>\n你好"}], images[:1])
     long = proc.encode_prompt(CONVERSATION[:2], images[1:2])
     batch = collate([short, long], proc.tokenizer.pad_token_id, "left")
-    together = model.generate(
-        batch["input_ids"], batch["attention_mask"], batch["pixel_values"], SamplingParams(max_new_tokens=6)
+    together = generate(
+        model,
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch["pixel_values"],
+        SamplingParams(max_new_tokens=6),
     )
     alone = [
-        model.generate(e.input_ids[None], None, e.pixel_values, SamplingParams(max_new_tokens=6))[0]
+        generate(model, e.input_ids[None], None, e.pixel_values, SamplingParams(max_new_tokens=6))[0]
         for e in (short, long)
     ]
     assert together == alone

@@ -26,6 +26,7 @@ import openai
 import pytest
 from PIL import Image
 
+from seechat.model.checkpoint import write_checkpoint
 from tests.infer.tiny_engine import coloured, png_bytes
 from tests.serve.conftest import start_serve
 from tests.serve.test_server import expected, image_msg
@@ -71,7 +72,7 @@ def _status_kb(pid: int, field: str) -> int:
 def served(serve_model, tmp_path_factory):
     model, processor = serve_model
     ckpt = tmp_path_factory.mktemp("load") / "ckpt"
-    model.save_pretrained(ckpt, processor)
+    write_checkpoint(model, processor, ckpt)
     env = {k: v for k, v in os.environ.items() if k != "SEECHAT_API_KEY"}
     proc, port, url = start_serve(
         ["--model", str(ckpt), "--model-name", "tiny-seechat", *FLAGS], env, timeout=90

@@ -15,7 +15,9 @@ import pytest
 
 from seechat.infer.chat import prompt_ids
 from seechat.infer.engine import EngineConfig
+from seechat.infer.generate import generate
 from seechat.infer.sampling import SamplingParams
+from seechat.model.checkpoint import write_checkpoint
 from tests.infer.tiny_engine import coloured, data_uri
 from tests.serve.conftest import MODEL_NAME, make_server, start_serve
 
@@ -34,8 +36,8 @@ def expected(serve_model, messages: list[dict], images: list, max_tokens: int) -
     model, processor = serve_model
     ids = prompt_ids(processor, messages, len(images))
     pixels = processor.preprocess_images(images)
-    new = model.generate(
-        ids[None], None, pixels, SamplingParams(max_new_tokens=max_tokens), processor.stop_token_ids
+    new = generate(
+        model, ids[None], None, pixels, SamplingParams(max_new_tokens=max_tokens), processor.stop_token_ids
     )[0]
     return processor.decode(new)
 
@@ -311,7 +313,7 @@ def test_64_concurrent_streaming_clients(live, serve_model):
 
 def test_serve_verb_binds_loopback_and_reads_the_key_from_the_environment(serve_model, tmp_path):
     model, processor = serve_model
-    model.save_pretrained(tmp_path / "ckpt", processor)
+    write_checkpoint(model, processor, tmp_path / "ckpt")
     env = {**os.environ, "SEECHAT_API_KEY": "from-env"}
     proc, _, url = start_serve(["--model", str(tmp_path / "ckpt"), "--log-level", "warning"], env, timeout=60)
     try:

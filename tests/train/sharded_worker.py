@@ -26,7 +26,7 @@ from seechat.train.data import load_conversation_dataset
 from seechat.train.loop import build_model, make_optimizer
 from seechat.train.state import Position, gather_training_state, is_sharded, load_resume, save_resume
 
-STAGE2 = Path(__file__).resolve().parents[2] / "configs" / "mini" / "stage2.yaml"
+STAGE2 = Path(__file__).resolve().parents[2] / "seechat" / "mini" / "recipes" / "stage2.yaml"
 
 
 def main() -> None:

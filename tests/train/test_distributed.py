@@ -49,8 +49,8 @@ from tests.conftest import tiny_overrides
 from tests.train.tracker_readers import HAS_TENSORBOARD, tensorboard_scalars
 
 ROOT = Path(__file__).resolve().parents[2]
-STAGE1 = ROOT / "configs" / "mini" / "stage1.yaml"
-STAGE2 = ROOT / "configs" / "mini" / "stage2.yaml"
+STAGE1 = ROOT / "seechat" / "mini" / "recipes" / "stage1.yaml"
+STAGE2 = ROOT / "seechat" / "mini" / "recipes" / "stage2.yaml"
 
 # float32 sums over ~1-8k tokens in another order and with other padding: measured differences
 # are <= 1.7e-7 relative (loss) and <= 1.1e-7 (gradient norm), and both mutations above move them

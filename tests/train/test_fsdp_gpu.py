@@ -27,7 +27,7 @@ from tests.conftest import tiny_overrides
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="FSDP through accelerate needs CUDA")
 
 ROOT = Path(__file__).resolve().parents[2]
-STAGE2 = ROOT / "configs" / "mini" / "stage2.yaml"
+STAGE2 = ROOT / "seechat" / "mini" / "recipes" / "stage2.yaml"
 FSDP = ROOT / "configs" / "accelerate" / "fsdp.yaml"
 STEPS = 8
 

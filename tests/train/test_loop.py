@@ -20,8 +20,8 @@ from tests.conftest import tiny_overrides
 from tests.train.tracker_readers import HAS_TENSORBOARD, tensorboard_raw_steps, tensorboard_scalars
 
 ROOT = Path(__file__).resolve().parents[2]
-STAGE1 = ROOT / "configs" / "mini" / "stage1.yaml"
-STAGE2 = ROOT / "configs" / "mini" / "stage2.yaml"
+STAGE1 = ROOT / "seechat" / "mini" / "recipes" / "stage1.yaml"
+STAGE2 = ROOT / "seechat" / "mini" / "recipes" / "stage2.yaml"
 
 
 def stage1_overrides(w, out, **extra):

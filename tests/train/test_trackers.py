@@ -23,7 +23,7 @@ from tests.train.tracker_readers import (
 )
 
 ROOT = Path(__file__).resolve().parents[2]
-STAGE1 = ROOT / "configs" / "mini" / "stage1.yaml"
+STAGE1 = ROOT / "seechat" / "mini" / "recipes" / "stage1.yaml"
 TRAIN_KEYS = ("loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "supervised_tokens_per_step")
 
 

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
+from seechat.data.char_tokenizer import build_char_tokenizer
 from seechat.mini.expert_training import read_jsonl, torch_threads, train_loop, world_texts
 from seechat.mini.lm_expert import LMRecipe, evaluate_lm, lm_config, lm_documents
-from seechat.mini.tokenizer import build_char_tokenizer
 
 weight, steps, out = float(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
 world = Path("runs/mini/world")

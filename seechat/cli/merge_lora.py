@@ -1,20 +1,20 @@
-"""`seechat merge-lora`: argparse wrapper over `seechat.model.checkpoint.merge_lora`."""
+"""`seechat merge-lora CKPT OUT`: fold LoRA adapters into full weights (seechat.model.checkpoint)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from seechat.atomic import OutputOverlapError
-from seechat.model.checkpoint import merge_lora
 
-
-def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="a seechat checkpoint with LoRA adapters")
     parser.add_argument("out", help="where to write the merged checkpoint (full weights, no adapters)")
 
 
-def run_merge(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
+    from seechat.atomic import OutputOverlapError
+    from seechat.model.checkpoint import merge_lora
+
     try:
         out = merge_lora(args.checkpoint, args.out)
     except OutputOverlapError as e:

@@ -1,12 +1,8 @@
-"""Command-line wiring for the caption win-rate experiment (``seechat eval winrate``).
+"""`seechat eval winrate`: the caption win-rate experiment (seechat.eval.winrate) from the command line.
 
-What this module is: :func:`add_winrate_arguments`, which adds the experiment's options to an
-argparse parser, and :func:`run_winrate_from_args`, which turns the parsed options into a call of
-:func:`seechat.eval.winrate.run_winrate` and prints a short summary. Return codes: 0 = report
-written (problems, if any, are in the report), 2 = unusable arguments or inputs.
-
-What it is not: the ``seechat`` entry point itself (``seechat/cli.py`` owns the verbs) and not
-any evaluation logic.
+Turns the options into a call of :func:`seechat.eval.winrate.run_winrate` and prints a short
+summary. Return codes: 0 = report written (problems, if any, are in the report), 2 = unusable
+arguments or inputs.
 """
 
 from __future__ import annotations
@@ -17,24 +13,14 @@ from pathlib import Path
 
 import torch
 
-from seechat.data.image_sources import open_image_source
-from seechat.eval.scorer import ChineseClipScorer
-from seechat.eval.winrate import WinRateResult, run_winrate
-
-__all__ = [
-    "DEFAULT_SCORER",
-    "add_winrate_arguments",
-    "format_summary",
-    "parse_caption_spec",
-    "run_winrate_from_args",
-]
+from seechat.eval.winrate import WinRateResult
 
 DEFAULT_SCORER = "runs/mini/experts/clip"  # the mini Chinese-CLIP that the mini world trains
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def add_winrate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the win-rate options to ``parser`` (and return it)."""
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the win-rate options to ``parser``."""
     parser.epilog = parser.epilog or (
         "Caption win rate: score every method's caption of each held-out image with Chinese-CLIP "
         "(cosine of image and caption); a method wins an image when its caption scores highest. "
@@ -99,7 +85,7 @@ def add_winrate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     return parser
 
 
-def parse_caption_spec(spec: str) -> tuple[str, Path]:
+def _parse_caption_spec(spec: str) -> tuple[str, Path]:
     """``"out/a.jsonl=alt_text"`` -> ("alt_text", out/a.jsonl); ``"out/alt_text.jsonl"`` -> ("alt_text", ...)."""
     path, sep, method = spec.rpartition("=")
     if not sep or not method or "/" in method or "\\" in method:  # no "=", or "=" belongs to the path
@@ -107,8 +93,12 @@ def parse_caption_spec(spec: str) -> tuple[str, Path]:
     return method, Path(path)
 
 
-def run_winrate_from_args(args: argparse.Namespace) -> int:
-    """Run the experiment from parsed :func:`add_winrate_arguments` options; returns an exit code."""
+def run(args: argparse.Namespace) -> int:
+    """Run the experiment from parsed :func:`add_arguments` options; returns an exit code."""
+    from seechat.data.image_sources import open_image_source
+    from seechat.data.scorer import ChineseClipScorer
+    from seechat.eval.winrate import run_winrate
+
     try:
         caption_files = _caption_files(args.captions)
         source = open_image_source(args.images, image_root=args.image_root)
@@ -136,14 +126,14 @@ def run_winrate_from_args(args: argparse.Namespace) -> int:
         n_bootstrap=args.bootstrap,
         seed=args.seed,
     )
-    print(format_summary(result))
+    print(_format_summary(result))
     return 0
 
 
 def _caption_files(specs: list[str]) -> dict[str, Path]:
     files: dict[str, Path] = {}
     for spec in specs:
-        method, path = parse_caption_spec(spec)
+        method, path = _parse_caption_spec(spec)
         if method in files:
             raise ValueError(f"method {method!r} given twice (--captions {spec}); name them FILE=METHOD")
         if not path.is_file():
@@ -152,7 +142,7 @@ def _caption_files(specs: list[str]) -> dict[str, Path]:
     return files
 
 
-def format_summary(result: WinRateResult) -> str:
+def _format_summary(result: WinRateResult) -> str:
     """A few lines for the terminal: win rates with CIs, problem count, where the report is."""
     pct = f"{result.confidence:.0%}"
     lines = [f"caption win rate over {result.n_scored} images (scorer {result.scorer}):"]

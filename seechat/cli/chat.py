@@ -10,6 +10,7 @@ Type a question and the reply streams in. Commands:
 Ctrl-C while a reply streams stops that reply and keeps the chat going. Every turn sends the
 whole conversation to the engine, which reuses the KV of earlier turns and never re-encodes an
 image, so long chats stay fast. Reads questions from stdin, so it also works in a pipe.
+The conversation itself is `seechat.infer.chat.ChatSession`; this module is the terminal.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import TextIO
 
 from PIL import Image
 
+from seechat.cli._sampling import add_sampling_arguments, sampling_from_args
 from seechat.data.images import ImageError, load_image_file
 from seechat.infer.sampling import SamplingParams
 
@@ -29,28 +31,6 @@ HELP = """commands:
   /clear                   start a new conversation
   /help                    show this list
   /quit                    leave (also /exit, Ctrl-D)"""
-
-
-def add_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens: int = 256) -> None:
-    g = parser.add_argument_group("sampling")
-    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0, help="0 = off")
-    g.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-
-
-def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
-    return SamplingParams(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        repetition_penalty=args.repetition_penalty,
-        seed=args.seed,
-    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -68,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_sampling_arguments(parser)
 
 
-def chat_loop(
+def _chat_loop(
     chat, params: SamplingParams, stop: list[str], pending: list[Image.Image], stdin: TextIO, stdout: TextIO
 ) -> None:
     """The REPL over a `ChatSession`; `pending` images go with the next question."""
@@ -122,7 +102,7 @@ def chat_loop(
         print(file=stdout, flush=True)
 
 
-def run_from_args(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     import torch
 
     from seechat.infer.chat import ChatSession
@@ -140,7 +120,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     with Engine(model, processor) as engine:
         chat = ChatSession(engine, processor, system=args.system)
         try:
-            chat_loop(chat, sampling_from_args(args), args.stop, pending, sys.stdin, sys.stdout)
+            _chat_loop(chat, sampling_from_args(args), args.stop, pending, sys.stdin, sys.stdout)
         except KeyboardInterrupt:
             print(file=sys.stdout)
     return 0

@@ -1,8 +1,10 @@
-"""`seechat <verb>`: thin wrappers over importable functions.
+"""`seechat <verb>`: the command line, the top of the stack (docs/architecture.md).
 
-Every verb is one row of `VERBS`: its words, a one-line help, and two "module:function" names —
-one that adds the verb's arguments to an argparse parser and one that runs it and returns an exit
-code. Modules are imported only when their verb runs, so `seechat --help` is instant.
+Every verb is one row of `VERBS`: its words, a one-line help, and the module under `seechat.cli`
+that implements it. Each verb module has exactly two functions, `add_arguments(parser)` and
+`run(args) -> int` (the exit code), and holds all of the verb's argparse, printing and exit codes;
+the library below takes Python values and returns results. Verb modules are imported only when
+their verb runs, so `seechat --help` is instant.
 """
 
 from __future__ import annotations
@@ -10,145 +12,123 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+from types import ModuleType
 
 
 @dataclass(frozen=True)
 class Verb:
     words: tuple[str, ...]
     help: str
-    add_arguments: str  # "module:function(parser)"
-    run: str  # "module:function(args) -> int"
+    module: str  # under seechat.cli; has add_arguments(parser) and run(args) -> int
+
+    def load(self) -> ModuleType:
+        return importlib.import_module(f"seechat.cli.{self.module}")
 
 
 VERBS: tuple[Verb, ...] = (
     Verb(
         ("demo",),
         "build the mini world, train experts + stage 1 + stage 2, evaluate (the main job)",
-        "seechat.mini.demo:add_arguments",
-        "seechat.mini.demo:run_from_args",
+        "demo",
     ),
     Verb(
         ("mini", "experts"),
         "retrain the shipped mini experts (mini Chinese-CLIP, mini Chinese LM) from scratch",
-        "seechat.mini.experts:add_arguments",
-        "seechat.mini.experts:run_from_args",
+        "mini_experts",
     ),
     Verb(
         ("selfcheck",),
         "build a tiny random model from real architectures and chat one turn",
-        "seechat.selfcheck:add_arguments",
-        "seechat.selfcheck:run_from_args",
+        "selfcheck",
     ),
     Verb(
         ("train",),
         "train a stage from a YAML recipe plus key=value overrides",
-        "seechat.train.loop:add_arguments",
-        "seechat.train.loop:run_from_args",
+        "train",
     ),
     Verb(
         ("estimate",),
         "per-GPU memory and wall time of a recipe on N GPUs (every assumption printed)",
-        "seechat.estimate:add_arguments",
-        "seechat.estimate:run_from_args",
+        "estimate",
     ),
     Verb(
         ("merge-lora",),
         "fold LoRA adapters of a checkpoint into full weights",
-        "seechat.model.checkpoint_cli:add_merge_arguments",
-        "seechat.model.checkpoint_cli:run_merge",
+        "merge_lora",
     ),
     Verb(
         ("chat",),
         "multi-turn terminal chat about images, streaming",
-        "seechat.infer.chat_cli:add_arguments",
-        "seechat.infer.chat_cli:run_from_args",
+        "chat",
     ),
     Verb(
         ("caption",),
         "batch-caption images (folder, list or shards) into a JSONL",
-        "seechat.infer.caption_cli:add_arguments",
-        "seechat.infer.caption_cli:run_from_args",
+        "caption",
     ),
     Verb(
         ("serve",),
         "OpenAI-compatible HTTP API and browser chat page",
-        "seechat.serve.app:add_arguments",
-        "seechat.serve.app:run_from_args",
+        "serve",
     ),
     Verb(
         ("export",),
         "export a checkpoint to another layout (llava-hf)",
-        "seechat.model.export:add_arguments",
-        "seechat.model.export:run_from_args",
+        "export",
     ),
     Verb(
         ("eval", "winrate"),
         "caption win-rate experiment scored by Chinese-CLIP",
-        "seechat.eval.winrate_cli:add_winrate_arguments",
-        "seechat.eval.winrate_cli:run_winrate_from_args",
+        "eval_winrate",
     ),
     Verb(
         ("eval", "vqa"),
         "run a checkpoint on a VQA set: predictions, accuracy per question type, report",
-        "seechat.eval.run_cli:add_vqa_arguments",
-        "seechat.eval.run_cli:run_from_args",
+        "eval_vqa",
     ),
     Verb(
         ("eval", "caption"),
         "run a checkpoint on a caption set: predictions, CIDEr-D, BLEU-4, exact match, report",
-        "seechat.eval.run_cli:add_caption_arguments",
-        "seechat.eval.run_cli:run_from_args",
+        "eval_caption",
     ),
     Verb(
         ("eval", "grounding"),
         "run a checkpoint on a grounding set: predictions, Acc@0.5, parse failures, report",
-        "seechat.eval.run_cli:add_grounding_arguments",
-        "seechat.eval.run_cli:run_from_args",
+        "eval_grounding",
     ),
     Verb(
         ("experiment", "seed"),
         "mini world: 7 captioning methods on held-out images, win rate by Chinese-CLIP",
-        "seechat.mini.experiments:add_arguments",
-        "seechat.mini.experiments:run_seed",
+        "experiment_seed",
     ),
     Verb(
         ("experiment", "data-quality"),
         "mini world: stage 1 on N filtered vs N noisy vs 2N noisy pairs",
-        "seechat.mini.experiments:add_arguments",
-        "seechat.mini.experiments:run_data_quality",
+        "experiment_data_quality",
     ),
     Verb(
         ("data", "shards"),
         "turn TSV/CSV/JSONL image-caption lists into webdataset shards",
-        "seechat.data.data_cli:add_shards_arguments",
-        "seechat.data.data_cli:run_shards",
+        "data_shards",
     ),
     Verb(
         ("data", "convert"),
         "convert LLaVA / MiniGPT-4 / ShareGPT data to seechat conversations",
-        "seechat.data.data_cli:add_convert_arguments",
-        "seechat.data.data_cli:run_convert",
+        "data_convert",
     ),
     Verb(
         ("data", "translate"),
         "translate instruction data EN->ZH with a transformers model",
-        "seechat.data.data_cli:add_translate_arguments",
-        "seechat.data.data_cli:run_translate",
+        "data_translate",
     ),
     Verb(
         ("data", "filter"),
         "keep image-caption pairs of shards by Chinese-CLIP score",
-        "seechat.data.data_cli:add_filter_arguments",
-        "seechat.data.data_cli:run_filter",
+        "data_filter",
     ),
 )
-
-
-def _resolve(ref: str) -> Callable:
-    module, func = ref.split(":")
-    return getattr(importlib.import_module(module), func)
 
 
 def _rows(verbs: Sequence[Verb]) -> str:
@@ -210,10 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     _quiet_transformers()
     parser = argparse.ArgumentParser(prog="seechat " + " ".join(verb.words), description=verb.help)
-    _resolve(verb.add_arguments)(parser)
+    module = verb.load()
+    module.add_arguments(parser)
     args = parser.parse_args(rest)
-    return int(_resolve(verb.run)(args) or 0)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return int(module.run(args))

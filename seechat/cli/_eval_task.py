@@ -1,12 +1,9 @@
-"""Command-line wiring for ``seechat eval vqa|caption|grounding`` (see ``seechat.eval.tasks``).
+"""What `seechat eval vqa|caption|grounding` share: the options and the run (seechat.eval.tasks).
 
-What this module is: one ``add_*_arguments`` per verb (the same options; the task is set as a
-parser default) and :func:`run_from_args`, which builds the settings and calls
-:func:`seechat.eval.tasks.run_eval`. Return codes: 0 = every row scored, 1 = report written but
-some rows were skipped (their images are missing or unreadable: listed in the report),
-2 = unusable arguments or inputs.
-
-What it is not: any evaluation logic, and not the ``seechat`` entry point (``seechat/cli.py``).
+The three verbs take the same options (the task picks the epilog, the default prompt, and for
+captions `--tokenize`). Return codes: 0 = every row scored, 1 = report written but some rows were
+skipped (their images are missing or unreadable: listed in the report), 2 = unusable arguments
+or inputs.
 """
 
 from __future__ import annotations
@@ -16,9 +13,7 @@ import sys
 from pathlib import Path
 
 from seechat.eval.normalize import TOKENIZERS
-from seechat.eval.tasks import TASKS, EvalSettings, run_eval
-
-__all__ = ["add_caption_arguments", "add_grounding_arguments", "add_vqa_arguments", "run_from_args"]
+from seechat.eval.tasks import TASKS
 
 ROWS = {
     "vqa": '{"id", "image", "question", "answer" (or a list of accepted answers), "type" (optional)}',
@@ -32,7 +27,7 @@ METRICS = {
 }
 
 
-def _add_arguments(parser: argparse.ArgumentParser, task: str) -> argparse.ArgumentParser:
+def add_task_arguments(parser: argparse.ArgumentParser, task: str) -> argparse.ArgumentParser:
     parser.set_defaults(task=task)
     parser.epilog = (
         f"Data rows (JSONL): {ROWS[task]}. Metrics: {METRICS[task]}. Writes predictions.jsonl (one row per "
@@ -96,21 +91,11 @@ def _add_arguments(parser: argparse.ArgumentParser, task: str) -> argparse.Argum
     return parser
 
 
-def add_vqa_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    return _add_arguments(parser, "vqa")
-
-
-def add_caption_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    return _add_arguments(parser, "caption")
-
-
-def add_grounding_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    return _add_arguments(parser, "grounding")
-
-
-def run_from_args(args: argparse.Namespace) -> int:
+def run_task(args: argparse.Namespace) -> int:
     """Run the evaluation from parsed options; returns an exit code (see the module docstring)."""
     import torch
+
+    from seechat.eval.tasks import EvalSettings, run_eval
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,19 +1,21 @@
-"""The verb table: every verb resolves to importable functions and has --help; bad verbs are clear."""
+"""The verb table: every verb resolves to its module under seechat.cli and has --help; bad verbs are clear."""
 
 from __future__ import annotations
 
 import argparse
+import inspect
 
 import pytest
 
-from seechat.cli import VERBS, _resolve, main
+from seechat.cli import VERBS, main
 
 
 @pytest.mark.parametrize("verb", VERBS, ids=[" ".join(v.words) for v in VERBS])
 def test_every_verb_resolves_and_builds_its_parser(verb):
     parser = argparse.ArgumentParser()
-    _resolve(verb.add_arguments)(parser)
-    assert callable(_resolve(verb.run))
+    module = verb.load()
+    module.add_arguments(parser)
+    assert callable(module.run)
     assert parser.format_help()
 
 
@@ -39,3 +41,15 @@ def test_bad_arguments_exit_2():
     with pytest.raises(SystemExit) as e:
         main(["train"])  # the recipe argument is missing
     assert e.value.code == 2
+
+
+@pytest.mark.parametrize("verb", VERBS, ids=[" ".join(v.words) for v in VERBS])
+def test_every_verb_module_has_exactly_add_arguments_and_run(verb):
+    module = verb.load()
+    own = {
+        name
+        for name, value in vars(module).items()
+        if inspect.isfunction(value) and value.__module__ == module.__name__ and not name.startswith("_")
+    }
+    assert own == {"add_arguments", "run"}
+    assert list(inspect.signature(module.run).parameters) == ["args"]

@@ -10,6 +10,10 @@ loads from a local directory (e.g. the mini world's ``runs/mini/experts/clip``) 
 What it is not: a trainer, and not CLIPScore itself (see ``seechat.eval.clipscore``, which works
 on the embeddings returned here). Embeddings come back as float32 on the CPU whatever the model's
 device and dtype, so callers can mix them freely with numpy.
+
+Why it lives in `seechat.data`: the data filter (`seechat.data.filter`) scores pairs with it and
+so do the evaluations above (`seechat.eval`, `seechat.mini`); the data layer is the lowest both
+can import (arrows only point down, docs/architecture.md). It uses no other seechat module.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ one token per character is both simplest and what lets a tiny LM learn in minute
 an ordinary `PreTrainedTokenizerFast` (the `tokenizers` library underneath: offsets, batching,
 `save_pretrained`) with a ChatML chat template, so every code path is the one a real LLM takes.
 
-Not a BPE trainer: real LLMs bring their own tokenizer.
+Not a BPE trainer: real LLMs bring their own tokenizer. It sits in the data layer (not in
+`seechat.mini`) because the tiny test models (`seechat.model.tiny`) build it too.
 """
 
 from __future__ import annotations
