@@ -168,8 +168,7 @@ def test_caption_report_equals_metrics_recomputed_from_predictions(ckpt, tiny_wo
 
 def test_eval_caption_and_seechat_caption_decode_the_same_way(ckpt, tiny_world, tmp_path):
     """Both go through the engine: the same prompt gives the same caption for every image."""
-    from seechat.infer.caption_cli import caption
-
+    from seechat.infer.caption import caption
     from seechat.infer.engine import Engine
     from seechat.infer.sampling import SamplingParams
     from seechat.model import load
