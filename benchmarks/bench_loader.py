@@ -23,10 +23,12 @@ max(1, workers). And images per CPU-second: all images / CPU time of the main pr
 DataLoader workers, which a shared, oversubscribed machine distorts least — it is the number the
 loader-cores-per-GPU estimate uses. Both sides read from the page cache (the inputs were just
 written). The script then prints the on-paper GPU consumption rate of the reference stage 1 on
-one H100 and the loader cores it needs. Text uses the mini character tokenizer (no Qwen tokenizer offline); tokenising
+one H100 and the loader cores it needs. Text uses the mini character tokenizer (no Qwen \
+tokenizer offline); tokenising
 is a small share of the per-sample cost either way.
 
-    python benchmarks/bench_loader.py [--world runs/mini/world] [--workers 0 1 2] [--append benchmarks/RESULTS.md]
+    python benchmarks/bench_loader.py [--world runs/mini/world] [--workers 0 1 2] \
+[--append benchmarks/RESULTS.md]
 
 A missing world is built first (a small one: `--build-train` scenes), which is not timed.
 """
@@ -310,7 +312,10 @@ def report(results: list[dict], cfg, args: argparse.Namespace, info: str, second
         "",
         f"Command: `{command.strip()}` ({seconds:.0f} s in all). Machine: {info}.",
         "",
-        "| setting | reader | workers | samples | img/s (wall) | img/s per worker core (wall) | img per CPU-second |",
+        (
+            "| setting | reader | workers | samples | img/s (wall) | img/s per worker core (wall) | "
+            "img per CPU-second |"
+        ),
         "|---|---|---|---|---|---|---|",
     ]
     for r in results:
@@ -340,16 +345,19 @@ def report(results: list[dict], cfg, args: argparse.Namespace, info: str, second
     out += [
         "",
         f"GPU side, on paper ({REFERENCE}: {q} Q-Former queries, batch {cfg.train.batch_size}/GPU, "
-        f"max_length {cfg.model.max_length}, bf16, gradient_checkpointing={cfg.train.gradient_checkpointing}, "
+        f"max_length {cfg.model.max_length}, bf16, "
+        f"gradient_checkpointing={cfg.train.gradient_checkpointing}, "
         f"num_workers {cfg.data.num_workers}): FLOP/image = ViT-L/14-336 forward "
         f"(2·0.303e9·577 + 4·24·577²·1024 = 3.8e11) + Qwen2.5-7B forward and activation-only backward "
         f"(4·7.07e9·T); T = {lo_tokens}–{hi_tokens} LM tokens ({q} image tokens + template/system prompt + "
         f"instruction + caption, + padding to the batch's longest) -> {flop_lo:.2e}–{flop_hi:.2e} FLOP. "
-        f"One H100 (989 TFLOP/s dense bf16) at {args.mfu:.0%} MFU consumes **{gpu_lo:.0f}–{gpu_hi:.0f} images/s**.",
+        f"One H100 (989 TFLOP/s dense bf16) at {args.mfu:.0%} MFU consumes "
+        f"**{gpu_lo:.0f}–{gpu_hi:.0f} images/s**.",
         f"Streaming loader at the 336-px proxy: {per_core:.0f} images per CPU-second (median over worker "
         f"counts) -> "
         f"**{gpu_lo / per_core:.1f}–{gpu_hi / per_core:.1f} loader cores per GPU** at full speed "
-        f"(the recipe's num_workers={cfg.data.num_workers} leaves {cfg.data.num_workers / (gpu_hi / per_core):.1f}× headroom "
+        f"(the recipe's num_workers={cfg.data.num_workers} leaves "
+        f"{cfg.data.num_workers / (gpu_hi / per_core):.1f}× headroom "
         "over the upper figure).",
     ]
     return out

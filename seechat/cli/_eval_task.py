@@ -30,13 +30,13 @@ METRICS = {
 def add_task_arguments(parser: argparse.ArgumentParser, task: str) -> argparse.ArgumentParser:
     parser.set_defaults(task=task)
     parser.epilog = (
-        f"Data rows (JSONL): {ROWS[task]}. Metrics: {METRICS[task]}. Writes predictions.jsonl (one row per "
-        "data row: id, prompt, prediction, reference and the row's score), report.md and report.json to --out. "
-        "Rows whose image is missing or unreadable are skipped, listed by id in the report, and make the "
-        "exit code 1. Several processes: torchrun --nproc_per_node N -m seechat.cli eval "
-        f"{task} ... (on GPUs also accelerate launch --num_processes N -m seechat.cli eval {task} ...; on CPUs "
-        "accelerate launch --cpu starts one process unless MPI is set up, use torchrun); each rank decodes "
-        "whole batches of the 1-process run, so the numbers do not depend on the process count."
+        f"Data rows (JSONL): {ROWS[task]}. Metrics: {METRICS[task]}. Writes predictions.jsonl (one row "
+        "per data row: id, prompt, prediction, reference and the row's score), report.md and report.json to "
+        "--out. Rows whose image is missing or unreadable are skipped, listed by id in the report, and make "
+        "the exit code 1. Several processes: torchrun --nproc_per_node N -m seechat.cli eval "
+        f"{task} ... (on GPUs also accelerate launch --num_processes N -m seechat.cli eval {task} ...; "
+        "on CPUs accelerate launch --cpu starts one process unless MPI is set up, use torchrun); each rank "
+        "decodes whole batches of the 1-process run, so the numbers do not depend on the process count."
     )
     parser.add_argument("--model", required=True, metavar="DIR", help="a seechat checkpoint directory")
     parser.add_argument(

@@ -38,7 +38,8 @@ def add_experiment_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def experiment_options(args: argparse.Namespace, name: str) -> tuple[experiments.Options, Path]:
-    """The parsed options as `Options` (the run's world is built first where missing) and the output folder."""
+    """The parsed options as `Options` (the run's world is built first where missing) and the output
+    folder."""
     from seechat.mini.demo import Assets
     from seechat.mini.world import WorldConfig, build_world
 

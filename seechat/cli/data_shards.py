@@ -89,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     print(
         f"wrote {stats.samples} samples in {len(stats.shards)} shards ({stats.bytes / 2**20:.1f} MiB) "
-        f"to {args.output}; {stats.failures} unreadable images (see {args.output / (args.prefix + 'stats.json')})"
+        f"to {args.output}; {stats.failures} unreadable images "
+        f"(see {args.output / (args.prefix + 'stats.json')})"
     )
     return 0

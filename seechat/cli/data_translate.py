@@ -22,7 +22,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         required=True,
-        help="model path or hub id, e.g. Helsinki-NLP/opus-mt-en-zh (seq2seq) or Qwen/Qwen2.5-7B-Instruct (causal)",
+        help=(
+            "model path or hub id, e.g. Helsinki-NLP/opus-mt-en-zh (seq2seq) or "
+            "Qwen/Qwen2.5-7B-Instruct (causal)"
+        ),
     )
     parser.add_argument(
         "--kind", choices=["seq2seq", "causal"], default="seq2seq", help="model family (default: seq2seq)"
@@ -46,7 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--prompt-template",
         default=None,
-        help="causal only: prompt with {text}; default asks for a plain Chinese translation keeping [0]-style placeholders",
+        help=(
+            "causal only: prompt with {text}; default asks for a plain Chinese translation keeping "
+            "[0]-style placeholders"
+        ),
     )
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     parser.add_argument(
@@ -80,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     print(
         f"{stats.records} conversations: {stats.written} written to {args.output}, {stats.flagged} flagged; "
-        f"{stats.lines_translated} lines translated in {stats.model_calls} model calls, {stats.cache_hits} from cache"
+        f"{stats.lines_translated} lines translated in {stats.model_calls} model calls, "
+        f"{stats.cache_hits} from cache"
     )
     return 0

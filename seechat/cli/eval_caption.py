@@ -1,4 +1,5 @@
-"""`seechat eval caption --model CKPT --data FILE --out DIR`: a checkpoint on a caption set: CIDEr-D, BLEU-4, exact match."""
+"""`seechat eval caption --model CKPT --data FILE --out DIR`: a checkpoint on a caption set: CIDEr-D,
+BLEU-4, exact match."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""`seechat eval grounding --model CKPT --data FILE --out DIR`: a checkpoint on a grounding set: Acc@0.5 of <box> answers."""
+"""`seechat eval grounding --model CKPT --data FILE --out DIR`: a checkpoint on a grounding set: Acc@0.5
+of <box> answers."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""`seechat eval vqa --model CKPT --data FILE --out DIR`: a checkpoint on a VQA set: accuracy per question type."""
+"""`seechat eval vqa --model CKPT --data FILE --out DIR`: a checkpoint on a VQA set: accuracy per
+question type."""
 
 from __future__ import annotations
 

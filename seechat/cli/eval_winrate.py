@@ -86,7 +86,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _parse_caption_spec(spec: str) -> tuple[str, Path]:
-    """``"out/a.jsonl=alt_text"`` -> ("alt_text", out/a.jsonl); ``"out/alt_text.jsonl"`` -> ("alt_text", ...)."""
+    """``"out/a.jsonl=alt_text"`` -> ("alt_text", out/a.jsonl);
+    ``"out/alt_text.jsonl"`` -> ("alt_text", ...)."""
     path, sep, method = spec.rpartition("=")
     if not sep or not method or "/" in method or "\\" in method:  # no "=", or "=" belongs to the path
         path, method = spec, Path(spec).stem
@@ -149,7 +150,8 @@ def _format_summary(result: WinRateResult) -> str:
     width = max(len(m) for m in result.methods)
     for method, row in result.summary().items():
         lines.append(
-            f"  {method:<{width}}  {row['win_rate']:.3f}  {pct} CI [{row['ci_low']:.3f}, {row['ci_high']:.3f}]"
+            f"  {method:<{width}}  {row['win_rate']:.3f}  "
+            f"{pct} CI [{row['ci_low']:.3f}, {row['ci_high']:.3f}]"
             f"  mean cosine {row['mean_score']:.3f}"
         )
     if result.problems:

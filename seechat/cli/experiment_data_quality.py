@@ -1,4 +1,5 @@
-"""`seechat experiment data-quality`: stage 1 on N filtered vs N vs 2N noisy pairs (seechat.mini.experiments)."""
+"""`seechat experiment data-quality`: stage 1 on N filtered vs N vs 2N noisy pairs
+(seechat.mini.experiments)."""
 
 from __future__ import annotations
 

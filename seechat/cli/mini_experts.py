@@ -16,9 +16,9 @@ from seechat.mini.experts import RECIPES
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Train the mini Chinese-CLIP and the mini Chinese LM from scratch on fresh scenes of the mini world, "
-        "with the project's recipes (the package ships the result: seechat/mini/weights). Measured: on one H200 "
-        "(both at once) the CLIP took 268 s and the LM 223 s; on a 2-core CPU a step takes 0.87 s (CLIP) and "
-        "13.7 s (LM), so about 40 minutes and 11 hours."
+        "with the project's recipes (the package ships the result: seechat/mini/weights). Measured: on one "
+        "H200 (both at once) the CLIP took 268 s and the LM 223 s; on a 2-core CPU a step takes 0.87 s "
+        "(CLIP) and 13.7 s (LM), so about 40 minutes and 11 hours."
     )
     parser.add_argument("--out", default="runs/mini/experts", help="output folder: OUT/clip and OUT/lm")
     parser.add_argument("--only", choices=sorted(RECIPES), help="train one expert only")

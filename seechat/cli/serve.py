@@ -171,10 +171,12 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.host not in LOOPBACK_HOSTS and not keys:
         print(
-            f"warning: binding {args.host} without an API key: anyone who can reach this port can use the model"
+            f"warning: binding {args.host} without an API key: "
+            "anyone who can reach this port can use the model"
         )
     print(
-        f"seechat serve: model {name!r} ({engine.runner.decode_path} decode) on http://{args.host}:{args.port}/ "
+        f"seechat serve: model {name!r} ({engine.runner.decode_path} decode) "
+        f"on http://{args.host}:{args.port}/ "
         f"(API: /v1/chat/completions{', API key required' if keys else ''}; hosts: {', '.join(hosts)})",
         flush=True,
     )

@@ -27,6 +27,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     result = train(cfg, resume=not args.no_resume)
     print(
-        f"done: {result.steps} steps, final loss {result.final_loss:.4f}, {result.wall_seconds:.1f} s -> {result.output_dir}"
+        f"done: {result.steps} steps, final loss {result.final_loss:.4f}, "
+        f"{result.wall_seconds:.1f} s -> {result.output_dir}"
     )
     return 0

@@ -16,7 +16,8 @@ from seechat.data.processor import Encoded
 
 
 def collate(samples: Sequence[Encoded], pad_id: int, side: str = "right") -> dict[str, torch.Tensor | None]:
-    """-> input_ids (B, T), attention_mask (B, T), labels (B, T) or None, pixel_values (n, 3, H, W) or None."""
+    """-> input_ids (B, T), attention_mask (B, T), labels (B, T) or None, pixel_values (n, 3, H, W)
+    or None."""
     if side not in ("right", "left"):
         raise ValueError(f"side must be 'right' or 'left', not {side!r}")
     width = max(s.input_ids.shape[0] for s in samples)

@@ -212,8 +212,9 @@ def check_sample(key: str, members: dict[str, bytes | UnreadMember], text_field:
     for name, member in members.items():
         if isinstance(member, UnreadMember):
             raise CorruptSample(
-                f"sample too large ({key}.{name} takes its members to {member.sample_size:,} bytes, more than "
-                f"the limit of {member.limit:,}: data.max_sample_mb in training, --max-sample-size in `seechat data filter`)"
+                f"sample too large ({key}.{name} takes its members to {member.sample_size:,} bytes, "
+                f"more than the limit of {member.limit:,}: data.max_sample_mb in training, "
+                "--max-sample-size in `seechat data filter`)"
             )
     ext = image_ext(members)
     meta = _parse_meta(members, required=text_field != "txt")

@@ -52,7 +52,7 @@ _FIXED_MTIME = 0  # reproducible shards: identical input gives byte-identical ta
 DEFAULT_MAX_SAMPLE_BYTES = 64 << 20  # one sample's members together; a web image is far smaller
 
 
-# -- reading: shard lists and sample iteration -------------------------------------------------------------------------------------
+# -- reading: shard lists and sample iteration ---------------------------------------------------------------
 
 
 def expand_shards(shards: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[str]:

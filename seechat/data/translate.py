@@ -256,7 +256,8 @@ class TranslationCache:
         self._db = sqlite3.connect(self.path)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(
-            "CREATE TABLE IF NOT EXISTS translations (key TEXT PRIMARY KEY, model TEXT, source TEXT, target TEXT)"
+            "CREATE TABLE IF NOT EXISTS translations "
+            "(key TEXT PRIMARY KEY, model TEXT, source TEXT, target TEXT)"
         )
         self._db.commit()
 

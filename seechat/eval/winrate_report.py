@@ -70,7 +70,8 @@ def _markdown(result: WinRateResult, files: dict[str, Path]) -> str:
         "# Caption win rate",
         "",
         f"Scorer: `{result.scorer or 'unknown'}` · images listed: {len(result.image_ids)} · "
-        f"scored: {result.n_scored} · bootstrap: {result.n_bootstrap} resamples of images, seed {result.seed}, "
+        f"scored: {result.n_scored} · bootstrap: {result.n_bootstrap} resamples of images, "
+        f"seed {result.seed}, "
         f"{pct} percentile CI",
         "",
         f"| method | win rate | {pct} CI | wins | mean cosine | mean CLIPScore | captions scored |",
@@ -81,7 +82,8 @@ def _markdown(result: WinRateResult, files: dict[str, Path]) -> str:
         mean_clip = float(np.nanmean(clip_scores[:, j])) if row["n_captions"] else math.nan
         lines.append(
             f"| {method} | {_num(row['win_rate'])} | [{_num(row['ci_low'])}, {_num(row['ci_high'])}] | "
-            f"{row['wins']:g} | {_num(row['mean_score'])} | {_num(mean_clip)} | {row['n_captions']}/{result.n_scored} |"
+            f"{row['wins']:g} | {_num(row['mean_score'])} | {_num(mean_clip)} | "
+            f"{row['n_captions']}/{result.n_scored} |"
         )
     lines += ["", f"![win rate]({files['chart'].name})", "", "## Head to head", ""]
     lines += [
@@ -98,7 +100,8 @@ def _markdown(result: WinRateResult, files: dict[str, Path]) -> str:
     lines += [
         "",
         f"Files: [{files['per_image'].name}]({files['per_image'].name}) (every image's scores), "
-        f"[{files['problems'].name}]({files['problems'].name}), [{files['summary'].name}]({files['summary'].name}).",
+        f"[{files['problems'].name}]({files['problems'].name}), "
+        f"[{files['summary'].name}]({files['summary'].name}).",
         "",
     ]
     return "\n".join(lines)

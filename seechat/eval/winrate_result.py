@@ -70,7 +70,8 @@ class WinRateResult:
         return int(self.scored.sum())
 
     def summary(self) -> dict[str, dict[str, float]]:
-        """Per method: win_rate, ci_low, ci_high, wins, mean_score, n_captions (scored images with a caption)."""
+        """Per method: win_rate, ci_low, ci_high, wins, mean_score, n_captions (scored images with a
+        caption)."""
         has_score = ~np.isnan(self.scores[self.scored])
         return {
             m: {

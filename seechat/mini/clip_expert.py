@@ -2,9 +2,10 @@
 
 A small BERT text tower and a ViT over 64-px images (8-px patches: an 8x8 grid), a project-built
 `BertTokenizerFast` (a `vocab.txt` of `seechat.mini.scene_text.charset()`, every character any mini world
-writes; BERT's basic tokenizer splits CJK per character) and a 64-px `ChineseCLIPImageProcessor`, all saved together in one `save_pretrained`
-folder. Its vision half is the mini vision expert (`VisionConfig(path=clip_dir)`); the whole model
-is the mini relevance scorer (`seechat.data.scorer.ChineseClipScorer.from_pretrained(clip_dir)`).
+writes; BERT's basic tokenizer splits CJK per character) and a 64-px `ChineseCLIPImageProcessor`, all
+saved together in one `save_pretrained` folder. Its vision half is the mini vision expert
+(`VisionConfig(path=clip_dir)`); the whole model is the mini relevance scorer
+(`seechat.data.scorer.ChineseClipScorer.from_pretrained(clip_dir)`).
 
 Every step draws fresh scenes (`seechat.mini.fresh`): no image is shown twice. The objective is
 CLIP's symmetric InfoNCE with learnable temperature, twice, plus a box term:

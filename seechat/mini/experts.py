@@ -96,8 +96,9 @@ RECIPES = {"clip": ClipRecipe, "lm": LMRecipe}
 
 
 def recipe_overrides(pairs: list[str]) -> dict[str, dict[str, Any]]:
-    """["lm.steps=8000", "clip.box_weight=0"] -> {"lm": {"steps": 8000}, "clip": {"box_weight": 0.0}}; the
-    value is converted to the field's type, and an unknown expert or field is an error naming the valid ones."""
+    """["lm.steps=8000", "clip.box_weight=0"] -> {"lm": {"steps": 8000}, "clip": {"box_weight": 0.0}};
+    the value is converted to the field's type, and an unknown expert or field is an error naming the
+    valid ones."""
     out: dict[str, dict[str, Any]] = {"clip": {}, "lm": {}}
     for pair in pairs:
         key, sep, value = pair.partition("=")

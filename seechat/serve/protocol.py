@@ -212,7 +212,8 @@ def _message(
             kind = part.get("type") if isinstance(part, dict) else None
             if not isinstance(kind, str) or kind not in ("text", "image_url"):
                 raise _bad(
-                    f"{pw} must be {{'type': 'text', 'text': ...}} or {{'type': 'image_url', 'image_url': {{'url': ...}}}}",
+                    f"{pw} must be {{'type': 'text', 'text': ...}} or "
+                    "{'type': 'image_url', 'image_url': {'url': ...}}",
                     pw,
                     "invalid_type",
                 )
@@ -220,7 +221,8 @@ def _message(
                 piece = _string(part.get("text"), f"{pw}.text", "a string")
                 if marker in piece:
                     raise _bad(
-                        f"{pw}.text contains the reserved image marker {marker!r}; send images as image_url parts",
+                        f"{pw}.text contains the reserved image marker {marker!r}; "
+                        "send images as image_url parts",
                         f"{pw}.text",
                     )
                 pieces.append(piece)

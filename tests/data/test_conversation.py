@@ -24,7 +24,8 @@ from tests.helpers import CONVERSATION
 
 # A Llama-3-style template (header tokens, <|eot_id|> ends a turn), spelled with our specials.
 LLAMA3_STYLE = (
-    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '<|im_end|>\n\n' + m['content'] + '<|endoftext|>' }}{% endfor %}"
+    "{% for m in messages %}"
+    "{{ '<|im_start|>' + m['role'] + '<|im_end|>\n\n' + m['content'] + '<|endoftext|>' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant<|im_end|>\n\n' }}{% endif %}"
 )
 
@@ -58,7 +59,8 @@ def test_fallback_template_reads_like_chinese_qa():
 def test_template_that_rewrites_history_is_refused():
     # Drops earlier assistant turns from history: replies cannot be located turn by turn.
     bad = (
-        "{% for m in messages %}{% if m['role'] != 'assistant' or loop.last %}{{ m['role'] + ':' + m['content'] + '\n' }}"
+        "{% for m in messages %}{% if m['role'] != 'assistant' or loop.last %}"
+        "{{ m['role'] + ':' + m['content'] + '\n' }}"
         "{% endif %}{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
     )
     tok = build_char_tokenizer(["红色的圆形你是助手图里有什么是颜"], chat_template=bad)

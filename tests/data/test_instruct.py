@@ -1,4 +1,5 @@
-"""Conversation converters (LLaVA, MiniGPT-4, messages), auto-detection, validation, `seechat data convert`."""
+"""Conversation converters (LLaVA, MiniGPT-4, messages), auto-detection, validation,
+`seechat data convert`."""
 
 from __future__ import annotations
 

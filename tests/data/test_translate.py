@@ -1,4 +1,5 @@
-"""EN->ZH translation: placeholders, batching, sqlite cache, resume, flagging; tiny Marian and Qwen2 models."""
+"""EN->ZH translation: placeholders, batching, sqlite cache, resume, flagging; tiny Marian and Qwen2
+models."""
 
 from __future__ import annotations
 

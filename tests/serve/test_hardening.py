@@ -434,15 +434,20 @@ def test_11_host_header_and_content_type_are_checked(live):
 @pytest.mark.parametrize(
     "raw",
     [
-        b'{"model": "tiny-seechat", "messages": [{"role": "user", "content": "x"}], "seed": 18446744073709551616}',
+        (
+            b'{"model": "tiny-seechat", "messages": [{"role": "user", "content": "x"}], '
+            b'"seed": 18446744073709551616}'
+        ),
         b'{"model": "tiny-seechat", "messages": [{"role": "user", "content": "x"}], "seed": '
         + b"9" * 4301
         + b"}",
         b'{"model": "tiny-seechat", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1'
         + b"0" * 400
         + b"}",
-        b'{"model": "tiny-seechat", "messages": [{"role": "user", "content": [{"type": "text", "text": "<ima"}, '
-        b'{"type": "text", "text": "ge> hi"}]}]}',
+        (
+            b'{"model": "tiny-seechat", "messages": [{"role": "user", "content": '
+            b'[{"type": "text", "text": "<ima"}, {"type": "text", "text": "ge> hi"}]}]}'
+        ),
         b'{"model": "tiny-seechat", "messages": [{"role": "user", "content": "\\ud800"}]}',
         b'{"model": "tiny-seechat", "messages": [{"role": "user", "content": "x"}], "temperature": 1'
         + b"0" * 400

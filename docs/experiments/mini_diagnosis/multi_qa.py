@@ -1,7 +1,8 @@
-"""Stage-2 data with several QA turns per VQA conversation and several boxes per grounding one.
+r"""Stage-2 data with several QA turns per VQA conversation and several boxes per grounding one.
 
     python docs/experiments/mini_diagnosis/multi_qa.py 5 3 /tmp/instruct_multi.jsonl
-    seechat train seechat/mini/recipes/stage2.yaml 'data.paths=[/tmp/instruct_multi.jsonl]' train.output_dir=/tmp/s2_multi
+    seechat train seechat/mini/recipes/stage2.yaml 'data.paths=[/tmp/instruct_multi.jsonl]' \
+        train.output_dir=/tmp/s2_multi
 
 Same train scenes, images, conversation kinds and mix as `runs/mini/world/instruct/train.jsonl`
 (WorldConfig() defaults); a "vqa" conversation asks K_VQA questions of different types
