@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from seechat.infer import engine as engine_module
-from seechat.infer.engine import Engine, EngineConfig, QueueFullError, RequestError
+from seechat.infer.engine import Engine, EngineConfig, QueueFullError, RequestError, speculation_pays
 from seechat.infer.generate import SamplingParams
 from seechat.infer.session import EngineChat, prompt_ids
 from tests.infer.tiny_engine import coloured
@@ -132,6 +132,27 @@ def test_speculative_decoding_gives_the_plain_greedy_tokens(fixture, request):
         assert spec.counters["accepted_drafts"] > 0  # random weights repeat themselves: drafts land
         assert spec.counters["decode_steps"] < plain.counters["decode_steps"]
         assert plain.counters["draft_tokens"] == 0
+
+
+def test_speculation_turns_off_where_it_does_not_pay(tiny, monkeypatch):
+    """The rule: speculate when the request's yield (1 + accepted drafts per verify step) is at
+    least the measured cost of a verify step in plain steps. Outputs never change."""
+    # the decision itself: a verify step measured at 2 plain steps
+    for tokens, seen, speculate in ((1.5, 5, False), (2.0, 5, True), (3.0, 1, False), (3.0, 2, True)):
+        assert speculation_pays(tokens, seen, plain=0.010, verify=0.020) is speculate
+    assert speculation_pays(1.6, 2, plain=0.010, verify=None)  # before any verify step: the prior, 1.5
+    model, processor = tiny
+    long = SamplingParams(max_new_tokens=48)
+    prompts = [_prompt(processor, k) for k in range(len(CONVERSATIONS))]
+    with Engine(model, processor, EngineConfig(speculative_tokens=0)) as plain:
+        want = [plain.generate(ids, im, long, cache_prefix=False).token_ids for ids, im in prompts]
+    # verify steps far too dear (never measured, so the prior stands): no request speculates, and
+    # the shadow drafts still measure the yield that says speculation would have been accepted
+    monkeypatch.setattr(engine_module, "SPECULATION_PRIOR_COST", 1e9)
+    with Engine(model, processor) as dear:
+        assert [dear.generate(ids, im, long, cache_prefix=False).token_ids for ids, im in prompts] == want
+        assert dear.counters["draft_tokens"] == 0 and dear.step_seconds["verify"] is None
+        assert dear.step_seconds["plain"] > 0
 
 
 def test_sampling_parameters(engine, tiny):

@@ -1,5 +1,5 @@
 """Stop strings in linear time give exactly what re-scanning the whole text gives; the KV budget's
-bound; sampling that is safe for every accepted temperature."""
+bound; sampling that is safe for every accepted temperature; shadow drafts measure acceptance."""
 
 from __future__ import annotations
 
@@ -10,7 +10,14 @@ from hypothesis import strategies as st
 
 from seechat.infer.generate import SamplingParams, sample_next
 from seechat.infer.kv import kv_peak_tokens
-from seechat.infer.request import StopStrings
+from seechat.infer.request import (
+    YIELD_AVERAGE,
+    Request,
+    StopStrings,
+    note_yield,
+    resolve_shadows,
+    shadow_drafts,
+)
 
 
 def find_stop(text: str, stops) -> int | None:
@@ -67,3 +74,47 @@ def test_sampling_is_safe_for_every_temperature():
         assert out[0] == 0 and out[1] in (2, 3)
     with pytest.raises(RuntimeError):  # a model's NaN is not hidden: the engine fails that request alone
         sample_next(torch.tensor([[float("nan"), 1.0]]), SamplingParams(temperature=1.0))
+
+
+def _request(prompt: list[int]) -> Request:
+    ids = torch.tensor(prompt)
+    return Request(
+        id="r",
+        input_ids=ids,
+        pixel_values=None,
+        image_keys=[],
+        content_key=ids,
+        params=SamplingParams(max_new_tokens=32),
+        stops=StopStrings(),
+        stop_ids=frozenset(),
+        max_new=32,
+        sink=lambda ev: None,
+        deadline=0.0,
+        cache_prefix=False,
+        cache_scope="",
+        generator=None,
+        history="".join(map(chr, prompt)),
+    )
+
+
+def test_shadow_drafts_measure_what_a_verify_step_would_accept():
+    r = _request([1, 2, 3])
+    shadow_drafts(r, [5, 6, 7])  # proposed before token 0 of the reply
+    for token in (5, 6):
+        r.sampled.append(token)
+        resolve_shadows(r)
+    assert r.spec_seen == 0 and len(r.shadow) == 1  # still matching
+    shadow_drafts(r, [9, 9])  # proposed before token 2
+    r.sampled.append(9)  # the first draft misses here after 2 hits; the second one hits
+    resolve_shadows(r)
+    assert r.spec_seen == 1 and r.spec_yield == 3  # 1 + 2 accepted
+    r.sampled.append(4)  # the second one misses after 1 hit
+    resolve_shadows(r)
+    assert r.spec_seen == 2 and r.spec_yield == pytest.approx(3 + YIELD_AVERAGE * (2 - 3))
+    assert r.shadow == []
+    shadow_drafts(r, [8])
+    r.sampled.append(8)  # used up: every draft accepted
+    resolve_shadows(r)
+    assert r.shadow == [] and r.spec_seen == 3
+    note_yield(r, 5)
+    assert r.spec_seen == 4
