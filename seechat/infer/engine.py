@@ -62,7 +62,7 @@ from PIL import Image
 from seechat.data.processor import SeeChatProcessor
 from seechat.infer.generate import SamplingParams, apply_repetition_penalty, sample_next
 from seechat.infer.images import ImageFeatureCache, key_tag, pixel_key
-from seechat.infer.kv import BatchKV, Layers, PrefixCache, kv_peak_tokens
+from seechat.infer.kv import BatchKV, Layers, PrefixCache, SlotKV, kv_peak_tokens
 from seechat.infer.request import (
     Completion,
     Request,
@@ -109,6 +109,7 @@ class EngineConfig:
     prefix_cache_mb: int = 256  # 0 = no prefix reuse
     request_timeout_s: float = 600.0  # from submit to the last token
     fast_decode: str = "auto"  # "auto" | "on" | "off": the fast decode step (see seechat.infer.runner)
+    static_decode: str = "auto"  # "auto" (CUDA only) | "on" | "off": slotted KV + CUDA-graph decode (runner)
     speculative_tokens: int = 4  # n-gram drafts per verify step, lone greedy request, while it pays; 0 = off
 
 
@@ -169,7 +170,14 @@ class Engine:
         self.model = model.eval()
         self.processor = processor
         self.config = config
-        self.runner = ModelRunner(model, processor.tokenizer.pad_token_id, config.fast_decode)
+        self.runner = ModelRunner(
+            model,
+            processor.tokenizer.pad_token_id,
+            config.fast_decode,
+            config.static_decode,
+            slots=config.max_batch_size,
+            capacity=config.max_model_len,
+        )
         self.max_model_len = config.max_model_len or self.runner.max_positions()
         self.max_batch_tokens = max(
             config.max_batch_tokens, self.max_model_len
@@ -200,7 +208,7 @@ class Engine:
         self._waiting: deque[Request] = deque()
         self._waiting_bytes = 0
         self._running: list[Request] = []
-        self._kv: BatchKV | None = None
+        self._kv: BatchKV | SlotKV | None = None
         self._ids = itertools.count()
         self._closing = False
         self._thread: threading.Thread | None = None
@@ -584,7 +592,7 @@ class Engine:
             kv.select(alive)
         group = [group[i] for i in alive]
         if self._kv is None:
-            self._kv = kv
+            self._kv = self.runner.adopt(kv)
         else:
             self._kv.merge(kv)
         self._running.extend(group)
@@ -688,7 +696,7 @@ class Engine:
 
     # ------------------------------------------------------------------ per-request output
 
-    def _accept(self, r: Request, token: int | None, kv: BatchKV, row: int) -> bool:
+    def _accept(self, r: Request, token: int | None, kv: BatchKV | SlotKV, row: int) -> bool:
         """Record a sampled token, stream new text; True when the request is finished (its KV row
         is then stored in the prefix cache). `token` None: its sampling failed (already finished)."""
         if token is None:

@@ -283,3 +283,44 @@ def test_queue_byte_budget_and_kv_budget(tiny):
                 engine.submit(ids, images, GREEDY)
         assert all(list(s)[-1].finish_reason in ("stop", "length") for s in held)
         assert engine.stats()["waiting_bytes"] == 0
+
+
+@pytest.mark.parametrize("speculative_tokens", [0, 4])
+def test_static_decode_gives_the_plain_greedy_tokens(tiny, speculative_tokens):
+    """The static path (slotted KV, fixed-shape step; CUDA graphs on a GPU) run eagerly on the CPU:
+    the fast path's greedy tokens, alone and with rows joining and leaving the batch."""
+    model, processor = tiny
+    long = SamplingParams(max_new_tokens=24)
+    prompts = [_prompt(processor, k) for k in range(8)]
+    with Engine(model, processor, EngineConfig(speculative_tokens=0, prefix_cache_mb=0)) as plain:
+        want = [plain.generate(ids, im, long, cache_prefix=False).token_ids for ids, im in prompts]
+    config = EngineConfig(
+        static_decode="on", max_batch_size=4, max_model_len=256, speculative_tokens=speculative_tokens
+    )
+    with Engine(model, processor, config) as static:
+        assert static.runner.decode_path == "static"
+        alone = [static.generate(ids, im, long, cache_prefix=False).token_ids for ids, im in prompts]
+        assert alone == want
+        results: list[list[int] | None] = [None] * 12
+
+        def run(j: int) -> None:
+            ids, images = prompts[j % 8]
+            params = SamplingParams(max_new_tokens=24 - j % 5)  # rows leave at different steps
+            results[j] = static.generate(ids, images, params, cache_prefix=False).token_ids
+
+        threads = [threading.Thread(target=run, args=(j,)) for j in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert results == [want[j % 8][: 24 - j % 5] for j in range(12)]
+        assert static.counters["max_running"] > 1
+        # multi-turn: the prefix cache hands KV rows out of the slot pool and back
+        chat = EngineChat(static, processor)
+        first = chat.ask("图里有什么？", [coloured(0)], GREEDY)
+        second = chat.ask("是什么颜色？", [], GREEDY)
+        assert chat.last.cached_tokens > 0
+    with Engine(model, processor, EngineConfig(speculative_tokens=0, prefix_cache_mb=0)) as fresh:
+        again = EngineChat(fresh, processor)
+        assert again.ask("图里有什么？", [coloured(0)], GREEDY) == first
+        assert again.ask("是什么颜色？", [], GREEDY) == second
