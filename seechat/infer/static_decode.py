@@ -17,11 +17,15 @@ static RoPE, GQA, gated MLP (Qwen2/2.5/3, Llama, Mistral).
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 
 from seechat.infer.kv import SlotKV
 from seechat.infer.ops import norm_params, rms_norm, rotate
+
+log = logging.getLogger(__name__)
 
 
 class StaticDecoder:
@@ -61,7 +65,13 @@ class StaticDecoder:
         self._tokens[:b, :n] = tokens
         key = (bucket, n)
         if key not in self._graphs:
-            self._graphs[key] = self._capture(kv, bucket, n)
+            try:
+                self._graphs[key] = self._capture(kv, bucket, n)
+            except RuntimeError as e:  # a kernel that cannot be captured: stay correct, run eagerly
+                log.warning("CUDA graph capture failed (%s); the static decode step runs eagerly", e)
+                self.graphs = False
+                torch.cuda.synchronize()
+                return self.forward(tokens, kv, b)
         graph, out = self._graphs[key]
         graph.replay()
         return out[:b]
