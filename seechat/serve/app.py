@@ -508,7 +508,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--request-timeout", type=float, default=e.request_timeout_s, help="seconds per request"
     )
     parser.add_argument(
-        "--no-fast-decode", action="store_true", help="decode with the transformers forward only"
+        "--no-fast-decode",
+        action="store_true",
+        help="decode with the transformers forward only (no fast CPU step, no CUDA graphs)",
     )
     parser.add_argument("--log-level", default="info")
 
@@ -550,6 +552,7 @@ def run_from_args(args: argparse.Namespace) -> int:
             prefix_cache_mb=args.prefix_cache_mb,
             request_timeout_s=args.request_timeout,
             fast_decode="off" if args.no_fast_decode else "auto",
+            static_decode="off" if args.no_fast_decode else "auto",
         ),
     )
     limits = Limits(
