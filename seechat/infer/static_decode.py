@@ -86,7 +86,9 @@ class StaticDecoder:
             self.forward(tokens, kv, bucket)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):  # a private memory pool: graphs replay in any order
+        # a private memory pool per graph (they replay in any order); other threads (another engine,
+        # the caller preprocessing images) may use CUDA meanwhile
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             out = self.forward(tokens, kv, bucket)
         return graph, out
 
