@@ -28,6 +28,11 @@ from seechat.infer.ops import norm_params, rms_norm, rotate
 log = logging.getLogger(__name__)
 
 
+def _fused_rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """`rms_norm` with the normalisation in one kernel: float32 in, cast back, times the weight."""
+    return F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype) * weight
+
+
 class StaticDecoder:
     """tokens (B, L) at each slot's next L positions -> logits (B, L, V), keys/values written into
     the slots at columns next_pos .. next_pos + L - 1 (`SlotKV.advance` keeps some)."""
@@ -47,6 +52,9 @@ class StaticDecoder:
         cos, sin = base.rotary_emb(self.embed.weight[:1], torch.arange(capacity, device=device)[None])
         self.cos, self.sin = cos[0], sin[0]  # (capacity, D): positions never exceed a slot's columns
         self.graphs = graphs and device.type == "cuda"
+        # On CUDA, torch's fused RMSNorm (one kernel instead of eight tiny ones, the same float32
+        # statistics as transformers'); on CPU the transformers formula itself, which tests compare.
+        self.rms = _fused_rms if device.type == "cuda" else rms_norm
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._tokens: torch.Tensor | None = None  # the graphs' input buffer (slots, L_max)
 
@@ -108,12 +116,12 @@ class StaticDecoder:
         x = self.embed(tokens)  # (b, L, D_model)
         for i, layer in enumerate(self.layers):
             a, m = layer.self_attn, layer.mlp
-            y = rms_norm(x, *norm_params(layer.input_layernorm))
+            y = self.rms(x, *norm_params(layer.input_layernorm))
             q = a.q_proj(y).view(b, n, h, d)
             k = a.k_proj(y).view(b, n, g, d)
             v = a.v_proj(y).view(b, n, g, d)
             if getattr(a, "q_norm", None) is not None:
-                q, k = rms_norm(q, *norm_params(a.q_norm)), rms_norm(k, *norm_params(a.k_norm))
+                q, k = self.rms(q, *norm_params(a.q_norm)), self.rms(k, *norm_params(a.k_norm))
             q = rotate(q.transpose(1, 2), cos, sin)  # (b, h, L, D)
             k = rotate(k.transpose(1, 2), cos, sin)  # (b, g, L, D)
             kb, vb = kv.keys[i], kv.values[i]
@@ -124,6 +132,6 @@ class StaticDecoder:
             )  # (b, g, r * L, D)
             o = o.view(b, h, n, d).transpose(1, 2).reshape(b, n, h * d)
             x = x + a.o_proj(o)
-            y = rms_norm(x, *norm_params(layer.post_attention_layernorm))
+            y = self.rms(x, *norm_params(layer.post_attention_layernorm))
             x = x + m.down_proj(self.act(m.gate_proj(y)) * m.up_proj(y))
-        return self.lm_head(rms_norm(x, *self.norm))  # (b, L, V)
+        return self.lm_head(self.rms(x, *self.norm))  # (b, L, V)

@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from seechat.infer.kv import SlotKV
+from seechat.infer.ops import rms_norm
 from seechat.infer.runner import FAST_DECODERS, LlamaStyleDecoder, ModelRunner, PrefillRow
 from seechat.infer.session import prompt_ids
+from seechat.infer.static_decode import _fused_rms
 from seechat.model import load
 from tests.infer.tiny_engine import coloured, write_tiny_checkpoint
 
@@ -137,3 +139,10 @@ def test_static_decode_matches_full_forward(fixture, request):
             )
         new = [n + [int(t)] for n, t in zip(new, out.argmax(-1), strict=True)]
     assert kv.lens == [int(i.numel()) + len(n) - 1 for i, n in zip(ids, new, strict=True)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_rms_norm_equals_the_transformers_formula(dtype):
+    """The static step's CUDA RMSNorm (one fused kernel) computes what transformers computes."""
+    x, w = torch.randn(3, 5, 64).to(dtype), torch.randn(64).to(dtype)
+    torch.testing.assert_close(_fused_rms(x, w, 1e-6), rms_norm(x, w, 1e-6), atol=0, rtol=0)
