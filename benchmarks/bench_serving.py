@@ -361,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
                     "table": table,
                     "greedy_agree": agree,
                     "draft_acceptance": accept,
+                    "load_average_before": load_before,
+                    "load_average_after": " ".join(f"{x:.1f}" for x in os.getloadavg()),
                 },
                 indent=2,
             )
