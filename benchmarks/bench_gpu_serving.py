@@ -303,9 +303,11 @@ def run(args: argparse.Namespace) -> dict:
         agree = bench.agreement(random_images(2, bench.image_size, 12345))
         print(f"leading greedy tokens equal to transformers' (of {args.new_tokens}): {agree}", flush=True)
         names = [*bench.engines, "transformers"]
-        for c in args.concurrency:  # warm-up: CUDA graphs captured, kernels chosen
+        bench.n = min(16, args.new_tokens)  # warm-up, short: CUDA graphs captured, kernels chosen
+        for c in args.concurrency:
             for name in names:
                 bench.hf_run(c) if name == "transformers" else bench.engine_run(name, c)
+        bench.n = args.new_tokens
         runs: dict[str, dict[int, list[dict]]] = {name: {} for name in names}
         peak: dict[str, int | None] = {}
         for name in names:

@@ -7,8 +7,9 @@
 #       --implementation cp --platform manylinux2014_x86_64 -d build/whl transformers==5.24.0
 #   run(command="bash benchmarks/gpu_session.sh", carry=["build/whl"], timeout_s=600)
 #
-# About 5-6 minutes on an H100 (each step has its own timeout, and a failing step does not stop
-# the next): the GPU tests, the serving benchmark (item 1), the training-step baseline (item 2).
+# About 5-6 minutes on an H100, at most 9.5 (each step has its own timeout, 90 + 330 + 150 s, and a
+# failing step does not stop the next): the GPU tests, the serving benchmark (item 1), the
+# training-step baseline (item 2).
 # TINY=1 rehearses the script itself on a CPU (tiny shapes, one short run each).
 set -uo pipefail
 TINY=${TINY:-0}
@@ -36,11 +37,11 @@ fi
 } 2>&1 | tee -a "$OUT/env.txt"
 
 echo "== GPU tests" | tee "$OUT/tests.log"
-timeout 150 $PY -m pytest -q -p no:cacheprovider tests/infer/test_gpu.py tests/benchmarks/test_bench_gpu_serving.py \
+timeout 90 $PY -m pytest -q -p no:cacheprovider tests/infer/test_gpu.py tests/benchmarks/test_bench_gpu_serving.py \
     2>&1 | tee -a "$OUT/tests.log"
 
 echo "== serving benchmark (item 1)" | tee "$OUT/serving.log"
-timeout 300 $PY benchmarks/bench_gpu_serving.py "${SERVING_ARGS[@]}" --json "$OUT/serving.json" 2>&1 | tee -a "$OUT/serving.log"
+timeout 330 $PY benchmarks/bench_gpu_serving.py "${SERVING_ARGS[@]}" --json "$OUT/serving.json" 2>&1 | tee -a "$OUT/serving.log"
 
 echo "== training-step baseline (item 2)" | tee "$OUT/train_step.log"
 timeout 150 $PY benchmarks/bench_train_step.py "${TRAIN_ARGS[@]}" --json "$OUT/train_step.json" 2>&1 | tee -a "$OUT/train_step.log"
