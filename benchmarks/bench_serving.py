@@ -1,8 +1,13 @@
 """Serving benchmark: seechat's engine vs transformers' LlavaForConditionalGeneration.generate.
 
 Both run in one process on the same weights (the seechat checkpoint and its `seechat export
---format llava-hf` copy), same prompts, greedy, exactly `--new-tokens` tokens per request (stop
-tokens ignored on both sides), runs interleaved so that a noisy machine hurts both alike:
+--format llava-hf` copy), same prompts, greedy, exactly `--new-tokens` tokens per request, runs
+interleaved so that a noisy machine hurts both alike. Both sides decode under one rule: a stop
+token (`<|im_end|>`) is an ordinary token in the timed runs — the engine's `ignore_eos` lets it
+through, and transformers runs with no `eos_token_id` (not `min_new_tokens`, which would mask it
+and make a trained model continue differently). Before timing, `greedy_agreement` checks that
+the engines give transformers' tokens under that rule and under the serving rule (both stop at
+the first stop token). Measured:
 
 - time to first token (image encode + prefill + first token), batch 1;
 - decode tokens/s at batch 1 (tokens after the first / time after the first);
@@ -103,6 +108,10 @@ class Bench:
 
         self.model, self.processor = load(ckpt)
         self.llava = LlavaForConditionalGeneration.from_pretrained(llava_dir).eval()
+        # The timed runs treat stop tokens as ordinary tokens on both sides (see the module docstring):
+        # transformers gets them back per call, for the serving rule only.
+        self.stop_ids = list(self.processor.stop_token_ids)
+        self.llava.generation_config.eos_token_id = None
         self.engines = {
             "seechat": Engine(
                 self.model, self.processor, EngineConfig(max_batch_size=max_batch, prefix_cache_mb=0)
@@ -165,13 +174,15 @@ class Bench:
             "tokens": tokens,
         }
 
-    def engine_tokens(self, name: str, image: Image.Image) -> list[int]:
+    def engine_tokens(self, name: str, image: Image.Image, through_stop: bool) -> list[int]:
+        """Greedy reply tokens. `through_stop`: exactly `n` tokens, stop tokens included as ordinary
+        tokens (the timed rule); else the reply up to its first stop token, which is left out."""
         from seechat.infer.sampling import SamplingParams
 
         params = SamplingParams(max_new_tokens=self.n)
         return (
             self.engines[name]
-            .generate(self.ids, [image], params, cache_prefix=False, ignore_eos=True)
+            .generate(self.ids, [image], params, cache_prefix=False, ignore_eos=through_stop)
             .token_ids
         )
 
@@ -207,7 +218,6 @@ class Bench:
                 attention_mask=batch["attention_mask"],
                 pixel_values=pixels,
                 max_new_tokens=self.n,
-                min_new_tokens=self.n,
                 do_sample=False,
                 streamer=clock if concurrency == 1 else None,
                 pad_token_id=self.processor.tokenizer.pad_token_id,
@@ -220,18 +230,41 @@ class Bench:
             res.update(ttft_s=gen[0] - t0, decode_tok_s=(len(gen) - 1) / (gen[-1] - gen[0]))
         return res
 
-    def hf_tokens(self, image: Image.Image) -> list[int]:
+    def hf_tokens(self, image: Image.Image, through_stop: bool) -> list[int]:
+        """`engine_tokens` for transformers: no eos_token_id (the stop token is an ordinary token), or
+        the processor's stop tokens as eos_token_id (the reply is cut before the first one)."""
         pixels = self.processor.preprocess_images([image])
+        stop = {} if through_stop else {"eos_token_id": self.stop_ids}
         with torch.inference_mode():
             out = self.llava.generate(
                 input_ids=self.ids[None],
                 pixel_values=pixels,
                 max_new_tokens=self.n,
-                min_new_tokens=self.n,
                 do_sample=False,
                 pad_token_id=self.processor.tokenizer.pad_token_id,
+                **stop,
             )
-        return out[0, self.ids.numel() :].tolist()
+        tokens = out[0, self.ids.numel() :].tolist()
+        if not through_stop:
+            cut = [i for i, t in enumerate(tokens) if t in self.stop_ids]
+            tokens = tokens[: cut[0]] if cut else tokens
+        return tokens
+
+
+def greedy_agreement(bench: Bench, images: list[Image.Image]) -> dict[str, dict[str, bool]]:
+    """Per engine: does its greedy reply equal transformers' under the timed rule ("through_stop":
+    exactly n tokens, stop tokens ordinary) and under the serving rule ("stop": cut at the first
+    stop token)? Both sides decode under the same rule in each, so on trained weights — where
+    `<|im_end|>` does come — a False means a real difference."""
+    rules = {"through_stop": True, "stop": False}
+    reference = {rule: [bench.hf_tokens(im, through) for im in images] for rule, through in rules.items()}
+    return {
+        name: {
+            rule: [bench.engine_tokens(name, im, through) for im in images] == reference[rule]
+            for rule, through in rules.items()
+        }
+        for name in bench.engines
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -262,9 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     export_llava_hf(ckpt, tmp / "llava")
     bench = Bench(ckpt, tmp / "llava", args.new_tokens, max(args.concurrency))
 
-    probe = random_images(1, bench.image_size, 12345)[0]
-    reference = bench.hf_tokens(probe)
-    agree = {name: bench.engine_tokens(name, probe) == reference for name in bench.engines}
+    agree = greedy_agreement(bench, random_images(3, bench.image_size, 12345))
     print(f"greedy outputs equal transformers' ({args.new_tokens} tokens): {agree}", flush=True)
     for name in bench.engines:  # warm-up
         bench.engine_run(name, 1)
@@ -332,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
                     "table": table,
                     "greedy_agree": agree,
                     "draft_acceptance": accept,
+                    "load_average_before": load_before,
+                    "load_average_after": " ".join(f"{x:.1f}" for x in os.getloadavg()),
                 },
                 indent=2,
             )

@@ -111,7 +111,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--request-timeout", type=float, default=e.request_timeout_s, help="seconds per request"
     )
     parser.add_argument(
-        "--no-fast-decode", action="store_true", help="decode with the transformers forward only"
+        "--no-fast-decode",
+        action="store_true",
+        help="decode with the transformers forward only (no fast CPU step, no CUDA graphs)",
     )
     parser.add_argument("--log-level", default="info")
 
@@ -147,6 +149,7 @@ def run(args: argparse.Namespace) -> int:
             prefix_cache_mb=args.prefix_cache_mb,
             request_timeout_s=args.request_timeout,
             fast_decode="off" if args.no_fast_decode else "auto",
+            static_decode="off" if args.no_fast_decode else "auto",
         ),
     )
     limits = Limits(

@@ -23,6 +23,25 @@ Submitting is thread-safe; `stream` (sync) and `astream` (asyncio) wrap `submit`
 
 Greedy outputs do not depend on what else is in the batch: rows are independent (attention masks
 and per-row position ids), which the tests check against single-request runs.
+
+Speculative decoding (prompt lookup, lossless: the tokens of plain greedy) runs for a lone greedy
+request, and only while it pays. A verify step feeds the last token and k n-gram drafts; it costs
+`c` plain steps and gives `1 + a` tokens (`a` drafts accepted), so it is faster exactly when
+`1 + a > c`. Both sides are measured, never assumed:
+
+- `c`: the engine times its own batch-1 steps, whole (model step, sampling, detokenising), plain
+  and verify, as moving averages, so the rule follows the machine it runs on — on a loaded 2-core
+  CPU a multi-token step can cost 2-4 plain steps, on an idle one about 1.3 — and the model;
+  before the first verify step is timed, c = SPECULATION_PRIOR_COST;
+- `1 + a`: per request, a moving average over its verify steps and, while it does not speculate,
+  over *shadow* drafts: drafts proposed and checked against the tokens the plain steps then
+  produce (greedy is deterministic, so that is what a verify step would have accepted), at no
+  model cost.
+
+A request speculates once it has SPECULATION_MIN_SEEN observations and its average yield is at
+least c; it stops when the average falls below c, and starts again if its text turns repetitive.
+A low-acceptance request (the trained mini model accepts ~28 % of drafts) thus decodes plainly
+after its first few drafts instead of paying for rejected ones on every step.
 """
 
 from __future__ import annotations
@@ -42,13 +61,35 @@ from PIL import Image
 
 from seechat.data.processor import SeeChatProcessor
 from seechat.infer.images import ImageFeatureCache, key_tag, pixel_key
-from seechat.infer.kv import BatchKV, Layers, PrefixCache, kv_peak_tokens
-from seechat.infer.request import Completion, Request, StopStrings, StreamEvent, ngram_drafts, plain_greedy
+from seechat.infer.kv import BatchKV, Layers, PrefixCache, SlotKV, kv_peak_tokens
+from seechat.infer.request import (
+    Completion,
+    Request,
+    StopStrings,
+    StreamEvent,
+    ngram_drafts,
+    note_yield,
+    plain_greedy,
+    resolve_shadows,
+    shadow_drafts,
+)
 from seechat.infer.runner import ModelRunner, PrefillRow
 from seechat.infer.sampling import SamplingParams, apply_repetition_penalty, sample_next
 from seechat.model.modeling import SeeChatModel
 
 log = logging.getLogger(__name__)
+
+SPECULATION_PRIOR_COST = 1.5  # verify step / plain step, until measured (mini model, 1 idle thread: ~1.35)
+SPECULATION_MIN_SEEN = 2  # yield observations a request needs before it may speculate
+STEP_TIME_AVERAGE = 0.1  # weight of the newest step time in the engine's moving averages
+
+
+def speculation_pays(tokens: float, seen: int, plain: float | None, verify: float | None) -> bool:
+    """The rule in the module docstring: a request whose verify steps give `tokens` tokens on
+    average (over `seen` observations) speculates when that is at least the cost of a verify step
+    in plain steps (`verify` / `plain` seconds, measured; the prior until both are)."""
+    cost = verify / plain if plain and verify else SPECULATION_PRIOR_COST
+    return seen >= SPECULATION_MIN_SEEN and tokens >= cost
 
 
 @dataclass(frozen=True)
@@ -68,7 +109,8 @@ class EngineConfig:
     prefix_cache_mb: int = 256  # 0 = no prefix reuse
     request_timeout_s: float = 600.0  # from submit to the last token
     fast_decode: str = "auto"  # "auto" | "on" | "off": the fast decode step (see seechat.infer.runner)
-    speculative_tokens: int = 4  # n-gram draft tokens verified per step for a lone greedy request; 0 = off
+    static_decode: str = "auto"  # "auto" (CUDA only) | "on" | "off": slotted KV + CUDA-graph decode (runner)
+    speculative_tokens: int = 4  # n-gram drafts per verify step, lone greedy request, while it pays; 0 = off
 
 
 class RequestError(ValueError):
@@ -128,7 +170,14 @@ class Engine:
         self.model = model.eval()
         self.processor = processor
         self.config = config
-        self.runner = ModelRunner(model, processor.tokenizer.pad_token_id, config.fast_decode)
+        self.runner = ModelRunner(
+            model,
+            processor.tokenizer.pad_token_id,
+            config.fast_decode,
+            config.static_decode,
+            slots=config.max_batch_size,
+            capacity=config.max_model_len,
+        )
         self.max_model_len = config.max_model_len or self.runner.max_positions()
         self.max_batch_tokens = max(
             config.max_batch_tokens, self.max_model_len
@@ -159,10 +208,11 @@ class Engine:
         self._waiting: deque[Request] = deque()
         self._waiting_bytes = 0
         self._running: list[Request] = []
-        self._kv: BatchKV | None = None
+        self._kv: BatchKV | SlotKV | None = None
         self._ids = itertools.count()
         self._closing = False
         self._thread: threading.Thread | None = None
+        self.step_seconds: dict[str, float | None] = {"plain": None, "verify": None}  # batch-1 averages
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -542,7 +592,7 @@ class Engine:
             kv.select(alive)
         group = [group[i] for i in alive]
         if self._kv is None:
-            self._kv = kv
+            self._kv = self.runner.adopt(kv)
         else:
             self._kv.merge(kv)
         self._running.extend(group)
@@ -555,16 +605,22 @@ class Engine:
         self.counters["peak_kv_tokens"] = max(self.counters["peak_kv_tokens"], size)
 
     def _decode(self) -> None:
-        if self.config.speculative_tokens and len(self._running) == 1:
+        lone = bool(self.config.speculative_tokens) and len(self._running) == 1
+        if lone:
             r = self._running[0]
             drafts = (
                 ngram_drafts(r, self.config.speculative_tokens, self.image_token_id)
                 if plain_greedy(r.params)
                 else []
             )
-            if drafts:
+            if drafts and speculation_pays(r.spec_yield, r.spec_seen, **self.step_seconds):
+                t0 = time.perf_counter()
                 self._verify(r, drafts)
+                self._time_step("verify", time.perf_counter() - t0)
                 return
+            if drafts:
+                shadow_drafts(r, drafts)
+            t0 = time.perf_counter()
         tokens = torch.tensor([r.sampled[-1] for r in self._running], dtype=torch.long)
         logits = self.runner.decode(tokens, self._kv)
         self._note_kv()
@@ -580,6 +636,12 @@ class Engine:
         ]
         if len(keep) < len(self._running):
             self._keep(keep)
+        if lone:
+            self._time_step("plain", time.perf_counter() - t0)
+
+    def _time_step(self, kind: str, seconds: float) -> None:
+        old = self.step_seconds[kind]
+        self.step_seconds[kind] = seconds if old is None else old + STEP_TIME_AVERAGE * (seconds - old)
 
     def _verify(self, r: Request, drafts: list[int]) -> None:
         """Speculative step for a lone greedy request: run the last token and the drafts in one
@@ -597,6 +659,7 @@ class Engine:
         self.counters["decode_tokens"] += n + 1
         self.counters["draft_tokens"] += len(drafts)
         self.counters["accepted_drafts"] += n
+        note_yield(r, n + 1)
         for token in greedy[: n + 1]:
             r.fed += 1
             if self._accept(r, token, self._kv, 0):
@@ -633,13 +696,14 @@ class Engine:
 
     # ------------------------------------------------------------------ per-request output
 
-    def _accept(self, r: Request, token: int | None, kv: BatchKV, row: int) -> bool:
+    def _accept(self, r: Request, token: int | None, kv: BatchKV | SlotKV, row: int) -> bool:
         """Record a sampled token, stream new text; True when the request is finished (its KV row
         is then stored in the prefix cache). `token` None: its sampling failed (already finished)."""
         if token is None:
             return True
         r.sampled.append(token)
         r.history += chr(token)
+        resolve_shadows(r)
         reason, cut = None, None
         if token in r.stop_ids:
             reason = "stop"

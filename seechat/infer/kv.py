@@ -217,3 +217,96 @@ class PrefixCache:
         while self.bytes > self.max_bytes and self._entries:
             _, (_, _, s, _) = self._entries.popitem(last=False)
             self.bytes -= s
+
+
+class SlotKV:
+    """The running batch's KV in a fixed pool of slots, for the static decode path (see
+    `seechat.infer.static_decode`): per layer one (slots, H, capacity, D) buffer allocated once,
+    row i of the batch in slot i, its tokens at columns [0, its length) — a column is a position,
+    so no row is padded to the longest and nothing is masked but the columns past each row's end.
+    Buffers never move, which is what a captured CUDA graph needs; rows stay packed in slots
+    [0, batch_size) (a leaving row's slot is refilled by moving later rows down), so a step runs
+    over the first batch_size slots only.
+
+    The same interface as `BatchKV` for the engine: `length`, `batch_size`, `reserve`, `advance`,
+    `select`, `merge` (of a prefilled `BatchKV`) and `row`.
+    """
+
+    def __init__(self, slots: int, capacity: int, like: BatchKV):
+        k0 = like.keys[0]
+        shape = (slots, k0.shape[1], capacity, k0.shape[3])
+        self.keys = [k0.new_zeros(shape) for _ in like.keys]
+        self.values = [k0.new_zeros(shape) for _ in like.values]
+        self.next_pos = torch.zeros(slots, dtype=torch.long, device=k0.device)  # (slots,) step input
+        self.lens: list[int] = []  # host copy of next_pos[:batch_size]: no device reads to schedule
+
+    @property
+    def slots(self) -> int:
+        return self.next_pos.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2]
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.lens)
+
+    @property
+    def length(self) -> int:
+        return max(self.lens, default=0)
+
+    def nbytes(self) -> int:
+        return sum(k.numel() * k.element_size() * 2 for k in self.keys)
+
+    def clear(self) -> None:
+        self.lens = []
+        self.next_pos.zero_()
+
+    def reserve(self, extra: int = 1) -> None:
+        if self.length + extra > self.capacity:
+            raise RuntimeError(
+                f"a row would reach {self.length + extra} tokens; the static KV holds {self.capacity} per "
+                "row (the engine's max_model_len)"
+            )
+
+    def advance(self, keep: int = 1, written: int = 1) -> None:
+        """Keep the first `keep` of the `written` columns each row just wrote; the rest lie past the
+        row's end, where the next step overwrites them."""
+        b = self.batch_size
+        self.lens = [n + keep for n in self.lens]
+        self.next_pos[:b] += keep
+
+    def select(self, rows: list[int]) -> None:
+        for j, src in enumerate(rows):
+            if src != j:  # rows only move down: slot j is free or already moved
+                n = self.lens[src]
+                for k in (*self.keys, *self.values):
+                    k[j, :, :n] = k[src, :, :n]
+        self.lens = [self.lens[i] for i in rows]
+        b = len(rows)
+        self.next_pos[:b] = torch.tensor(self.lens, dtype=torch.long)
+        self.next_pos[b:] = 0  # free slots step harmlessly at position 0 when a graph covers them
+
+    def merge(self, other: BatchKV) -> None:
+        """Append `other`'s rows (prefilled, possibly with holes) as packed slots."""
+        b = self.batch_size
+        if b + other.batch_size > self.slots:
+            raise RuntimeError(f"{b + other.batch_size} rows; the static KV has {self.slots} slots")
+        for i in range(other.batch_size):
+            layers = other.row(i)
+            n = layers[0][0].shape[2]
+            if n > self.capacity:
+                raise RuntimeError(f"a row of {n} tokens; the static KV holds {self.capacity} per row")
+            for (k, v), kb, vb in zip(layers, self.keys, self.values, strict=True):
+                kb[b + i, :, :n] = k[0]
+                vb[b + i, :, :n] = v[0]
+            self.lens.append(n)
+            self.next_pos[b + i] = n
+
+    def row(self, i: int) -> Layers:
+        n = self.lens[i]
+        return [
+            (k[i : i + 1, :, :n].clone(), v[i : i + 1, :, :n].clone())
+            for k, v in zip(self.keys, self.values, strict=True)
+        ]

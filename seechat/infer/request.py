@@ -120,6 +120,11 @@ class Request:
     text: str = ""  # the reply decoded so far (incrementally; complete characters only)
     offsets: tuple[int, int] = (0, 0)  # incremental detokenisation window into `generated`
     history: str = ""  # prompt + sampled token ids as one character each: C-speed n-gram search
+    spec_yield: float = 0.0  # moving average of tokens a verify step gives this request (1 + accepted drafts)
+    spec_seen: int = 0  # verify steps and shadow drafts behind spec_yield
+    shadow: list[list] = field(
+        default_factory=list
+    )  # drafts not verified: [start in sampled, drafts, matched]
     cached_tokens: int = 0
     cancelled: bool = False
     done: bool = False
@@ -133,6 +138,39 @@ class Request:
         if len(after) > len(before) and not after.endswith("\ufffd"):
             self.text += after[len(before) :]
             self.offsets = (read, len(self.generated))
+
+
+YIELD_AVERAGE = 0.3  # weight of the newest observation in Request.spec_yield
+
+
+def note_yield(r: Request, tokens: int) -> None:
+    """One verify step (real or shadow) would have given `tokens` tokens (1 + accepted drafts)."""
+    r.spec_yield = tokens if r.spec_seen == 0 else r.spec_yield + YIELD_AVERAGE * (tokens - r.spec_yield)
+    r.spec_seen += 1
+
+
+def shadow_drafts(r: Request, drafts: list[int]) -> None:
+    """Drafts proposed but not verified (a plain step runs instead): greedy decoding is deterministic,
+    so the tokens the plain steps produce next say exactly how many of them a verify step would have
+    accepted — acceptance is measured at no model cost while speculation is off."""
+    r.shadow.append([len(r.sampled), drafts, 0])
+
+
+def resolve_shadows(r: Request) -> None:
+    """After a token is appended to `r.sampled`: advance the pending shadow drafts; a draft that
+    misses or is used up records its yield."""
+    if not r.shadow:
+        return
+    token, pending = r.sampled[-1], []
+    for entry in r.shadow:
+        _, drafts, matched = entry
+        if drafts[matched] == token:
+            entry[2] = matched = matched + 1
+            if matched < len(drafts):
+                pending.append(entry)
+                continue
+        note_yield(r, 1 + matched)
+    r.shadow = pending
 
 
 def plain_greedy(p: SamplingParams) -> bool:

@@ -15,6 +15,11 @@ works and the numbers are the reference ones. A decode `step` feeds each row L >
 - the generic path for every other LM: the transformers forward with a `DynamicCache` built from
   the batch buffers.
 
+For the same LM family a third, `static_decode` (`seechat.infer.static_decode`): a fixed-shape
+step over a slotted KV pool (`SlotKV`), captured as CUDA graphs on a GPU, where launching a
+7B model's kernels one by one would cost more than reading its weights. "auto" takes it on CUDA
+only; on CPU it runs eagerly (tests, `"on"`) and is slower than the fast path there.
+
 The runner knows tensors and token ids, not requests or chat; `seechat.infer.engine` schedules.
 """
 
@@ -27,7 +32,9 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from seechat.infer.kv import BatchKV, Layers
+from seechat.infer.kv import BatchKV, Layers, SlotKV
+from seechat.infer.ops import norm_params, rms_norm, rms_norm_fp32, rotate
+from seechat.infer.static_decode import StaticDecoder
 from seechat.model.modeling import SeeChatModel
 
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # cos/sin depend on the position only
@@ -40,27 +47,6 @@ class PrefillRow:
     ids: torch.Tensor  # (S,) long, S >= 1
     past: Layers | None = None
     image_features: torch.Tensor | None = None  # (n_slots, D): features for the image tokens in `ids`
-
-
-def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm exactly as the transformers Llama/Qwen modules compute it (float32 statistics)."""
-    xf = x.float()
-    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-
-
-def _rms_fp32(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """`_rms` for float32 inputs: the same operations in the same order (bit-identical), minus the
-    dtype round trips, with the small statistics tensor updated in place. Fewer ops per step."""
-    return x * x.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_() * weight
-
-
-def _norm_params(norm: torch.nn.Module | None) -> tuple[torch.Tensor, float] | None:
-    return None if norm is None else (norm.weight, norm.variance_epsilon)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
 def _left_pad(like: torch.Tensor, width: int, x: torch.Tensor | None) -> torch.Tensor:
@@ -118,22 +104,22 @@ class LlamaStyleDecoder:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         act = base.layers[0].mlp.act_fn
         self.act = F.silu if cfg.hidden_act == "silu" else act
-        self._rms = _rms_fp32 if self.embed.weight.dtype == torch.float32 else _rms
-        self.norm = _norm_params(base.norm)
+        self._rms = rms_norm_fp32 if self.embed.weight.dtype == torch.float32 else rms_norm
+        self.norm = norm_params(base.norm)
         self.layers = []
         for layer in base.layers:
             a, m = layer.self_attn, layer.mlp
             self.layers.append(
                 (
-                    _norm_params(layer.input_layernorm),
+                    norm_params(layer.input_layernorm),
                     _t(a.q_proj.weight, a.k_proj.weight, a.v_proj.weight),
                     _cat_or_none(a.q_proj.bias, a.k_proj.bias, a.v_proj.bias),
-                    _norm_params(getattr(a, "q_norm", None)),
-                    _norm_params(getattr(a, "k_norm", None)),
+                    norm_params(getattr(a, "q_norm", None)),
+                    norm_params(getattr(a, "k_norm", None)),
                     _t(a.o_proj.weight),
                     a.o_proj.bias,
                     a.scaling,
-                    _norm_params(layer.post_attention_layernorm),
+                    norm_params(layer.post_attention_layernorm),
                     _t(m.gate_proj.weight, m.up_proj.weight),
                     _cat_or_none(m.gate_proj.bias, m.up_proj.bias),
                     _t(m.down_proj.weight),
@@ -195,7 +181,7 @@ class LlamaStyleDecoder:
             qk = qkv[:, :, : h + g]
             if qn is not None:
                 qk = torch.cat([rms(qk[:, :, :h], *qn), rms(qk[:, :, h:], *kn)], dim=2)
-            qk = _rotate(qk.transpose(1, 2), cos, sin)  # (B, h + g, L, d)
+            qk = rotate(qk.transpose(1, 2), cos, sin)  # (B, h + g, L, d)
             kv.keys[i][:, :, t : t + n] = qk[:, h:]
             kv.values[i][:, :, t : t + n] = qkv[:, :, h + g :].transpose(1, 2)
             o = F.scaled_dot_product_attention(
@@ -222,6 +208,7 @@ FAST_DECODERS = {
 
 
 FAST_DECODE_AUTO_BYTES = 2 << 30  # "auto" copies at most this much: small models, where overhead dominates
+STATIC_DEFAULT_LEN = 4096  # tokens per slot of the static KV pool when the engine sets no max_model_len
 
 
 class ModelRunner:
@@ -229,22 +216,45 @@ class ModelRunner:
 
     `fast_decode`: "on" uses the registry's fast decode step when the LM has one, "off" never,
     "auto" (default) when its weight copy is at most FAST_DECODE_AUTO_BYTES.
+    `static_decode`: "auto" (default) uses the static step for a registry LM on CUDA, "on" on any
+    device, "off" never; its KV pool has `slots` rows of `capacity` tokens (0: the LM's limit,
+    at most STATIC_DEFAULT_LEN), allocated at the first request. It replaces the fast path.
     """
 
-    def __init__(self, model: SeeChatModel, pad_token_id: int, fast_decode: str = "auto"):
-        if fast_decode not in ("auto", "on", "off"):
-            raise ValueError(f"fast_decode must be 'auto', 'on' or 'off', not {fast_decode!r}")
+    def __init__(
+        self,
+        model: SeeChatModel,
+        pad_token_id: int,
+        fast_decode: str = "auto",
+        static_decode: str = "auto",
+        slots: int = 32,
+        capacity: int = 0,
+    ):
+        for name, value in (("fast_decode", fast_decode), ("static_decode", static_decode)):
+            if value not in ("auto", "on", "off"):
+                raise ValueError(f"{name} must be 'auto', 'on' or 'off', not {value!r}")
         self.model = model
         self.pad_token_id = pad_token_id
         lm = model.language_model
         fast = FAST_DECODERS.get(lm.config.get_text_config().model_type)
+        family = fast is not None and fast.supports(lm)
+        on_cuda = self.device.type == "cuda"
+        self.static: StaticDecoder | None = None
+        self.slots = slots
+        self.capacity = 0
+        self._slot_kv: SlotKV | None = None
+        if family and (static_decode == "on" or (static_decode == "auto" and on_cuda)):
+            self.capacity = capacity or min(self.max_positions(), STATIC_DEFAULT_LEN)
+            self.static = StaticDecoder(lm, self.capacity, graphs=on_cuda)
         wanted = fast_decode == "on" or (
             fast_decode == "auto" and linear_weight_bytes(lm) <= FAST_DECODE_AUTO_BYTES
         )
-        self.fast: LlamaStyleDecoder | None = fast(lm) if wanted and fast and fast.supports(lm) else None
+        self.fast: LlamaStyleDecoder | None = fast(lm) if self.static is None and wanted and family else None
 
     @property
     def decode_path(self) -> str:
+        if self.static is not None:
+            return self.static.path
         return "fast" if self.fast is not None else "transformers"
 
     @property
@@ -258,7 +268,18 @@ class ModelRunner:
         window = getattr(cfg, "sliding_window", None)
         if window and any(t != "full_attention" for t in getattr(cfg, "layer_types", None) or []):
             n = min(n, int(window))  # within the window, sliding attention equals full attention
-        return n
+        return min(n, self.capacity) if self.capacity else n
+
+    def adopt(self, kv: BatchKV) -> BatchKV | SlotKV:
+        """The running batch's KV for a freshly prefilled `kv`: itself, or (static path) the slot
+        pool holding its rows."""
+        if self.static is None:
+            return kv
+        if self._slot_kv is None:
+            self._slot_kv = SlotKV(self.slots, self.capacity, kv)
+        self._slot_kv.clear()
+        self._slot_kv.merge(kv)
+        return self._slot_kv
 
     @torch.inference_mode()
     def prefill(self, rows: Sequence[PrefillRow]) -> tuple[torch.Tensor, BatchKV]:
@@ -301,20 +322,22 @@ class ModelRunner:
         return out.logits[:, -1].float(), BatchKV(layers, mask.bool(), next_pos)
 
     @torch.inference_mode()
-    def decode(self, tokens: torch.Tensor, kv: BatchKV) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, kv: BatchKV | SlotKV) -> torch.Tensor:
         """tokens (B,) -> logits (B, V) for the next position; appends one column to `kv`."""
         logits = self.step(tokens[:, None], kv)[:, 0]
         kv.advance(1, 1)
         return logits
 
     @torch.inference_mode()
-    def step(self, tokens: torch.Tensor, kv: BatchKV) -> torch.Tensor:
+    def step(self, tokens: torch.Tensor, kv: BatchKV | SlotKV) -> torch.Tensor:
         """tokens (B, L) at each row's next L positions -> logits (B, L, V). Their keys/values are
         written at columns [kv.length, kv.length + L); the caller keeps some with `kv.advance`."""
         n = tokens.shape[1]
         kv.reserve(n)
         tokens = tokens.to(self.device)
-        if self.fast is not None:
+        if isinstance(kv, SlotKV):
+            logits = self.static(tokens, kv)
+        elif self.fast is not None:
             logits = self.fast(tokens, kv)
         else:
             logits = self._step_transformers(tokens, kv)

@@ -11,7 +11,7 @@ import torch
 
 from seechat.infer import engine as engine_module
 from seechat.infer.chat import ChatSession, prompt_ids
-from seechat.infer.engine import Engine, EngineConfig, QueueFullError, RequestError
+from seechat.infer.engine import Engine, EngineConfig, QueueFullError, RequestError, speculation_pays
 from seechat.infer.generate import generate
 from seechat.infer.sampling import SamplingParams
 from tests.infer.tiny_engine import coloured
@@ -133,6 +133,27 @@ def test_speculative_decoding_gives_the_plain_greedy_tokens(fixture, request):
         assert spec.counters["accepted_drafts"] > 0  # random weights repeat themselves: drafts land
         assert spec.counters["decode_steps"] < plain.counters["decode_steps"]
         assert plain.counters["draft_tokens"] == 0
+
+
+def test_speculation_turns_off_where_it_does_not_pay(tiny, monkeypatch):
+    """The rule: speculate when the request's yield (1 + accepted drafts per verify step) is at
+    least the measured cost of a verify step in plain steps. Outputs never change."""
+    # the decision itself: a verify step measured at 2 plain steps
+    for tokens, seen, speculate in ((1.5, 5, False), (2.0, 5, True), (3.0, 1, False), (3.0, 2, True)):
+        assert speculation_pays(tokens, seen, plain=0.010, verify=0.020) is speculate
+    assert speculation_pays(1.6, 2, plain=0.010, verify=None)  # before any verify step: the prior, 1.5
+    model, processor = tiny
+    long = SamplingParams(max_new_tokens=48)
+    prompts = [_prompt(processor, k) for k in range(len(CONVERSATIONS))]
+    with Engine(model, processor, EngineConfig(speculative_tokens=0)) as plain:
+        want = [plain.generate(ids, im, long, cache_prefix=False).token_ids for ids, im in prompts]
+    # verify steps far too dear (never measured, so the prior stands): no request speculates, and
+    # the shadow drafts still measure the yield that says speculation would have been accepted
+    monkeypatch.setattr(engine_module, "SPECULATION_PRIOR_COST", 1e9)
+    with Engine(model, processor) as dear:
+        assert [dear.generate(ids, im, long, cache_prefix=False).token_ids for ids, im in prompts] == want
+        assert dear.counters["draft_tokens"] == 0 and dear.step_seconds["verify"] is None
+        assert dear.step_seconds["plain"] > 0
 
 
 def test_sampling_parameters(engine, tiny):
@@ -263,3 +284,44 @@ def test_queue_byte_budget_and_kv_budget(tiny):
                 engine.submit(ids, images, GREEDY)
         assert all(list(s)[-1].finish_reason in ("stop", "length") for s in held)
         assert engine.stats()["waiting_bytes"] == 0
+
+
+@pytest.mark.parametrize("speculative_tokens", [0, 4])
+def test_static_decode_gives_the_plain_greedy_tokens(tiny, speculative_tokens):
+    """The static path (slotted KV, fixed-shape step; CUDA graphs on a GPU) run eagerly on the CPU:
+    the fast path's greedy tokens, alone and with rows joining and leaving the batch."""
+    model, processor = tiny
+    long = SamplingParams(max_new_tokens=24)
+    prompts = [_prompt(processor, k) for k in range(8)]
+    with Engine(model, processor, EngineConfig(speculative_tokens=0, prefix_cache_mb=0)) as plain:
+        want = [plain.generate(ids, im, long, cache_prefix=False).token_ids for ids, im in prompts]
+    config = EngineConfig(
+        static_decode="on", max_batch_size=4, max_model_len=256, speculative_tokens=speculative_tokens
+    )
+    with Engine(model, processor, config) as static:
+        assert static.runner.decode_path == "static"
+        alone = [static.generate(ids, im, long, cache_prefix=False).token_ids for ids, im in prompts]
+        assert alone == want
+        results: list[list[int] | None] = [None] * 12
+
+        def run(j: int) -> None:
+            ids, images = prompts[j % 8]
+            params = SamplingParams(max_new_tokens=24 - j % 5)  # rows leave at different steps
+            results[j] = static.generate(ids, images, params, cache_prefix=False).token_ids
+
+        threads = [threading.Thread(target=run, args=(j,)) for j in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert results == [want[j % 8][: 24 - j % 5] for j in range(12)]
+        assert static.counters["max_running"] > 1
+        # multi-turn: the prefix cache hands KV rows out of the slot pool and back
+        chat = ChatSession(static, processor)
+        first = chat.ask("图里有什么？", [coloured(0)], GREEDY)
+        second = chat.ask("是什么颜色？", [], GREEDY)
+        assert chat.last.cached_tokens > 0
+    with Engine(model, processor, EngineConfig(speculative_tokens=0, prefix_cache_mb=0)) as fresh:
+        again = ChatSession(fresh, processor)
+        assert again.ask("图里有什么？", [coloured(0)], GREEDY) == first
+        assert again.ask("是什么颜色？", [], GREEDY) == second

@@ -6,8 +6,12 @@ import pytest
 import torch
 
 from seechat.infer.chat import prompt_ids
+from seechat.infer.kv import SlotKV
+from seechat.infer.ops import rms_norm
 from seechat.infer.runner import FAST_DECODERS, LlamaStyleDecoder, ModelRunner, PrefillRow
-from tests.infer.tiny_engine import coloured
+from seechat.infer.static_decode import _fused_rms
+from seechat.model import load
+from tests.infer.tiny_engine import coloured, write_tiny_checkpoint
 
 QUESTIONS = ["你好", "图里有什么？请描述", "是什么颜色", "左右上下是否几个颜色形状位置"]
 
@@ -88,3 +92,57 @@ def test_fast_decoder_registry_is_explicit(tiny, tiny_glm):
     assert FAST_DECODERS["qwen2"] is LlamaStyleDecoder and "glm4" not in FAST_DECODERS
     assert LlamaStyleDecoder.supports(tiny[0].language_model)
     assert ModelRunner(tiny[0], 0, fast_decode="off").decode_path == "transformers"
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(experts, tmp_path_factory):
+    return load(write_tiny_checkpoint(experts, tmp_path_factory.mktemp("llama") / "ckpt", "llama"))
+
+
+@pytest.mark.parametrize("fixture", ["tiny", "tiny_llama"])
+@torch.inference_mode()
+def test_static_decode_matches_full_forward(fixture, request):
+    """The static step over the slot pool (eager on CPU): rows adopted, joined, leaving, and a
+    multi-token (draft-verifying) step, each position against a full forward."""
+    model, processor = request.getfixturevalue(fixture)
+    runner = ModelRunner(model, processor.tokenizer.pad_token_id, static_decode="on", slots=8, capacity=128)
+    assert runner.decode_path == "static" and runner.max_positions() == 128
+    ids, feats = _rows(model, processor, 5)
+    logits, first = runner.prefill([PrefillRow(i, None, f) for i, f in zip(ids[:3], feats[:3], strict=True)])
+    kv = runner.adopt(first)
+    assert isinstance(kv, SlotKV) and kv.lens == [int(i.numel()) for i in ids[:3]]
+    new = [[int(t)] for t in logits.argmax(-1)]
+    for step in range(4):
+        if step == 1:
+            more_logits, more = runner.prefill(
+                [PrefillRow(i, None, f) for i, f in zip(ids[3:], feats[3:], strict=True)]
+            )
+            kv.merge(more)
+            new += [[int(t)] for t in more_logits.argmax(-1)]
+        if step == 2:
+            kv.select([0, 2, 3, 4])
+            ids, feats, new = ([x[i] for i in (0, 2, 3, 4)] for x in (ids, feats, new))
+        if step == 3:  # three tokens per row at once, only the first two kept
+            drafts = [n[-1:] + [7, 9] for n in new]
+            out = runner.step(torch.tensor(drafts), kv)  # (B, 3, V)
+            kv.advance(2, 3)
+            for r in range(len(new)):
+                for j in range(3):
+                    want = _reference(model, ids[r], feats[r], new[r] + drafts[r][1 : j + 1]).float()
+                    torch.testing.assert_close(out[r, j], want, atol=2e-5, rtol=1e-4)
+            new = [n + [7, int(o[1].argmax())] for n, o in zip(new, out, strict=True)]  # kept: last, 7
+            continue
+        out = runner.decode(torch.tensor([n[-1] for n in new]), kv)
+        for r in range(len(new)):
+            torch.testing.assert_close(
+                out[r], _reference(model, ids[r], feats[r], new[r]).float(), atol=2e-5, rtol=1e-4
+            )
+        new = [n + [int(t)] for n, t in zip(new, out.argmax(-1), strict=True)]
+    assert kv.lens == [int(i.numel()) + len(n) - 1 for i, n in zip(ids, new, strict=True)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_rms_norm_equals_the_transformers_formula(dtype):
+    """The static step's CUDA RMSNorm (one fused kernel) computes what transformers computes."""
+    x, w = torch.randn(3, 5, 64).to(dtype), torch.randn(64).to(dtype)
+    torch.testing.assert_close(_fused_rms(x, w, 1e-6), rms_norm(x, w, 1e-6), atol=0, rtol=0)

@@ -1,0 +1,433 @@
+"""GPU serving benchmark at real size: seechat's engine vs transformers' LlavaForConditionalGeneration.
+
+One command, one process, the same weights on both sides: the reference architecture
+(configs/reference/stage2_mlp_qwen2.5-7b.yaml: Chinese-CLIP ViT-L/14 @ 336 px, the mlp2x_gelu
+bridge, a Qwen2.5-7B-shaped LM; shapes from `seechat.model.sizes`, nothing downloaded) built with
+random weights straight on the device in bf16 (speed does not depend on weight values), and a
+`LlavaForConditionalGeneration` built on the meta device whose parts *are* the seechat model's
+modules (no second copy). Every request carries its own random image (the image cache never
+helps), the prefix cache is off, decoding is greedy with stop tokens ordinary tokens on both sides
+(`ignore_eos` / no `eos_token_id`), exactly `--new-tokens` tokens per request. Measured:
+
+- TTFT for an image + question at batch 1 (image preprocessing, vision tower, prefill, first token);
+- decode tok/s at batch 1 (tokens after the first / time after the first);
+- aggregate tok/s with 8 and 32 concurrent requests (transformers: one `generate` batch);
+- peak GPU memory allocated while each side ran (weights included: ~15.2 GB);
+- the device-to-device copy bandwidth, measured in the same run (bytes read + written / s), and the
+  bandwidth limit of batch-1 decode it implies: bandwidth / the bytes of LM weights one decode step
+  reads (every LM matrix except the input embedding, of which one row is read).
+
+Engine rows: `seechat` (static decode: slotted KV + CUDA graphs, `EngineConfig.static_decode`,
+the default on CUDA; adaptive speculation on) and `seechat, no static decode` (the engine's
+generic path). Also reported: how many leading greedy tokens each engine shares with transformers
+on probe images (bf16 kernels differ, so random weights may part after a while; the CPU rehearsal
+in fp32 must agree fully).
+
+    python benchmarks/bench_gpu_serving.py --json out.json     # on a GPU (~3-4 min on an H100)
+    python benchmarks/bench_gpu_serving.py --tiny              # CPU rehearsal with tiny shapes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+ROOT = Path(__file__).resolve().parents[1]
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from seechat.config import BridgeConfig, LMConfig, ModelConfig, VisionConfig, load_config  # noqa: E402
+from seechat.infer.chat import prompt_ids  # noqa: E402
+from seechat.infer.engine import Engine, EngineConfig  # noqa: E402
+from seechat.infer.sampling import SamplingParams  # noqa: E402
+from seechat.model.build import assemble  # noqa: E402
+from seechat.model.export import llava_config  # noqa: E402
+from seechat.model.sizes import expert_config  # noqa: E402
+
+REFERENCE_RECIPE = ROOT / "configs" / "reference" / "stage2_mlp_qwen2.5-7b.yaml"
+QUESTION = "请详细描述这张图片里的物体、颜色和位置。"
+
+
+def build(tiny: bool, device: torch.device, dtype: torch.dtype):
+    """(seechat model, processor, LLaVA model sharing its modules), random weights on `device`."""
+    from seechat.mini.tokenizer import build_char_tokenizer
+    from transformers import (
+        AutoModelForCausalLM,
+        ChineseCLIPVisionConfig,
+        ChineseCLIPVisionModel,
+        CLIPImageProcessor,
+        LlavaForConditionalGeneration,
+        Qwen2Config,
+    )
+
+    tokenizer = build_char_tokenizer([QUESTION])
+    if tiny:
+        vision_cfg = ChineseCLIPVisionConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=56,
+            patch_size=14,
+            projection_dim=32,
+        )
+        lm_cfg = Qwen2Config(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=len(tokenizer) + 8,
+            max_position_embeddings=4096,
+            tie_word_embeddings=False,
+        )
+    else:
+        ref = load_config(REFERENCE_RECIPE).model
+        vision_cfg, lm_cfg = expert_config(ref.vision.path), expert_config(ref.lm.path)
+    size = vision_cfg.image_size
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+    )
+    cfg = ModelConfig(
+        vision=VisionConfig(feature_layer=-2, select="patch"),
+        lm=LMConfig(),
+        bridge=BridgeConfig(type="mlp2x_gelu"),
+        dtype={torch.bfloat16: "bfloat16", torch.float32: "float32"}[dtype],
+        attn_implementation="sdpa",
+    )
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # initialise straight in bf16: the 7B model never exists in fp32
+    try:
+        with torch.device(device):
+            vision = ChineseCLIPVisionModel(vision_cfg)
+            lm = AutoModelForCausalLM.from_config(lm_cfg, attn_implementation="sdpa")
+    finally:
+        torch.set_default_dtype(default)
+    model, processor = assemble(cfg, vision.eval(), lm.eval(), tokenizer, image_processor)
+    model = model.to(device).eval().requires_grad_(False)
+
+    lcfg = llava_config(model, processor.stop_token_ids, tokenizer.pad_token_id)
+    with torch.device("meta"):
+        llava = LlavaForConditionalGeneration(lcfg)
+    llava.model.vision_tower = model.vision_tower.model
+    llava.model.multi_modal_projector = model.bridge  # LLaVA's projector: same names and forward
+    llava.model.language_model = lm.get_decoder()
+    llava.lm_head = lm.get_output_embeddings()
+    left = [n for n, t in [*llava.named_parameters(), *llava.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"LLaVA tensors not taken from the seechat model: {left}")
+    llava.eval().generation_config.eos_token_id = None  # stop tokens are ordinary tokens (see docstring)
+    llava.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, processor, llava
+
+
+def random_images(n: int, size: int, seed: int) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, iters: int = 20) -> float | None:
+    """Device-to-device copy rate, bytes read + written per second; None off CUDA."""
+    if device.type != "cuda":
+        return None
+    a = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        b.copy_(a)
+    end.record()
+    end.synchronize()
+    rate = 2 * nbytes * iters / (start.elapsed_time(end) / 1e3)
+    del a, b
+    torch.cuda.empty_cache()
+    return rate
+
+
+def decode_weight_bytes(lm: torch.nn.Module) -> int:
+    """Bytes of LM weights one decode step reads: all but the input embedding (one row of it)."""
+    embed = lm.get_input_embeddings().weight
+    return sum(p.numel() * p.element_size() for p in lm.parameters() if p is not embed)
+
+
+class GpuBench:
+    def __init__(self, model, processor, llava, new_tokens: int, max_batch: int, max_len: int):
+        self.model, self.processor, self.llava = model, processor, llava
+        self.device = model.device
+        self.n = new_tokens
+        common = dict(max_batch_size=max_batch, max_model_len=max_len, prefix_cache_mb=0)
+        self.engines = {
+            "seechat": Engine(model, processor, EngineConfig(static_decode="on", **common)),
+            "seechat, no static decode": Engine(
+                model, processor, EngineConfig(static_decode="off", **common)
+            ),
+        }
+        for e in self.engines.values():
+            e.start()
+        self.ids = prompt_ids(processor, [{"role": "user", "content": "<image>\n" + QUESTION}], 1)
+        self.image_size = model.vision_tower.image_size
+        self.seed = 0
+
+    def close(self) -> None:
+        for e in self.engines.values():
+            e.close()
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def _images(self, n: int) -> list[Image.Image]:
+        self.seed += 1
+        return random_images(n, self.image_size, self.seed)
+
+    def engine_run(self, name: str, concurrency: int) -> dict:
+        images = self._images(concurrency)
+        params = SamplingParams(max_new_tokens=self.n)
+        stamps: list[list[tuple[float, int]]] = [[] for _ in range(concurrency)]
+        left = [concurrency]
+        done = threading.Event()
+
+        def sink(i):
+            def put(ev):
+                stamps[i].append((time.perf_counter(), len(ev.token_ids)))
+                if ev.finish_reason is not None:
+                    left[0] -= 1
+                    if left[0] == 0:
+                        done.set()
+
+            return put
+
+        self._sync()
+        t0 = time.perf_counter()
+        for i in range(concurrency):
+            self.engines[name].submit(
+                self.ids, [images[i]], params, sink=sink(i), cache_prefix=False, ignore_eos=True
+            )
+        done.wait()
+        t1 = time.perf_counter()
+        tokens = sum(n for s in stamps for _, n in s)
+        first, last = stamps[0][0][0], stamps[0][-1][0]
+        return {
+            "ttft_s": first - t0,
+            "decode_tok_s": (self.n - 1) / (last - first),
+            "agg_tok_s": tokens / (t1 - t0),
+            "tokens": tokens,
+        }
+
+    def hf_run(self, concurrency: int) -> dict:
+        from transformers.generation.streamers import BaseStreamer
+
+        images = self._images(concurrency)
+
+        class Clock(BaseStreamer):
+            def __init__(self):
+                self.times: list[float] = []
+
+            def put(self, value):
+                self.times.append(time.perf_counter())
+
+            def end(self):
+                pass
+
+        clock = Clock()
+        self._sync()
+        t0 = time.perf_counter()  # preprocessing is part of a transformers user's time to first token
+        pixels = self.processor.preprocess_images(images).to(self.device, self.model.vision_tower.dtype)
+        ids = self.ids[None].expand(concurrency, -1).to(self.device)
+        with torch.inference_mode():
+            out = self.llava.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                pixel_values=pixels,
+                max_new_tokens=self.n,
+                do_sample=False,
+                streamer=clock if concurrency == 1 else None,
+            )
+        self._sync()
+        t1 = time.perf_counter()
+        tokens = (out.shape[1] - ids.shape[1]) * concurrency
+        res = {"agg_tok_s": tokens / (t1 - t0), "tokens": tokens}
+        if concurrency == 1:
+            gen = clock.times[1:]  # the first put is the prompt
+            res.update(ttft_s=gen[0] - t0, decode_tok_s=(len(gen) - 1) / (gen[-1] - gen[0]))
+        return res
+
+    def agreement(self, images: list[Image.Image]) -> dict[str, list[int]]:
+        """Per engine and probe image: how many leading greedy tokens equal transformers'."""
+        params = SamplingParams(max_new_tokens=self.n)
+        out: dict[str, list[int]] = {name: [] for name in self.engines}
+        for image in images:
+            pixels = self.processor.preprocess_images([image]).to(self.device, self.model.vision_tower.dtype)
+            with torch.inference_mode():
+                ref = self.llava.generate(
+                    input_ids=self.ids[None].to(self.device),
+                    pixel_values=pixels,
+                    max_new_tokens=self.n,
+                    do_sample=False,
+                )[0, self.ids.numel() :].tolist()
+            for name, engine in self.engines.items():
+                got = engine.generate(
+                    self.ids, [image], params, cache_prefix=False, ignore_eos=True
+                ).token_ids
+                same = next((i for i, (a, b) in enumerate(zip(got, ref, strict=True)) if a != b), len(ref))
+                out[name].append(same)
+        return out
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    dtype = torch.float32 if args.tiny else torch.bfloat16
+    t = time.perf_counter()
+    model, processor, llava = build(args.tiny, device, dtype)
+    built_s = time.perf_counter() - t
+    lm = model.language_model
+    weight_bytes = decode_weight_bytes(lm)
+    bandwidth = copy_bandwidth(device)
+    bench = GpuBench(model, processor, llava, args.new_tokens, max(args.concurrency), args.max_len)
+    try:
+        agree = bench.agreement(random_images(2, bench.image_size, 12345))
+        print(f"leading greedy tokens equal to transformers' (of {args.new_tokens}): {agree}", flush=True)
+        names = [*bench.engines, "transformers"]
+        bench.n = min(16, args.new_tokens)  # warm-up, short: CUDA graphs captured, kernels chosen
+        for c in args.concurrency:
+            for name in names:
+                bench.hf_run(c) if name == "transformers" else bench.engine_run(name, c)
+        bench.n = args.new_tokens
+        runs: dict[str, dict[int, list[dict]]] = {name: {} for name in names}
+        peak: dict[str, int | None] = {}
+        for name in names:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            for _ in range(args.repeats):
+                for c in args.concurrency:
+                    res = bench.hf_run(c) if name == "transformers" else bench.engine_run(name, c)
+                    runs[name].setdefault(c, []).append(res)
+            peak[name] = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+            row = runs[name]
+            print(
+                f"  {name}: "
+                + ", ".join(f"c={c} {statistics.median(r['agg_tok_s'] for r in row[c]):.1f}" for c in row)
+                + " tok/s",
+                flush=True,
+            )
+        paths = {name: e.runner.decode_path for name, e in bench.engines.items()}
+        counters = bench.engines["seechat"].counters
+    finally:
+        bench.close()
+
+    def cell(name: str, c: int, key: str) -> dict:
+        xs = [r[key] for r in runs[name][c]]
+        return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
+
+    table = {
+        name: {
+            "ttft_ms": {k: 1000 * v for k, v in cell(name, 1, "ttft_s").items()},
+            "decode_tok_s_b1": cell(name, 1, "decode_tok_s"),
+            "agg_tok_s": {c: cell(name, c, "agg_tok_s") for c in args.concurrency},
+            "peak_memory_gb": None if peak[name] is None else peak[name] / 1e9,
+        }
+        for name in names
+    }
+    limit = None if bandwidth is None else bandwidth / weight_bytes
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    return {
+        "card": card,
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": " ".join(["python", *sys.argv]),
+        "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__,
+        "model": "tiny (rehearsal)"
+        if args.tiny
+        else "reference: Chinese-CLIP ViT-L/14-336 + mlp2x_gelu + Qwen2.5-7B",
+        "lm_params": sum(p.numel() for p in lm.parameters()),
+        "decode_weight_bytes": weight_bytes,
+        "copy_bandwidth_gb_s": None if bandwidth is None else bandwidth / 1e9,
+        "bandwidth_limit_tok_s": limit,
+        "build_s": built_s,
+        "new_tokens": args.new_tokens,
+        "prompt_tokens": int(bench.ids.numel()),
+        "repeats": args.repeats,
+        "decode_paths": paths,
+        "greedy_tokens_shared": agree,
+        "draft_acceptance": counters["accepted_drafts"] / max(1, counters["draft_tokens"]),
+        "table": table,
+    }
+
+
+def report(res: dict) -> str:
+    conc = list(next(iter(res["table"].values()))["agg_tok_s"])
+    lines = [
+        f"card: {res['card']}; torch {res['torch']}, transformers {res['transformers']}; {res['date']}",
+        f"model: {res['model']} ({res['lm_params'] / 1e9:.2f} B LM parameters); prompt {res['prompt_tokens']} "
+        f"tokens, {res['new_tokens']} new; median (min-max) of {res['repeats']}; decode paths {res['decode_paths']}",
+    ]
+    if res["bandwidth_limit_tok_s"]:
+        lines.append(
+            f"copy bandwidth {res['copy_bandwidth_gb_s']:.0f} GB/s (read + written); decode reads "
+            f"{res['decode_weight_bytes'] / 1e9:.2f} GB of weights per step -> bandwidth limit "
+            f"{res['bandwidth_limit_tok_s']:.1f} tok/s at batch 1"
+        )
+    lines.append(
+        "| | TTFT ms | decode tok/s (b=1) | "
+        + " | ".join(f"agg tok/s c={c}" for c in conc)
+        + " | peak memory GB |"
+    )
+    lines.append("|---|---|---|" + "---|" * len(conc) + "---|")
+
+    def fmt(c: dict) -> str:
+        return f"{c['median']:.1f} ({c['min']:.1f}-{c['max']:.1f})"
+
+    for name, row in res["table"].items():
+        mem = "-" if row["peak_memory_gb"] is None else f"{row['peak_memory_gb']:.1f}"
+        lines.append(
+            f"| {name} | {fmt(row['ttft_ms'])} | {fmt(row['decode_tok_s_b1'])} | "
+            + " | ".join(fmt(row["agg_tok_s"][c]) for c in conc)
+            + f" | {mem} |"
+        )
+    ours, hf = res["table"]["seechat"], res["table"]["transformers"]
+    line = "seechat vs transformers: decode b=1 {:.2f}x, ".format(
+        ours["decode_tok_s_b1"]["median"] / hf["decode_tok_s_b1"]["median"]
+    ) + ", ".join(f"c={c} {ours['agg_tok_s'][c]['median'] / hf['agg_tok_s'][c]['median']:.2f}x" for c in conc)
+    if res["bandwidth_limit_tok_s"]:
+        line += f"; batch-1 decode at {ours['decode_tok_s_b1']['median'] / res['bandwidth_limit_tok_s']:.0%} of the bandwidth limit"
+    lines.append(line)
+    lines.append(f"leading greedy tokens shared with transformers: {res['greedy_tokens_shared']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes in fp32: a CPU rehearsal")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--max-len", type=int, default=1024, help="engine max_model_len (KV slot length)")
+    parser.add_argument("--json", default="", help="also write the results here")
+    args = parser.parse_args(argv)
+    if 1 not in args.concurrency:
+        parser.error("--concurrency must include 1 (TTFT and batch-1 decode)")
+    res = run(args)
+    print(report(res), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

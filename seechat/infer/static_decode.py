@@ -1,0 +1,137 @@
+"""The static decode step: fixed shapes over a `SlotKV`, captured as CUDA graphs on a GPU.
+
+A decode step of a 7B model on a GPU should take about the time it takes to read the weights
+once (bandwidth-bound); run eagerly, its ~15 kernel launches per layer cost more than that. This
+step has only shapes that depend on the batch bucket and the number of new tokens — the KV pool
+(`SlotKV`) never moves, positions and the write columns come from a device tensor, attention
+covers every column of the slot and masks those past each row's end — so on CUDA one graph per
+(batch bucket, new tokens) is captured the first time it is needed and replayed after. A batch
+of b rows runs the graph of the next power of two; the extra slots are free and step harmlessly.
+
+On CPU (tests, or `static_decode="on"`) the same step runs eagerly: the tests check its greedy
+tokens against the transformers forward there. It uses the LM's own weights (`F.linear`), so
+it costs no memory beyond the KV pool, unlike `LlamaStyleDecoder`'s transposed copy (which helps
+only CPU matmuls). It supports what `LlamaStyleDecoder.supports` accepts: pre-norm RMSNorm,
+static RoPE, GQA, gated MLP (Qwen2/2.5/3, Llama, Mistral).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from seechat.infer.kv import SlotKV
+from seechat.infer.ops import norm_params, rms_norm, rotate
+
+log = logging.getLogger(__name__)
+
+
+def _fused_rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """`rms_norm` with the normalisation in one kernel: float32 in, cast back, times the weight."""
+    return F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype) * weight
+
+
+class StaticDecoder:
+    """tokens (B, L) at each slot's next L positions -> logits (B, L, V), keys/values written into
+    the slots at columns next_pos .. next_pos + L - 1 (`SlotKV.advance` keeps some)."""
+
+    def __init__(self, lm: torch.nn.Module, capacity: int, graphs: bool):
+        cfg = lm.config.get_text_config()
+        base = lm.get_decoder()
+        self.embed = base.embed_tokens
+        self.lm_head = lm.get_output_embeddings()
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.act = base.layers[0].mlp.act_fn
+        self.norm = norm_params(base.norm)
+        self.layers = base.layers
+        device = self.embed.weight.device
+        cos, sin = base.rotary_emb(self.embed.weight[:1], torch.arange(capacity, device=device)[None])
+        self.cos, self.sin = cos[0], sin[0]  # (capacity, D): positions never exceed a slot's columns
+        self.graphs = graphs and device.type == "cuda"
+        # On CUDA, torch's fused RMSNorm (one kernel instead of eight tiny ones, the same float32
+        # statistics as transformers'); on CPU the transformers formula itself, which tests compare.
+        self.rms = _fused_rms if device.type == "cuda" else rms_norm
+        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._tokens: torch.Tensor | None = None  # the graphs' input buffer (slots, L_max)
+
+    @property
+    def path(self) -> str:
+        return "static+cuda-graphs" if self.graphs else "static"
+
+    def __call__(self, tokens: torch.Tensor, kv: SlotKV) -> torch.Tensor:
+        b, n = tokens.shape
+        if not self.graphs:
+            return self.forward(tokens, kv, b)
+        bucket = min(1 << (b - 1).bit_length(), kv.slots)
+        if self._tokens is None or self._tokens.shape[1] < n:
+            self._tokens = torch.zeros((kv.slots, max(n, 8)), dtype=torch.long, device=tokens.device)
+            self._graphs.clear()  # captured on the old buffer
+        self._tokens[:b, :n] = tokens
+        key = (bucket, n)
+        if key not in self._graphs:
+            try:
+                self._graphs[key] = self._capture(kv, bucket, n)
+            except RuntimeError as e:  # a kernel that cannot be captured: stay correct, run eagerly
+                log.warning("CUDA graph capture failed (%s); the static decode step runs eagerly", e)
+                self.graphs = False
+                torch.cuda.synchronize()
+                return self.forward(tokens, kv, b)
+        graph, out = self._graphs[key]
+        graph.replay()
+        return out[:b]
+
+    def _capture(self, kv: SlotKV, bucket: int, n: int):
+        """Warm up on a side stream (as torch.cuda.graphs requires), then capture. Both write only
+        columns at and past each slot's end, which the real step overwrites."""
+        tokens = self._tokens[:bucket, :n]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self.forward(tokens, kv, bucket)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        # a private memory pool per graph (they replay in any order); other threads (another engine,
+        # the caller preprocessing images) may use CUDA meanwhile
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            out = self.forward(tokens, kv, bucket)
+        return graph, out
+
+    def forward(self, tokens: torch.Tensor, kv: SlotKV, b: int) -> torch.Tensor:
+        """The step over slots [0, b), in plain tensor ops with fixed shapes (capturable)."""
+        n = tokens.shape[1]
+        h, g, d = self.n_heads, self.n_kv, self.head_dim
+        r = h // g
+        cap = kv.capacity
+        pos = kv.next_pos[:b, None] + torch.arange(n, device=tokens.device)  # (b, L)
+        cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # (b, 1, L, D)
+        cols = torch.arange(cap, device=tokens.device)
+        mask = cols <= pos[:, :, None]  # (b, L, cap): each token sees its row up to itself
+        # queries grouped by their KV head: (b, g, r * L, D) against (b, g, cap, D), no K/V repeat
+        mask = mask[:, None, None].expand(b, 1, r, n, cap).reshape(b, 1, r * n, cap)
+        rows = torch.arange(b, device=tokens.device)[:, None]  # (b, 1)
+        x = self.embed(tokens)  # (b, L, D_model)
+        for i, layer in enumerate(self.layers):
+            a, m = layer.self_attn, layer.mlp
+            y = self.rms(x, *norm_params(layer.input_layernorm))
+            q = a.q_proj(y).view(b, n, h, d)
+            k = a.k_proj(y).view(b, n, g, d)
+            v = a.v_proj(y).view(b, n, g, d)
+            if getattr(a, "q_norm", None) is not None:
+                q, k = self.rms(q, *norm_params(a.q_norm)), self.rms(k, *norm_params(a.k_norm))
+            q = rotate(q.transpose(1, 2), cos, sin)  # (b, h, L, D)
+            k = rotate(k.transpose(1, 2), cos, sin)  # (b, g, L, D)
+            kb, vb = kv.keys[i], kv.values[i]
+            kb[rows, :, pos] = k.transpose(1, 2)  # (b, L, g, D) into slot rows, columns pos
+            vb[rows, :, pos] = v
+            o = F.scaled_dot_product_attention(
+                q.reshape(b, g, r * n, d), kb[:b], vb[:b], attn_mask=mask, scale=a.scaling
+            )  # (b, g, r * L, D)
+            o = o.view(b, h, n, d).transpose(1, 2).reshape(b, n, h * d)
+            x = x + a.o_proj(o)
+            y = self.rms(x, *norm_params(layer.post_attention_layernorm))
+            x = x + m.down_proj(self.act(m.gate_proj(y)) * m.up_proj(y))
+        return self.lm_head(self.rms(x, *self.norm))  # (b, L, V)
