@@ -61,7 +61,7 @@ QUESTION = "请详细描述这张图片里的物体、颜色和位置。"
 
 def build(tiny: bool, device: torch.device, dtype: torch.dtype):
     """(seechat model, processor, LLaVA model sharing its modules), random weights on `device`."""
-    from seechat.mini.tokenizer import build_char_tokenizer
+    from seechat.data.char_tokenizer import build_char_tokenizer
     from transformers import (
         AutoModelForCausalLM,
         ChineseCLIPVisionConfig,

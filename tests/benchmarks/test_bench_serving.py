@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from benchmarks.bench_serving import Bench, greedy_agreement
-from seechat.model import load
+from seechat.model import load, write_checkpoint
 from seechat.model.export import export_llava_hf
 from tests.infer.tiny_engine import coloured, write_tiny_checkpoint
 
@@ -35,7 +35,7 @@ def stopping_bench(experts, tmp_path_factory):
     assert head is not model.language_model.get_input_embeddings().weight  # prompt embeddings stay
     with torch.no_grad():
         head[stop] = 2 * head[plain[3]]
-    model.save_pretrained(root / "stops", processor)
+    write_checkpoint(model, processor, root / "stops")
     bench = Bench(root / "stops", _export(root / "stops", root / "stops_llava"), NEW_TOKENS, max_batch=2)
     yield bench, stop
     for engine in bench.engines.values():
