@@ -61,7 +61,6 @@ QUESTION = "请详细描述这张图片里的物体、颜色和位置。"
 
 def build(tiny: bool, device: torch.device, dtype: torch.dtype):
     """(seechat model, processor, LLaVA model sharing its modules), random weights on `device`."""
-    from seechat.data.char_tokenizer import build_char_tokenizer
     from transformers import (
         AutoModelForCausalLM,
         ChineseCLIPVisionConfig,
@@ -70,6 +69,8 @@ def build(tiny: bool, device: torch.device, dtype: torch.dtype):
         LlavaForConditionalGeneration,
         Qwen2Config,
     )
+
+    from seechat.data.char_tokenizer import build_char_tokenizer
 
     tokenizer = build_char_tokenizer([QUESTION])
     if tiny:
