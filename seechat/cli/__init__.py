@@ -30,7 +30,7 @@ class Verb:
 VERBS: tuple[Verb, ...] = (
     Verb(
         ("demo",),
-        "build the mini world, train experts + stage 1 + stage 2, evaluate (the main job)",
+        "build the mini world, stage 1 + stage 2 from the shipped experts, evaluate (the main job)",
         "demo",
     ),
     Verb(
