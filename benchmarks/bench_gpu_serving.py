@@ -374,8 +374,9 @@ def report(res: dict) -> str:
     conc = list(next(iter(res["table"].values()))["agg_tok_s"])
     lines = [
         f"card: {res['card']}; torch {res['torch']}, transformers {res['transformers']}; {res['date']}",
-        f"model: {res['model']} ({res['lm_params'] / 1e9:.2f} B LM parameters); prompt {res['prompt_tokens']} "
-        f"tokens, {res['new_tokens']} new; median (min-max) of {res['repeats']}; decode paths {res['decode_paths']}",
+        f"model: {res['model']} ({res['lm_params'] / 1e9:.2f} B LM parameters); "
+        f"prompt {res['prompt_tokens']} tokens, {res['new_tokens']} new; "
+        f"median (min-max) of {res['repeats']}; decode paths {res['decode_paths']}",
     ]
     if res["bandwidth_limit_tok_s"]:
         lines.append(
@@ -405,7 +406,8 @@ def report(res: dict) -> str:
         ours["decode_tok_s_b1"]["median"] / hf["decode_tok_s_b1"]["median"]
     ) + ", ".join(f"c={c} {ours['agg_tok_s'][c]['median'] / hf['agg_tok_s'][c]['median']:.2f}x" for c in conc)
     if res["bandwidth_limit_tok_s"]:
-        line += f"; batch-1 decode at {ours['decode_tok_s_b1']['median'] / res['bandwidth_limit_tok_s']:.0%} of the bandwidth limit"
+        share = ours["decode_tok_s_b1"]["median"] / res["bandwidth_limit_tok_s"]
+        line += f"; batch-1 decode at {share:.0%} of the bandwidth limit"
     lines.append(line)
     lines.append(f"leading greedy tokens shared with transformers: {res['greedy_tokens_shared']}")
     return "\n".join(lines)

@@ -328,11 +328,15 @@ def main(argv: list[str] | None = None) -> int:
         }
         for name in runs
     }
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    machine = (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
     print(
         f"\nmachine: {machine}; load average before: {load_before}; model: "
         f"{'untrained mini-size (built)' if built else args.model}; decode path: "
-        f"{bench.engines['seechat'].runner.decode_path}; {args.new_tokens} new tokens; median of {args.repeats}; "
+        f"{bench.engines['seechat'].runner.decode_path}; {args.new_tokens} new tokens; "
+        f"median of {args.repeats}; "
         f"n-gram drafts accepted: {accept:.0%}"
     )
     print(
@@ -349,10 +353,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     h = table["transformers"]
     for name in bench.engines:
-        s = table[name]
+        s, c = table[name], max(args.concurrency)
         print(
             f"{name}: decode speed-up at batch 1 {s['decode_tok_s_b1'] / h['decode_tok_s_b1']:.2f}x, "
-            f"aggregate at c={max(args.concurrency)} {s['agg_tok_s'][max(args.concurrency)] / h['agg_tok_s'][max(args.concurrency)]:.2f}x"
+            f"aggregate at c={c} {s['agg_tok_s'][c] / h['agg_tok_s'][c]:.2f}x"
         )
     if args.json:
         Path(args.json).write_text(

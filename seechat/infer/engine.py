@@ -338,12 +338,13 @@ class Engine:
                 raise EngineClosedError("the engine's scheduler thread has stopped; restart the server")
             if len(self._waiting) >= self.config.max_waiting:
                 raise QueueFullError(
-                    f"{len(self._waiting)} requests are already waiting (max_waiting={self.config.max_waiting}); "
-                    "retry later"
+                    f"{len(self._waiting)} requests are already waiting "
+                    f"(max_waiting={self.config.max_waiting}); retry later"
                 )
             if self._waiting and self._waiting_bytes + req.nbytes > self.config.max_waiting_bytes:
                 raise QueueFullError(
-                    f"the waiting requests already hold {self._waiting_bytes:,} bytes and this one {req.nbytes:,} "
+                    f"the waiting requests already hold {self._waiting_bytes:,} bytes "
+                    f"and this one {req.nbytes:,} "
                     f"(max_waiting_bytes={self.config.max_waiting_bytes:,}); retry later"
                 )
             self._waiting.append(req)

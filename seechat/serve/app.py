@@ -96,7 +96,8 @@ class HostCheck:
             if host.rstrip(".") not in self.allowed:
                 err = APIError(
                     421,
-                    f"this server does not answer for host {host[:100]!r}; allowed: {', '.join(sorted(self.allowed))} "
+                    f"this server does not answer for host {host[:100]!r}; "
+                    f"allowed: {', '.join(sorted(self.allowed))} "
                     "(start it with --allowed-hosts to add names)",
                     code="invalid_host",
                 )
