@@ -108,6 +108,12 @@ VERBS: tuple[Verb, ...] = (
         "seechat.eval.run_cli:run_from_args",
     ),
     Verb(
+        ("eval", "detection"),
+        "run a checkpoint on a detection set (list every object with its box): mAP@0.5, recall per class",
+        "seechat.eval.run_cli:add_detection_arguments",
+        "seechat.eval.run_cli:run_from_args",
+    ),
+    Verb(
         ("experiment", "seed"),
         "mini world: 7 captioning methods on held-out images, win rate by Chinese-CLIP",
         "seechat.mini.experiments:add_arguments",

@@ -24,7 +24,7 @@ import numpy as np
 
 from seechat.eval.normalize import to_halfwidth
 
-__all__ = ["BOX_SCALE", "Box", "GroundingResult", "box_iou", "grounding_accuracy", "parse_box"]
+__all__ = ["BOX_SCALE", "Box", "GroundingResult", "box_iou", "grounding_accuracy", "iter_boxes", "parse_box"]
 
 BOX_SCALE = 1000.0  # coordinates are normalised to [0, BOX_SCALE]
 
@@ -46,9 +46,17 @@ class GroundingResult:
 def parse_box(text: str) -> Box | None:
     """First ``<box>(x1,y1),(x2,y2)</box>`` in ``text`` as floats, or None (missing or malformed)."""
     tag = _BOX_TAG.search(to_halfwidth(text))
-    if tag is None:
-        return None
-    body = _BOX_BODY.fullmatch(tag.group(1))
+    return None if tag is None else _box_body(tag.group(1))
+
+
+def iter_boxes(text: str) -> list[tuple[int, int, Box | None]]:
+    """Every ``<box>…</box>`` of ``text``: (start, end, box or None when malformed), where start and
+    end index the half-width-folded text (same length: folding maps one character to one)."""
+    return [(m.start(), m.end(), _box_body(m.group(1))) for m in _BOX_TAG.finditer(to_halfwidth(text))]
+
+
+def _box_body(inner: str) -> Box | None:
+    body = _BOX_BODY.fullmatch(inner)
     if body is None:
         return None
     x1, y1, x2, y2 = (float(v) for v in body.groups())

@@ -1,4 +1,4 @@
-"""Command-line wiring for ``seechat eval vqa|caption|grounding`` (see ``seechat.eval.tasks``).
+"""Command-line wiring for ``seechat eval vqa|caption|grounding|detection`` (see ``seechat.eval.tasks``).
 
 What this module is: one ``add_*_arguments`` per verb (the same options; the task is set as a
 parser default) and :func:`run_from_args`, which builds the settings and calls
@@ -18,18 +18,28 @@ from pathlib import Path
 from seechat.eval.normalize import TOKENIZERS
 from seechat.eval.tasks import TASKS, EvalSettings, run_eval
 
-__all__ = ["add_caption_arguments", "add_grounding_arguments", "add_vqa_arguments", "run_from_args"]
+__all__ = [
+    "add_caption_arguments",
+    "add_detection_arguments",
+    "add_grounding_arguments",
+    "add_vqa_arguments",
+    "run_from_args",
+]
 
 ROWS = {
     "vqa": '{"id", "image", "question", "answer" (or a list of accepted answers), "type" (optional)}',
     "caption": '{"id", "image", "references": [caption, ...]}',
     "grounding": '{"id", "image", "expression", "box": [x1, y1, x2, y2] in the 0-1000 frame}',
+    "detection": '{"id", "image", "question", "objects": [{"label", "box": [x1, y1, x2, y2]}, ...]}',
 }
 METRICS = {
     "vqa": "exact-match accuracy (normalised Chinese answers) overall and per question type",
     "caption": "CIDEr-D, BLEU-4 (coco-caption rules) and exact match against the references",
     "grounding": "Acc@0.5 of the first <box>(x1,y1),(x2,y2)</box> in each answer, mean IoU, parse failures",
+    "detection": "mAP@0.5 (VOC all-point AP per class, unscored boxes rank together) and recall per class of "
+    "every label<box>(x1,y1),(x2,y2)</box> in each answer",
 }
+MAX_NEW_TOKENS = {"detection": 192}  # a list of boxes is long; other tasks: 48
 
 
 def _add_arguments(parser: argparse.ArgumentParser, task: str) -> argparse.ArgumentParser:
@@ -72,7 +82,11 @@ def _add_arguments(parser: argparse.ArgumentParser, task: str) -> argparse.Argum
         "--batch-size", type=int, default=16, metavar="N", help="prompts decoded together (default: 16)"
     )
     parser.add_argument(
-        "--max-new-tokens", type=int, default=48, metavar="N", help="answer length cap (default: 48)"
+        "--max-new-tokens",
+        type=int,
+        default=MAX_NEW_TOKENS.get(task, 48),
+        metavar="N",
+        help=f"answer length cap (default: {MAX_NEW_TOKENS.get(task, 48)})",
     )
     parser.add_argument(
         "--limit", type=int, default=0, metavar="N", help="only the first N rows (default: all)"
@@ -106,6 +120,10 @@ def add_caption_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
 
 def add_grounding_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return _add_arguments(parser, "grounding")
+
+
+def add_detection_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    return _add_arguments(parser, "detection")
 
 
 def run_from_args(args: argparse.Namespace) -> int:

@@ -175,7 +175,8 @@ def demo(
         + ", ".join(f"{k} {v:.0%}" for k, v in sorted(results["vqa_accuracy_blind_by_type"].items()))
     )
     print(
-        f"grounding Acc@0.5 {results['grounding_acc_at_0.5']:.1%}; caption exact {results['caption_exact_match']:.1%}, "
+        f"grounding Acc@0.5 {results['grounding_acc_at_0.5']:.1%}; "
+        f"detection mAP@0.5 {results['detection_map_at_0.5']:.1%}; caption exact {results['caption_exact_match']:.1%}, "
         f"CIDEr-D {results['caption_cider_d']:.2f}, win rate vs alt-text {results['caption_winrate_vs_alt_text']:.1%}"
     )
     print(f"checkpoint: {s2}   results: {out / 'results.json'}   wall: {results['wall_seconds']:.0f} s")

@@ -1,7 +1,8 @@
-"""Evaluate a checkpoint on a mini-world split: VQA, grounding and captions.
+"""Evaluate a checkpoint on a mini-world split: VQA, grounding, detection and captions.
 
 Batched greedy generation (left padding, KV cache) over the split's files, then the metrics of
-`seechat.eval`: VQA accuracy per question type, grounding Acc@0.5, caption exact match / CIDEr-D /
+`seechat.eval`: VQA accuracy per question type, grounding Acc@0.5, detection mAP@0.5 and recall
+per class (every object with its box), caption exact match / CIDEr-D /
 BLEU-4 against the references, and the caption win rate against the world's noisy alt-text
 under the mini Chinese-CLIP scorer. Predictions are written next to the report.
 """
@@ -19,11 +20,13 @@ from seechat.eval.grounding import grounding_accuracy
 from seechat.eval.scorer import ChineseClipScorer
 from seechat.eval.tasks import (
     CAPTION_PROMPT,
+    DETECTION_PROMPT,
     GROUNDING_PROMPT,
     VQA_PROMPT,
     answer_batch,
     caption_exact_match,
     read_jsonl,
+    score_detection,
     write_jsonl,
 )
 from seechat.eval.vqa import vqa_accuracy
@@ -40,6 +43,9 @@ __all__ = [
     "load_images",
     "read_jsonl",
 ]
+
+
+DETECTION_MAX_NEW_TOKENS = 192  # four objects with their boxes are ~130 characters
 
 
 def load_images(world: Path, rows: list[dict]) -> dict[str, Image.Image]:
@@ -61,19 +67,22 @@ def answer_split(
     captions: list[dict],
     batch_size: int = 64,
     tag: str = "",
+    detection: list[dict] | None = None,
 ) -> tuple[dict, dict[str, list[str]]]:
-    """Greedy answers to the VQA questions, referring expressions and caption prompts of the given
-    rows, and the metrics that need no scorer: (VQA per type, the blind control's VQA per type (the
-    same questions about a blank image), grounding Acc@0.5; predictions by task: "vqa", "vqa_blind",
-    "grounding", "captions")."""
+    """Greedy answers to the VQA questions, referring expressions, caption prompts and (when given)
+    detection requests of the given rows, and the metrics that need no scorer: (VQA per type, the
+    blind control's VQA per type (the same questions about a blank image), grounding Acc@0.5,
+    detection mAP@0.5 and recall per class; predictions by task: "vqa", "vqa_blind", "grounding",
+    "captions", "detection")."""
 
-    def ask(prompts: list[str], rows: list[dict], what: str) -> list[str]:
+    def ask(prompts: list[str], rows: list[dict], what: str, max_new_tokens: int = 48) -> list[str]:
         return answer_batch(
             model,
             processor,
             prompts,
             [images[r["image"]] for r in rows],
             batch_size,
+            max_new_tokens,
             desc=f"{what} {tag}".strip(),
         )
 
@@ -107,6 +116,20 @@ def answer_split(
         ).accuracy,
         "grounding_items": len(grounding),
     }
+    if detection:
+        preds["detection"] = ask(
+            [DETECTION_PROMPT.format(**r) for r in detection],
+            detection,
+            "detection",
+            DETECTION_MAX_NEW_TOKENS,
+        )
+        det, _ = score_detection(detection, preds["detection"])
+        metrics |= {
+            "detection_map_at_0.5": det["map_at_0.5"],
+            "detection_ap_by_class": det["ap_by_class"],
+            "detection_recall_by_class": det["recall_by_class"],
+            "detection_images": len(detection),
+        }
     return metrics, preds
 
 
@@ -125,9 +148,11 @@ def evaluate_split(
     vqa = read_jsonl(world / split / "vqa.jsonl")
     grd = read_jsonl(world / split / "grounding.jsonl")
     caps = read_jsonl(world / split / "captions.jsonl")
+    det = read_jsonl(world / split / "detection.jsonl")
     if limit:
-        vqa, grd, caps = vqa[:limit], grd[:limit], caps[:limit]
-    metrics, preds = answer_split(model, processor, load_images(world, vqa + grd + caps), vqa, grd, caps)
+        vqa, grd, caps, det = vqa[:limit], grd[:limit], caps[:limit], det[:limit]
+    images = load_images(world, vqa + grd + caps + det)
+    metrics, preds = answer_split(model, processor, images, vqa, grd, caps, detection=det)
     vqa_pred, grd_pred, cap_pred = preds["vqa"], preds["grounding"], preds["captions"]
 
     write_jsonl(
@@ -140,6 +165,10 @@ def evaluate_split(
     write_jsonl(
         out / "grounding_predictions.jsonl",
         [{**r, "prediction": p} for r, p in zip(grd, grd_pred, strict=True)],
+    )
+    write_jsonl(
+        out / "detection_predictions.jsonl",
+        [{**r, "prediction": p} for r, p in zip(det, preds["detection"], strict=True)],
     )
     captions_file = out / "captions.jsonl"
     write_jsonl(
