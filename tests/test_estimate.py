@@ -145,3 +145,31 @@ def test_cli_prints_memory_time_and_assumptions(capsys):
     assert e.wall_seconds == pytest.approx(157_712 * sum(e.flops_per_sample.values()) / (8 * 989e12 * 0.5))
     with pytest.raises(SystemExit):
         main(["estimate", recipe, "--gpu", "v100"])
+
+
+def test_deep_fusion_counts_the_built_experts_and_what_they_add(tiny_world, tmp_path):
+    from seechat.model.build import build
+
+    over = tiny_overrides(
+        tiny_world,
+        tmp_path,
+        **{"model.fusion": "deep", "trainable.lm": "frozen", "train.gradient_checkpointing": False},
+    )
+    deep_cfg = load_config(CONFIGS / "mini" / "stage2.yaml", over)
+    shallow_cfg = load_config(CONFIGS / "mini" / "stage2.yaml", [*over, "model.fusion=shallow"])
+    deep, shallow = (estimate(c, Setup(gpus=1, strategy="ddp")) for c in (deep_cfg, shallow_cfg))
+    model, _ = build(deep_cfg.model)
+    counts = {part: n for part, _, n, _, _ in deep.parts}
+    assert counts["experts"] == numel(model.visual_experts)
+    memory = {line.name: line.bytes for line in deep.memory}
+    plain = {line.name: line.bytes for line in shallow.memory}
+    assert memory["optimizer"] - plain["optimizer"] == 2 * 4 * counts["experts"]  # fp32 AdamW moments
+    assert memory["activations"] > plain["activations"] and "experts" in deep.flops_per_sample
+    assert "experts" not in {part for part, *_ in shallow.parts}
+
+
+def test_the_deep_fusion_reference_recipe_fits_an_h100_under_fsdp(capsys):
+    recipe = str(CONFIGS / "reference" / "stage2_deep_qwen2.5-7b.yaml")
+    assert main(["estimate", recipe, "--gpus", "8", "--strategy", "fsdp"]) == 0
+    out = capsys.readouterr().out
+    assert "experts    6165.8 M  full" in out and "fits" in out and "deep fusion:" in out
