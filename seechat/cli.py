@@ -120,6 +120,12 @@ VERBS: tuple[Verb, ...] = (
         "seechat.mini.experiments:run_seed",
     ),
     Verb(
+        ("experiment", "fusion"),
+        "mini world: shallow (LM full / frozen / LoRA) vs deep fusion; VQA, grounding, detection, forgetting",
+        "seechat.mini.fusion_experiment:add_arguments",
+        "seechat.mini.fusion_experiment:run_from_args",
+    ),
+    Verb(
         ("experiment", "data-quality"),
         "mini world: stage 1 on N filtered vs N noisy vs 2N noisy pairs",
         "seechat.mini.experiments:add_arguments",
