@@ -24,6 +24,7 @@ import json
 import logging
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -35,6 +36,7 @@ from seechat.mini.evaluate import load_images
 from seechat.mini.experiments import Options, evaluate_checkpoint, score_methods, winrate_summary
 from seechat.mini.lm_expert import reading_scores, split_scenes_of
 from seechat.model import load
+from seechat.model.checkpoint import read_meta
 
 log = logging.getLogger(__name__)
 
@@ -54,26 +56,54 @@ def text_reading(lm: torch.nn.Module, tokenizer, opts: Options, text_limit: int)
     return reading_scores(lm.eval(), tokenizer, scenes[:text_limit] if text_limit else scenes)
 
 
-def fusion_experiment(opts: Options, out: Path, seeds: tuple[int, ...] = (0,), text_limit: int = 100) -> dict:
+def fusion_experiment(
+    opts: Options,
+    out: Path,
+    seeds: tuple[int, ...] = (0,),
+    text_limit: int = 100,
+    stage1: Path | None = None,
+) -> dict:
+    """`stage1`: a finished stage-1 checkpoint to start from (its experts are used) instead of
+    training one; its pairs must be this world's (a format-2 world of the same seed has the same)."""
     t0 = time.time()
     out.mkdir(parents=True, exist_ok=True)
     a = opts.assets
+    if stage1 is not None:
+        m = read_meta(stage1)["model"]
+        a = replace(
+            a,
+            vision=Path(m["vision"]["path"]),
+            lm=Path(m["lm"]["path"]),
+            lm_tokenizer=Path(m["lm"]["tokenizer_path"] or m["lm"]["path"]),
+        )
+        opts = replace(opts, assets=a)
     rows = opts.caption_rows()
     images = load_images(a.world, rows)
     alt = {r["image"]: r["caption"] for r in read_jsonl(a.world / opts.split / "alt_text.jsonl")}
-    s1 = run_stage(a, out / "stage1", "stage1", None, opts.extra("stage1"))
-    base = AutoModelForCausalLM.from_pretrained(a.lm).to(opts.device)
-    before = text_reading(base, AutoTokenizer.from_pretrained(a.lm_tokenizer), opts, text_limit)
+    s1 = stage1 or run_stage(a, out / "stage1", "stage1", None, opts.extra("stage1"))
+    key = {"split": opts.split, "images": [r["image"] for r in rows], "text_limit": text_limit}
+
+    def base_reading() -> dict:
+        base = AutoModelForCausalLM.from_pretrained(a.lm).to(opts.device)
+        return text_reading(base, AutoTokenizer.from_pretrained(a.lm_tokenizer), opts, text_limit)
+
+    before = _cached(out / "text_reading_before.json", {**key, "lm": str(a.lm)}, base_reading)
     per_seed: dict[int, dict] = {}
     for seed in seeds:
         models, captions = {}, {}
         for mode, over in MODES.items():
             extra = [*over, f"train.seed={seed}", *opts.extra("stage2")]
             s2 = run_stage(a, out / f"seed{seed}" / mode, "stage2", None, extra, init_from=s1)
-            ev = evaluate_checkpoint(s2, opts, rows, images, detection=True)
+
+            def evaluate(s2: Path = s2) -> dict:
+                ev = evaluate_checkpoint(s2, opts, rows, images, detection=True)
+                model, processor = load(s2, device=opts.device)
+                ev["text_reading"] = text_reading(model.language_model, processor.tokenizer, opts, text_limit)
+                return ev
+
+            run = (s2 / "train" / "run.yaml").read_text(encoding="utf-8")
+            ev = dict(_cached(out / f"seed{seed}" / "evals" / f"{mode}.json", {**key, "run": run}, evaluate))
             captions[mode] = ev.pop("captions")
-            model, processor = load(s2, device=opts.device)
-            ev["text_reading"] = text_reading(model.language_model, processor.tokenizer, opts, text_limit)
             models[mode] = ev
         wr = score_methods(
             opts, rows, {**captions, "alt_text": [alt[r["image"]] for r in rows]}, out / f"seed{seed}"
@@ -96,6 +126,19 @@ def fusion_experiment(opts: Options, out: Path, seeds: tuple[int, ...] = (0,), t
     (out / "results.json").write_text(json.dumps(results, ensure_ascii=False, indent=1), encoding="utf-8")
     (out / "report.md").write_text(report(results), encoding="utf-8")
     return results
+
+
+def _cached(path: Path, key: dict, compute) -> dict:
+    """`compute()`, or what it returned before for the same `key` (a finished evaluation of an
+    unchanged checkpoint on the same rows is reused, as finished stages are)."""
+    if path.is_file():
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        if saved["key"] == key:
+            return saved["value"]
+    value = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"key": key, "value": value}, ensure_ascii=False), encoding="utf-8")
+    return value
 
 
 def _means(per_seed: dict[int, dict]) -> dict[str, dict[str, float]]:
@@ -159,6 +202,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--seeds", type=int, nargs="+", default=[0], help="stage-2 seeds, each a full set of four models"
     )
     parser.add_argument(
+        "--stage1",
+        type=Path,
+        default=None,
+        help="start from this finished stage-1 checkpoint (e.g. the demo's runs/mini/stage1) instead of training one",
+    )
+    parser.add_argument(
+        "--stage2-override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="recipe override for every stage-2 run, e.g. train.max_steps=40 (repeatable; the same for every mode)",
+    )
+    parser.add_argument(
         "--text-limit", type=int, default=100, help="val scenes in the text-only reading exam (0 = all)"
     )
 
@@ -168,8 +224,13 @@ def run_from_args(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     opts, run = options_from_args(args)
+    opts = replace(opts, stage_extra=(*opts.stage_extra, ("stage2", tuple(args.stage2_override))))
     res = fusion_experiment(
-        opts, Path(args.out or run / "experiments" / "fusion"), tuple(args.seeds), args.text_limit
+        opts,
+        Path(args.out or run / "experiments" / "fusion"),
+        tuple(args.seeds),
+        args.text_limit,
+        args.stage1,
     )
     print(report(res))
     return 0

@@ -43,3 +43,10 @@ def test_fusion_experiment_compares_four_modes_and_measures_forgetting(opts, tmp
     )
     table = (tmp_path / "fusion" / "report.md").read_text(encoding="utf-8")
     assert all(f"| {mode} |" in table for mode in MODES) and "det mAP" in table
+
+    # run again: every stage and every evaluation is reused, the numbers are the same
+    evals = sorted((tmp_path / "fusion" / "seed0" / "evals").glob("*.json"))
+    assert len(evals) == 4
+    stamps = [p.stat().st_mtime_ns for p in evals]
+    again = fusion_experiment(opts, tmp_path / "fusion", seeds=(0,), text_limit=3)
+    assert again["mean"] == res["mean"] and [p.stat().st_mtime_ns for p in evals] == stamps
