@@ -84,10 +84,14 @@ def fusion_experiment(
     key = {"split": opts.split, "images": [r["image"] for r in rows], "text_limit": text_limit}
 
     def base_reading() -> dict:
-        base = AutoModelForCausalLM.from_pretrained(a.lm).to(opts.device)
+        # in the stitched models' dtype (the mini recipes' float32), not the checkpoint's stored fp16:
+        # the superset guarantee is per dtype
+        base = AutoModelForCausalLM.from_pretrained(a.lm, dtype=torch.float32).to(opts.device)
         return text_reading(base, AutoTokenizer.from_pretrained(a.lm_tokenizer), opts, text_limit)
 
-    before = _cached(out / "text_reading_before.json", {**key, "lm": str(a.lm)}, base_reading)
+    before = _cached(
+        out / "text_reading_before.json", {**key, "lm": str(a.lm), "dtype": "float32"}, base_reading
+    )
     per_seed: dict[int, dict] = {}
     for seed in seeds:
         models, captions = {}, {}
