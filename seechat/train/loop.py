@@ -167,6 +167,12 @@ def check_sharded_parts(cfg: RunConfig, acc: Accelerator) -> None:
             "FSDP with trainable.bridge=frozen is not supported: the checkpoint stores the bridge, "
             "which under FSDP is gathered only when it trains. Train it, or use DDP"
         )
+    deep_frozen = cfg.model.fusion == "deep" and cfg.trainable.experts == "frozen"
+    if acc.distributed_type == DistributedType.FSDP and deep_frozen:
+        raise ValueError(
+            "FSDP with model.fusion=deep and trainable.experts=frozen is not supported: the checkpoint stores "
+            "the visual experts, which under FSDP are gathered only when they train. Train them, or use DDP"
+        )
 
 
 def train(cfg: RunConfig, resume: bool = True) -> TrainResult:
