@@ -70,6 +70,9 @@ class ModelConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     bridge: BridgeConfig = field(default_factory=BridgeConfig)
     lm: LMConfig = field(default_factory=LMConfig)
+    # shallow: image features enter at the LM's input only (every bridge); deep: plus a CogVLM-style
+    # visual expert (own QKV and MLP at image positions) in every LM layer (seechat.model.fusion)
+    fusion: Literal["shallow", "deep"] = "shallow"
     image_token: str = "<image>"  # the marker in text; also the reserved token the processor expands
     max_length: int = 2048  # tokens per training sample, image tokens included
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -91,6 +94,7 @@ class TrainableConfig:
     vision: Trainable = "frozen"
     bridge: Literal["frozen", "full"] = "full"
     lm: Trainable = "frozen"
+    experts: Literal["frozen", "full"] = "full"  # model.fusion=deep: the visual experts (no-op when shallow)
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 

@@ -20,7 +20,16 @@ from pathlib import Path
 import torch
 
 from seechat.config import RunConfig
-from seechat.model.sizes import LMShape, VisionShape, expert_config, lm_shape, lora_params, vision_shape
+from seechat.model.sizes import (
+    EXPERT_LINEARS,
+    LMShape,
+    VisionShape,
+    expert_config,
+    lm_shape,
+    lora_params,
+    vision_shape,
+    visual_expert_params,
+)
 
 GIB = 2**30
 
@@ -208,6 +217,11 @@ def activation_memory(
     # the LM head runs at text positions only (at most; only supervised ones in fact)
     logits = logits_peak_bytes(lm, a) * max(0, seq_len - bridge.num_tokens) / seq_len
     images = batch * (bridge.saved_bytes_per_image if cfg.trainable.bridge == "full" else 0)
+    if cfg.model.fusion == "deep" and cfg.trainable.experts == "full":
+        # at image positions the experts' linears learn, so their inputs are kept as a learning
+        # LM's are (the LM itself is frozen: deep fusion refuses anything else)
+        extra = lm_layer_activation_bytes(lm, a, True) - lm_layer_activation_bytes(lm, a, False)
+        images += batch * bridge.num_tokens * lm.layers * extra
     if cfg.trainable.vision != "frozen":  # ViT layers: norms, q/k/v/out, fc1 + gelu (approximate)
         v = vision
         images += batch * v.layers * v.tokens * a * (4 * v.hidden + 4 * v.hidden + 2 * v.intermediate)
@@ -241,7 +255,14 @@ def train_flops_per_sample(
     )
     vision_fwd += 2 * v.channels * v.patch_size**2 * v.hidden * v.patches
     vision_total = vision_fwd * (1 if cfg.trainable.vision == "frozen" else 3)
-    return {"lm": per_token * s, "vision": vision_total, "bridge": float(bridge.train_flops_per_image)}
+    out = {"lm": per_token * s, "vision": vision_total, "bridge": float(bridge.train_flops_per_image)}
+    if cfg.model.fusion == "deep":
+        # the experts run at image positions on top of the LM's own projections there (whose outputs
+        # the hooks replace): forward, input gradient and, when they learn, weight gradient
+        expert_mm = 2 * sum(i * o for n, (i, o) in lm.linears().items() if n in EXPERT_LINEARS)
+        passes = 3 + recompute if cfg.trainable.experts == "full" else 2 + recompute
+        out["experts"] = float(lm.layers * expert_mm * passes * min(bridge.num_tokens, s))
+    return out
 
 
 # ---------------------------------------------------------------- the estimate
@@ -299,7 +320,11 @@ def estimate(cfg: RunConfig, setup: Setup, recipe: str = "") -> Estimate:
             trainable_bytes, n_trainable = trainable_bytes + 4 * n, n_trainable + n
     if t.bridge == "full":
         trainable_bytes, n_trainable = trainable_bytes + bridge.params * w, n_trainable + bridge.params
-    all_params = vision.params + bridge.params + lm.params
+    experts = visual_expert_params(lm) if cfg.model.fusion == "deep" else 0
+    if experts and t.experts == "full":
+        trainable_bytes, n_trainable = trainable_bytes + experts * w, n_trainable + experts
+    # the experts are a module beside the LM, not inside its decoder layers: FSDP's root unit
+    all_params = vision.params + bridge.params + lm.params + experts
     pm = ParamMemory(
         weights=all_params * w + 4 * lora_total,
         trainable=trainable_bytes,
@@ -342,6 +367,10 @@ def estimate(cfg: RunConfig, setup: Setup, recipe: str = "") -> Estimate:
         ("bridge", m.bridge.type, bridge.params, t.bridge, "built on the meta device"),
         ("lm", m.lm.path, lm.params, t.lm, _source(m.lm.path)),
     ]
+    if experts:
+        parts.append(
+            ("experts", "visual experts (q/k/v + MLP per layer)", experts, t.experts, "seechat.model.sizes")
+        )
     if lora_total:
         parts.append(
             ("lora", f"r={t.lora.r} {','.join(t.lora.target_modules)}", lora_total, "full", "r x (in + out)")
@@ -367,6 +396,16 @@ def estimate(cfg: RunConfig, setup: Setup, recipe: str = "") -> Estimate:
         "matrix); logits (upcast to fp32 for the loss) only at text positions: training runs the LM head where a supervised token is predicted, never at image tokens",
         "FLOPs: 2 per multiply-add; backward = 1x forward for a frozen/LoRA LM (input gradients), 2x when it "
         "learns; checkpointing adds one forward of the decoder layers; padding not counted",
+        *(
+            [
+                "deep fusion: visual experts (a q/k/v + MLP copy per LM layer) in model.dtype, outside the decoder "
+                "layers (under FSDP they sit in the root unit, gathered for the whole step); activations of their "
+                "learning linears at image positions; their FLOPs on top of the LM's, whose projections also run "
+                "at image positions; gradient checkpointing is not available with deep fusion"
+            ]
+            if experts
+            else []
+        ),
         "not counted: CUDA context, NCCL buffers, allocator fragmentation (keep ~10% free); data loading "
         "assumed to keep up; communication assumed hidden behind compute (the same wall time for every "
         "strategy: FSDP/ZeRO-3 all-gathers must fit inside the MFU figure)",

@@ -20,6 +20,7 @@ from seechat.estimate import (
     lm_layer_activation_bytes,
     parameter_memory,
 )
+from seechat.mini.demo import RECIPES
 from seechat.model.sizes import expert_config, lm_shape, vision_shape
 from tests.conftest import tiny_overrides
 
@@ -114,3 +115,24 @@ def test_estimate_of_tiny_local_experts_counts_the_built_model(tiny_world, tmp_p
     assert counts["bridge"] == numel(model.bridge)
     assert counts["lm"] == numel(model.language_model)
     assert all(source == "local config.json" for part, *_, source in e.parts if part != "bridge")
+
+
+def test_deep_fusion_counts_the_built_experts_and_what_they_add(tiny_world, tmp_path):
+    from seechat.model.build import build
+
+    over = tiny_overrides(
+        tiny_world,
+        tmp_path,
+        **{"model.fusion": "deep", "trainable.lm": "frozen", "train.gradient_checkpointing": False},
+    )
+    deep_cfg = load_config(RECIPES / "stage2.yaml", over)
+    shallow_cfg = load_config(RECIPES / "stage2.yaml", [*over, "model.fusion=shallow"])
+    deep, shallow = (estimate(c, Setup(gpus=1, strategy="ddp")) for c in (deep_cfg, shallow_cfg))
+    model, _ = build(deep_cfg.model)
+    counts = {part: n for part, _, n, _, _ in deep.parts}
+    assert counts["experts"] == numel(model.visual_experts)
+    memory = {line.name: line.bytes for line in deep.memory}
+    plain = {line.name: line.bytes for line in shallow.memory}
+    assert memory["optimizer"] - plain["optimizer"] == 2 * 4 * counts["experts"]  # fp32 AdamW moments
+    assert memory["activations"] > plain["activations"] and "experts" in deep.flops_per_sample
+    assert "experts" not in {part for part, *_ in shallow.parts}

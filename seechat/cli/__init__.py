@@ -99,9 +99,19 @@ VERBS: tuple[Verb, ...] = (
         "eval_grounding",
     ),
     Verb(
+        ("eval", "detection"),
+        "run a checkpoint on a detection set (list every object with its box): mAP@0.5, recall per class",
+        "eval_detection",
+    ),
+    Verb(
         ("experiment", "seed"),
         "mini world: 7 captioning methods on held-out images, win rate by Chinese-CLIP",
         "experiment_seed",
+    ),
+    Verb(
+        ("experiment", "fusion"),
+        "mini world: shallow (LM full / frozen / LoRA) vs deep fusion; VQA, grounding, detection, forgetting",
+        "experiment_fusion",
     ),
     Verb(
         ("experiment", "data-quality"),

@@ -1,4 +1,5 @@
-"""What `seechat eval vqa|caption|grounding` share: the options and the run (seechat.eval.tasks).
+"""What `seechat eval vqa|caption|grounding|detection` share: the options and the run
+(seechat.eval.tasks).
 
 The three verbs take the same options (the task picks the epilog, the default prompt, and for
 captions `--tokenize`). Return codes: 0 = every row scored, 1 = report written but some rows were
@@ -19,12 +20,16 @@ ROWS = {
     "vqa": '{"id", "image", "question", "answer" (or a list of accepted answers), "type" (optional)}',
     "caption": '{"id", "image", "references": [caption, ...]}',
     "grounding": '{"id", "image", "expression", "box": [x1, y1, x2, y2] in the 0-1000 frame}',
+    "detection": '{"id", "image", "question", "objects": [{"label", "box": [x1, y1, x2, y2]}, ...]}',
 }
 METRICS = {
     "vqa": "exact-match accuracy (normalised Chinese answers) overall and per question type",
     "caption": "CIDEr-D, BLEU-4 (coco-caption rules) and exact match against the references",
     "grounding": "Acc@0.5 of the first <box>(x1,y1),(x2,y2)</box> in each answer, mean IoU, parse failures",
+    "detection": "mAP@0.5 (VOC all-point AP per class, unscored boxes rank together) and recall per class of "
+    "every label<box>(x1,y1),(x2,y2)</box> in each answer",
 }
+MAX_NEW_TOKENS = {"detection": 192}  # a list of boxes is long; other tasks: 48
 
 
 def add_task_arguments(parser: argparse.ArgumentParser, task: str) -> argparse.ArgumentParser:
@@ -67,7 +72,11 @@ def add_task_arguments(parser: argparse.ArgumentParser, task: str) -> argparse.A
         "--batch-size", type=int, default=16, metavar="N", help="prompts decoded together (default: 16)"
     )
     parser.add_argument(
-        "--max-new-tokens", type=int, default=48, metavar="N", help="answer length cap (default: 48)"
+        "--max-new-tokens",
+        type=int,
+        default=MAX_NEW_TOKENS.get(task, 48),
+        metavar="N",
+        help=f"answer length cap (default: {MAX_NEW_TOKENS.get(task, 48)})",
     )
     parser.add_argument(
         "--limit", type=int, default=0, metavar="N", help="only the first N rows (default: all)"

@@ -91,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
     )
     print(
         f"grounding Acc@0.5 {results['grounding_acc_at_0.5']:.1%}; "
+        f"detection mAP@0.5 {results['detection_map_at_0.5']:.1%}; "
         f"caption exact {results['caption_exact_match']:.1%}, "
         f"CIDEr-D {results['caption_cider_d']:.2f}, "
         f"win rate vs alt-text {results['caption_winrate_vs_alt_text']:.1%}"

@@ -20,7 +20,7 @@ int tuples. (Two parsers used to disagree: the mini world's skipped a malformed 
 a later one, accepted only integers and no full-width text, and checked no range; the grounding
 metric's strict rules won, since a model's answer is scored by its first box.)
 
-What this module is not: IoU and accuracy (`seechat.eval.grounding`), or several boxes per answer.
+What this module is not: IoU and accuracy (`seechat.eval.grounding`, `seechat.eval.detection`).
 """
 
 from __future__ import annotations
@@ -75,9 +75,17 @@ def parse_box(text: str) -> Box | None:
     """The first ``<box>(x1,y1),(x2,y2)</box>`` in `text` as floats, or None when it is missing or
     malformed (see the module docstring for the rules)."""
     tag = _BOX_TAG.search(text.translate(_FOLD))
-    if tag is None:
-        return None
-    body = _BOX_BODY.fullmatch(tag.group(1))
+    return None if tag is None else _box_body(tag.group(1))
+
+
+def iter_boxes(text: str) -> list[tuple[int, int, Box | None]]:
+    """Every ``<box>…</box>`` of `text` under the same rules: (start, end, box or None when
+    malformed). Folding maps one character to one, so start and end index `text` itself."""
+    return [(m.start(), m.end(), _box_body(m.group(1))) for m in _BOX_TAG.finditer(text.translate(_FOLD))]
+
+
+def _box_body(inner: str) -> Box | None:
+    body = _BOX_BODY.fullmatch(inner)
     if body is None:
         return None
     x1, y1, x2, y2 = (float(v) for v in body.groups())

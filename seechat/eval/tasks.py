@@ -1,4 +1,4 @@
-"""Run a checkpoint on an eval set — VQA, captions or grounding — and score it.
+"""Run a checkpoint on an eval set — VQA, captions, grounding or detection — and score it.
 
 What this module is: greedy generation over a JSONL eval set through the serving engine
 (``seechat.infer.engine``, the way ``seechat caption`` decodes), split across processes when
@@ -8,6 +8,7 @@ launched with several, then the metrics of ``seechat.eval`` over all rows, writt
     vqa        {"id", "image", "question", "answer" (or a list of accepted answers), "type"}
     caption    {"id", "image", "references": [...]}
     grounding  {"id", "image", "expression", "box": [x1, y1, x2, y2] (0-1000 frame)}
+    detection  {"id", "image", "question", "objects": [{"label", "box": [x1, y1, x2, y2]}, ...]}
 
 Several processes (``torchrun --nproc_per_node N`` or ``accelerate launch``): the rows are cut into
 the batches a 1-process run would make (file order, ``batch_size`` rows each), and each rank takes
@@ -43,6 +44,7 @@ from seechat.data.jsonl import read_jsonl, write_jsonl
 from seechat.data.processor import SeeChatProcessor
 from seechat.eval.bleu import bleu
 from seechat.eval.cider import cider_d
+from seechat.eval.detection import detection_metrics, parse_detections
 from seechat.eval.grounding import grounding_accuracy
 from seechat.eval.normalize import get_tokenizer, normalize_caption
 from seechat.eval.vqa import vqa_accuracy
@@ -53,6 +55,7 @@ from seechat.model.modeling import SeeChatModel
 
 __all__ = [
     "CAPTION_PROMPT",
+    "DETECTION_PROMPT",
     "GROUNDING_PROMPT",
     "TASKS",
     "VQA_PROMPT",
@@ -69,6 +72,7 @@ __all__ = [
 VQA_PROMPT = "<image>\n{question}"
 CAPTION_PROMPT = "<image>\n请用一句话描述这张图片。"
 GROUNDING_PROMPT = "<image>\n请给出{expr}的位置（坐标框）。"
+DETECTION_PROMPT = "<image>\n{question}"
 SHARD_DIR = ".shards"
 MAX_LISTED = 50  # skipped rows listed in report.md; report.json lists all of them
 
@@ -219,6 +223,28 @@ def _score_grounding(rows: list[dict], predictions: list[str], tokenize: str) ->
     return metrics, per_row
 
 
+def score_detection(rows: list[dict], predictions: list[str]) -> Scores:
+    """mAP@0.5 and recall per class; a box's label is the last class name of the eval set written
+    before it (seechat.eval.detection)."""
+    classes = sorted({o["label"] for r in rows for o in r["objects"]})
+    parsed = [parse_detections(p, classes) for p in predictions]
+    truth = [[(o["label"], tuple(o["box"])) for o in r["objects"]] for r in rows]
+    res = detection_metrics(truth, parsed, threshold=0.5)
+    metrics = {
+        "map_at_0.5": res.map,
+        "ap_by_class": res.ap_by_class,
+        "recall_by_class": res.recall_by_class,
+        "objects_by_class": res.gt_by_class,
+        "true_positives": res.true_positives,
+        "boxes_predicted": res.predictions,
+    }
+    return metrics, [{"boxes_parsed": len(p)} for p in parsed]
+
+
+def _score_detection(rows: list[dict], predictions: list[str], tokenize: str) -> Scores:
+    return score_detection(rows, predictions)
+
+
 @dataclass(frozen=True)
 class Task:
     name: str
@@ -241,6 +267,14 @@ TASKS: dict[str, Task] = {
         GROUNDING_PROMPT,
         "box",
         _score_grounding,
+    ),
+    "detection": Task(
+        "detection",
+        "Detection",
+        ("id", "image", "question", "objects"),
+        DETECTION_PROMPT,
+        "objects",
+        _score_detection,
     ),
 }
 
@@ -300,6 +334,13 @@ def _bad_reference(task: str, row: dict) -> str | None:
         return "'answer' must be a string or a non-empty list of accepted answers"
     if task == "grounding" and (not isinstance(row["box"], list) or len(row["box"]) != 4):
         return "'box' must be [x1, y1, x2, y2]"
+    if task == "detection" and (
+        not isinstance(row["objects"], list)
+        or not all(
+            isinstance(o, dict) and "label" in o and len(o.get("box", ())) == 4 for o in row["objects"]
+        )
+    ):
+        return '\'objects\' must be a list of {"label", "box": [x1, y1, x2, y2]}'
     return None
 
 
@@ -513,6 +554,9 @@ def _markdown(report: dict, task: Task) -> str:
     ]
     metrics = dict(report["metrics"])
     by_type, counts = metrics.pop("accuracy_by_type", None), metrics.pop("count_by_type", None)
+    ap, recall, objects = (
+        metrics.pop(k, None) for k in ("ap_by_class", "recall_by_class", "objects_by_class")
+    )
     if not metrics:
         lines.append("No row could be scored.")
     else:
@@ -532,6 +576,15 @@ def _markdown(report: dict, task: Task) -> str:
             "|---|---:|---:|",
         ]
         lines += [f"| {t} | {counts[t]} | {_fmt(acc)} |" for t, acc in by_type.items()]
+    if ap:
+        lines += [
+            "",
+            "## Detection by class (IoU 0.5)",
+            "",
+            "| class | objects | AP | recall |",
+            "|---|---:|---:|---:|",
+        ]
+        lines += [f"| {c} | {objects[c]} | {_fmt(ap[c])} | {_fmt(recall[c])} |" for c in ap]
     skipped = report["skipped"]
     lines += ["", f"## Skipped rows ({len(skipped)})", ""]
     if not skipped:

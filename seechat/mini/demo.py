@@ -6,7 +6,7 @@
     stage1   bridge only, on pair shards        seechat/mini/recipes/stage1.yaml, via seechat.train.train
     stage2   bridge + LM, on conversations      seechat/mini/recipes/stage2.yaml, via seechat.train.train
     eval     held-out test split: VQA per type next to a blind control (the same questions about a blank
-             image), grounding Acc@0.5, captions, win rate vs alt-text
+             image), grounding Acc@0.5, detection mAP@0.5, captions, win rate vs alt-text
 
 Everything goes under `--out` (default runs/mini): the ready checkpoint is `<out>/stage2` and the
 numbers are `<out>/results.json`. A finished step is reused when run again (same config) unless

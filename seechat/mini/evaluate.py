@@ -1,11 +1,13 @@
-"""Evaluate a checkpoint on a mini-world split: VQA, grounding and captions, plus a blind control.
+"""Evaluate a checkpoint on a mini-world split: VQA, grounding, detection and captions, plus a
+blind control.
 
 The decoding and the scoring are `seechat.eval.tasks`' (the task table behind `seechat eval`):
 batched greedy generation with the tasks' prompts, VQA accuracy per question type, grounding
-Acc@0.5, caption exact match / CIDEr-D / BLEU-4. What this module adds is the demo's view: the
-blind control (the same questions about a blank image), the caption win rate against the world's
-noisy alt-text under the mini Chinese-CLIP scorer, and the demo's flat `results.json` keys.
-Predictions are written next to the report.
+Acc@0.5, detection mAP@0.5 and recall per class (every object with its box), caption exact match /
+CIDEr-D / BLEU-4. What this module adds is the demo's view: the blind control (the same questions
+about a blank image), the caption win rate against the world's noisy alt-text under the mini
+Chinese-CLIP scorer, and the demo's flat `results.json` keys. Predictions are written next to the
+report.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ from seechat.model.modeling import SeeChatModel
 __all__ = ["answer_split", "blank_like", "evaluate_split", "load_images"]
 
 TOKENIZE = "char"  # caption metrics' tokenisation, as `seechat eval caption` defaults to
+
+
+DETECTION_MAX_NEW_TOKENS = 192  # four objects with their boxes are ~130 characters
 
 
 def load_images(world: Path, rows: list[dict]) -> dict[str, Image.Image]:
@@ -56,13 +61,17 @@ def answer_split(
     batch_size: int = 64,
     tag: str = "",
     max_new_tokens: int = 48,
+    detection: list[dict] | None = None,
 ) -> tuple[dict, dict[str, list[str]]]:
-    """Greedy answers to the VQA questions, referring expressions and caption prompts of the given
-    rows, and the metrics that need no scorer: (VQA per type, the blind control's VQA per type (the
-    same questions about a blank image), grounding Acc@0.5; predictions by task: "vqa", "vqa_blind",
-    "grounding", "captions")."""
+    """Greedy answers to the VQA questions, referring expressions, caption prompts and (when given)
+    detection requests of the given rows, and the metrics that need no scorer: (VQA per type, the
+    blind control's VQA per type (the same questions about a blank image), grounding Acc@0.5,
+    detection mAP@0.5 and recall per class; predictions by task: "vqa", "vqa_blind", "grounding",
+    "captions", "detection")."""
 
-    def ask(task: str, rows: list[dict], seen: dict[str, Image.Image], what: str) -> list[str]:
+    def ask(
+        task: str, rows: list[dict], seen: dict[str, Image.Image], what: str, max_new: int = max_new_tokens
+    ) -> list[str]:
         return answer_rows(
             model,
             processor,
@@ -70,7 +79,7 @@ def answer_split(
             rows,
             seen,
             batch_size,
-            max_new_tokens,
+            max_new,
             desc=f"{what} {tag}".strip(),
         )
 
@@ -92,6 +101,15 @@ def answer_split(
         "grounding_acc_at_0.5": _score("grounding", grounding, preds["grounding"]).get("acc_at_0.5", 0.0),
         "grounding_items": len(grounding),
     }
+    if detection:
+        preds["detection"] = ask("detection", detection, images, "detection", DETECTION_MAX_NEW_TOKENS)
+        det = _score("detection", detection, preds["detection"])
+        metrics |= {
+            "detection_map_at_0.5": det["map_at_0.5"],
+            "detection_ap_by_class": det["ap_by_class"],
+            "detection_recall_by_class": det["recall_by_class"],
+            "detection_images": len(detection),
+        }
     return metrics, preds
 
 
@@ -115,9 +133,11 @@ def evaluate_split(
     vqa = read_jsonl(world / split / "vqa.jsonl")
     grd = read_jsonl(world / split / "grounding.jsonl")
     caps = read_jsonl(world / split / "captions.jsonl")
+    det = read_jsonl(world / split / "detection.jsonl")
     if limit:
-        vqa, grd, caps = vqa[:limit], grd[:limit], caps[:limit]
-    metrics, preds = answer_split(model, processor, load_images(world, vqa + grd + caps), vqa, grd, caps)
+        vqa, grd, caps, det = vqa[:limit], grd[:limit], caps[:limit], det[:limit]
+    images = load_images(world, vqa + grd + caps + det)
+    metrics, preds = answer_split(model, processor, images, vqa, grd, caps, detection=det)
     vqa_pred, grd_pred, cap_pred = preds["vqa"], preds["grounding"], preds["captions"]
 
     write_jsonl(
@@ -130,6 +150,10 @@ def evaluate_split(
     write_jsonl(
         out / "grounding_predictions.jsonl",
         [{**r, "prediction": p} for r, p in zip(grd, grd_pred, strict=True)],
+    )
+    write_jsonl(
+        out / "detection_predictions.jsonl",
+        [{**r, "prediction": p} for r, p in zip(det, preds["detection"], strict=True)],
     )
     captions_file = out / "captions.jsonl"
     write_jsonl(

@@ -77,14 +77,16 @@ def train_pair(opts: Options, dest: Path, bridge: str, stage1_extra: Sequence[st
 
 
 def evaluate_checkpoint(
-    checkpoint: Path, opts: Options, rows: list[dict], images: dict[str, Image.Image]
+    checkpoint: Path, opts: Options, rows: list[dict], images: dict[str, Image.Image], detection: bool = False
 ) -> dict:
     """Greedy captions of the split images (`rows`), plus VQA accuracy (per type) and grounding
-    Acc@0.5 on the split's questions and referring expressions about those images."""
+    Acc@0.5 on the split's questions and referring expressions about those images (and with
+    `detection`, detection mAP@0.5 on the split's detection requests about them)."""
     model, processor = load(checkpoint, device=opts.device)
     split = opts.assets.world / opts.split
     vqa = [r for r in read_jsonl(split / "vqa.jsonl") if r["image"] in images]
     grd = [r for r in read_jsonl(split / "grounding.jsonl") if r["image"] in images]
+    det = [r for r in read_jsonl(split / "detection.jsonl") if r["image"] in images] if detection else None
     metrics, preds = answer_split(
         model,
         processor,
@@ -94,6 +96,7 @@ def evaluate_checkpoint(
         rows,
         opts.batch_size,
         tag=f"{checkpoint.parent.name}/{checkpoint.name}",
+        detection=det,
     )
     return {"captions": preds["captions"], **metrics}
 
@@ -147,7 +150,7 @@ def score_methods(
     )
 
 
-def _summary(result: WinRateResult) -> dict[str, dict[str, float]]:
+def winrate_summary(result: WinRateResult) -> dict[str, dict[str, float]]:
     return {
         m: {
             "win_rate": float(result.win_rate[i]),
@@ -179,7 +182,7 @@ def seed_experiment(opts: Options, out: Path) -> dict:
         "experiment": "seed",
         "split": opts.split,
         "images": len(rows),
-        "methods": _summary(result),
+        "methods": winrate_summary(result),
         "models": models,
         "device": opts.device,
         "wall_seconds": time.time() - t0,
@@ -228,10 +231,10 @@ def data_quality_experiment(opts: Options, out: Path, bridge: str = "mlp2x_gelu"
         }
     alt = {r["image"]: r["caption"] for r in read_jsonl(opts.assets.world / opts.split / "alt_text.jsonl")}
     alt_caps = [alt[r["image"]] for r in rows]
-    results["winrate_stage2"] = _summary(
+    results["winrate_stage2"] = winrate_summary(
         score_methods(opts, rows, {**s2_caps, "alt_text": alt_caps}, out / "winrate_stage2")
     )
-    results["winrate_stage1_only"] = _summary(
+    results["winrate_stage1_only"] = winrate_summary(
         score_methods(opts, rows, {**s1_caps, "alt_text": alt_caps}, out / "winrate_stage1_only")
     )
     results["filter"] = json.loads((filtered / "filter_stats.json").read_text())

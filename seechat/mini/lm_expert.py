@@ -319,16 +319,23 @@ def evaluate_lm(
     if limit:
         captions, scenes = captions[:limit], scenes[:limit]
     texts = [encode_row(t, tokenizer) for r in captions for t in [*r["references"], r["detailed"]]]
-    exam = reading_exam(scenes)
     with torch_threads(threads):
         t_nll, t_n, _ = _nll(model, texts)
-        q_nll, q_n, exact = _nll(model, [encode_row(row, tokenizer) for _, row in exam])
+        reading = reading_scores(model, tokenizer, scenes)
+    return {"val_ppl": math.exp(t_nll / t_n), "val_tokens": t_n, **reading}
+
+
+@torch.inference_mode()
+def reading_scores(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, scenes: list[Scene]) -> dict:
+    """The `reading_exam` of `scenes` for a causal LM (any module called with input_ids and
+    attention_mask that returns logits, e.g. a stitched model's LoRA-wrapped LM): `qa_exact`
+    overall and by type, `qa_answer_ppl`, `n_qa` (see `evaluate_lm`)."""
+    exam = reading_exam(scenes)
+    q_nll, q_n, exact = _nll(model, [encode_row(row, tokenizer) for _, row in exam])
     by_type: dict[str, list[bool]] = {}
     for (qtype, _), ok in zip(exam, exact, strict=True):
         by_type.setdefault(qtype, []).append(ok)
     return {
-        "val_ppl": math.exp(t_nll / t_n),
-        "val_tokens": t_n,
         "qa_answer_ppl": math.exp(q_nll / q_n),
         "qa_exact": sum(exact) / len(exact),
         "n_qa": len(exact),

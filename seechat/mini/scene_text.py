@@ -1,4 +1,5 @@
-"""Chinese text about mini-world scenes: captions, noisy web alt-text, VQA, dialogues, grounding.
+"""Chinese text about mini-world scenes: captions, noisy web alt-text, VQA, dialogues, grounding,
+detection lists.
 
 Everything here is a pure function of a `Scene` (ground truth) and a `random.Random` that picks
 among several phrasings, so the same seed always gives the same text. No image is looked at.
@@ -600,6 +601,36 @@ def grounding(scene: Scene, rng: random.Random) -> Grounding | None:
                 ref.text, i, normalize_box(bbox, scene.image_size), format_box(bbox, scene.image_size)
             )
     return None
+
+
+# --------------------------------------------------------------------------- detection
+
+DETECTION_INSTRUCTIONS = (
+    "请找出图中的每一个图形，给出它们的坐标框。",
+    "图里有什么？请给出每个图形的坐标框。",
+    "请框出图中所有的图形。",
+    "给出图中每个图形的边界框坐标。",
+)
+
+
+@dataclass(frozen=True)
+class Detection:
+    labels: tuple[str, ...]  # each object's class (its shape name), in reading order
+    boxes: tuple[tuple[int, int, int, int], ...]  # (x1, y1, x2, y2) in 0..1000, same order
+    answer: str  # every object as colour + shape + box, e.g. "红色的圆形<box>(..),(..)</box>，..."
+
+
+def detection(scene: Scene) -> Detection:
+    """Every object with its box, top row first and left to right in a row; the class is the shape."""
+    objs = sorted(scene.objects, key=lambda o: (o.row, o.col))
+    answer = "，".join(f"{o.colour}的{o.shape}{format_box(o.bbox, scene.image_size)}" for o in objs)
+    boxes = tuple(normalize_box(o.bbox, scene.image_size) for o in objs)
+    return Detection(tuple(o.shape for o in objs), boxes, answer)
+
+
+def detection_instruction(rng: random.Random) -> str:
+    """A user request for every object and its box."""
+    return rng.choice(DETECTION_INSTRUCTIONS)
 
 
 # --------------------------------------------------------------------------- text-only chit-chat

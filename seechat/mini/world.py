@@ -7,8 +7,10 @@
                       stats.json ...  (+ ShardWriter's per-shard NNNNN_stats.json)
     images/{train,val,test}/KEY.jpg   the same JPEG bytes as in the shards, as files (LLaVA style)
     instruct/{train,val}.jsonl        LLaVA conversations: {"id","kind","image","conversations":[{"from","value"}]}
+                                      (kinds: INSTRUCT_KINDS, plus "detection" rows after them)
     {val,test}/vqa.jsonl              {"id","image","question","answer","type"}
     {val,test}/grounding.jsonl        {"id","image","expression","box":[x1,y1,x2,y2] 0..1000,"answer"}
+    {val,test}/detection.jsonl        {"id","image","question","objects":[{"label": shape,"box"}],"answer"}
     {val,test}/captions.jsonl         {"id","image","references":[canonical, varied...],"detailed"}
     {val,test}/alt_text.jsonl         {"id","image","caption": noisy web alt-text,"kind"}
     text/lm_corpus.jsonl              train scenes only: {"text": ...} rows and {"messages": [...]} rows
@@ -53,7 +55,7 @@ from seechat.data.shards import ShardWriter
 from seechat.mini import scene_text
 from seechat.mini.scenes import Scene, fingerprint, generate_scene, render
 
-FORMAT_VERSION = 2  # 2: pair metadata gained detailed_boxes
+FORMAT_VERSION = 3  # 2: pair metadata gained detailed_boxes; 3: detection conversations and eval sets
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 INSTRUCT_KINDS: tuple[str, ...] = ("concise", "detailed", "vqa", "dialogue", "grounding")
 
@@ -79,6 +81,9 @@ class WorldConfig:
     caption_references: int = 4  # val/test references per image (canonical + varied)
     lm_dialogue_prob: float = 0.5  # per train scene: chance of a description-grounded dialogue row
     chitchat_per_scene: float = 0.3  # per train scene: expected text-only chit-chat rows
+    # per train/val image: expected "list every object with its box" conversations, drawn from a
+    # random stream of their own, so every other file of the world is what format 2 wrote
+    detection_per_image: float = 0.5
 
     def __post_init__(self) -> None:
         if len(self.instruct_weights) != len(INSTRUCT_KINDS):
@@ -308,6 +313,27 @@ def scene_records(scene: Scene, split: str, index: int, cfg: WorldConfig) -> Sce
     if split in ("val", "test"):
         for name, r in _eval_rows(scene, key, image, alt, cfg, rng).items():
             rows[f"{split}/{name}.jsonl"] = r
+    det_rng = random.Random(f"seechat-mini/{cfg.seed}/{split}/{index}/detection")
+    det = scene_text.detection(scene)
+    question = scene_text.detection_instruction(det_rng)  # the eval request; drawn first, always
+    if split in ("train", "val"):
+        n = int(cfg.detection_per_image) + (det_rng.random() < cfg.detection_per_image % 1)
+        rows[f"instruct/{split}.jsonl"] += [
+            {
+                "id": f"{key}-d{k}",
+                "kind": "detection",
+                "image": image,
+                "conversations": _conversation([(scene_text.detection_instruction(det_rng), det.answer)]),
+            }
+            for k in range(n)
+        ]
+    if split in ("val", "test"):
+        objects = [
+            {"label": label, "box": list(box)} for label, box in zip(det.labels, det.boxes, strict=True)
+        ]
+        rows[f"{split}/detection.jsonl"] = [
+            {"id": key, "image": image, "question": question, "objects": objects, "answer": det.answer}
+        ]
     if split == "train":
         rows["text/lm_corpus.jsonl"] = _lm_rows(scene, detailed, cfg, rng)
         clip_caption = caption if rng.random() < 0.5 else scene_text.concise_caption(scene, rng)

@@ -8,6 +8,8 @@ id), adds the image token to the tokenizer when missing, and checks that tokeniz
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
@@ -15,6 +17,7 @@ from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer
 from seechat.config import LoraConfig, ModelConfig, TrainableConfig
 from seechat.data.processor import SeeChatProcessor
 from seechat.model.bridges import build_bridge
+from seechat.model.fusion import build_visual_experts
 from seechat.model.modeling import SeeChatModel
 from seechat.model.vision import VisionTower, load_vision_model
 
@@ -74,7 +77,8 @@ def assemble(
     )
     fit_embeddings(lm, tokenizer)
     check_tokenizer_matches(lm, tokenizer, processor)
-    model = SeeChatModel(cfg, vision_tower, bridge, lm, processor.image_token_id)
+    experts = build_visual_experts(cfg.fusion, lm)  # copies of the LM's layers: after fit_embeddings
+    model = SeeChatModel(cfg, vision_tower, bridge, lm, processor.image_token_id, experts)
     return model, processor
 
 
@@ -87,6 +91,21 @@ def build(cfg: ModelConfig) -> tuple[SeeChatModel, SeeChatProcessor]:
     tokenizer = AutoTokenizer.from_pretrained(cfg.lm.tokenizer_path or cfg.lm.path)
     image_processor = AutoImageProcessor.from_pretrained(cfg.vision.path)
     return assemble(cfg, vision_model, lm, tokenizer, image_processor)
+
+
+def add_visual_experts(model: SeeChatModel) -> SeeChatModel:
+    """The deep-fusion twin of a shallow model: the same vision tower, bridge and LM, plus visual
+    experts copied from the LM's layers (a deep stage 2 starting from a shallow stage-1 checkpoint)."""
+    if model.visual_experts is not None:
+        return model
+    if _is_peft(model.language_model):
+        raise ValueError("deep fusion needs a plain LM; merge the LoRA adapter first (seechat merge-lora)")
+    cfg = dataclasses.replace(model.cfg, fusion="deep")
+    lm = model.language_model
+    experts = build_visual_experts("deep", lm)
+    deep = SeeChatModel(cfg, model.vision_tower, model.bridge, lm, model.image_token_id, experts)
+    deep.provenance = dict(model.provenance)
+    return deep.to(model.device)
 
 
 # ---------------------------------------------------------------- trainable parameter groups
@@ -131,9 +150,18 @@ def _set_group(model: SeeChatModel, part: str, mode: str, lora: LoraConfig) -> N
 
 
 def apply_trainable(model: SeeChatModel, trainable: TrainableConfig) -> None:
-    """Set `requires_grad` per group: vision / bridge / lm each frozen, full or (vision, lm) LoRA."""
+    """Set `requires_grad` per group: vision / bridge / lm each frozen, full or (vision, lm) LoRA;
+    with deep fusion the visual experts frozen or full, and the LM must stay frozen."""
+    if model.visual_experts is not None and trainable.lm != "frozen":
+        raise ValueError(
+            f"model.fusion=deep keeps the language model frozen (the text-only superset guarantee); "
+            f"trainable.lm={trainable.lm} would change it. Train the visual experts (trainable.experts=full) "
+            "with trainable.lm=frozen, or use model.fusion=shallow"
+        )
     model.requires_grad_(False)
     model.bridge.requires_grad_(trainable.bridge == "full")
+    if model.visual_experts is not None:
+        model.visual_experts.requires_grad_(trainable.experts == "full")
     _set_group(model, "vision", trainable.vision, trainable.lora)
     _set_group(model, "lm", trainable.lm, trainable.lora)
     if trainable.vision != "frozen":

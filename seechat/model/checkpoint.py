@@ -2,6 +2,7 @@
 
     config.json          {"format": "seechat", "model": <resolved ModelConfig>, "parts": {...}}
     bridge.safetensors   always (it is small)
+    visual_experts.safetensors   model.fusion=deep: the per-layer visual experts (seechat.model.fusion)
     vision_tower/        only when the vision encoder changed ("full"); vision_adapter/ for LoRA
     language_model/      only when the LM changed ("full");              lm_adapter/ for LoRA
     tokenizer/           the LLM tokenizer with the image token and chat template
@@ -34,6 +35,7 @@ from seechat.model.vision import load_vision_model
 FORMAT = "seechat"
 CONFIG_NAME = "config.json"
 BRIDGE_NAME = "bridge.safetensors"
+EXPERTS_NAME = "visual_experts.safetensors"
 
 
 def _part_mode(model: SeeChatModel, part: str) -> str:
@@ -67,6 +69,12 @@ def write_checkpoint(
             _contiguous(_values(model.bridge, "bridge.", state) or model.bridge.state_dict()),
             tmp / BRIDGE_NAME,
         )
+        if model.visual_experts is not None:
+            experts = model.visual_experts
+            save_file(
+                _contiguous(_values(experts, "visual_experts.", state) or experts.state_dict()),
+                tmp / EXPERTS_NAME,
+            )
         _save_part(
             model.vision_tower.model,
             parts["vision"],
@@ -141,6 +149,8 @@ def load_checkpoint(
     model, processor = assemble(cfg, vision, lm, tokenizer, image_processor)
 
     model.bridge.load_state_dict(load_file(d / BRIDGE_NAME))
+    if model.visual_experts is not None:
+        model.visual_experts.load_state_dict(load_file(d / EXPERTS_NAME))
     if parts["vision"] == "lora":
         from peft import PeftModel
 

@@ -10,7 +10,8 @@ The chat template (processor's and tokenizer's) renders messages whose content i
 alike, so `AutoProcessor.apply_chat_template` takes either (seechat.data.conversation).
 
 Other bridges (`linear`, `qformer`, `resampler`) have no LLaVA counterpart and are refused with a
-message that says so; this module does not approximate one architecture with another.
+message that says so, and so is a deep-fusion model (its per-layer visual experts have no place in
+LLaVA's layout); this module does not approximate one architecture with another.
 """
 
 from __future__ import annotations
@@ -70,6 +71,12 @@ def to_llava(model: SeeChatModel, stop_token_ids: list[int], pad_token_id: int |
     """An in-memory `LlavaForConditionalGeneration` holding this model's weights."""
     from transformers import LlavaForConditionalGeneration
 
+    if model.visual_experts is not None:
+        raise ExportError(
+            "--format llava-hf cannot hold a deep-fusion model (model.fusion=deep): transformers' LLaVA runs "
+            "the plain LM over image tokens and has no per-layer visual expert weights, so the export would "
+            "silently drop them. Serve it with `seechat serve`"
+        )
     if model.cfg.bridge.type != "mlp2x_gelu" or model.cfg.bridge.merge != 1:
         raise ExportError(
             f"--format llava-hf needs the mlp2x_gelu bridge without patch merging (LLaVA-1.5's projector); this "

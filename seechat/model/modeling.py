@@ -7,12 +7,16 @@ The whole forward pass, top to bottom:
     input_ids (B, T) --LM embeddings--> (B, T, D_lm); the n_img * N_tok image-token positions are
     overwritten in order by the image features (`masked_scatter`, after a count check);
     --language_model--> logits (B, T, V); loss = token-mean cross-entropy over labels != -100.
+    With `model.fusion: deep` the LM call runs inside `visual_experts.routing(image mask)`: at image
+    positions every layer uses its visual expert's QKV and MLP (seechat.model.fusion); a text-only
+    input never opens the scope, so it gets exactly the base LM's computation.
 
 Building from base experts lives in `seechat.model.build`, checkpoints in `seechat.model.checkpoint`.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +25,7 @@ from torch import nn
 
 from seechat.config import ModelConfig
 from seechat.data.conversation import IGNORE_INDEX, NoSupervisedTokensError
+from seechat.model.fusion import VisualExperts
 from seechat.model.vision import VisionTower
 
 
@@ -40,12 +45,14 @@ class SeeChatModel(nn.Module):
         bridge: nn.Module,
         language_model: nn.Module,
         image_token_id: int,
+        visual_experts: VisualExperts | None = None,
     ):
         super().__init__()
         self.cfg = cfg
         self.vision_tower = vision_tower
         self.bridge = bridge
         self.language_model = language_model
+        self.visual_experts = visual_experts  # None for shallow fusion
         self.image_token_id = image_token_id
         # Where each part's weights come from when saving: "base" (cfg path), "full" or "lora".
         self.provenance: dict[str, str] = {"vision": "base", "lm": "base"}
@@ -106,14 +113,20 @@ class SeeChatModel(nn.Module):
         keep: int | torch.Tensor = logits_to_keep
         if labels is not None and not return_logits:
             keep = supervised_positions(labels)  # (K,) positions whose next token is supervised
-        out = self.language_model(
-            inputs_embeds=embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            use_cache=use_cache,
-            logits_to_keep=keep,
+        fusion = (
+            nullcontext()
+            if self.visual_experts is None
+            else self.visual_experts.routing(input_ids == self.image_token_id)
         )
+        with fusion:
+            out = self.language_model(
+                inputs_embeds=embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=use_cache,
+                logits_to_keep=keep,
+            )
         if labels is None:
             return SeeChatOutput(logits=out.logits, cache=out.cache)
         if return_logits:

@@ -257,3 +257,15 @@ def lora_params(shape: LMShape | VisionShape, lora: LoraConfig) -> int:
     targets = lora.target_modules
     chosen = [io for name, io in shape.linears().items() if targets == ("all-linear",) or name in targets]
     return shape.layers * lora.r * sum(a + b for a, b in chosen)
+
+
+EXPERT_LINEARS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "gate_up_proj", "down_proj")
+
+
+def visual_expert_params(shape: LMShape) -> int:
+    """Parameters of deep fusion's visual experts (`seechat.model.fusion`): per layer a copy of the
+    q/k/v projections and of the MLP, with their biases."""
+    weights = sum(a * b for name, (a, b) in shape.linears().items() if name in EXPERT_LINEARS)
+    biases = (shape.q_dim + 2 * shape.kv_dim) * shape.qkv_bias
+    biases += (2 * shape.intermediate + shape.hidden) * shape.mlp_bias
+    return shape.layers * (weights + biases)

@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 from seechat.atomic import existing, recover
 from seechat.config import ModelConfig, RunConfig, from_dict, save_config, to_dict
 from seechat.data.jsonl import append_jsonl, read_jsonl, write_jsonl
-from seechat.model.build import apply_trainable, build
+from seechat.model.build import add_visual_experts, apply_trainable, build
 from seechat.model.checkpoint import load_checkpoint, read_meta, write_checkpoint
 from seechat.train.data import BatchStream, StreamSpec, count_supervised, eval_batches, to_device
 from seechat.train.plots import plot_loss_curve
@@ -70,7 +70,8 @@ from seechat.train.trackers import (
 log = logging.getLogger(__name__)
 
 # Architecture fields that must agree between a run and the checkpoint it starts from.
-_ARCH_FIELDS = ("vision", "bridge", "lm", "image_token")
+# A shallow checkpoint may start a deep run (its experts start as copies of the LM); not the reverse.
+_ARCH_FIELDS = ("vision", "bridge", "lm", "image_token", "fusion")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -94,6 +95,8 @@ def lr_at(step: int, cfg: RunConfig) -> float:
 def check_init_matches(run: ModelConfig, ckpt: ModelConfig, path: str) -> None:
     r, c = to_dict(run), to_dict(ckpt)
     diff = [f"model.{k}" for k in _ARCH_FIELDS if r[k] != c[k]]
+    if (r["fusion"], c["fusion"]) == ("deep", "shallow"):
+        diff.remove("model.fusion")
     if diff:
         raise ValueError(
             f"train.init_from={path} was built with a different architecture ({', '.join(diff)} differ); "
@@ -108,6 +111,8 @@ def build_model(cfg: RunConfig):
         check_init_matches(cfg.model, from_dict(ModelConfig, meta["model"]), cfg.train.init_from)
         model, processor = load_checkpoint(cfg.train.init_from)
         processor.max_length = cfg.model.max_length
+        if cfg.model.fusion == "deep":
+            model = add_visual_experts(model)
     else:
         model, processor = build(cfg.model)
     apply_trainable(model, cfg.trainable)
@@ -159,6 +164,12 @@ def check_sharded_parts(cfg: RunConfig, acc: Accelerator) -> None:
             "FSDP with trainable.bridge=frozen is not supported: the checkpoint stores the bridge, "
             "which under FSDP is gathered only when it trains. Train it, or use DDP"
         )
+    deep_frozen = cfg.model.fusion == "deep" and cfg.trainable.experts == "frozen"
+    if acc.distributed_type == DistributedType.FSDP and deep_frozen:
+        raise ValueError(
+            "FSDP with model.fusion=deep and trainable.experts=frozen is not supported: the checkpoint stores "
+            "the visual experts, which under FSDP are gathered only when they train. Train them, or use DDP"
+        )
 
 
 def train(cfg: RunConfig, resume: bool = True) -> TrainResult:
@@ -181,6 +192,11 @@ def train(cfg: RunConfig, resume: bool = True) -> TrainResult:
     acc.wait_for_everyone()
     torch.manual_seed(cfg.train.seed)
 
+    if cfg.train.gradient_checkpointing and cfg.model.fusion == "deep":
+        raise ValueError(
+            "train.gradient_checkpointing with model.fusion=deep is not supported: the recompute runs in the "
+            "backward pass, where the visual experts' routing scope is closed (seechat.model.fusion)"
+        )
     model, processor = build_model(cfg)
     if cfg.train.gradient_checkpointing:
         model.language_model.activation_checkpointing_enable()  # transformers 5 name of gradient checkpointing

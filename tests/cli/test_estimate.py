@@ -41,3 +41,10 @@ def test_cli_prints_memory_time_and_assumptions(capsys):
     assert e.wall_seconds == pytest.approx(157_712 * sum(e.flops_per_sample.values()) / (8 * 989e12 * 0.5))
     with pytest.raises(SystemExit):
         main(["estimate", recipe, "--gpu", "v100"])
+
+
+def test_the_deep_fusion_reference_recipe_fits_an_h100_under_fsdp(capsys):
+    recipe = str(CONFIGS / "reference" / "stage2_deep_qwen2.5-7b.yaml")
+    assert main(["estimate", recipe, "--gpus", "8", "--strategy", "fsdp"]) == 0
+    out = capsys.readouterr().out
+    assert "experts    6165.8 M  full" in out and "fits" in out and "deep fusion:" in out

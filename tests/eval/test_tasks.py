@@ -1,4 +1,4 @@
-"""`seechat eval vqa|caption|grounding` end to end on a tiny random checkpoint: one prediction per
+"""`seechat eval vqa|caption|grounding|detection` end to end on a tiny random checkpoint: one prediction per
 row, reports that agree with the metric functions recomputed from predictions.jsonl, unreadable
 images reported by id, and a real 2-process run (torchrun, CPU) that gives the 1-process numbers."""
 
@@ -19,7 +19,7 @@ from seechat.eval.bleu import bleu
 from seechat.eval.cider import cider_d
 from seechat.eval.grounding import grounding_accuracy
 from seechat.eval.normalize import normalize_caption
-from seechat.eval.tasks import shard_batches
+from seechat.eval.tasks import score_detection, shard_batches
 from seechat.eval.vqa import vqa_accuracy
 from seechat.model import build, write_checkpoint
 
@@ -258,3 +258,18 @@ def test_shards_are_contiguous_runs_of_the_one_process_batches():
         parts = [shard_batches(23, 4, r, world) for r in range(world)]
         assert [b for p in parts for b in p] == one
         assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+def test_detection_scores_the_predictions_it_wrote(ckpt, tiny_world, tmp_path):
+    data = Path(tiny_world["world"]) / "test" / "detection.jsonl"
+    assert run_cli("detection", ckpt, data, tmp_path, "--limit", "4") == 0
+    report, preds = outputs(tmp_path)
+    rows = read_jsonl(data)[:4]
+    assert [p["reference"] for p in preds] == [r["objects"] for r in rows]
+    metrics, per_row = score_detection(rows, [p["prediction"] for p in preds])
+    assert report["metrics"] == json.loads(json.dumps(metrics))
+    assert [p["boxes_parsed"] for p in preds] == [r["boxes_parsed"] for r in per_row]
+    assert "Detection by class" in (tmp_path / "report.md").read_text(encoding="utf-8")
+    # the world's own answers are perfect detections
+    perfect, _ = score_detection(rows, [r["answer"] for r in rows])
+    assert perfect["map_at_0.5"] == 1.0 and set(perfect["recall_by_class"].values()) == {1.0}

@@ -27,6 +27,8 @@ def test_demo_end_to_end_learns(tmp_path):
         "vqa_accuracy_blind",
         "vqa_accuracy_blind_by_type",
         "grounding_acc_at_0.5",
+        "detection_map_at_0.5",
+        "detection_recall_by_class",
         "caption_winrate_vs_alt_text",
         "caption_cider_d",
     ):
@@ -41,6 +43,7 @@ def test_demo_end_to_end_learns(tmp_path):
     tail = [r["loss"] for r in rows[-10:]]
     assert sum(tail) / len(tail) < 0.8 * rows[0]["loss"]
     assert 0.0 <= results["vqa_accuracy"] <= 1.0 and results["vqa_questions"] == 40
+    assert 0.0 <= results["detection_map_at_0.5"] <= 1.0 and results["detection_images"] == 40
 
     # Re-running reuses every finished step: nothing is trained again.
     marks = [tmp_path / "run" / s / "train" / "summary.json" for s in ("stage1", "stage2")]

@@ -95,7 +95,9 @@ def test_shard_images_equal_image_files(world: Path) -> None:
 def test_instruct_rows_are_llava_conversations(world: Path) -> None:
     for split in ("train", "val"):
         rows = read_jsonl(world / "instruct" / f"{split}.jsonl")
-        assert len(rows) == CFG.n_scenes(split) * CFG.instruct_per_image
+        assert (
+            len([r for r in rows if r["kind"] != "detection"]) == CFG.n_scenes(split) * CFG.instruct_per_image
+        )
         for r in rows:
             assert r["image"].startswith(f"images/{split}/") and (world / r["image"]).is_file()
             conv = r["conversations"]
@@ -104,7 +106,55 @@ def test_instruct_rows_are_llava_conversations(world: Path) -> None:
             assert sum(t["value"].count("<image>") for t in conv) == 1
             if r["kind"] == "grounding":
                 assert parse_box(conv[1]["value"]) is not None
-        assert {r["kind"] for r in rows} == {"concise", "detailed", "vqa", "dialogue", "grounding"}
+            if r["kind"] == "detection":
+                assert conv[1]["value"].count("<box>") == len(_scene_of(world, r["image"]).objects)
+        assert {r["kind"] for r in rows} == {
+            "concise",
+            "detailed",
+            "vqa",
+            "dialogue",
+            "grounding",
+            "detection",
+        }
+
+
+def _scene_of(world: Path, image: str) -> Scene:
+    split, key = image.split("/")[1], Path(image).stem
+    (sample,) = [s for s in shard_samples(world, split) if s["__key__"] == key]
+    return Scene.from_dict(sample["json"]["scene"])
+
+
+def test_detection_eval_rows_list_every_object_of_the_scene(world: Path) -> None:
+    for split in ("val", "test"):
+        rows = read_jsonl(world / split / "detection.jsonl")
+        assert len(rows) == CFG.n_scenes(split)
+        scenes = {s["__key__"]: Scene.from_dict(s["json"]["scene"]) for s in shard_samples(world, split)}
+        for r in rows:
+            scene = scenes[r["id"]]
+            assert sorted(o["label"] for o in r["objects"]) == sorted(o.shape for o in scene.objects)
+            boxes = [
+                tuple(int(v) for v in b.groups())
+                for b in re.finditer(r"\((\d+),(\d+)\),\((\d+),(\d+)\)", r["answer"])
+            ]
+            assert [tuple(o["box"]) for o in r["objects"]] == [(a, b, c, d) for a, b, c, d in boxes]
+            assert r["question"] and "<image>" not in r["question"]
+
+
+def test_detection_rows_leave_every_other_row_as_it_was(world: Path, tmp_path: Path) -> None:
+    """Detection draws from its own random stream: without it, the world is the same minus those rows."""
+    from dataclasses import replace
+
+    plain = build_world(tmp_path / "plain", replace(CFG, detection_per_image=0.0), progress=False).root
+    a, b = _content(world), _content(plain)
+    differ = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    dets = {f"{s}/detection.jsonl" for s in ("val", "test")}
+    assert set(differ) == {"manifest.json", "instruct/train.jsonl", "instruct/val.jsonl"}
+    assert dets <= a.keys() & b.keys()
+    for split in ("train", "val"):
+        with_det = read_jsonl(world / "instruct" / f"{split}.jsonl")
+        assert [r for r in with_det if r["kind"] != "detection"] == read_jsonl(
+            plain / "instruct" / f"{split}.jsonl"
+        )
 
 
 def test_eval_files(world: Path) -> None:

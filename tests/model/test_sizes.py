@@ -18,7 +18,14 @@ from transformers import (
 )
 
 from seechat.config import LoraConfig
-from seechat.model.sizes import ARCHITECTURES, expert_config, lm_shape, lora_params, vision_shape
+from seechat.model.sizes import (
+    ARCHITECTURES,
+    expert_config,
+    lm_shape,
+    lora_params,
+    vision_shape,
+    visual_expert_params,
+)
 
 LM_CONFIGS = {
     "qwen2": Qwen2Config(
@@ -132,3 +139,12 @@ def test_lora_counts_what_peft_adds():
         model, PeftLoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM")
     )
     assert numel(peft_model) - before == lora_params(lm_shape(config), LoraConfig(r=4))
+
+
+@pytest.mark.parametrize("name", ["qwen2", "llama"])
+def test_visual_expert_formula_counts_the_real_experts(name):
+    from seechat.model.fusion import VisualExperts
+
+    config = LM_CONFIGS[name]
+    experts = VisualExperts(AutoModelForCausalLM.from_config(config))
+    assert numel(experts) == visual_expert_params(lm_shape(config))

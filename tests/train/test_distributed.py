@@ -214,14 +214,18 @@ def test_stage2_two_processes_match_one_with_the_same_global_batch(stage2):
     assert_same_curve(stage2["one"], stage2["two"])
 
 
-def test_two_processes_evaluate_the_held_out_loss_of_one(stage2):
+def test_two_processes_evaluate_the_held_out_loss_of_one(stage2, tiny_world):
     """Each rank takes its share of the same global eval batches: one held-out set, one loss."""
     (one,), (two,) = (
         [json.loads(r) for r in (stage2[k] / "train" / "eval.jsonl").read_text().splitlines()]
         for k in ("one", "two")
     )
     assert one["step"] == two["step"] == 6
-    assert one["samples"] == 24  # the whole validation split: 8 images x 3 conversations
+    # the whole validation split: 8 images x 3 conversations, plus the detection conversations
+    val = [
+        json.loads(r) for r in (Path(tiny_world["world"]) / "instruct" / "val.jsonl").read_text().splitlines()
+    ]
+    assert one["samples"] == len(val) == 24 + sum(r["kind"] == "detection" for r in val)
     assert (two["samples"], two["supervised_tokens"]) == (one["samples"], one["supervised_tokens"])
     assert two["loss"] == pytest.approx(one["loss"], rel=LOSS_RTOL)
 
