@@ -377,12 +377,13 @@ def estimate(cfg: RunConfig, setup: Setup, recipe: str = "") -> Estimate:
         )
     a = activation_bytes(cfg)
     assumptions = [
-        f"GPU: {gpu.name}, {gpu.memory_gib} GiB, {gpu.bf16_tflops:.0f} TFLOP/s dense bf16 peak; MFU {setup.mfu:.0%}",
+        f"GPU: {gpu.name}, {gpu.memory_gib} GiB, {gpu.bf16_tflops:.0f} TFLOP/s dense bf16 peak; "
+        f"MFU {setup.mfu:.0%}",
         f"weights in model.dtype={m.dtype} ({w} B/param); activations {a} B/element",
         f"data: {samples:,} {kind} x {setup.epochs:g} epoch(s)"
         + ("" if setup.samples is not None else " (default for this data kind; --samples to change)"),
-        f"tokens per sample: {image_tokens} image tokens (bridge {m.bridge.type}) + {text_tokens} text tokens "
-        f"on average (--text-tokens), capped at model.max_length={m.max_length}",
+        f"tokens per sample: {image_tokens} image tokens (bridge {m.bridge.type}) + {text_tokens} "
+        f"text tokens on average (--text-tokens), capped at model.max_length={m.max_length}",
         (
             "memory: a micro-batch padded to model.max_length (worst case; group_by_length makes the longest "
             "batches this long)"
@@ -392,16 +393,18 @@ def estimate(cfg: RunConfig, setup: Setup, recipe: str = "") -> Estimate:
         "vision tower frozen: runs forward only and keeps no activations (no gradient reaches it)"
         if t.vision == "frozen"
         else "vision tower trains: ViT activations approximated, not calibrated",
-        "LM activations: per-layer formula calibrated on transformers' Qwen2 code with SDPA (no S^2 attention "
-        "matrix); logits (upcast to fp32 for the loss) only at text positions: training runs the LM head where a supervised token is predicted, never at image tokens",
+        "LM activations: per-layer formula calibrated on transformers' Qwen2 code with SDPA (no S^2 "
+        "attention matrix); logits (upcast to fp32 for the loss) only at text positions: training runs "
+        "the LM head where a supervised token is predicted, never at image tokens",
         "FLOPs: 2 per multiply-add; backward = 1x forward for a frozen/LoRA LM (input gradients), 2x when it "
         "learns; checkpointing adds one forward of the decoder layers; padding not counted",
         *(
             [
-                "deep fusion: visual experts (a q/k/v + MLP copy per LM layer) in model.dtype, outside the decoder "
-                "layers (under FSDP they sit in the root unit, gathered for the whole step); activations of their "
-                "learning linears at image positions; their FLOPs on top of the LM's, whose projections also run "
-                "at image positions; gradient checkpointing is not available with deep fusion"
+                "deep fusion: visual experts (a q/k/v + MLP copy per LM layer) in model.dtype, outside "
+                "the decoder layers (under FSDP they sit in the root unit, gathered for the whole step); "
+                "activations of their learning linears at image positions; their FLOPs on top of the "
+                "LM's, whose projections also run at image positions; gradient checkpointing is not "
+                "available with deep fusion"
             ]
             if experts
             else []

@@ -1,8 +1,9 @@
 """Detection evaluation: every ``label<box>(x1,y1),(x2,y2)</box>`` in an answer, mAP@0.5, per-class recall.
 
 What this module is: a parser for answers that list objects with their boxes (each box's label is
-the last class name written between the previous box and it: "红色的圆形<box>…</box>，蓝色的正方形<box>…</box>"),
-and Pascal-VOC-style average precision at an IoU threshold:
+the last class name written between the previous box and it:
+"红色的圆形<box>…</box>，蓝色的正方形<box>…</box>"), and Pascal-VOC-style average precision at an
+IoU threshold:
 
 - per image and class, predictions are taken in descending score; each is matched to the unmatched
   ground-truth box of its class with the highest IoU, a hit when that IoU >= threshold; a second

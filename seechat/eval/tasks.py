@@ -3,7 +3,8 @@
 What this module is: greedy generation over a JSONL eval set through the serving engine
 (``seechat.infer.engine``, the way ``seechat caption`` decodes), split across processes when
 launched with several, then the metrics of ``seechat.eval`` over all rows, written as
-``predictions.jsonl``, ``report.json`` and ``report.md``. The eval sets are the mini world's test files (any file with the same fields works):
+``predictions.jsonl``, ``report.json`` and ``report.md``. The eval sets are the mini world's test
+files (any file with the same fields works):
 
     vqa        {"id", "image", "question", "answer" (or a list of accepted answers), "type"}
     caption    {"id", "image", "references": [...]}
@@ -314,7 +315,8 @@ def _check_rows(task: Task, rows: list[dict], data: Path) -> None:
         missing = [k for k in task.fields if k not in row]
         if missing:
             raise ValueError(
-                f"{data} row {i}: missing {', '.join(missing)} (a {task.name} row needs {', '.join(task.fields)})"
+                f"{data} row {i}: missing {', '.join(missing)} "
+                f"(a {task.name} row needs {', '.join(task.fields)})"
             )
         bad = _bad_reference(task.name, row)
         if bad:

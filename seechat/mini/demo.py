@@ -134,7 +134,8 @@ def demo(
     eval_limit: int = 0,
 ) -> dict:
     """Run (or reuse) every step under `out`, from `experts` (default: the shipped ones); returns the
-    results written to `<out>/results.json`. The keyword arguments after `experts` shrink the run for tests."""
+    results written to `<out>/results.json`. The keyword arguments after `experts` shrink the run for
+    tests."""
     t0 = time.time()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -731,7 +731,8 @@ def _strings_of(value: object) -> Iterator[str]:
 
 
 # Characters the world's generators do not hold as constants but its users type: the evaluation and
-# demo prompts and the stage-1 pair instructions (seechat.eval.tasks, seechat.mini.demo, seechat/mini/recipes).
+# demo prompts and the stage-1 pair instructions (seechat.eval.tasks, seechat.mini.demo,
+# seechat/mini/recipes).
 PROMPT_TEXT = (
     "请用一句话描述这张图片。简要描述图片内容。这张图里有什么？请给出的位置（坐标框）。图中有几个图形？"
     "请给出第一个图形的位置（坐标框）。，。：；！？、（）【】《》“”‘’…—"

@@ -6,7 +6,8 @@
     pairs/{train,val,test}/00000.tar  webdataset shards, img2dataset layout: KEY.jpg KEY.txt KEY.json
                       stats.json ...  (+ ShardWriter's per-shard NNNNN_stats.json)
     images/{train,val,test}/KEY.jpg   the same JPEG bytes as in the shards, as files (LLaVA style)
-    instruct/{train,val}.jsonl        LLaVA conversations: {"id","kind","image","conversations":[{"from","value"}]}
+    instruct/{train,val}.jsonl        LLaVA conversations:
+                                      {"id","kind","image","conversations":[{"from","value"}]}
                                       (kinds: INSTRUCT_KINDS, plus "detection" rows after them)
     {val,test}/vqa.jsonl              {"id","image","question","answer","type"}
     {val,test}/grounding.jsonl        {"id","image","expression","box":[x1,y1,x2,y2] 0..1000,"answer"}

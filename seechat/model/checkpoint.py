@@ -163,7 +163,8 @@ def load_checkpoint(
         model.provenance[part] = mode
     if model.num_image_tokens != meta["num_image_tokens"]:
         raise ValueError(
-            f"{d}: bridge gives {model.num_image_tokens} image tokens, checkpoint says {meta['num_image_tokens']}"
+            f"{d}: bridge gives {model.num_image_tokens} image tokens, "
+            f"checkpoint says {meta['num_image_tokens']}"
         )
     model.requires_grad_(False)
     return model.to(device).eval(), processor

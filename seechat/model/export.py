@@ -79,9 +79,9 @@ def to_llava(model: SeeChatModel, stop_token_ids: list[int], pad_token_id: int |
         )
     if model.cfg.bridge.type != "mlp2x_gelu" or model.cfg.bridge.merge != 1:
         raise ExportError(
-            f"--format llava-hf needs the mlp2x_gelu bridge without patch merging (LLaVA-1.5's projector); this "
-            f"checkpoint uses {model.cfg.bridge.type!r} with merge={model.cfg.bridge.merge}, which transformers' "
-            "LLaVA has no layer for. Serve it with "
+            "--format llava-hf needs the mlp2x_gelu bridge without patch merging (LLaVA-1.5's projector); "
+            f"this checkpoint uses {model.cfg.bridge.type!r} with merge={model.cfg.bridge.merge}, "
+            "which transformers' LLaVA has no layer for. Serve it with "
             "`seechat serve`, or train an mlp2x_gelu bridge (model.bridge.type=mlp2x_gelu) to export"
         )
     lm = model.language_model

@@ -138,16 +138,17 @@ def check_launch(acc: Accelerator) -> None:
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != acc.num_processes:
         raise RuntimeError(
-            f"launched as {launched} processes (WORLD_SIZE) but accelerate runs {acc.num_processes}: each process "
-            "would train alone and write the same output. Without a GPU, set ACCELERATE_USE_CPU=1 for torchrun, "
-            "or use `accelerate launch --num_processes N`"
+            f"launched as {launched} processes (WORLD_SIZE) but accelerate runs {acc.num_processes}: "
+            "each process would train alone and write the same output. Without a GPU, set "
+            "ACCELERATE_USE_CPU=1 for torchrun, or use `accelerate launch --num_processes N`"
         )
     if acc.distributed_type == DistributedType.DEEPSPEED:
         raise RuntimeError(
-            "DeepSpeed is not supported by seechat's loop: its ZeRO optimizer partitions would need their own "
-            "gather/scatter for seechat's safetensors resume points (DeepSpeed's own checkpoints are pickles), and "
-            "it steps, scales and clips by its own config. Use FSDP (configs/accelerate/fsdp.yaml: parameters, "
-            "gradients and optimizer states sharded, like ZeRO-3) or DDP; see docs/distributed.md"
+            "DeepSpeed is not supported by seechat's loop: its ZeRO optimizer partitions would need "
+            "their own gather/scatter for seechat's safetensors resume points (DeepSpeed's own "
+            "checkpoints are pickles), and it steps, scales and clips by its own config. Use FSDP "
+            "(configs/accelerate/fsdp.yaml: parameters, gradients and optimizer states sharded, like "
+            "ZeRO-3) or DDP; see docs/distributed.md"
         )
     if acc.distributed_type == DistributedType.FSDP and not acc.is_fsdp2:
         raise RuntimeError(
@@ -167,8 +168,9 @@ def check_sharded_parts(cfg: RunConfig, acc: Accelerator) -> None:
     deep_frozen = cfg.model.fusion == "deep" and cfg.trainable.experts == "frozen"
     if acc.distributed_type == DistributedType.FSDP and deep_frozen:
         raise ValueError(
-            "FSDP with model.fusion=deep and trainable.experts=frozen is not supported: the checkpoint stores "
-            "the visual experts, which under FSDP are gathered only when they train. Train them, or use DDP"
+            "FSDP with model.fusion=deep and trainable.experts=frozen is not supported: the checkpoint "
+            "stores the visual experts, which under FSDP are gathered only when they train. Train them, "
+            "or use DDP"
         )
 
 
@@ -199,7 +201,8 @@ def train(cfg: RunConfig, resume: bool = True) -> TrainResult:
         )
     model, processor = build_model(cfg)
     if cfg.train.gradient_checkpointing:
-        model.language_model.activation_checkpointing_enable()  # transformers 5 name of gradient checkpointing
+        # transformers 5 name of gradient checkpointing
+        model.language_model.activation_checkpointing_enable()
     model.train()
     optimizer = make_optimizer(model, cfg)
 

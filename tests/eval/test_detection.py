@@ -56,7 +56,10 @@ def test_a_duplicate_box_is_a_false_positive_and_ties_do_not_depend_on_order():
 
 
 def test_parse_detections_labels_each_box_with_the_last_class_before_it():
-    text = "红色的圆形<box>(0,0),(100,100)</box>，蓝色的正方形和<box>(500,500),(700,700)</box>，<box>(1,1),(2,2)</box>"
+    text = (
+        "红色的圆形<box>(0,0),(100,100)</box>，蓝色的正方形和<box>(500,500),(700,700)</box>，"
+        "<box>(1,1),(2,2)</box>"
+    )
     text += "，紫色的长方形<box>(9,9),(5,5)</box>，黄色的星形<box>（10,10）,(20,20)</box>"
     got = parse_detections(text, SHAPES)
     # the third box has no class name since the previous box; the fourth is malformed (x1 > x2)
