@@ -2,11 +2,9 @@
 
     python docs/experiments/mini_experts/heldout.py CHECKPOINT WORLD
 
-Train: the question of the first 1000 one-question VQA conversations of stage 2's own data
-val: the
-world's val split
-then the test split of a world built with seed 1 (never seen by any stage). Each
-with the blind control (a blank image). Not package code: an experiment driver.
+Train: the question of the first 1000 one-question VQA conversations of stage 2's own data; val:
+the world's val split; then the test split of a world built with seed 1 (never seen by any stage).
+Each with the blind control (a blank image). Not package code: an experiment driver.
 """
 
 import json
