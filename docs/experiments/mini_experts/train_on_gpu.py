@@ -5,8 +5,9 @@
 Runs `seechat mini experts` for the CLIP and for each LM variant *concurrently* on the one GPU (these
 models are far too small to fill it), first for 60 steps to measure each run's step time under that
 sharing, then for as many steps as fit in BUDGET_SECONDS (at most the recipe's own), each evaluated on
-the default world's val split. Writes OUT/NAME.tar.gz (the expert folders, with done.json, metrics,
-loss.png and eval.json) and OUT/summary.json. Not package code: an experiment driver.
+the default world's val split (env ONLY=lm,...: only those runs). Writes OUT/NAME.tar.gz (the expert
+folders, with done.json, metrics, loss.png and eval.json) and OUT/summary.json. Not package code: an
+experiment driver.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ RUNS = {"clip": ("clip", [], 6), "lm": ("lm", [], 9)}  # name: (expert, settings
 for arg in sys.argv[3:]:  # e.g. lm6=lm.layers=6,lm.heads=8
     name, _, sets = arg.partition("=")
     RUNS[name] = (sets.split(".")[0], sets.split(","), 3)
+if os.environ.get("ONLY"):  # e.g. ONLY=lm: the CLIP expert is done, give the LM the whole GPU
+    RUNS = {n: r for n, r in RUNS.items() if n in os.environ["ONLY"].split(",")}
 DEFAULT_STEPS = {"clip": 30000, "lm": 60000}  # caps; the budget decides
 
 
