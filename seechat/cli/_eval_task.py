@@ -29,7 +29,6 @@ METRICS = {
     "detection": "mAP@0.5 (VOC all-point AP per class, unscored boxes rank together) and recall per class of "
     "every label<box>(x1,y1),(x2,y2)</box> in each answer",
 }
-MAX_NEW_TOKENS = {"detection": 192}  # a list of boxes is long; other tasks: 48
 
 
 def add_task_arguments(parser: argparse.ArgumentParser, task: str) -> argparse.ArgumentParser:
@@ -74,9 +73,9 @@ def add_task_arguments(parser: argparse.ArgumentParser, task: str) -> argparse.A
     parser.add_argument(
         "--max-new-tokens",
         type=int,
-        default=MAX_NEW_TOKENS.get(task, 48),
+        default=TASKS[task].max_new_tokens,
         metavar="N",
-        help=f"answer length cap (default: {MAX_NEW_TOKENS.get(task, 48)})",
+        help=f"answer length cap (default: {TASKS[task].max_new_tokens})",
     )
     parser.add_argument(
         "--limit", type=int, default=0, metavar="N", help="only the first N rows (default: all)"

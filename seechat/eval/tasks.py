@@ -254,6 +254,7 @@ class Task:
     prompt: str  # default template, str.format-ed with the row's fields (grounding: also {expr})
     reference: str  # the row key written as "reference" in predictions.jsonl
     score: Callable[[list[dict], list[str], str], Scores]  # (rows, predictions, tokenize)
+    max_new_tokens: int = 48  # the default answer length cap
 
 
 TASKS: dict[str, Task] = {
@@ -276,6 +277,7 @@ TASKS: dict[str, Task] = {
         DETECTION_PROMPT,
         "objects",
         _score_detection,
+        max_new_tokens=192,  # four objects with their boxes are ~130 characters
     ),
 }
 

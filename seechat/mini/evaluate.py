@@ -29,10 +29,8 @@ __all__ = ["answer_split", "blank_like", "evaluate_split", "load_images"]
 
 TOKENIZE = "char"  # caption metrics' tokenisation, as `seechat eval caption` defaults to
 
-
-DETECTION_MAX_NEW_TOKENS = 192  # four objects with their boxes are ~130 characters
 # Detection answers are ~4x as long as the other tasks' and cost ~70 s on the 2-core CPU for the
-# whole test split; the first 250 images (~650 boxes) keep the demo inside its time.
+# whole test split; the first 250 images (~650 boxes) cost ~20 s.
 DETECTION_IMAGES = 250
 
 
@@ -105,7 +103,8 @@ def answer_split(
         "grounding_items": len(grounding),
     }
     if detection:
-        preds["detection"] = ask("detection", detection, images, "detection", DETECTION_MAX_NEW_TOKENS)
+        cap = TASKS["detection"].max_new_tokens
+        preds["detection"] = ask("detection", detection, images, "detection", cap)
         det = _score("detection", detection, preds["detection"])
         metrics |= {
             "detection_map_at_0.5": det["map_at_0.5"],
