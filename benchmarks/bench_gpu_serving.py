@@ -73,6 +73,9 @@ def build(tiny: bool, device: torch.device, dtype: torch.dtype):
     from seechat.data.char_tokenizer import build_char_tokenizer
 
     tokenizer = build_char_tokenizer([QUESTION])
+    if not tiny:  # one character per LM token id, so every token a random LM samples streams as text
+        lm_vocab = expert_config(load_config(REFERENCE_RECIPE).model.lm.path).vocab_size
+        tokenizer = build_char_tokenizer([QUESTION], extra_chars=filler_chars(lm_vocab - len(tokenizer)))
     if tiny:
         vision_cfg = ChineseCLIPVisionConfig(
             hidden_size=64,
@@ -132,6 +135,16 @@ def build(tiny: bool, device: torch.device, dtype: torch.dtype):
     llava.eval().generation_config.eos_token_id = None  # stop tokens are ordinary tokens (see docstring)
     llava.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, processor, llava
+
+
+def filler_chars(n: int) -> list[str]:
+    """`n` distinct characters outside ASCII and the question (CJK and beyond, no surrogates)."""
+    taken, out, cp = set(QUESTION), [], 0x4E00
+    while len(out) < n:
+        if not 0xD800 <= cp <= 0xDFFF and chr(cp) not in taken:
+            out.append(chr(cp))
+        cp += 1
+    return out
 
 
 def random_images(n: int, size: int, seed: int) -> list[Image.Image]:
@@ -200,11 +213,14 @@ class GpuBench:
         params = SamplingParams(max_new_tokens=self.n)
         stamps: list[list[tuple[float, int]]] = [[] for _ in range(concurrency)]
         left = [concurrency]
+        errors: list[str] = []
         done = threading.Event()
 
         def sink(i):
             def put(ev):
                 stamps[i].append((time.perf_counter(), len(ev.token_ids)))
+                if ev.finish_reason == "error":
+                    errors.append(str(ev.error))
                 if ev.finish_reason is not None:
                     left[0] -= 1
                     if left[0] == 0:
@@ -220,6 +236,8 @@ class GpuBench:
             )
         done.wait()
         t1 = time.perf_counter()
+        if errors:
+            raise RuntimeError(f"{name}: a request failed: {errors[0]}")
         tokens = sum(n for s in stamps for _, n in s)
         first, last = stamps[0][0][0], stamps[0][-1][0]
         return {

@@ -130,7 +130,7 @@ class StaticDecoder:
             o = F.scaled_dot_product_attention(
                 q.reshape(b, g, r * n, d), kb[:b], vb[:b], attn_mask=mask, scale=a.scaling
             )  # (b, g, r * L, D)
-            o = o.view(b, h, n, d).transpose(1, 2).reshape(b, n, h * d)
+            o = o.reshape(b, h, n, d).transpose(1, 2).reshape(b, n, h * d)  # SDPA on CUDA: not contiguous
             x = x + a.o_proj(o)
             y = self.rms(x, *norm_params(layer.post_attention_layernorm))
             x = x + m.down_proj(self.act(m.gate_proj(y)) * m.up_proj(y))

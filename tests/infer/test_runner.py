@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from seechat.infer.chat import prompt_ids
 from seechat.infer.kv import SlotKV
@@ -139,6 +140,30 @@ def test_static_decode_matches_full_forward(fixture, request):
             )
         new = [n + [int(t)] for n, t in zip(new, out.argmax(-1), strict=True)]
     assert kv.lens == [int(i.numel()) + len(n) - 1 for i, n in zip(ids, new, strict=True)]
+
+
+@torch.inference_mode()
+def test_static_decode_reads_attention_output_in_any_layout(tiny, monkeypatch):
+    """On CUDA, SDPA may return (b, h, L, D) as a transposed view of a (b, L, h, D) buffer (flash
+    and memory-efficient kernels do); the static step must not assume contiguity (found on an
+    H200: `.view` failed there and every CUDA decode erred). Here CPU SDPA is made to do the same."""
+    sdpa = F.scaled_dot_product_attention
+
+    def transposed_layout(*args, **kwargs):
+        out = sdpa(*args, **kwargs)
+        return out.transpose(1, 2).contiguous().transpose(1, 2)  # same values, CUDA-like strides
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", transposed_layout)
+    model, processor = tiny
+    runner = ModelRunner(model, processor.tokenizer.pad_token_id, static_decode="on", slots=4, capacity=128)
+    ids, feats = _rows(model, processor, 2)
+    logits, first = runner.prefill([PrefillRow(i, None, f) for i, f in zip(ids, feats, strict=True)])
+    kv = runner.adopt(first)
+    new = [[int(t)] for t in logits.argmax(-1)]
+    out = runner.decode(torch.tensor([n[-1] for n in new]), kv)
+    for r in range(len(new)):
+        want = _reference(model, ids[r], feats[r], new[r]).float()
+        torch.testing.assert_close(out[r], want, atol=2e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
