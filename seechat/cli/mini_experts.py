@@ -37,6 +37,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=4, help="processes that draw and render the batches")
     parser.add_argument("--force", action="store_true", help="retrain even when OUT holds a finished run")
     parser.add_argument(
+        "--exam-every",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="LM: every STEPS steps (a multiple of lm.log_every) read the reading exam of 100 fixed fresh "
+        "scenes into metrics.jsonl, to see when reading appears (default: off)",
+    )
+    parser.add_argument(
         "--evaluate",
         metavar="WORLD",
         help="then evaluate on this world's val split (writes eval.json into each expert's folder)",
@@ -58,6 +66,14 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"seechat mini experts: {e}", file=sys.stderr)
         return 2
+    log_every = LMRecipe(**over["lm"]).log_every
+    if args.exam_every < 0 or (args.exam_every and args.exam_every % log_every):
+        print(
+            f"seechat mini experts: --exam-every {args.exam_every} must be a multiple of lm.log_every "
+            f"({log_every})",
+            file=sys.stderr,
+        )
+        return 2
     out = Path(args.out)
     trained: dict[str, Path] = {}
     start = time.time()
@@ -71,7 +87,12 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.only in (None, "lm"):
         trained["lm"] = train_mini_lm(
-            out / "lm", LMRecipe(**over["lm"]), force=args.force, device=args.device, workers=args.workers
+            out / "lm",
+            LMRecipe(**over["lm"]),
+            force=args.force,
+            device=args.device,
+            workers=args.workers,
+            exam_every=args.exam_every,
         )
     print(f"trained {', '.join(f'{k}: {v}' for k, v in trained.items())} in {time.time() - start:.0f} s")
     if args.evaluate:

@@ -96,9 +96,11 @@ def train_loop(
     recipe: Recipe,
     loss_at: Callable[[int], torch.Tensor],
     after_step: Callable[[], None] = lambda: None,
+    log_extra: Callable[[int], dict[str, Any]] = lambda step: {},
 ) -> dict[str, Any]:
     """AdamW (no decay on vectors) + warmup/cosine for `recipe.steps`; `loss_at(step)` builds the
-    step's batch and returns its loss. Writes `metrics.jsonl` and `loss.png` into `out`."""
+    step's batch and returns its loss. Writes `metrics.jsonl` and `loss.png` into `out`; each logged
+    row also holds `log_extra(step)` (e.g. a held-out score along the way)."""
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]  # norms, biases, temperature
     opt = torch.optim.AdamW(
@@ -130,6 +132,7 @@ def train_loop(
                     "loss": losses[-1],
                     "lr": sched.get_last_lr()[0],
                     "elapsed_s": round(time.perf_counter() - start, 2),
+                    **log_extra(step),
                 }
                 log.write(dumps_line(row))
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")

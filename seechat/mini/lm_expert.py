@@ -44,6 +44,7 @@ from seechat.mini.expert_training import (
 )
 from seechat.mini.fresh import fresh_scenes, step_batches, step_rng
 from seechat.mini.scenes import Scene
+from seechat.train.plots import plot_score_curve
 
 IGNORE = -100
 
@@ -181,7 +182,10 @@ def lm_config(recipe: LMRecipe, tokenizer: PreTrainedTokenizerBase) -> Qwen2Conf
     )
 
 
-def _lm_train(recipe: LMRecipe, out: Path, device: str, workers: int) -> dict[str, Any]:
+EXAM_SCENES = 100  # the reading exam along the way (`exam_every`): fixed scenes, a stream of their own
+
+
+def _lm_train(recipe: LMRecipe, out: Path, device: str, workers: int, exam_every: int) -> dict[str, Any]:
     tokenizer = build_char_tokenizer(extra_chars=scene_text.charset())
     torch.manual_seed(recipe.seed)
     model = AutoModelForCausalLM.from_config(lm_config(recipe, tokenizer)).to(device).train()
@@ -195,7 +199,22 @@ def _lm_train(recipe: LMRecipe, out: Path, device: str, workers: int) -> dict[st
         mask = (ids != tokenizer.pad_token_id).long()
         return model(input_ids=ids, attention_mask=mask, labels=labels).loss  # labels are shifted inside
 
-    stats = train_loop("mini-lm", out, list(model.parameters()), recipe, loss_at)
+    exam_rng = random.Random(f"seechat-mini/lm-exam/{recipe.seed}")
+    exam = fresh_scenes(exam_rng, EXAM_SCENES) if exam_every else []
+
+    def exam_at(step: int) -> dict[str, Any]:
+        """The reading exam of the fixed scenes at every `exam_every`-th step and the last."""
+        if not exam or (step % exam_every and step != recipe.steps - 1):
+            return {}
+        model.eval()
+        scores = reading_scores(model, tokenizer, exam)
+        model.train()
+        return {"exam": scores["qa_exact"], "exam_by_type": scores["qa_exact_by_type"]}
+
+    stats = train_loop("mini-lm", out, list(model.parameters()), recipe, loss_at, log_extra=exam_at)
+    plot_score_curve(
+        out / "metrics.jsonl", "exam", out / "exam.png", f"mini LM reading exam ({EXAM_SCENES} scenes)"
+    )
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.to("cpu").eval().half().save_pretrained(out)
     tokenizer.save_pretrained(out / "tokenizer")
@@ -216,16 +235,22 @@ def train_mini_lm(
     threads: int | None = None,
     device: str = "cpu",
     workers: int = 0,
+    exam_every: int = 0,
 ) -> Path:
     """Pretrain the mini Chinese LM on fresh rows into `out_dir` (returned): fp16 weights there,
     tokenizer in `out_dir/tokenizer` (`LMConfig(path=out, tokenizer_path=out/"tokenizer")`).
 
     Skipped when `out_dir/done.json` records the same recipe and world generators, unless `force`.
-    `workers` background processes build the batches (each is a pure function of the step)."""
+    `workers` background processes build the batches (each is a pure function of the step).
+    `exam_every` > 0: every that many steps (a multiple of `recipe.log_every`) and at the last, the
+    `reading_exam` of EXAM_SCENES fixed fresh scenes goes into `metrics.jsonl` (`exam`,
+    `exam_by_type`): the curve of the skill, not only of the loss. It does not change the weights."""
     out = Path(out_dir)
+    if exam_every < 0 or (exam_every and exam_every % recipe.log_every):
+        raise ValueError(f"exam_every={exam_every} must be a multiple of log_every={recipe.log_every}")
     with torch_threads(threads):
         return run_atomic(
-            out, done_marker(recipe), force, lambda tmp: _lm_train(recipe, tmp, device, workers)
+            out, done_marker(recipe), force, lambda tmp: _lm_train(recipe, tmp, device, workers, exam_every)
         )
 
 
@@ -272,6 +297,7 @@ def _nll(
     """Summed NLL of the supervised tokens (labels != -100) of each row, how many there are, and per
     row whether the greedy next-token prediction is right on all of them (what greedy decoding prints)."""
     total, count, exact = 0.0, 0, []
+    device = next(model.parameters()).device
     for i in range(0, len(rows), batch):
         chunk = rows[i : i + batch]
         width = max(len(ids) for ids, _ in chunk)
@@ -284,7 +310,8 @@ def _nll(
                 torch.tensor(lab),
                 1,
             )
-        logits = model(input_ids=tokens, attention_mask=mask).logits[:, :-1].float()  # (b, L-1, V)
+        out = model(input_ids=tokens.to(device), attention_mask=mask.to(device))
+        logits = out.logits[:, :-1].float().cpu()  # (b, L-1, V)
         targets = labels[:, 1:]  # (b, L-1): target j is the token at position j + 1
         scored = targets != IGNORE
         nll = F.cross_entropy(logits.transpose(1, 2), targets.clamp(min=0), reduction="none")  # (b, L-1)

@@ -45,3 +45,31 @@ def plot_loss_curve(
     fig.savefig(out)
     plt.close(fig)
     return out
+
+
+def plot_score_curve(metrics: Path, key: str, out: Path, title: str = "") -> Path | None:
+    """A held-out score logged along the way (rows of `metrics` holding `key`, and optionally
+    `<key>_by_type`: {type: score}) against optimizer step, in percent; None if no row has it."""
+    rows = [r for r in read_jsonl(metrics) if key in r]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    for kind in sorted(rows[-1].get(f"{key}_by_type", {})):
+        ax.plot(steps, [100 * r[f"{key}_by_type"].get(kind, 0.0) for r in rows], alpha=0.5, label=kind)
+    ax.plot(steps, [100 * r[key] for r in rows], "o-", color="black", linewidth=2, label="overall")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(f"{key} (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize="small", ncol=2)
+    ax.set_title(title or key)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out

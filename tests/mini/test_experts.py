@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoModel, AutoProcessor, AutoTokenizer, ChineseCLIPModel
 
 from seechat.config import BridgeConfig, LMConfig, ModelConfig, VisionConfig
@@ -163,6 +164,25 @@ def test_evaluate_lm_reports_perplexities(trained, world):
     assert 1.0 < result["val_ppl"] < vocab and 1.0 < result["qa_answer_ppl"]  # trained: better than uniform
     assert 0.0 <= result["qa_exact"] <= 1.0 and result["n_qa"] > 0
     assert set(result["qa_exact_by_type"]) == {*scene_text.QUESTION_TYPES, "grounding"}
+
+
+def test_lm_exam_curve_is_logged_along_the_way_and_leaves_the_weights_alone(trained, tmp_path):
+    """`exam_every` writes the reading exam into metrics.jsonl at those steps and the last; the
+    weights are those of the same recipe trained without it (the exam only reads)."""
+    out = train_mini_lm(tmp_path / "lm", LM, threads=1, exam_every=5)
+    rows = read_jsonl(out / "metrics.jsonl")
+    examined = [r["step"] for r in rows if "exam" in r]
+    assert examined == [0, 5, 10, LM.steps - 1]
+    last = rows[-1]
+    assert 0.0 <= last["exam"] <= 1.0
+    assert set(last["exam_by_type"]) == {*scene_text.QUESTION_TYPES, "grounding"}
+    assert (out / "exam.png").is_file() and not (trained["lm"] / "exam.png").exists()
+    with_exam = load_file(str(out / "model.safetensors"))
+    without = load_file(str(trained["lm"] / "model.safetensors"))
+    assert with_exam.keys() == without.keys()
+    assert all(torch.equal(with_exam[k], without[k]) for k in with_exam)
+    with pytest.raises(ValueError, match="multiple of log_every"):
+        train_mini_lm(tmp_path / "bad", dataclasses.replace(LM, log_every=2), exam_every=3)
 
 
 # --------------------------------------------------------------------------- stitched

@@ -5,9 +5,22 @@
 Runs `seechat mini experts` for the CLIP and for each LM variant *concurrently* on the one GPU (these
 models are far too small to fill it), first for 60 steps to measure each run's step time under that
 sharing, then for as many steps as fit in BUDGET_SECONDS (at most the recipe's own), each evaluated on
-the default world's val split (env ONLY=lm,...: only those runs). Writes OUT/NAME.tar.gz (the expert
-folders, with done.json, metrics, loss.png and eval.json) and OUT/summary.json. Not package code: an
-experiment driver.
+the default world's val split (env ONLY=lm,...: only those runs; env EXAM_EVERY=N: the LM runs
+also read the reading exam every N steps into metrics.jsonl, `seechat mini experts --exam-every`).
+Writes OUT/NAME.tar.gz (the expert folders, with done.json, metrics, loss.png and eval.json) and
+OUT/summary.json. Not package code: an experiment driver.
+
+On the device tool the image lacks two of the package's wheels; carry them (downloaded here into
+the ignored build/whl) and install them first:
+
+    python -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux2014_x86_64 -d build/whl transformers==5.24.0 braceexpand==0.1.7
+    run(carry=["build/whl"], command="python3 -m pip install -q --no-index --no-deps --target /tmp/site "
+        "build/whl/*.whl && PYTHONPATH=/tmp/site:$PWD ONLY=lm EXAM_EVERY=1000 python3 "
+        "docs/experiments/mini_experts/train_on_gpu.py $OUT 420")
+
+The probe runs alone: anything else on the GPU while it runs makes the rate it measures, and so
+the steps, too small (2026-11-27: GPU tests beside it cut a 240 s budget to 104 s of training).
 """
 
 from __future__ import annotations
@@ -53,6 +66,8 @@ def launch(name: str, out: Path, sets: list[str], workers: int, evaluate: str | 
     ]
     if evaluate:
         cmd += ["--evaluate", evaluate]
+        if expert == "lm" and os.environ.get("EXAM_EVERY"):  # the main run only, not the probe
+            cmd += ["--exam-every", os.environ["EXAM_EVERY"]]
     log = open(f"/tmp/{out.parent.name}-{name}.log", "w")  # noqa: SIM115 (lives as long as the run)
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
 
