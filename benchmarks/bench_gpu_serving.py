@@ -307,6 +307,51 @@ class GpuBench:
         return out
 
 
+def profile_decode(bench: GpuBench, name: str = "seechat", top: int = 15) -> dict:
+    """One batch-1 request of engine `name` under the torch profiler: the kernels that took the
+    device's time (on a CPU rehearsal: the ops that took the CPU's), and how busy the device was
+    over the request (kernel time / wall time: well under 1 means the step waits on the host or
+    on launches, not on the kernels). CUDA kernels are traced from every thread; on a CPU the
+    profiler sees only this thread's ops, not the engine thread's, so the rehearsal checks the
+    plumbing, not the numbers."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = bench.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        res = bench.engine_run(name, 1)
+        wall = time.perf_counter() - t0
+    field = "self_device_time_total" if cuda else "self_cpu_time_total"
+    rows = sorted(
+        ((e.key, e.count, getattr(e, field) / 1e6) for e in prof.key_averages() if getattr(e, field) > 0),
+        key=lambda r: -r[2],
+    )
+    busy = sum(r[2] for r in rows)
+    return {
+        "engine": name,
+        "wall_s": wall,
+        "tokens": res["tokens"],
+        "time_field": field,
+        "busy_s": busy,
+        "busy_share": busy / wall,
+        "top": [{"name": k, "calls": c, "seconds": t, "share": t / busy} for k, c, t in rows[:top]],
+    }
+
+
+def profile_report(prof: dict) -> str:
+    lines = [
+        f"profile of one batch-1 request ({prof['engine']}, {prof['tokens']} tokens): wall "
+        f"{prof['wall_s'] * 1e3:.1f} ms, {prof['time_field']} {prof['busy_s'] * 1e3:.1f} ms "
+        f"({prof['busy_share']:.0%} busy)",
+        "| kernel / op | calls | ms | share |",
+        "|---|---|---|---|",
+    ]
+    for r in prof["top"]:
+        lines.append(f"| {r['name'][:90]} | {r['calls']} | {r['seconds'] * 1e3:.2f} | {r['share']:.1%} |")
+    return "\n".join(lines)
+
+
 def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     dtype = torch.float32 if args.tiny else torch.bfloat16
@@ -346,6 +391,7 @@ def run(args: argparse.Namespace) -> dict:
             )
         paths = {name: e.runner.decode_path for name, e in bench.engines.items()}
         counters = bench.engines["seechat"].counters
+        prof = profile_decode(bench) if args.profile else None
     finally:
         bench.close()
 
@@ -385,6 +431,7 @@ def run(args: argparse.Namespace) -> dict:
         "greedy_tokens_shared": agree,
         "draft_acceptance": counters["accepted_drafts"] / max(1, counters["draft_tokens"]),
         "table": table,
+        "profile": prof,
     }
 
 
@@ -428,6 +475,8 @@ def report(res: dict) -> str:
         line += f"; batch-1 decode at {share:.0%} of the bandwidth limit"
     lines.append(line)
     lines.append(f"leading greedy tokens shared with transformers: {res['greedy_tokens_shared']}")
+    if res.get("profile"):
+        lines.append(profile_report(res["profile"]))
     return "\n".join(lines)
 
 
@@ -440,6 +489,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-len", type=int, default=1024, help="engine max_model_len (KV slot length)")
     parser.add_argument("--json", default="", help="also write the results here")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="then profile one batch-1 request of the default engine: top kernels and device busy share",
+    )
     args = parser.parse_args(argv)
     if 1 not in args.concurrency:
         parser.error("--concurrency must include 1 (TTFT and batch-1 decode)")

@@ -1,24 +1,26 @@
 #!/usr/bin/env bash
-# Issue 16's device session in one command: every GPU figure, written under $OUT. Run from the repo
-# root on a lent GPU, with the transformers wheel the project needs carried along (the image has an
-# older one). On this workplace's device tool:
+# The next device session's commands (issues 13 and 16), every figure written under $OUT. Run from
+# the repo root on a lent GPU, with the wheels the device image lacks carried along. Here, once:
 #
 #   mkdir -p build/whl && python -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
-#       --implementation cp --platform manylinux2014_x86_64 -d build/whl transformers==5.24.0
-#   run(command="bash benchmarks/gpu_session.sh", carry=["build/whl"], timeout_s=600)
+#       --implementation cp --platform manylinux2014_x86_64 -d build/whl transformers==5.24.0 braceexpand==0.1.7
 #
-# About 5-6 minutes on an H100, at most 9.5 (each step has its own timeout, 90 + 330 + 150 s, and a
-# failing step does not stop the next): the GPU tests, the serving benchmark (item 1), the
-# training-step baseline (item 2).
-# TINY=1 rehearses the script itself on a CPU (tiny shapes, one short run each).
+# Then, 15 minutes of device time (a start costs ~35 s; a warm machine goes back after 30 s idle):
+#
+#   run(command="bash benchmarks/gpu_session.sh lm", carry=["build/whl"], timeout_s=590)       # ~9.5 min
+#   run(command="bash benchmarks/gpu_session.sh serving", carry=["build/whl"], timeout_s=280)  # ~3.5 min, at once
+#
+# lm:      the mini LM (issue 13) on fresh rows for LM_BUDGET seconds of training (default 400) with
+#          the reading exam every EXAM_EVERY steps (default 1000) -> OUT/lm.tar.gz (weights, metrics,
+#          exam.png, eval.json on the default world's val split) and OUT/summary.json. The probe
+#          runs alone: nothing else may share the GPU while it measures the step rate.
+# serving: the GPU tests, then the serving benchmark with a profile of one batch-1 request (issue
+#          16 item 1: which kernels take a decode step, and how busy the GPU is) -> OUT/serving.json.
+# train:   the training-step benchmark at the reference shapes (issue 16 item 2's baseline).
+# TINY=1 rehearses a part on a CPU (tiny shapes, one short run each).
 set -uo pipefail
+PART=${1:-serving}
 TINY=${TINY:-0}
-SERVING_ARGS=()
-TRAIN_ARGS=(--preset reference --s1-batches 128 --s2-batches 4,8)
-if [ "$TINY" = 1 ]; then
-    SERVING_ARGS=(--tiny --new-tokens 8 --repeats 1)
-    TRAIN_ARGS=(--preset tiny --device cpu --steps 1 --warmup 1 --s1-batches 2 --s2-batches 2)
-fi
 OUT=${OUT:-/tmp/seechat-gpu-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error HF_HUB_OFFLINE=1
@@ -33,16 +35,39 @@ fi
     date -u
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv || true
     $PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-    uptime
 } 2>&1 | tee -a "$OUT/env.txt"
 
-echo "== GPU tests" | tee "$OUT/tests.log"
-timeout 90 $PY -m pytest -q -p no:cacheprovider tests/infer/test_gpu.py tests/benchmarks/test_bench_gpu_serving.py \
-    2>&1 | tee -a "$OUT/tests.log"
-
-echo "== serving benchmark (item 1)" | tee "$OUT/serving.log"
-timeout 330 $PY benchmarks/bench_gpu_serving.py "${SERVING_ARGS[@]}" --json "$OUT/serving.json" 2>&1 | tee -a "$OUT/serving.log"
-
-echo "== training-step baseline (item 2)" | tee "$OUT/train_step.log"
-timeout 150 $PY benchmarks/bench_train_step.py "${TRAIN_ARGS[@]}" --json "$OUT/train_step.json" 2>&1 | tee -a "$OUT/train_step.log"
+case "$PART" in
+lm)
+    if [ "$TINY" = 1 ]; then
+        DRY_RUN=1 ONLY=lm EXAM_EVERY=100 $PY docs/experiments/mini_experts/train_on_gpu.py "$OUT" 20 \
+            lm=lm.batch_size=4,lm.hidden=32,lm.intermediate=64,lm.heads=2,lm.kv_heads=1 2>&1 | tee "$OUT/lm.log"
+    else
+        ONLY=lm EXAM_EVERY=${EXAM_EVERY:-1000} timeout 560 $PY docs/experiments/mini_experts/train_on_gpu.py \
+            "$OUT" "${LM_BUDGET:-400}" > "$OUT/lm.log" 2>&1
+        echo "lm rc $?"
+        tail -c 3000 "$OUT/lm.log"
+    fi
+    ;;
+serving)
+    SERVING_ARGS=(--profile)
+    [ "$TINY" = 1 ] && SERVING_ARGS+=(--tiny --new-tokens 8 --repeats 1)
+    echo "== GPU tests" | tee "$OUT/tests.log"
+    timeout 60 $PY -m pytest -q -p no:cacheprovider tests/infer/test_gpu.py tests/benchmarks/test_bench_gpu_serving.py \
+        2>&1 | tee -a "$OUT/tests.log"
+    echo "== serving benchmark (item 1)" | tee "$OUT/serving.log"
+    timeout 220 $PY benchmarks/bench_gpu_serving.py "${SERVING_ARGS[@]}" --json "$OUT/serving.json" 2>&1 \
+        | tee -a "$OUT/serving.log"
+    ;;
+train)
+    TRAIN_ARGS=(--preset reference --s1-batches 128 --s2-batches 4,8)
+    [ "$TINY" = 1 ] && TRAIN_ARGS=(--preset tiny --device cpu --steps 1 --warmup 1 --s1-batches 2 --s2-batches 2)
+    timeout 300 $PY benchmarks/bench_train_step.py "${TRAIN_ARGS[@]}" --json "$OUT/train_step.json" 2>&1 \
+        | tee "$OUT/train_step.log"
+    ;;
+*)
+    echo "usage: bash benchmarks/gpu_session.sh lm|serving|train" >&2
+    exit 2
+    ;;
+esac
 date -u | tee -a "$OUT/env.txt"

@@ -11,6 +11,7 @@ from benchmarks.bench_gpu_serving import main
 def test_tiny_rehearsal_runs_and_both_sides_agree(tmp_path):
     out = tmp_path / "res.json"
     args = ["--tiny", "--new-tokens", "8", "--repeats", "1", "--concurrency", "1", "3", "--json", str(out)]
+    args.append("--profile")
     assert main(args) == 0
     res = json.loads(out.read_text())
     assert res["decode_paths"]["seechat"].startswith("static")
@@ -20,3 +21,16 @@ def test_tiny_rehearsal_runs_and_both_sides_agree(tmp_path):
         assert row["decode_tok_s_b1"]["median"] > 0 and row["ttft_ms"]["median"] > 0
         assert set(row["agg_tok_s"]) == {"1", "3"}
     assert res["decode_weight_bytes"] > 0 and res["prompt_tokens"] > 16
+    prof = res["profile"]
+    assert prof["engine"] == "seechat" and prof["tokens"] == 8 and prof["wall_s"] > 0
+    assert prof["top"] and all(r["seconds"] > 0 and r["calls"] > 0 for r in prof["top"])
+
+
+def test_full_size_tokenizer_streams_every_id_the_lm_can_sample():
+    """At full size the benchmark's character tokenizer has one character per LM token id, so a
+    random LM's tokens always stream as text (the per-token clock needs every token to stream)."""
+    from benchmarks.bench_gpu_serving import QUESTION, filler_chars
+
+    chars = filler_chars(5000)
+    assert len(set(chars)) == 5000 and not set(chars) & set(QUESTION)
+    assert all(len(c) == 1 and not 0xD800 <= ord(c) <= 0xDFFF and not c.isspace() for c in chars)
