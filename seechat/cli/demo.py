@@ -55,7 +55,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from seechat.mini.evaluate import read_jsonl
     from seechat.mini.experts import ExpertPaths
     from seechat.mini.world import WorldConfig
 
@@ -76,10 +75,12 @@ def run(args: argparse.Namespace) -> int:
         eval_limit=args.eval_limit,
     )
 
-    image = read_jsonl(out / "world" / "test" / "captions.jsonl")[0]["image"]
-    print("\n示例对话（测试集图片 " + image + "）：")
+    print("\n示例对话（测试集图片 " + results["sample_dialogue_image"] + "）：")
     for turn in results["sample_dialogue"]:
-        print(f"  用户：{turn['user']}\n  助手：{turn['assistant']}")
+        mark = "✓" if turn["right"] else "✗"
+        print(
+            f"  用户：{turn['user']}\n  助手：{turn['assistant']}\n        {mark} 实际：{turn['reference']}"
+        )
     print(
         f"\nVQA accuracy {results['vqa_accuracy']:.1%} over {results['vqa_questions']} questions; "
         f"by type: " + ", ".join(f"{k} {v:.0%}" for k, v in sorted(results["vqa_accuracy_by_type"].items()))

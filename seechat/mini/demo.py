@@ -27,8 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from seechat.config import load_config, to_dict
+from seechat.data.boxes import parse_box
 from seechat.data.images import load_image
 from seechat.data.jsonl import read_jsonl
+from seechat.eval.grounding import box_iou
+from seechat.eval.tasks import caption_exact_match
+from seechat.eval.vqa import answers_match
 from seechat.infer.chat import ChatSession
 from seechat.infer.sampling import SamplingParams
 from seechat.mini.evaluate import evaluate_split
@@ -111,17 +115,39 @@ def run_stage(
     return target
 
 
-def sample_dialogue(checkpoint: Path, world: Path) -> list[tuple[str, str]]:
-    """A short multi-turn chat about the first test image (the demo shows it)."""
-
+def sample_dialogue(checkpoint: Path, world: Path) -> tuple[str, list[dict[str, object]]]:
+    """A short multi-turn chat about the first test image that has a referring expression: a
+    description, the number of objects, and the box of one object named as the world's grounding
+    data names it. -> (the image's path in the world, the turns); each turn: user, assistant, the
+    truth about the image (`reference`) and whether the reply matches it (`right`: a caption
+    reference up to normalisation, the count as VQA counts it, the box at IoU >= 0.5)."""
+    captions = {r["image"]: r for r in read_jsonl(world / "test" / "captions.jsonl")}
+    objects = {r["image"]: r["objects"] for r in read_jsonl(world / "test" / "detection.jsonl")}
+    grounding = next(r for r in read_jsonl(world / "test" / "grounding.jsonl") if r["image"] in objects)
+    row = captions[grounding["image"]]
+    truth = grounding["box"]
+    checks = [
+        (
+            "请用一句话描述这张图片。",
+            row["references"][0],
+            lambda a: caption_exact_match(a, row["references"]),
+        ),
+        ("图中有几个图形？", str(len(objects[row["image"]])), None),
+        (
+            f"请给出{grounding['expression']}的位置（坐标框）。",
+            grounding["answer"],
+            lambda a: (b := parse_box(a)) is not None and float(box_iou([b], [truth])[0]) >= 0.5,
+        ),
+    ]
     model, processor = load(checkpoint)
-    row = read_jsonl(world / "test" / "captions.jsonl")[0]
     image = load_image(world / row["image"])
     chat = ChatSession(model, processor)
-    turns = []
-    for q in ("请用一句话描述这张图片。", "图中有几个图形？", "请给出第一个图形的位置（坐标框）。"):
-        turns.append((q, chat.ask(q, [image] if not turns else [], SamplingParams(max_new_tokens=64))))
-    return turns
+    turns: list[dict[str, object]] = []
+    for question, reference, check in checks:
+        answer = chat.ask(question, [image] if not turns else [], SamplingParams(max_new_tokens=64))
+        right = check(answer) if check is not None else answers_match(answer, reference)
+        turns.append({"user": question, "assistant": answer, "reference": reference, "right": right})
+    return row["image"], turns
 
 
 def demo(
@@ -163,8 +189,7 @@ def demo(
     results["wall_seconds"] = time.time() - t0
     results["train_wall_seconds"] = t_train
     results["checkpoint"] = str(s2)
-    turns = sample_dialogue(s2, world)
-    results["sample_dialogue"] = [{"user": q, "assistant": a} for q, a in turns]
+    results["sample_dialogue_image"], results["sample_dialogue"] = sample_dialogue(s2, world)
     (out / "results.json").write_text(json.dumps(results, ensure_ascii=False, indent=2), encoding="utf-8")
 
     return results
