@@ -9,18 +9,25 @@ PYTHON ?= python3
 TORCH  ?= torch==2.13.0
 BIN     = $(VENV)/bin
 
-.PHONY: setup demo test lint browser clean
+.PHONY: setup setup-run demo test lint browser clean
 
+# setup-run: torch and the package, what `seechat demo` needs; setup: that plus the dev extras
+# (test tools, the server, the trackers), what `make test` needs. The demo does not wait for them.
+setup-run: $(VENV)/.installed-run
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed-run: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.installed-run
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
-demo: setup
+demo: setup-run
 	$(BIN)/seechat demo
 
 lint: setup
