@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -48,6 +50,24 @@ def tiny_world(tmp_path_factory) -> dict[str, str]:
         "lm": str(lm),
         "tokenizer": str(tok),
     }
+
+
+@pytest.fixture(scope="session")
+def world_ckpt(tiny_world, tmp_path_factory) -> Path:
+    """A random stage-1-like checkpoint on the tiny world's experts: 4 image tokens, bridge only
+    (read-only: the eval and mini-eval tests share it)."""
+    from seechat.config import BridgeConfig, LMConfig, ModelConfig, VisionConfig
+    from seechat.model import build, write_checkpoint
+
+    cfg = ModelConfig(
+        vision=VisionConfig(path=tiny_world["vision"]),
+        lm=LMConfig(path=tiny_world["lm"], tokenizer_path=tiny_world["tokenizer"]),
+        bridge=BridgeConfig(type="qformer", num_queries=4, num_layers=1, num_heads=2),
+        max_length=256,
+    )
+    torch.manual_seed(0)
+    model, processor = build(cfg)
+    return write_checkpoint(model, processor, tmp_path_factory.mktemp("world_ckpt") / "ckpt")
 
 
 def tiny_overrides(w: dict[str, str], out: str, **extra) -> list[str]:

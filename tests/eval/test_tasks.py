@@ -10,10 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from seechat.cli import main
-from seechat.config import BridgeConfig, LMConfig, ModelConfig, VisionConfig
 from seechat.data.jsonl import read_jsonl, write_jsonl
 from seechat.eval.bleu import bleu
 from seechat.eval.cider import cider_d
@@ -21,32 +19,17 @@ from seechat.eval.grounding import grounding_accuracy
 from seechat.eval.normalize import normalize_caption
 from seechat.eval.tasks import score_detection, shard_batches
 from seechat.eval.vqa import vqa_accuracy
-from seechat.model import build, write_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def ckpt(tiny_world, tmp_path_factory) -> Path:
-    """A random stage-1-like checkpoint on the tiny world's experts: 4 image tokens, bridge only."""
-    cfg = ModelConfig(
-        vision=VisionConfig(path=tiny_world["vision"]),
-        lm=LMConfig(path=tiny_world["lm"], tokenizer_path=tiny_world["tokenizer"]),
-        bridge=BridgeConfig(type="qformer", num_queries=4, num_layers=1, num_heads=2),
-        max_length=256,
-    )
-    torch.manual_seed(0)
-    model, processor = build(cfg)
-    return write_checkpoint(model, processor, tmp_path_factory.mktemp("eval_run") / "ckpt")
-
-
-def run_cli(task: str, ckpt: Path, data: Path, out: Path, *extra: str) -> int:
+def run_cli(task: str, world_ckpt: Path, data: Path, out: Path, *extra: str) -> int:
     return main(
         [
             "eval",
             task,
             "--model",
-            str(ckpt),
+            str(world_ckpt),
             "--data",
             str(data),
             "--out",
@@ -68,12 +51,12 @@ def outputs(out: Path) -> tuple[dict, list[dict]]:
 
 
 @pytest.fixture(scope="module")
-def vqa_runs(ckpt, tiny_world, tmp_path_factory) -> dict[str, Path]:
+def vqa_runs(world_ckpt, tiny_world, tmp_path_factory) -> dict[str, Path]:
     """A run on the world's test VQA file, then one on a copy whose even rows' answers are the
     first run's predictions, so the accuracy (overall and per type) is not trivially 0."""
     root = tmp_path_factory.mktemp("vqa_runs")
     test = Path(tiny_world["world"]) / "test" / "vqa.jsonl"
-    assert run_cli("vqa", ckpt, test, root / "plain", "--limit", "10") == 0
+    assert run_cli("vqa", world_ckpt, test, root / "plain", "--limit", "10") == 0
     _, preds = outputs(root / "plain")
     rows = read_jsonl(test)[:10]
     rigged = [
@@ -82,7 +65,10 @@ def vqa_runs(ckpt, tiny_world, tmp_path_factory) -> dict[str, Path]:
     ]
     write_jsonl(root / "rigged.jsonl", rigged)
     assert (
-        run_cli("vqa", ckpt, root / "rigged.jsonl", root / "rigged", "--image-root", tiny_world["world"]) == 0
+        run_cli(
+            "vqa", world_ckpt, root / "rigged.jsonl", root / "rigged", "--image-root", tiny_world["world"]
+        )
+        == 0
     )
     return {
         "test": test,
@@ -113,7 +99,9 @@ def test_vqa_report_equals_metrics_recomputed_from_predictions(vqa_runs, tiny_wo
     assert "accuracy by question type" in md and f"{rigged['metrics']['accuracy']:.4f}" in md
 
 
-def test_two_processes_give_the_one_process_predictions_and_metrics(ckpt, vqa_runs, tiny_world, tmp_path):
+def test_two_processes_give_the_one_process_predictions_and_metrics(
+    world_ckpt, vqa_runs, tiny_world, tmp_path
+):
     out = tmp_path / "two"
     cmd = [
         sys.executable,
@@ -127,7 +115,7 @@ def test_two_processes_give_the_one_process_predictions_and_metrics(ckpt, vqa_ru
         "eval",
         "vqa",
         "--model",
-        str(ckpt),
+        str(world_ckpt),
         "--data",
         str(vqa_runs["rigged_data"]),
         "--out",
@@ -150,9 +138,9 @@ def test_two_processes_give_the_one_process_predictions_and_metrics(ckpt, vqa_ru
     assert not (out / ".shards").exists()  # rank 0 merged and removed the per-rank files
 
 
-def test_caption_report_equals_metrics_recomputed_from_predictions(ckpt, tiny_world, tmp_path):
+def test_caption_report_equals_metrics_recomputed_from_predictions(world_ckpt, tiny_world, tmp_path):
     data = Path(tiny_world["world"]) / "test" / "captions.jsonl"
-    assert run_cli("caption", ckpt, data, tmp_path, "--limit", "8") == 0
+    assert run_cli("caption", world_ckpt, data, tmp_path, "--limit", "8") == 0
     report, preds = outputs(tmp_path)
     assert report["scored"] == len(preds) == 8
     cands, refs = [p["prediction"] for p in preds], [p["reference"] for p in preds]
@@ -166,7 +154,7 @@ def test_caption_report_equals_metrics_recomputed_from_predictions(ckpt, tiny_wo
     assert report["settings"]["tokenize"] == "char"
 
 
-def test_eval_caption_and_seechat_caption_decode_the_same_way(ckpt, tiny_world, tmp_path):
+def test_eval_caption_and_seechat_caption_decode_the_same_way(world_ckpt, tiny_world, tmp_path):
     """Both go through the engine: the same prompt gives the same caption for every image."""
     from seechat.infer.caption import caption
     from seechat.infer.engine import Engine
@@ -174,10 +162,13 @@ def test_eval_caption_and_seechat_caption_decode_the_same_way(ckpt, tiny_world, 
     from seechat.model import load
 
     world = Path(tiny_world["world"])
-    assert run_cli("caption", ckpt, world / "test" / "captions.jsonl", tmp_path / "eval", "--limit", "6") == 0
+    assert (
+        run_cli("caption", world_ckpt, world / "test" / "captions.jsonl", tmp_path / "eval", "--limit", "6")
+        == 0
+    )
     _, preds = outputs(tmp_path / "eval")
     write_jsonl(tmp_path / "images.jsonl", [{"image": p["image"]} for p in preds])
-    model, processor = load(ckpt)
+    model, processor = load(world_ckpt)
     with Engine(model, processor) as engine:
         counts = caption(
             engine,
@@ -193,11 +184,18 @@ def test_eval_caption_and_seechat_caption_decode_the_same_way(ckpt, tiny_world, 
     assert captioned == {p["image"]: p["prediction"] for p in preds}
 
 
-def test_grounding_counts_parse_failures(ckpt, tiny_world, tmp_path):
+def test_grounding_counts_parse_failures(world_ckpt, tiny_world, tmp_path):
     data = Path(tiny_world["world"]) / "test" / "grounding.jsonl"
     assert (
         run_cli(
-            "grounding", ckpt, data, tmp_path, "--limit", "8", "--prompt", "<image>\n{expression}在哪里？"
+            "grounding",
+            world_ckpt,
+            data,
+            tmp_path,
+            "--limit",
+            "8",
+            "--prompt",
+            "<image>\n{expression}在哪里？",
         )
         == 0
     )
@@ -212,7 +210,7 @@ def test_grounding_counts_parse_failures(ckpt, tiny_world, tmp_path):
     )
 
 
-def test_missing_and_corrupt_images_are_reported_by_id(ckpt, tiny_world, tmp_path, capsys):
+def test_missing_and_corrupt_images_are_reported_by_id(world_ckpt, tiny_world, tmp_path, capsys):
     rows = read_jsonl(Path(tiny_world["world"]) / "test" / "vqa.jsonl")[:6]
     corrupt = tmp_path / "corrupt.jpg"
     corrupt.write_bytes(b"not a jpeg")
@@ -220,7 +218,9 @@ def test_missing_and_corrupt_images_are_reported_by_id(ckpt, tiny_world, tmp_pat
     rows[4] = {**rows[4], "image": str(corrupt)}
     write_jsonl(tmp_path / "vqa.jsonl", rows)
     assert (
-        run_cli("vqa", ckpt, tmp_path / "vqa.jsonl", tmp_path / "out", "--image-root", tiny_world["world"])
+        run_cli(
+            "vqa", world_ckpt, tmp_path / "vqa.jsonl", tmp_path / "out", "--image-root", tiny_world["world"]
+        )
         == 1
     )
     assert rows[1]["id"] in capsys.readouterr().out
@@ -241,14 +241,14 @@ def test_missing_and_corrupt_images_are_reported_by_id(ckpt, tiny_world, tmp_pat
     assert "Skipped rows (2)" in md and rows[1]["id"] in md and rows[4]["id"] in md
 
 
-def test_bad_inputs_exit_2_before_decoding(ckpt, tiny_world, tmp_path, capsys):
+def test_bad_inputs_exit_2_before_decoding(world_ckpt, tiny_world, tmp_path, capsys):
     write_jsonl(tmp_path / "bad.jsonl", [{"id": "a", "image": "x.jpg", "question": "?"}])
-    assert run_cli("vqa", ckpt, tmp_path / "bad.jsonl", tmp_path / "o1") == 2
+    assert run_cli("vqa", world_ckpt, tmp_path / "bad.jsonl", tmp_path / "o1") == 2
     assert "row 1: missing answer" in capsys.readouterr().err
     data = Path(tiny_world["world"]) / "test" / "vqa.jsonl"
-    assert run_cli("vqa", ckpt, data, tmp_path / "o2", "--prompt", "<image>{nope}") == 2
+    assert run_cli("vqa", world_ckpt, data, tmp_path / "o2", "--prompt", "<image>{nope}") == 2
     assert "'nope'" in capsys.readouterr().err
-    assert run_cli("vqa", ckpt, data, tmp_path / "o3", "--prompt", "{question}") == 2
+    assert run_cli("vqa", world_ckpt, data, tmp_path / "o3", "--prompt", "{question}") == 2
     assert "<image> exactly once" in capsys.readouterr().err
 
 
@@ -260,9 +260,9 @@ def test_shards_are_contiguous_runs_of_the_one_process_batches():
         assert max(map(len, parts)) - min(map(len, parts)) <= 1
 
 
-def test_detection_scores_the_predictions_it_wrote(ckpt, tiny_world, tmp_path):
+def test_detection_scores_the_predictions_it_wrote(world_ckpt, tiny_world, tmp_path):
     data = Path(tiny_world["world"]) / "test" / "detection.jsonl"
-    assert run_cli("detection", ckpt, data, tmp_path, "--limit", "4") == 0
+    assert run_cli("detection", world_ckpt, data, tmp_path, "--limit", "4") == 0
     report, preds = outputs(tmp_path)
     rows = read_jsonl(data)[:4]
     assert [p["reference"] for p in preds] == [r["objects"] for r in rows]

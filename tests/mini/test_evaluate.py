@@ -5,51 +5,33 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-import torch
-
 from seechat.cli import main
-from seechat.config import BridgeConfig, LMConfig, ModelConfig, VisionConfig
 from seechat.data.jsonl import read_jsonl
 from seechat.mini.evaluate import answer_split, load_images
-from seechat.model import build, write_checkpoint
 
 ROWS, BATCH, NEW_TOKENS = 8, 4, 8
 
 
-@pytest.fixture(scope="module")
-def ckpt(tiny_world, tmp_path_factory) -> Path:
-    cfg = ModelConfig(
-        vision=VisionConfig(path=tiny_world["vision"]),
-        lm=LMConfig(path=tiny_world["lm"], tokenizer_path=tiny_world["tokenizer"]),
-        bridge=BridgeConfig(type="qformer", num_queries=4, num_layers=1, num_heads=2),
-        max_length=256,
-    )
-    torch.manual_seed(0)
-    model, processor = build(cfg)
-    return write_checkpoint(model, processor, tmp_path_factory.mktemp("mini_eval") / "ckpt")
-
-
-def eval_cli(task: str, ckpt: Path, data: Path, out: Path) -> list[dict]:
-    args = ["eval", task, "--model", str(ckpt), "--data", str(data), "--out", str(out), "--no-progress"]
+def eval_cli(task: str, world_ckpt: Path, data: Path, out: Path) -> list[dict]:
+    args = ["eval", task, "--model", str(world_ckpt), "--data", str(data), "--out", str(out), "--no-progress"]
     args += ["--limit", str(ROWS), "--batch-size", str(BATCH), "--max-new-tokens", str(NEW_TOKENS)]
     assert main(args) == 0
     return read_jsonl(out / "predictions.jsonl")
 
 
-def test_demo_evaluation_equals_seechat_eval(ckpt, tiny_world, tmp_path):
+def test_demo_evaluation_equals_seechat_eval(world_ckpt, tiny_world, tmp_path):
     from seechat.model import load
 
     world = Path(tiny_world["world"])
     vqa = read_jsonl(world / "test" / "vqa.jsonl")[:ROWS]
     grd = read_jsonl(world / "test" / "grounding.jsonl")[:ROWS]
-    model, processor = load(ckpt)
+    model, processor = load(world_ckpt)
     metrics, preds = answer_split(
         model, processor, load_images(world, vqa + grd), vqa, grd, [], BATCH, max_new_tokens=NEW_TOKENS
     )
 
-    vqa_rows = eval_cli("vqa", ckpt, world / "test" / "vqa.jsonl", tmp_path / "vqa")
-    grd_rows = eval_cli("grounding", ckpt, world / "test" / "grounding.jsonl", tmp_path / "grd")
+    vqa_rows = eval_cli("vqa", world_ckpt, world / "test" / "vqa.jsonl", tmp_path / "vqa")
+    grd_rows = eval_cli("grounding", world_ckpt, world / "test" / "grounding.jsonl", tmp_path / "grd")
     assert preds["vqa"] == [r["prediction"] for r in vqa_rows]
     assert preds["grounding"] == [r["prediction"] for r in grd_rows]
     assert metrics["vqa_accuracy"] == sum(r["correct"] for r in vqa_rows) / ROWS
