@@ -1,4 +1,4 @@
-"""Option types the data verbs share: byte sizes ("512M") and fractions in (0, 1]."""
+"""Options the data verbs share: byte sizes ("512M"), fractions in (0, 1], and the shard limits."""
 
 from __future__ import annotations
 
@@ -19,3 +19,17 @@ def fraction(text: str) -> float:
     if not 0.0 < value <= 1.0:
         raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
     return value
+
+
+def add_shard_limits(parser: argparse.ArgumentParser, shard: str = "shard") -> None:
+    """--samples-per-shard and --max-shard-size (ShardWriter's limits); `shard` names the shards
+    in the help ("output shard" where the verb also reads shards)."""
+    parser.add_argument(
+        "--samples-per-shard", type=int, default=10_000, help=f"max samples per {shard} (default: 10000)"
+    )
+    parser.add_argument(
+        "--max-shard-size",
+        type=byte_size,
+        default=1 << 30,
+        help=f"max bytes per {shard}, e.g. 512M (default: 1G)",
+    )

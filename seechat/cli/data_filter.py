@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from seechat.cli._units import byte_size, fraction
+from seechat.cli._units import add_shard_limits, byte_size, fraction
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -69,15 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["float32", "bfloat16", "float16"],
         help="scorer weights dtype (default: float32)",
     )
-    parser.add_argument(
-        "--samples-per-shard", type=int, default=10_000, help="max samples per output shard (default: 10000)"
-    )
-    parser.add_argument(
-        "--max-shard-size",
-        type=byte_size,
-        default=1 << 30,
-        help="max bytes per output shard, e.g. 512M (default: 1G)",
-    )
+    add_shard_limits(parser, "output shard")
     parser.add_argument(
         "--max-sample-size",
         type=byte_size,

@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from seechat.cli._units import byte_size
+from seechat.cli._units import add_shard_limits
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,15 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-side", type=int, default=None, help="shrink so the longer side is at most this"
     )
     parser.add_argument("--quality", type=int, default=90, help="JPEG quality (default: 90)")
-    parser.add_argument(
-        "--samples-per-shard", type=int, default=10_000, help="max samples per shard (default: 10000)"
-    )
-    parser.add_argument(
-        "--max-shard-size",
-        type=byte_size,
-        default=1 << 30,
-        help="max bytes per shard, e.g. 512M (default: 1G)",
-    )
+    add_shard_limits(parser)
     parser.add_argument("--prefix", default="", help="shard file name prefix, e.g. 'train-'")
     parser.add_argument(
         "--workers", type=int, default=0, help="processes that decode/re-encode images (default: 0 = inline)"
