@@ -25,6 +25,7 @@ from typing import Any, Literal
 import yaml
 
 Trainable = Literal["frozen", "full", "lora"]
+LossAverage = Literal["token", "sample", "square"]  # `train.loss_average` (seechat.train.averaging)
 Tracker = Literal["tensorboard", "wandb"]  # experiment trackers of `train.report_to` (seechat.train.trackers)
 
 
@@ -141,6 +142,7 @@ class TrainConfig:
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     gradient_checkpointing: bool = False
     group_by_length: bool = True  # conversations: batch similar lengths to waste less on padding
+    loss_average: LossAverage = "token"  # how a step averages its token losses: per token, sample, or sqrt
     eval_every: int = 0  # with data.eval_paths: held-out loss every N steps (0 = only at the end)
     eval_batches: int = 0  # global batches per evaluation (0 = the whole of data.eval_paths)
     report_to: tuple[Tracker, ...] = ()  # experiment trackers, besides train/metrics.jsonl and loss.png

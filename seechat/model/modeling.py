@@ -6,7 +6,9 @@ The whole forward pass, top to bottom:
                             --bridge-------> (n_img, N_tok, D_lm)
     input_ids (B, T) --LM embeddings--> (B, T, D_lm); the n_img * N_tok image-token positions are
     overwritten in order by the image features (`masked_scatter`, after a count check);
-    --language_model--> logits (B, T, V); loss = token-mean cross-entropy over labels != -100.
+    --language_model--> logits (B, T, V); loss = cross-entropy over labels != -100, summed (each row's
+    tokens weighted by `loss_weights`, default 1) and divided by `num_items_in_batch` (default: the
+    weighted count), i.e. a token mean unless training asks for another average (seechat.train.averaging).
     With `model.fusion: deep` the LM call runs inside `visual_experts.routing(image mask)`: at image
     positions every layer uses its visual expert's QKV and MLP (seechat.model.fusion); a text-only
     input never opens the scope, so it gets exactly the base LM's computation.
@@ -97,12 +99,15 @@ class SeeChatModel(nn.Module):
         cache: object | None = None,
         use_cache: bool = False,
         position_ids: torch.Tensor | None = None,
-        num_items_in_batch: int | None = None,
+        num_items_in_batch: float | None = None,
         logits_to_keep: int = 0,
         return_logits: bool = True,
+        loss_weights: torch.Tensor | None = None,
     ) -> SeeChatOutput:
-        """`num_items_in_batch`: divide the summed loss by this many tokens (gradient accumulation
-        and data parallelism pass the global count so the mean is over the true global batch).
+        """`num_items_in_batch`: divide the summed loss by this (gradient accumulation and data
+        parallelism pass the global count so the mean is over the true global batch).
+        `loss_weights` (B,): each supervised token of row b counts `loss_weights[b]` times in the sum
+        (per-sample or square averaging; None = every token once).
         `logits_to_keep`: compute logits for only the last k positions (0 = all), as in decoding.
         `return_logits=False` (training, with `labels`): the LM head runs only at positions that
         predict a supervised token, and no logits are returned. Same loss; with a 150 k vocabulary
@@ -130,9 +135,9 @@ class SeeChatModel(nn.Module):
         if labels is None:
             return SeeChatOutput(logits=out.logits, cache=out.cache)
         if return_logits:
-            loss, n = causal_lm_loss(out.logits, labels, num_items_in_batch)
+            loss, n = causal_lm_loss(out.logits, labels, num_items_in_batch, loss_weights)
             return SeeChatOutput(logits=out.logits, loss=loss, cache=out.cache, num_items=n)
-        loss, n = token_loss(out.logits, labels[:, keep + 1], num_items_in_batch)
+        loss, n = token_loss(out.logits, labels[:, keep + 1], num_items_in_batch, loss_weights)
         return SeeChatOutput(logits=None, loss=loss, cache=out.cache, num_items=n)
 
 
@@ -142,17 +147,24 @@ def supervised_positions(labels: torch.Tensor) -> torch.Tensor:
 
 
 def causal_lm_loss(
-    logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: int | None = None
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    num_items_in_batch: float | None = None,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Next-token cross-entropy summed over supervised positions, divided by the item count."""
-    return token_loss(logits[:, :-1], labels[:, 1:], num_items_in_batch)
+    return token_loss(logits[:, :-1], labels[:, 1:], num_items_in_batch, weights)
 
 
 def token_loss(
-    logits: torch.Tensor, targets: torch.Tensor, num_items_in_batch: int | None = None
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    num_items_in_batch: float | None = None,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int]:
-    """Cross-entropy of aligned logits (B, K, V) and targets (B, K), summed over targets != -100 and
-    divided by `num_items_in_batch` (default: their count)."""
+    """Cross-entropy of aligned logits (B, K, V) and targets (B, K), summed over targets != -100 (row
+    b's tokens times `weights[b]` when given) and divided by `num_items_in_batch` (default: the
+    weighted count). Returns the loss and the number of supervised targets."""
     n = int((targets != IGNORE_INDEX).sum())
     if n == 0:
         raise NoSupervisedTokensError(
@@ -161,10 +173,16 @@ def token_loss(
             "assistant reply was truncated by model.max_length"
         )
     logits = logits.float()  # (B, K, V)
-    loss = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]),
-        targets.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-    return loss / (num_items_in_batch or n), n
+    if weights is None:
+        loss = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]),
+            targets.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
+        )
+        return loss / (num_items_in_batch or n), n
+    per_token = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+    ).view(targets.shape)  # (B, K); 0 where ignored
+    w = weights.to(per_token.dtype).unsqueeze(1) * (targets != IGNORE_INDEX)  # (B, K)
+    return (per_token * w).sum() / (num_items_in_batch or w.sum()), n

@@ -5,7 +5,9 @@ A stage is its config: `trainable` says which groups learn, `data` what they lea
 
     for each optimizer step:
         take grad_accum micro-batches; count their supervised tokens across all ranks (N)
-        for each micro-batch: loss = sum of token losses / N (x world size, undoing DDP's mean)
+        for each micro-batch: loss = sum of token losses / N (x world size, undoing DDP's mean);
+            train.loss_average `sample` / `square` weighs each row's tokens and divides by the
+            global weighted count instead (seechat.train.averaging)
         clip, set the warmup + cosine learning rate, step
         log loss / lr / grad norm / throughput; with data.eval_paths, every eval_every steps (and at
         the end) the held-out loss; every save_every steps write a resume point + checkpoint
@@ -49,6 +51,7 @@ from seechat.config import ModelConfig, RunConfig, from_dict, save_config, to_di
 from seechat.data.jsonl import append_jsonl, read_jsonl, write_jsonl
 from seechat.model.build import add_visual_experts, apply_trainable, build
 from seechat.model.checkpoint import load_checkpoint, read_meta, write_checkpoint
+from seechat.train.averaging import row_weights, weighted_count
 from seechat.train.data import BatchStream, StreamSpec, count_supervised, eval_batches, to_device
 from seechat.train.plots import plot_loss_curve
 from seechat.train.schedule import warmup_cosine
@@ -249,6 +252,7 @@ def train(cfg: RunConfig, resume: bool = True) -> TrainResult:
     )
     window = _Window()
     loss_value = float("nan")
+    average = cfg.train.loss_average
     while pos.step < cfg.train.max_steps:
         micro = [_next_nonempty(stream) for _ in range(cfg.train.grad_accum)]
         local = torch.tensor(
@@ -256,10 +260,14 @@ def train(cfg: RunConfig, resume: bool = True) -> TrainResult:
                 sum(count_supervised(b) for b in micro),
                 sum(b["input_ids"].shape[0] for b in micro),
                 sum(int(b["attention_mask"].sum()) for b in micro),
+                sum(weighted_count(b["labels"], average) for b in micro),
             ],
+            dtype=torch.float64,
             device=acc.device,
         )
-        n_items, n_samples, n_tokens = (int(x) for x in acc.reduce(local, reduction="sum"))
+        totals = acc.reduce(local, reduction="sum").tolist()
+        n_items, n_samples, n_tokens = (int(x) for x in totals[:3])
+        denominator = totals[3] if average != "token" else n_items  # the token mean: exactly as before
         lr = lr_at(pos.step, cfg)
         for g in optimizer.param_groups:
             g["lr"] = lr
@@ -268,7 +276,12 @@ def train(cfg: RunConfig, resume: bool = True) -> TrainResult:
             batch = to_device(batch, acc.device)
             sync = i == len(micro) - 1
             with acc.no_sync(model) if not sync else nullcontext(), acc.autocast():
-                o = model(**batch, num_items_in_batch=n_items, return_logits=False)
+                o = model(
+                    **batch,
+                    num_items_in_batch=denominator,
+                    loss_weights=row_weights(batch["labels"], average),
+                    return_logits=False,
+                )
                 loss = o.loss * acc.num_processes  # DDP and FSDP average gradients over ranks; undo it
             acc.backward(loss)
             step_loss += o.loss.detach()
