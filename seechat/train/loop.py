@@ -43,6 +43,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DistributedType
+from accelerate.state import AcceleratorState
 from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
@@ -105,6 +106,16 @@ def check_init_matches(run: ModelConfig, ckpt: ModelConfig, path: str) -> None:
             f"train.init_from={path} was built with a different architecture ({', '.join(diff)} differ); "
             "make the model section of this recipe match the checkpoint's config.json"
         )
+
+
+def _accelerator(cfg: RunConfig, trackers: list) -> Accelerator:
+    """This run's Accelerator. accelerate keeps one AcceleratorState per process and refuses a second
+    Accelerator with another mixed precision; a process that trains twice (a notebook, a driver running
+    stage 1 in fp32 then stage 2 in bf16) gets a fresh one. The process group (PartialState) stays."""
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") != cfg.train.mixed_precision:
+        AcceleratorState._reset_state()
+    return Accelerator(mixed_precision=cfg.train.mixed_precision, log_with=trackers or None)
 
 
 def build_model(cfg: RunConfig):
@@ -188,7 +199,7 @@ def train(cfg: RunConfig, resume: bool = True) -> TrainResult:
     trackers = build_trackers(
         cfg.train.report_to, run_dir, out.name, _last_saved(found) if resuming else None
     )
-    acc = Accelerator(mixed_precision=cfg.train.mixed_precision, log_with=trackers or None)
+    acc = _accelerator(cfg, trackers)
     check_launch(acc)
     check_sharded_parts(cfg, acc)
     if acc.is_main_process:  # a run killed while replacing them left the previous versions aside

@@ -250,3 +250,18 @@ def test_a_kill_between_the_checkpoint_renames_keeps_the_resume_point(
     assert "resuming from step 2" in caplog.text
     assert losses(out) == uninterrupted
     assert sorted(p.name for p in tmp_path.iterdir()) == ["killed"]
+
+
+def test_one_process_trains_twice_with_different_mixed_precision(tiny_world, tmp_path):
+    """accelerate keeps one state per process; a second train() asking for another precision (stage 1
+    in fp32, stage 2 in bf16, in one notebook) used to fail with "AcceleratorState has already been
+    initialized"."""
+    for mp in ("no", "bf16", "no"):
+        out = tmp_path / mp
+        train(
+            load_config(
+                STAGE1,
+                stage1_overrides(tiny_world, out, **{"train.max_steps": 1, "train.mixed_precision": mp}),
+            )
+        )
+        assert json.loads((out / "train" / "summary.json").read_text())["status"] == "done"
