@@ -214,6 +214,19 @@ def test_stage2_two_processes_match_one_with_the_same_global_batch(stage2):
     assert_same_curve(stage2["one"], stage2["two"])
 
 
+def test_square_loss_average_two_processes_match_one(tiny_world, tmp_path):
+    """train.loss_average=square: each rank weighs its rows and divides by the *global* weighted count,
+    so 2 x 5 rows give one process's 10-row curve (a rank-local denominator would not)."""
+    extra = {"train.loss_average": "square", "train.max_steps": 4}
+    train(
+        load_config(
+            STAGE2, stage2_overrides(tiny_world, tmp_path / "one", **{"train.batch_size": 10, **extra})
+        )
+    )
+    torchrun(STAGE2, stage2_overrides(tiny_world, tmp_path / "two", **{"train.batch_size": 5, **extra}))
+    assert_same_curve(tmp_path / "one", tmp_path / "two")
+
+
 def test_two_processes_evaluate_the_held_out_loss_of_one(stage2, tiny_world):
     """Each rank takes its share of the same global eval batches: one held-out set, one loss."""
     (one,), (two,) = (
