@@ -35,17 +35,20 @@ def supervised_per_row(labels: torch.Tensor) -> torch.Tensor:
     return (labels[:, 1:] != IGNORE_INDEX).sum(dim=1).double()
 
 
-def row_weights(labels: torch.Tensor, average: str) -> torch.Tensor | None:
-    """Each row's token weight under `average`; None for `token` (the plain sum, no weights). (B,)"""
+def _weight(average: str) -> Callable[[torch.Tensor], torch.Tensor]:
     if average not in LOSS_AVERAGES:
         raise ValueError(f"unknown loss average {average!r}; choose one of: {', '.join(LOSS_AVERAGES)}")
-    if average == "token":
-        return None
-    return LOSS_AVERAGES[average](supervised_per_row(labels)).float()
+    return LOSS_AVERAGES[average]
+
+
+def row_weights(labels: torch.Tensor, average: str) -> torch.Tensor | None:
+    """Each row's token weight under `average`; None for `token` (the plain sum, no weights). (B,)"""
+    weight = _weight(average)
+    return None if average == "token" else weight(supervised_per_row(labels)).float()
 
 
 def weighted_count(labels: torch.Tensor, average: str) -> float:
     """This batch's share of the step's denominator: sum over rows of weight x supervised tokens (the
     token count for `token`, the rows with a supervised token for `sample`)."""
     n = supervised_per_row(labels)
-    return float((LOSS_AVERAGES[average](n) * n).sum())
+    return float((_weight(average)(n) * n).sum())

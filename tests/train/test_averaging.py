@@ -39,8 +39,9 @@ def test_weights_and_denominators_are_as_documented():
     assert weighted_count(labels, "sample") == pytest.approx(2)  # the rows that have a supervised token
     torch.testing.assert_close(row_weights(labels, "square"), torch.tensor([1.0, 1 / 3, 1.0]))
     assert weighted_count(labels, "square") == pytest.approx(1 + 3)  # sum of sqrt(n)
-    with pytest.raises(ValueError, match="token, sample, square"):
-        row_weights(labels, "mean")
+    for helper in (row_weights, weighted_count):
+        with pytest.raises(ValueError, match="token, sample, square"):
+            helper(labels, "mean")
 
 
 def test_sample_average_is_the_mean_of_each_conversations_mean_and_exact_in_micro_batches():

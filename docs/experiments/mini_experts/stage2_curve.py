@@ -49,8 +49,7 @@ def main() -> None:
             except (OSError, ValueError, KeyError):
                 step = 0
             target = snaps / f"step{step:05d}"
-            if step and not target.exists():
-                time.sleep(5)  # the checkpoint is written before the resume point; let the save finish
+            if step and not target.exists():  # the checkpoint is written before its resume point
                 shutil.copytree(out / "stage2", target, ignore=shutil.ignore_patterns("train"))
             if done:
                 break
