@@ -116,6 +116,11 @@ class Bench:
             "seechat": Engine(
                 self.model, self.processor, EngineConfig(max_batch_size=max_batch, prefix_cache_mb=0)
             ),
+            "seechat, drafts from the request only": Engine(
+                self.model,
+                self.processor,
+                EngineConfig(max_batch_size=max_batch, prefix_cache_mb=0, draft_history_tokens=0),
+            ),
             "seechat, no speculation": Engine(
                 self.model,
                 self.processor,
@@ -314,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
             )
     spec = bench.engines["seechat"].counters
     accept = spec["accepted_drafts"] / max(1, spec["draft_tokens"])
+    from_replies = spec["history_drafts"] / max(1, spec["draft_tokens"])
     for engine in bench.engines.values():
         engine.close()
 
@@ -337,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{'untrained mini-size (built)' if built else args.model}; decode path: "
         f"{bench.engines['seechat'].runner.decode_path}; {args.new_tokens} new tokens; "
         f"median of {args.repeats}; "
-        f"n-gram drafts accepted: {accept:.0%}"
+        f"n-gram drafts accepted: {accept:.0%} ({from_replies:.0%} of them drafted from earlier replies)"
     )
     print(
         "| | TTFT ms | decode tok/s (b=1) | "
@@ -367,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
                     "table": table,
                     "greedy_agree": agree,
                     "draft_acceptance": accept,
+                    "drafts_from_earlier_replies": from_replies,
+                    "counters": spec,
                     "load_average_before": load_before,
                     "load_average_after": " ".join(f"{x:.1f}" for x in os.getloadavg()),
                 },

@@ -108,6 +108,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="KV prefix cache size (0 = off); reuse is scoped per API key",
     )
     parser.add_argument(
+        "--speculative-tokens",
+        type=int,
+        default=e.speculative_tokens,
+        help="n-gram drafts per verify step for a lone greedy request, used only while they pay "
+        "(0 = no speculative decoding; outputs are the same either way)",
+    )
+    parser.add_argument(
+        "--draft-history-tokens",
+        type=int,
+        default=e.draft_history_tokens,
+        help="tokens of earlier replies that drafts are also looked up in, kept per API key "
+        "(0 = drafts from the request only)",
+    )
+    parser.add_argument(
         "--request-timeout", type=float, default=e.request_timeout_s, help="seconds per request"
     )
     parser.add_argument(
@@ -148,6 +162,8 @@ def run(args: argparse.Namespace) -> int:
             max_images_per_request=args.max_images,
             prefix_cache_mb=args.prefix_cache_mb,
             request_timeout_s=args.request_timeout,
+            speculative_tokens=args.speculative_tokens,
+            draft_history_tokens=args.draft_history_tokens,
             fast_decode="off" if args.no_fast_decode else "auto",
             static_decode="off" if args.no_fast_decode else "auto",
         ),

@@ -24,8 +24,10 @@ Submitting is thread-safe; `stream` (sync) and `astream` (asyncio) wrap `submit`
 Greedy outputs do not depend on what else is in the batch: rows are independent (attention masks
 and per-row position ids), which the tests check against single-request runs.
 
-Speculative decoding (prompt lookup, lossless: the tokens of plain greedy) runs for a lone greedy
-request, and only while it pays. A verify step feeds the last token and k n-gram drafts; it costs
+Speculative decoding (n-gram drafts, lossless: the tokens of plain greedy) runs for a lone greedy
+request, and only while it pays. Drafts are looked up in the request's own tokens (prompt lookup)
+and in the engine's recent replies of the same cache scope (`seechat.infer.drafts`: replies repeat
+across requests far more than within one). A verify step feeds the last token and k drafts; it costs
 `c` plain steps and gives `1 + a` tokens (`a` drafts accepted), so it is faster exactly when
 `1 + a > c`. Both sides are measured, never assumed:
 
@@ -40,8 +42,8 @@ request, and only while it pays. A verify step feeds the last token and k n-gram
 
 A request speculates once it has SPECULATION_MIN_SEEN observations and its average yield is at
 least c; it stops when the average falls below c, and starts again if its text turns repetitive.
-A low-acceptance request (the trained mini model accepts ~28 % of drafts) thus decodes plainly
-after its first few drafts instead of paying for rejected ones on every step.
+A low-acceptance request thus decodes plainly after its first few drafts instead of paying for
+rejected ones on every step.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ import torch
 from PIL import Image
 
 from seechat.data.processor import SeeChatProcessor
+from seechat.infer.drafts import ReplyHistory, ngram_drafts, token_text
 from seechat.infer.images import ImageFeatureCache, key_tag, pixel_key
 from seechat.infer.kv import BatchKV, Layers, PrefixCache, SlotKV, kv_peak_tokens
 from seechat.infer.request import (
@@ -67,7 +70,6 @@ from seechat.infer.request import (
     Request,
     StopStrings,
     StreamEvent,
-    ngram_drafts,
     note_yield,
     plain_greedy,
     resolve_shadows,
@@ -111,6 +113,9 @@ class EngineConfig:
     fast_decode: str = "auto"  # "auto" | "on" | "off": the fast decode step (see seechat.infer.runner)
     static_decode: str = "auto"  # "auto" (CUDA only) | "on" | "off": slotted KV + CUDA-graph decode (runner)
     speculative_tokens: int = 4  # n-gram drafts per verify step, lone greedy request, while it pays; 0 = off
+    draft_history_tokens: int = (
+        65536  # tokens of earlier replies (per cache scope) drafts come from; 0 = none
+    )
 
 
 class RequestError(ValueError):
@@ -186,6 +191,7 @@ class Engine:
         self.image_token_id = model.image_token_id
         self.image_cache = ImageFeatureCache(config.image_cache_entries)
         self.prefix_cache = PrefixCache(config.prefix_cache_mb << 20)
+        self.replies = ReplyHistory(config.draft_history_tokens if config.speculative_tokens else 0)
         self.counters = dict.fromkeys(
             (
                 "requests",
@@ -200,6 +206,8 @@ class Engine:
                 "failed",
                 "draft_tokens",
                 "accepted_drafts",
+                "history_drafts",
+                "accepted_history_drafts",
                 "peak_kv_tokens",
             ),
             0,
@@ -329,7 +337,7 @@ class Engine:
             cache_scope=cache_scope,
             generator=generator,
             nbytes=(0 if pixels is None else pixels.numel() * pixels.element_size()) + ids.numel() * 8 * 3,
-            history="".join(map(chr, ids.tolist())),
+            history=token_text(ids.tolist()),
         )
         with self._cond:
             if self._closing:
@@ -420,11 +428,18 @@ class Engine:
         return AsyncEvents(handle, q)
 
     def generate(
-        self, input_ids, images=(), params=SamplingParams(), stop=(), cache_prefix=True, ignore_eos=False
+        self,
+        input_ids,
+        images=(),
+        params=SamplingParams(),
+        stop=(),
+        cache_prefix=True,
+        ignore_eos=False,
+        cache_scope: str = "",
     ) -> Completion:
         """The whole reply of one request (blocking)."""
         parts, ids, last = [], [], StreamEvent()
-        for ev in self.stream(input_ids, images, params, stop, cache_prefix, ignore_eos):
+        for ev in self.stream(input_ids, images, params, stop, cache_prefix, ignore_eos, cache_scope):
             parts.append(ev.text)
             ids.extend(ev.token_ids)
             last = ev
@@ -609,14 +624,10 @@ class Engine:
         lone = bool(self.config.speculative_tokens) and len(self._running) == 1
         if lone:
             r = self._running[0]
-            drafts = (
-                ngram_drafts(r, self.config.speculative_tokens, self.image_token_id)
-                if plain_greedy(r.params)
-                else []
-            )
+            drafts, from_replies = self._drafts(r) if plain_greedy(r.params) else ([], False)
             if drafts and speculation_pays(r.spec_yield, r.spec_seen, **self.step_seconds):
                 t0 = time.perf_counter()
-                self._verify(r, drafts)
+                self._verify(r, drafts, from_replies)
                 self._time_step("verify", time.perf_counter() - t0)
                 return
             if drafts:
@@ -644,7 +655,13 @@ class Engine:
         old = self.step_seconds[kind]
         self.step_seconds[kind] = seconds if old is None else old + STEP_TIME_AVERAGE * (seconds - old)
 
-    def _verify(self, r: Request, drafts: list[int]) -> None:
+    def _drafts(self, r: Request) -> tuple[list[int], bool]:
+        """Drafts for a lone greedy request: n-gram lookup in its own tokens, then in the replies
+        of its cache scope (seechat.infer.drafts); never past the reply's end."""
+        room = min(self.config.speculative_tokens, r.max_new - len(r.generated) - 1)
+        return ngram_drafts(r.history, room, self.image_token_id, self.replies.text(r.cache_scope))
+
+    def _verify(self, r: Request, drafts: list[int], from_replies: bool) -> None:
         """Speculative step for a lone greedy request: run the last token and the drafts in one
         forward (on a bandwidth-bound decode this costs about one token), keep the drafts the model
         itself would have produced, plus the model's own next token. Same tokens as plain greedy."""
@@ -660,6 +677,9 @@ class Engine:
         self.counters["decode_tokens"] += n + 1
         self.counters["draft_tokens"] += len(drafts)
         self.counters["accepted_drafts"] += n
+        if from_replies:
+            self.counters["history_drafts"] += len(drafts)
+            self.counters["accepted_history_drafts"] += n
         note_yield(r, n + 1)
         for token in greedy[: n + 1]:
             r.fed += 1
@@ -727,6 +747,7 @@ class Engine:
                 ids, r.unsent = tuple(r.unsent), []
                 r.sink(StreamEvent(delta, ids))
             return False
+        self.replies.add(r.cache_scope, r.sampled)
         if r.cache_prefix and self.prefix_cache.max_bytes > 0:
             key = torch.cat([r.content_key, torch.tensor(r.sampled[: r.fed], dtype=torch.long)])
             layers = [(k[:, :, : len(key)], v[:, :, : len(key)]) for k, v in kv.row(row)]

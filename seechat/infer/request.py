@@ -1,6 +1,6 @@
 """One request's state and output: token bookkeeping, incremental detokenisation, stop strings
-(matched in time linear in the reply), n-gram drafts for speculative decoding, and the events a
-consumer receives.
+(matched in time linear in the reply), the bookkeeping of speculative decoding's yield, and the
+events a consumer receives (the drafts themselves: seechat.infer.drafts).
 
 Plain data and string functions; the scheduler that drives them is `seechat.infer.engine`.
 """
@@ -175,21 +175,3 @@ def resolve_shadows(r: Request) -> None:
 
 def plain_greedy(p: SamplingParams) -> bool:
     return p.temperature < GREEDY_BELOW and p.repetition_penalty == 1.0
-
-
-def ngram_drafts(r: Request, k: int, image_token_id: int, sizes: tuple[int, ...] = (3, 2)) -> list[int]:
-    """Prompt-lookup drafts: the tokens that followed the latest earlier occurrence of the last n
-    tokens (prompt and reply), for the longest n that occurs; none when nothing repeats. Drafts
-    stop before an image token, which is never generated."""
-    h = r.history
-    room = r.max_new - len(r.generated) - 1  # never draft past the reply's end
-    if room <= 0:
-        return []
-    for n in sizes:
-        if len(h) <= n:
-            continue
-        at = h.rfind(h[-n:], 0, len(h) - 1)
-        if at >= 0:
-            drafts = [ord(c) for c in h[at + n : at + n + min(k, room)]]
-            return drafts[: drafts.index(image_token_id)] if image_token_id in drafts else drafts
-    return []
