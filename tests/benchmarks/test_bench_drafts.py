@@ -1,0 +1,37 @@
+"""The drafts benchmark serves the val split of a world through every engine, one request at a
+time, and checks each reply against transformers' greedy one."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from benchmarks import bench_drafts
+from seechat.config import BridgeConfig, LMConfig, ModelConfig, VisionConfig
+from seechat.model import build, write_checkpoint
+
+
+def test_serves_the_val_split_and_every_reply_equals_transformers(tiny_world, tmp_path):
+    cfg = ModelConfig(
+        vision=VisionConfig(path=tiny_world["vision"]),
+        lm=LMConfig(path=tiny_world["lm"], tokenizer_path=tiny_world["tokenizer"]),
+        bridge=BridgeConfig(type="mlp2x_gelu"),
+        max_length=256,
+    )
+    torch.manual_seed(0)
+    ckpt = write_checkpoint(*build(cfg), tmp_path / "ckpt")
+    out = tmp_path / "drafts.json"
+    argv = ["--model", str(ckpt), "--world", tiny_world["world"], "--requests", "6", "--warmup", "2"]
+    assert bench_drafts.main([*argv, "--max-new-tokens", "24", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["replies_equal"] == res["requests"] == 6
+    assert sum(n for _, n in res["replies_equal_by_kind"].values()) == 6  # every kind served
+    engines = {"seechat", "seechat, drafts from the request only", "seechat, no speculation", "transformers"}
+    assert engines <= set(res["results"]["all"]) and engines <= set(res["results"]["after 2"])
+    assert all(cell["decode_tok_s"] > 0 for cell in res["results"]["all"].values())
+    assert res["counters"]["seechat, no speculation"]["draft_tokens"] == 0
+    assert res["counters"]["seechat, drafts from the request only"]["history_drafts"] == 0
+    # transformers' own prompt lookup either ran (a column) or failed with its error recorded
+    lookup = "transformers, prompt lookup"
+    assert (lookup in res["results"]["all"]) != (lookup in res["failed"])
