@@ -73,7 +73,8 @@ def ngram_drafts(
 class ReplyHistory:
     """The latest replies the engine gave, per cache scope: at most `max_tokens` tokens a scope
     (the oldest replies are dropped first) and `max_scopes` scopes (the least recently used is
-    dropped), so memory stays bounded (4 bytes a token at most). Adding a reply is O(its length);
+    dropped), so memory stays bounded: each reply and the joined text a lookup searches hold about
+    8.5 bytes a token (36 MB at 65,536 tokens x 64 scopes, measured). Adding a reply is O(its length);
     the joined text a lookup searches is rebuilt only when the scope changed since the last one.
     `max_tokens` 0 keeps nothing."""
 
