@@ -18,8 +18,10 @@ helps), the prefix cache is off, decoding is greedy with stop tokens ordinary to
   reads (every LM matrix except the input embedding, of which one row is read).
 
 Engine rows: `seechat` (static decode: slotted KV + CUDA graphs, `EngineConfig.static_decode`,
-the default on CUDA; adaptive speculation on) and `seechat, no static decode` (the engine's
-generic path). Also reported: how many leading greedy tokens each engine shares with transformers
+the default on CUDA; adaptive speculation on), `seechat, no static decode` (the engine's
+generic path) and, with `--compile`, `seechat, compiled static step` (the static step's layers
+through torch.compile inside the CUDA graphs, `EngineConfig.compile_decode`; not the default
+until measured here). Also reported: how many leading greedy tokens each engine shares with transformers
 on probe images (bf16 kernels differ, so random weights may part after a while; the CPU rehearsal
 in fp32 must agree fully).
 
@@ -57,6 +59,7 @@ from seechat.model.sizes import expert_config  # noqa: E402
 
 REFERENCE_RECIPE = ROOT / "configs" / "reference" / "stage2_mlp_qwen2.5-7b.yaml"
 QUESTION = "请详细描述这张图片里的物体、颜色和位置。"
+COMPILED = "seechat, compiled static step"
 
 
 def build(tiny: bool, device: torch.device, dtype: torch.dtype):
@@ -179,7 +182,9 @@ def decode_weight_bytes(lm: torch.nn.Module) -> int:
 
 
 class GpuBench:
-    def __init__(self, model, processor, llava, new_tokens: int, max_batch: int, max_len: int):
+    def __init__(
+        self, model, processor, llava, new_tokens: int, max_batch: int, max_len: int, compiled: bool = False
+    ):
         self.model, self.processor, self.llava = model, processor, llava
         self.device = model.device
         self.n = new_tokens
@@ -190,6 +195,10 @@ class GpuBench:
                 model, processor, EngineConfig(static_decode="off", **common)
             ),
         }
+        if compiled:
+            self.engines[COMPILED] = Engine(
+                model, processor, EngineConfig(static_decode="on", compile_decode=True, **common)
+            )
         for e in self.engines.values():
             e.start()
         self.ids = prompt_ids(processor, [{"role": "user", "content": "<image>\n" + QUESTION}], 1)
@@ -361,7 +370,9 @@ def run(args: argparse.Namespace) -> dict:
     lm = model.language_model
     weight_bytes = decode_weight_bytes(lm)
     bandwidth = copy_bandwidth(device)
-    bench = GpuBench(model, processor, llava, args.new_tokens, max(args.concurrency), args.max_len)
+    bench = GpuBench(
+        model, processor, llava, args.new_tokens, max(args.concurrency), args.max_len, args.compile
+    )
     try:
         agree = bench.agreement(random_images(2, bench.image_size, 12345))
         print(f"leading greedy tokens equal to transformers' (of {args.new_tokens}): {agree}", flush=True)
@@ -392,6 +403,7 @@ def run(args: argparse.Namespace) -> dict:
         paths = {name: e.runner.decode_path for name, e in bench.engines.items()}
         counters = bench.engines["seechat"].counters
         prof = profile_decode(bench) if args.profile else None
+        prof_compiled = profile_decode(bench, COMPILED) if args.profile and args.compile else None
     finally:
         bench.close()
 
@@ -432,6 +444,7 @@ def run(args: argparse.Namespace) -> dict:
         "draft_acceptance": counters["accepted_drafts"] / max(1, counters["draft_tokens"]),
         "table": table,
         "profile": prof,
+        "profile_compiled": prof_compiled,
     }
 
 
@@ -477,6 +490,8 @@ def report(res: dict) -> str:
     lines.append(f"leading greedy tokens shared with transformers: {res['greedy_tokens_shared']}")
     if res.get("profile"):
         lines.append(profile_report(res["profile"]))
+    if res.get("profile_compiled"):
+        lines.append(profile_report(res["profile_compiled"]))
     return "\n".join(lines)
 
 
@@ -493,6 +508,12 @@ def main(argv: list[str] | None = None) -> int:
         "--profile",
         action="store_true",
         help="then profile one batch-1 request of the default engine: top kernels and device busy share",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help=f"also time '{COMPILED}': the static step's layers through torch.compile "
+        "(EngineConfig.compile_decode); with --profile, profile it too",
     )
     args = parser.parse_args(argv)
     if 1 not in args.concurrency:

@@ -8,14 +8,19 @@
 # Then, 15 minutes of device time (a start costs ~35 s; a warm machine goes back after 30 s idle):
 #
 #   run(command="bash benchmarks/gpu_session.sh lm", carry=["build/whl"], timeout_s=590)       # ~9.5 min
-#   run(command="bash benchmarks/gpu_session.sh serving", carry=["build/whl"], timeout_s=280)  # ~3.5 min, at once
+#   run(command="bash benchmarks/gpu_session.sh serving", carry=["build/whl"], timeout_s=420)  # ~5-6 min, at once
+#
+# (The two do not both fit one 15-minute session with a rerun: run `serving` first for issue 16,
+# `lm` first for issue 13, and shorten LM_BUDGET to fit both.)
 #
 # lm:      the mini LM (issue 13) on fresh rows for LM_BUDGET seconds of training (default 400) with
 #          the reading exam every EXAM_EVERY steps (default 1000) -> OUT/lm.tar.gz (weights, metrics,
 #          exam.png, eval.json on the default world's val split) and OUT/summary.json. The probe
 #          runs alone: nothing else may share the GPU while it measures the step rate.
 # serving: the GPU tests, then the serving benchmark with a profile of one batch-1 request (issue
-#          16 item 1: which kernels take a decode step, and how busy the GPU is) -> OUT/serving.json.
+#          16 item 1: which kernels take a decode step, and how busy the GPU is), the compiled
+#          static step (`EngineConfig.compile_decode`) timed and profiled beside the default
+#          -> OUT/serving.json.
 # train:   the training-step benchmark at the reference shapes (issue 16 item 2's baseline).
 # TINY=1 rehearses a part on a CPU (tiny shapes, one short run each).
 set -uo pipefail
@@ -50,13 +55,13 @@ lm)
     fi
     ;;
 serving)
-    SERVING_ARGS=(--profile)
+    SERVING_ARGS=(--profile --compile)
     [ "$TINY" = 1 ] && SERVING_ARGS+=(--tiny --new-tokens 8 --repeats 1)
     echo "== GPU tests" | tee "$OUT/tests.log"
-    timeout 60 $PY -m pytest -q -p no:cacheprovider tests/infer/test_gpu.py tests/benchmarks/test_bench_gpu_serving.py \
+    timeout 150 $PY -m pytest -q -p no:cacheprovider tests/infer/test_gpu.py tests/benchmarks/test_bench_gpu_serving.py \
         2>&1 | tee -a "$OUT/tests.log"
     echo "== serving benchmark (item 1)" | tee "$OUT/serving.log"
-    timeout 220 $PY benchmarks/bench_gpu_serving.py "${SERVING_ARGS[@]}" --json "$OUT/serving.json" 2>&1 \
+    timeout 300 $PY benchmarks/bench_gpu_serving.py "${SERVING_ARGS[@]}" --json "$OUT/serving.json" 2>&1 \
         | tee -a "$OUT/serving.log"
     ;;
 train)

@@ -129,6 +129,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="decode with the transformers forward only (no fast CPU step, no CUDA graphs)",
     )
+    parser.add_argument(
+        "--compile-decode",
+        action="store_true",
+        help="run the static (GPU) decode step's layers through torch.compile inside its CUDA graphs; "
+        "compiles at the first requests of each batch size (not yet measured to help: off by default)",
+    )
     parser.add_argument("--log-level", default="info")
 
 
@@ -166,6 +172,7 @@ def run(args: argparse.Namespace) -> int:
             draft_history_tokens=args.draft_history_tokens,
             fast_decode="off" if args.no_fast_decode else "auto",
             static_decode="off" if args.no_fast_decode else "auto",
+            compile_decode=args.compile_decode,
         ),
     )
     limits = Limits(

@@ -112,6 +112,7 @@ class EngineConfig:
     request_timeout_s: float = 600.0  # from submit to the last token
     fast_decode: str = "auto"  # "auto" | "on" | "off": the fast decode step (see seechat.infer.runner)
     static_decode: str = "auto"  # "auto" (CUDA only) | "on" | "off": slotted KV + CUDA-graph decode (runner)
+    compile_decode: bool = False  # torch.compile the static step's layers (static_decode.StaticDecoder)
     speculative_tokens: int = 4  # n-gram drafts per verify step, lone greedy request, while it pays; 0 = off
     draft_history_tokens: int = (
         65536  # tokens of earlier replies (per cache scope) drafts come from; 0 = none
@@ -182,6 +183,7 @@ class Engine:
             config.static_decode,
             slots=config.max_batch_size,
             capacity=config.max_model_len,
+            compile_decode=config.compile_decode,
         )
         self.max_model_len = config.max_model_len or self.runner.max_positions()
         self.max_batch_tokens = max(

@@ -219,6 +219,7 @@ class ModelRunner:
     `static_decode`: "auto" (default) uses the static step for a registry LM on CUDA, "on" on any
     device, "off" never; its KV pool has `slots` rows of `capacity` tokens (0: the LM's limit,
     at most STATIC_DEFAULT_LEN), allocated at the first request. It replaces the fast path.
+    `compile_decode`: the static step's layers through `torch.compile` (see `StaticDecoder`).
     """
 
     def __init__(
@@ -229,6 +230,7 @@ class ModelRunner:
         static_decode: str = "auto",
         slots: int = 32,
         capacity: int = 0,
+        compile_decode: bool = False,
     ):
         for name, value in (("fast_decode", fast_decode), ("static_decode", static_decode)):
             if value not in ("auto", "on", "off"):
@@ -245,7 +247,7 @@ class ModelRunner:
         self._slot_kv: SlotKV | None = None
         if family and (static_decode == "on" or (static_decode == "auto" and on_cuda)):
             self.capacity = capacity or min(self.max_positions(), STATIC_DEFAULT_LEN)
-            self.static = StaticDecoder(lm, self.capacity, graphs=on_cuda)
+            self.static = StaticDecoder(lm, self.capacity, graphs=on_cuda, compile=compile_decode)
         wanted = fast_decode == "on" or (
             fast_decode == "auto" and linear_weight_bytes(lm) <= FAST_DECODE_AUTO_BYTES
         )

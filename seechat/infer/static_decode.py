@@ -18,6 +18,8 @@ static RoPE, GQA, gated MLP (Qwen2/2.5/3, Llama, Mistral).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -33,11 +35,90 @@ def _fused_rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tenso
     return F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype) * weight
 
 
+def attention_inputs(
+    x: torch.Tensor,
+    w: LayerWeights,
+    rms: Callable,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    h: int,
+    g: int,
+    d: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A layer's input norm, Q/K/V projections, Q/K norms and rotary embedding: x (b, L, D_model)
+    -> q (b, h, L, d), k (b, g, L, d), v (b, L, g, d). Pure (no writes): `torch.compile` fuses its
+    element-wise work."""
+    b, n = x.shape[:2]
+    y = rms(x, *w.input_norm)
+    q = F.linear(y, *w.q).view(b, n, h, d)
+    k = F.linear(y, *w.k).view(b, n, g, d)
+    v = F.linear(y, *w.v).view(b, n, g, d)
+    if w.q_norm is not None:
+        q, k = rms(q, *w.q_norm), rms(k, *w.k_norm)
+    return rotate(q.transpose(1, 2), cos, sin), rotate(k.transpose(1, 2), cos, sin), v
+
+
+def attention_output_and_mlp(
+    x: torch.Tensor, o: torch.Tensor, w: LayerWeights, rms: Callable, act: Callable
+) -> torch.Tensor:
+    """The rest of a layer after attention: output projection, residual, post-attention norm,
+    gated MLP, residual. x (b, L, D_model), o (b, L, h * d) -> (b, L, D_model). Pure."""
+    x = x + F.linear(o, *w.o)
+    y = rms(x, *w.post_norm)
+    return x + F.linear(act(F.linear(y, *w.gate)) * F.linear(y, *w.up), *w.down)
+
+
+@dataclass(frozen=True)
+class LayerWeights:
+    """One decoder layer's parameters as tensors: (weight, bias or None) per projection, (weight,
+    eps) per norm. The step functions take these, not modules, so one compiled function serves
+    every layer."""
+
+    input_norm: tuple
+    q: tuple
+    k: tuple
+    v: tuple
+    q_norm: tuple | None
+    k_norm: tuple | None
+    o: tuple
+    post_norm: tuple
+    gate: tuple
+    up: tuple
+    down: tuple
+
+    @classmethod
+    def of(cls, layer: torch.nn.Module) -> LayerWeights:
+        a, m = layer.self_attn, layer.mlp
+
+        def lin(mod):
+            return (mod.weight, mod.bias)
+
+        return cls(
+            norm_params(layer.input_layernorm),
+            lin(a.q_proj),
+            lin(a.k_proj),
+            lin(a.v_proj),
+            norm_params(getattr(a, "q_norm", None)),
+            norm_params(getattr(a, "k_norm", None)),
+            lin(a.o_proj),
+            norm_params(layer.post_attention_layernorm),
+            lin(m.gate_proj),
+            lin(m.up_proj),
+            lin(m.down_proj),
+        )
+
+
 class StaticDecoder:
     """tokens (B, L) at each slot's next L positions -> logits (B, L, V), keys/values written into
-    the slots at columns next_pos .. next_pos + L - 1 (`SlotKV.advance` keeps some)."""
+    the slots at columns next_pos .. next_pos + L - 1 (`SlotKV.advance` keeps some).
 
-    def __init__(self, lm: torch.nn.Module, capacity: int, graphs: bool):
+    `compile`: run each layer's two pure pieces (`attention_inputs`, `attention_output_and_mlp`)
+    through `torch.compile` (inductor: Triton kernels on CUDA, C++ on CPU), which fuses the norms,
+    rotary embedding, activation and residual adds of a layer into a few kernels; the KV writes and
+    attention stay eager between them. Compiled once for all layers; if compiling fails the step
+    warns and runs eagerly."""
+
+    def __init__(self, lm: torch.nn.Module, capacity: int, graphs: bool, compile: bool = False):
         cfg = lm.config.get_text_config()
         base = lm.get_decoder()
         self.embed = base.embed_tokens
@@ -47,7 +128,8 @@ class StaticDecoder:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.act = base.layers[0].mlp.act_fn
         self.norm = norm_params(base.norm)
-        self.layers = base.layers
+        self.weights = [LayerWeights.of(layer) for layer in base.layers]
+        self.scaling = [layer.self_attn.scaling for layer in base.layers]
         device = self.embed.weight.device
         cos, sin = base.rotary_emb(self.embed.weight[:1], torch.arange(capacity, device=device)[None])
         self.cos, self.sin = cos[0], sin[0]  # (capacity, D): positions never exceed a slot's columns
@@ -55,17 +137,22 @@ class StaticDecoder:
         # On CUDA, torch's fused RMSNorm (one kernel instead of eight tiny ones, the same float32
         # statistics as transformers'); on CPU the transformers formula itself, which tests compare.
         self.rms = _fused_rms if device.type == "cuda" else rms_norm
+        self.compiled = compile
+        self._inputs, self._rest = attention_inputs, attention_output_and_mlp
+        if compile:
+            self._inputs = torch.compile(attention_inputs, fullgraph=True)
+            self._rest = torch.compile(attention_output_and_mlp, fullgraph=True)
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._tokens: torch.Tensor | None = None  # the graphs' input buffer (slots, L_max)
 
     @property
     def path(self) -> str:
-        return "static+cuda-graphs" if self.graphs else "static"
+        return "static" + ("+compiled" if self.compiled else "") + ("+cuda-graphs" if self.graphs else "")
 
     def __call__(self, tokens: torch.Tensor, kv: SlotKV) -> torch.Tensor:
         b, n = tokens.shape
         if not self.graphs:
-            return self.forward(tokens, kv, b)
+            return self._forward_or_eager(tokens, kv, b)
         bucket = min(1 << (b - 1).bit_length(), kv.slots)
         if self._tokens is None or self._tokens.shape[1] < n:
             self._tokens = torch.zeros((kv.slots, max(n, 8)), dtype=torch.long, device=tokens.device)
@@ -79,19 +166,37 @@ class StaticDecoder:
                 log.warning("CUDA graph capture failed (%s); the static decode step runs eagerly", e)
                 self.graphs = False
                 torch.cuda.synchronize()
-                return self.forward(tokens, kv, b)
+                return self._forward_or_eager(tokens, kv, b)
         graph, out = self._graphs[key]
         graph.replay()
         return out[:b]
 
+    def _forward_or_eager(self, tokens: torch.Tensor, kv: SlotKV, b: int) -> torch.Tensor:
+        """`forward`; if compiling it fails (no compiler, an unsupported op), warn once and go on
+        eagerly. Compiling writes nothing before it fails, so the step can simply run again."""
+        if not self.compiled:
+            return self.forward(tokens, kv, b)
+        try:
+            return self.forward(tokens, kv, b)
+        except Exception as e:  # torch._dynamo / inductor errors have no common public base class
+            log.warning(
+                "torch.compile of the static decode step failed (%s: %s); it runs eagerly",
+                type(e).__name__,
+                e,
+            )
+            self.compiled = False
+            self._inputs, self._rest = attention_inputs, attention_output_and_mlp
+            return self.forward(tokens, kv, b)
+
     def _capture(self, kv: SlotKV, bucket: int, n: int):
-        """Warm up on a side stream (as torch.cuda.graphs requires), then capture. Both write only
-        columns at and past each slot's end, which the real step overwrites."""
+        """Warm up on a side stream (as torch.cuda.graphs requires; a compiled step compiles
+        here), then capture. Both write only columns at and past each slot's end, which the real
+        step overwrites."""
         tokens = self._tokens[:bucket, :n]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            self.forward(tokens, kv, bucket)
+            self._forward_or_eager(tokens, kv, bucket)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         # a private memory pool per graph (they replay in any order); other threads (another engine,
@@ -114,24 +219,14 @@ class StaticDecoder:
         mask = mask[:, None, None].expand(b, 1, r, n, cap).reshape(b, 1, r * n, cap)
         rows = torch.arange(b, device=tokens.device)[:, None]  # (b, 1)
         x = self.embed(tokens)  # (b, L, D_model)
-        for i, layer in enumerate(self.layers):
-            a, m = layer.self_attn, layer.mlp
-            y = self.rms(x, *norm_params(layer.input_layernorm))
-            q = a.q_proj(y).view(b, n, h, d)
-            k = a.k_proj(y).view(b, n, g, d)
-            v = a.v_proj(y).view(b, n, g, d)
-            if getattr(a, "q_norm", None) is not None:
-                q, k = self.rms(q, *norm_params(a.q_norm)), self.rms(k, *norm_params(a.k_norm))
-            q = rotate(q.transpose(1, 2), cos, sin)  # (b, h, L, D)
-            k = rotate(k.transpose(1, 2), cos, sin)  # (b, g, L, D)
+        for i, w in enumerate(self.weights):
+            q, k, v = self._inputs(x, w, self.rms, cos, sin, h, g, d)
             kb, vb = kv.keys[i], kv.values[i]
             kb[rows, :, pos] = k.transpose(1, 2)  # (b, L, g, D) into slot rows, columns pos
             vb[rows, :, pos] = v
             o = F.scaled_dot_product_attention(
-                q.reshape(b, g, r * n, d), kb[:b], vb[:b], attn_mask=mask, scale=a.scaling
+                q.reshape(b, g, r * n, d), kb[:b], vb[:b], attn_mask=mask, scale=self.scaling[i]
             )  # (b, g, r * L, D)
             o = o.reshape(b, h, n, d).transpose(1, 2).reshape(b, n, h * d)  # SDPA on CUDA: not contiguous
-            x = x + a.o_proj(o)
-            y = self.rms(x, *norm_params(layer.post_attention_layernorm))
-            x = x + m.down_proj(self.act(m.gate_proj(y)) * m.up_proj(y))
+            x = self._rest(x, o, w, self.rms, self.act)
         return self.lm_head(self.rms(x, *self.norm))  # (b, L, V)

@@ -11,12 +11,18 @@ from benchmarks.bench_gpu_serving import main
 def test_tiny_rehearsal_runs_and_both_sides_agree(tmp_path):
     out = tmp_path / "res.json"
     args = ["--tiny", "--new-tokens", "8", "--repeats", "1", "--concurrency", "1", "3", "--json", str(out)]
-    args.append("--profile")
+    args += ["--profile", "--compile"]
     assert main(args) == 0
     res = json.loads(out.read_text())
     assert res["decode_paths"]["seechat"].startswith("static")
     assert res["greedy_tokens_shared"] == {name: [8, 8] for name in res["decode_paths"]}
-    assert set(res["table"]) == {"seechat", "seechat, no static decode", "transformers"}
+    assert set(res["table"]) == {
+        "seechat",
+        "seechat, no static decode",
+        "seechat, compiled static step",
+        "transformers",
+    }
+    assert "compiled" in res["decode_paths"]["seechat, compiled static step"]  # compiling worked
     for row in res["table"].values():
         assert row["decode_tok_s_b1"]["median"] > 0 and row["ttft_ms"]["median"] > 0
         assert set(row["agg_tok_s"]) == {"1", "3"}
@@ -24,6 +30,7 @@ def test_tiny_rehearsal_runs_and_both_sides_agree(tmp_path):
     prof = res["profile"]
     assert prof["engine"] == "seechat" and prof["tokens"] == 8 and prof["wall_s"] > 0
     assert prof["top"] and all(r["seconds"] > 0 and r["calls"] > 0 for r in prof["top"])
+    assert res["profile_compiled"]["engine"] == "seechat, compiled static step"
 
 
 def test_full_size_tokenizer_streams_every_id_the_lm_can_sample():

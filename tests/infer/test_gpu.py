@@ -70,3 +70,27 @@ def test_cuda_graph_decode_gives_the_plain_greedy_tokens(tiny_ckpt, dtype):
         assert results == [alone[j % len(prompts)][: 24 - j % 5] for j in range(10)]
         assert engine.counters["max_running"] > 1
         assert len(engine.runner.static._graphs) >= 2  # several batch buckets captured
+
+
+def test_compiled_static_decode_gives_the_plain_greedy_tokens(tiny_ckpt):
+    """The static step's layers through torch.compile (Triton kernels inside the CUDA graphs): in
+    fp32 the greedy tokens of the plain path, alone and with rows of several batch buckets."""
+    model, processor = load(tiny_ckpt["qwen2"], device="cuda")
+    prompts = _prompts(processor)
+    config = EngineConfig(max_batch_size=4, max_model_len=256, compile_decode=True)
+    with Engine(model, processor, config) as engine:
+        alone = [engine.generate(ids, im, LONG, cache_prefix=False).token_ids for ids, im in prompts]
+        assert engine.runner.decode_path == "static+compiled+cuda-graphs"  # compiling did not fail
+        assert alone == _plain(model, processor, prompts)
+        results: list[list[int] | None] = [None] * 6
+
+        def run(j: int) -> None:
+            ids, images = prompts[j]
+            results[j] = engine.generate(ids, images, LONG, cache_prefix=False).token_ids
+
+        threads = [threading.Thread(target=run, args=(j,)) for j in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert results == alone[:6]

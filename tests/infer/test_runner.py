@@ -100,14 +100,24 @@ def tiny_llama(experts, tmp_path_factory):
     return load(write_tiny_checkpoint(experts, tmp_path_factory.mktemp("llama") / "ckpt", "llama"))
 
 
-@pytest.mark.parametrize("fixture", ["tiny", "tiny_llama"])
+@pytest.mark.parametrize(("fixture", "compiled"), [("tiny", False), ("tiny_llama", False), ("tiny", True)])
 @torch.inference_mode()
-def test_static_decode_matches_full_forward(fixture, request):
+def test_static_decode_matches_full_forward(fixture, compiled, request):
     """The static step over the slot pool (eager on CPU): rows adopted, joined, leaving, and a
-    multi-token (draft-verifying) step, each position against a full forward."""
+    multi-token (draft-verifying) step, each position against a full forward. `compiled`: its
+    layers through torch.compile (inductor's C++ kernels on CPU), same numbers to float tolerance."""
     model, processor = request.getfixturevalue(fixture)
-    runner = ModelRunner(model, processor.tokenizer.pad_token_id, static_decode="on", slots=8, capacity=128)
-    assert runner.decode_path == "static" and runner.max_positions() == 128
+    runner = ModelRunner(
+        model,
+        processor.tokenizer.pad_token_id,
+        static_decode="on",
+        slots=8,
+        capacity=128,
+        compile_decode=compiled,
+    )
+    assert (
+        runner.decode_path == ("static+compiled" if compiled else "static") and runner.max_positions() == 128
+    )
     ids, feats = _rows(model, processor, 5)
     logits, first = runner.prefill([PrefillRow(i, None, f) for i, f in zip(ids[:3], feats[:3], strict=True)])
     kv = runner.adopt(first)
@@ -140,6 +150,7 @@ def test_static_decode_matches_full_forward(fixture, request):
             )
         new = [n + [int(t)] for n, t in zip(new, out.argmax(-1), strict=True)]
     assert kv.lens == [int(i.numel()) + len(n) - 1 for i, n in zip(ids, new, strict=True)]
+    assert runner.decode_path == ("static+compiled" if compiled else "static")  # compiling did not fail
 
 
 @torch.inference_mode()
