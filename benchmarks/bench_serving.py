@@ -14,8 +14,11 @@ the first stop token). Measured:
 - aggregate tokens/s with 1, 8, 32 concurrent requests: the engine gets them all at once and
   batches them continuously; transformers gets its best case, one left-padded `generate` batch.
 
+Engines: seechat's default, seechat with speculative drafts from the request only
+(`draft_history_tokens=0`: no drafts from earlier replies) and seechat without speculation.
 Each request has its own random image, so the engine's image-feature cache never helps, and the
-prefix cache is off. With no `--model` (or a missing one) an untrained mini-size `mlp2x_gelu`
+prefix cache is off; every request asks the same question, so the default engine's drafts from
+earlier replies meet their best case here (`bench_drafts.py` serves a mixed workload). With no `--model` (or a missing one) an untrained mini-size `mlp2x_gelu`
 model is built (speed does not depend on weight values).
 
     python benchmarks/bench_serving.py [--model runs/mini/stage2] [--new-tokens 64] [--repeats 3]
