@@ -18,8 +18,9 @@ Engines: seechat's default, seechat with speculative drafts from the request onl
 (`draft_history_tokens=0`: no drafts from earlier replies) and seechat without speculation.
 Each request has its own random image, so the engine's image-feature cache never helps, and the
 prefix cache is off; every request asks the same question, so the default engine's drafts from
-earlier replies meet their best case here (`bench_drafts.py` serves a mixed workload). With no `--model` (or a missing one) an untrained mini-size `mlp2x_gelu`
-model is built (speed does not depend on weight values).
+earlier replies meet their best case here (`bench_drafts.py` serves a mixed workload). With no
+`--model` (or a missing one) an untrained mini-size `mlp2x_gelu` model is built (speed does not
+depend on weight values).
 
     python benchmarks/bench_serving.py [--model runs/mini/stage2] [--new-tokens 64] [--repeats 3]
 """

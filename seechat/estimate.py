@@ -24,6 +24,7 @@ from seechat.model.sizes import (
     EXPERT_LINEARS,
     LMShape,
     VisionShape,
+    checkpointed_layers,
     expert_config,
     lm_shape,
     lora_params,
@@ -226,9 +227,11 @@ def activation_memory(
         v = vision
         images += batch * v.layers * v.tokens * a * (4 * v.hidden + 4 * v.hidden + 2 * v.intermediate)
     plain = tokens * (lm.layers * layer + final_norm + logits) + images
-    # Checkpointed: each layer keeps its input; backward recomputes one layer at a time, after the
-    # loss backward (the logits stay referenced by the step's output until the next step).
-    kept = tokens * (lm.layers * a * lm.hidden + final_norm) + images
+    # Checkpointed: a recomputed layer keeps its input, the others (train.checkpoint_every > 1) all
+    # they save; backward recomputes one layer at a time, after the loss backward (the logits stay
+    # referenced by the step's output until the next step).
+    recomputed = checkpointed_layers(lm.layers, max(1, cfg.train.checkpoint_every))
+    kept = tokens * (recomputed * a * lm.hidden + (lm.layers - recomputed) * layer + final_norm) + images
     checkpointed = kept + tokens * max(logits, lm.vocab * a + layer)
     return Activations(plain, checkpointed, tokens)
 
@@ -246,7 +249,10 @@ def train_flops_per_sample(
     attention = 2 * s * lm.q_dim  # causal: QK^T and AV over s/2 keys on average, per token
     head = 2 * lm.hidden * lm.vocab
     backward = 2 if cfg.trainable.lm == "full" else 1
-    recompute = 1 if checkpointing else 0
+    # the share of layers whose forward runs again in the backward pass
+    recompute = (
+        checkpointed_layers(lm.layers, max(1, cfg.train.checkpoint_every)) / lm.layers if checkpointing else 0
+    )
     per_token = lm.layers * (layer_mm * (1 + backward + recompute) + attention * (3 + recompute))
     per_token += head * (1 + backward)
     v = vision
@@ -263,6 +269,13 @@ def train_flops_per_sample(
         passes = 3 + recompute if cfg.trainable.experts == "full" else 2 + recompute
         out["experts"] = float(lm.layers * expert_mm * passes * min(bridge.num_tokens, s))
     return out
+
+
+def _checkpointing(cfg: RunConfig, lm: LMShape) -> str:
+    every = max(1, cfg.train.checkpoint_every)
+    if every == 1:
+        return "on"
+    return f"on for {checkpointed_layers(lm.layers, every)} of {lm.layers} layers (every {every})"
 
 
 # ---------------------------------------------------------------- the estimate
@@ -349,8 +362,8 @@ def estimate(cfg: RunConfig, setup: Setup, recipe: str = "") -> Estimate:
             "activations",
             act_bytes,
             f"micro-batch {cfg.train.batch_size} x {seq_memory} tokens, "
-            f"gradient checkpointing {'on' if ckpt else 'off'} ({'off' if ckpt else 'on'}: "
-            f"{other / GIB:.1f} GiB)",
+            f"gradient checkpointing {_checkpointing(cfg, lm) if ckpt else 'off'} "
+            f"({'off' if ckpt else 'on'}: {other / GIB:.1f} GiB)",
         )
     )
     total = sum(line.bytes for line in memory)

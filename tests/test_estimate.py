@@ -136,3 +136,22 @@ def test_deep_fusion_counts_the_built_experts_and_what_they_add(tiny_world, tmp_
     assert memory["optimizer"] - plain["optimizer"] == 2 * 4 * counts["experts"]  # fp32 AdamW moments
     assert memory["activations"] > plain["activations"] and "experts" in deep.flops_per_sample
     assert "experts" not in {part for part, *_ in shallow.parts}
+
+
+def test_selective_checkpointing_trades_activation_memory_for_recompute():
+    """train.checkpoint_every=k recomputes ceil(L/k) of the L layers: activations grow and the
+    recomputed FLOPs shrink with k, between full checkpointing (k=1) and none."""
+    recipe = CONFIGS / "reference" / "stage2_mlp_qwen2.5-7b.yaml"
+    runs = {
+        k: estimate(
+            load_config(recipe, ["train.gradient_checkpointing=true", f"train.checkpoint_every={k}"]), Setup()
+        )
+        for k in (1, 2, 4, 28)
+    }
+    off = estimate(load_config(recipe, ["train.gradient_checkpointing=false"]), Setup())
+    acts = {k: {line.name: line for line in e.memory}["activations"] for k, e in runs.items()}
+    flops = {k: e.flops_per_sample["lm"] for k, e in runs.items()}
+    off_acts = {line.name: line for line in off.memory}["activations"].bytes
+    assert acts[1].bytes < acts[2].bytes < acts[4].bytes < acts[28].bytes < off_acts
+    assert flops[1] > flops[2] > flops[4] > flops[28] > off.flops_per_sample["lm"]
+    assert "on for 14 of 28 layers (every 2)" in acts[2].note and "checkpointing on (" in acts[1].note

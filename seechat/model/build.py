@@ -19,6 +19,7 @@ from seechat.data.processor import SeeChatProcessor
 from seechat.model.bridges import build_bridge
 from seechat.model.fusion import build_visual_experts
 from seechat.model.modeling import SeeChatModel
+from seechat.model.sizes import checkpointed_layers
 from seechat.model.vision import VisionTower, load_vision_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -166,6 +167,20 @@ def apply_trainable(model: SeeChatModel, trainable: TrainableConfig) -> None:
     _set_group(model, "lm", trainable.lm, trainable.lora)
     if trainable.vision != "frozen":
         _freeze_unreachable(model.vision_tower)
+
+
+def enable_activation_checkpointing(lm: PreTrainedModel, every: int = 1) -> int:
+    """Recompute the activations of every `every`-th decoder layer of `lm` in the backward pass
+    instead of keeping them (1: all layers; 2: half, ...): memory for compute, layer by layer
+    (selective activation checkpointing, as torchtitan's and Megatron's). The other layers keep
+    theirs. -> how many layers recompute."""
+    if every < 1:
+        raise ValueError(f"train.checkpoint_every must be at least 1 (1 = every layer), not {every}")
+    lm.activation_checkpointing_enable()  # transformers 5's name for gradient checkpointing
+    layers = list(lm.get_decoder().layers)
+    for i, layer in enumerate(layers):
+        layer.gradient_checkpointing = i % every == 0
+    return checkpointed_layers(len(layers), every)
 
 
 def _freeze_unreachable(tower: nn.Module) -> None:

@@ -269,3 +269,9 @@ def visual_expert_params(shape: LMShape) -> int:
     biases = (shape.q_dim + 2 * shape.kv_dim) * shape.qkv_bias
     biases += (2 * shape.intermediate + shape.hidden) * shape.mlp_bias
     return shape.layers * (weights + biases)
+
+
+def checkpointed_layers(layers: int, every: int) -> int:
+    """How many of `layers` decoder layers recompute their activations when every `every`-th one
+    does (`seechat.model.build.enable_activation_checkpointing`): layers 0, every, 2 * every, ..."""
+    return -(-layers // every)

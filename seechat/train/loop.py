@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 from seechat.atomic import existing, recover
 from seechat.config import ModelConfig, RunConfig, from_dict, save_config, to_dict
 from seechat.data.jsonl import append_jsonl, read_jsonl, write_jsonl
-from seechat.model.build import add_visual_experts, apply_trainable, build
+from seechat.model.build import add_visual_experts, apply_trainable, build, enable_activation_checkpointing
 from seechat.model.checkpoint import load_checkpoint, read_meta, write_checkpoint
 from seechat.train.averaging import row_weights, weighted_count
 from seechat.train.data import BatchStream, StreamSpec, count_supervised, eval_batches, to_device
@@ -215,8 +215,7 @@ def train(cfg: RunConfig, resume: bool = True) -> TrainResult:
         )
     model, processor = build_model(cfg)
     if cfg.train.gradient_checkpointing:
-        # transformers 5 name of gradient checkpointing
-        model.language_model.activation_checkpointing_enable()
+        enable_activation_checkpointing(model.language_model, cfg.train.checkpoint_every)
     model.train()
     optimizer = make_optimizer(model, cfg)
 

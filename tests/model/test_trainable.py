@@ -8,6 +8,8 @@ import torch
 from seechat.config import TrainableConfig
 from seechat.data.collate import collate
 from seechat.model import apply_trainable, build
+from seechat.model.build import enable_activation_checkpointing
+from seechat.model.sizes import checkpointed_layers
 from tests.helpers import CONVERSATION, model_config
 
 CASES = {
@@ -56,3 +58,32 @@ def test_lora_wraps_only_the_requested_part(experts):
     n_lora = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "lora_" in n)
     assert n_lora > 0
     assert torch.is_tensor(next(model.language_model.parameters()))
+
+
+@pytest.mark.parametrize("every", [1, 2, 3])
+def test_selective_activation_checkpointing_recomputes_every_kth_layer_and_changes_no_gradient(
+    experts, images, every
+):
+    model, proc = build(model_config(experts, bridge="mlp2x_gelu"))
+    apply_trainable(model, CASES["stage2 full lm"])
+    model.train()
+    batch = collate([proc.encode_conversation(CONVERSATION, images[:1])], proc.tokenizer.pad_token_id)
+
+    def gradients() -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        model(**batch).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain = gradients()
+    layers = list(model.language_model.get_decoder().layers)
+    n = enable_activation_checkpointing(model.language_model, every)
+    flags = [layer.gradient_checkpointing for layer in layers]
+    assert flags == [i % every == 0 for i in range(len(layers))] and n == sum(flags) == checkpointed_layers(
+        len(layers), every
+    )
+    recomputed = gradients()
+    assert recomputed.keys() == plain.keys()
+    for name, g in plain.items():
+        torch.testing.assert_close(recomputed[name], g, rtol=0, atol=0, msg=name)
+    with pytest.raises(ValueError, match="checkpoint_every must be at least 1"):
+        enable_activation_checkpointing(model.language_model, 0)

@@ -159,7 +159,8 @@ def stage2(tiny_world, tmp_path_factory) -> dict[str, Path]:
             STAGE2, stage2_overrides(tiny_world, root / "one", **{"train.batch_size": 10, **held_out})
         )
     )
-    # the 2-process run also checkpoints the LM's layers: recomputation must not change the numbers
+    # the 2-process run also checkpoints the LM's layers (every other one: selective checkpointing):
+    # recomputation must not change the numbers
     torchrun(
         STAGE2,
         stage2_overrides(
@@ -168,6 +169,7 @@ def stage2(tiny_world, tmp_path_factory) -> dict[str, Path]:
             **{
                 "train.batch_size": 5,
                 "train.gradient_checkpointing": "true",
+                "train.checkpoint_every": 2,
                 **held_out,
                 "train.report_to": "tensorboard" if HAS_TENSORBOARD else "[]",
             },
