@@ -8,7 +8,8 @@ AdamW step) on synthetic batches of the recipe's shapes:
 
 - stage 1: vision and LM frozen, bridge trained (the gradient still flows back through the 7B LM's
   activations to the bridge). A sample = one image + `--s1-text` text tokens (a short caption).
-- stage 2: bridge + LM trained (full), gradient checkpointing on. A sample = one image +
+- stage 2: bridge + LM trained (full), gradient checkpointing on (every layer; `--s2-checkpoint-every`
+  times selective checkpointing too, `train.checkpoint_every`). A sample = one image +
   `--s2-text` text tokens. Pure bf16 here (weights, grads and AdamW moments, ~60 GB for 7B on one
   card); accelerate's bf16 mixed precision keeps fp32 master weights and moments, which FSDP /
   ZeRO shard over 8 GPUs — memory differs, the compute per sample is the same.
@@ -55,7 +56,7 @@ from seechat.config import (  # noqa: E402
     load_config,
 )
 from seechat.model.bridges import build_bridge  # noqa: E402
-from seechat.model.build import apply_trainable  # noqa: E402
+from seechat.model.build import apply_trainable, enable_activation_checkpointing  # noqa: E402
 from seechat.model.modeling import SeeChatModel  # noqa: E402
 from seechat.model.sizes import expert_config  # noqa: E402
 from seechat.model.vision import VisionTower  # noqa: E402
@@ -177,7 +178,7 @@ def run_stage(
     name: str,
     model: SeeChatModel,
     trainable: TrainableConfig,
-    checkpointing: bool,
+    checkpoint_every: int,
     batches: list[int],
     text: int,
     args,
@@ -186,8 +187,8 @@ def run_stage(
 ) -> list[dict]:
     apply_trainable(model, trainable)
     lm = model.language_model
-    if checkpointing:
-        lm.activation_checkpointing_enable()
+    lm.activation_checkpointing_disable()
+    recomputed = enable_activation_checkpointing(lm, checkpoint_every) if checkpoint_every else 0
     model.train()
     rows = []
     for b in batches:
@@ -197,13 +198,17 @@ def run_stage(
         try:
             dt = time_steps(model, b, text, args.steps, args.warmup, device)
         except torch.OutOfMemoryError:
-            rows.append({"stage": name, "batch": b, "error": "out of memory"})
+            rows.append(
+                {"stage": name, "batch": b, "checkpoint_every": checkpoint_every, "error": "out of memory"}
+            )
             print(json.dumps(rows[-1]), flush=True)
             break
         tflops = flops_per_sample * b / dt / 1e12
         row = {
             "stage": name,
             "batch": b,
+            "checkpoint_every": checkpoint_every,
+            "recomputed_layers": recomputed,
             "seq_len": model.num_image_tokens + text,
             "step_s": round(dt, 4),
             "samples_per_s": round(b / dt, 1),
@@ -220,12 +225,18 @@ def run_stage(
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="reference")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--s1-batches", default="32,64,128", help="stage-1 per-GPU batch sizes to time")
     ap.add_argument("--s2-batches", default="4,8", help="stage-2 per-GPU batch sizes to time")
+    ap.add_argument(
+        "--s2-checkpoint-every",
+        default="1",
+        help="stage 2's activation checkpointing to time, comma-separated: k recomputes every k-th LM "
+        "layer (train.checkpoint_every), 0 none; e.g. 1,2,0",
+    )
     ap.add_argument(
         "--s1-text", type=int, default=48, help="text tokens per stage-1 sample (template + caption)"
     )
@@ -239,7 +250,7 @@ def main() -> None:
     )
     ap.add_argument("--stages", default="1,2")
     ap.add_argument("--json", default="", help="also write the rows to this file")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
@@ -267,7 +278,7 @@ def main() -> None:
             "stage1",
             model,
             TrainableConfig(vision="frozen", bridge="full", lm="frozen"),
-            False,
+            0,
             [int(x) for x in args.s1_batches.split(",")],
             args.s1_text,
             args,
@@ -276,20 +287,22 @@ def main() -> None:
         )
     if "2" in stages:
         t2 = model.num_image_tokens + args.s2_text
-        rows += run_stage(
-            "stage2",
-            model,
-            TrainableConfig(vision="frozen", bridge="full", lm="full", lora=LoraConfig()),
-            True,
-            [int(x) for x in args.s2_batches.split(",")],
-            args.s2_text,
-            args,
-            device,
-            2 * n_v * p + 6 * n_lm * t2,
-        )
+        for every in (int(x) for x in args.s2_checkpoint_every.split(",")):
+            rows += run_stage(
+                "stage2",
+                model,
+                TrainableConfig(vision="frozen", bridge="full", lm="full", lora=LoraConfig()),
+                every,
+                [int(x) for x in args.s2_batches.split(",")],
+                args.s2_text,
+                args,
+                device,
+                2 * n_v * p + 6 * n_lm * t2,
+            )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"info": info, "rows": rows}, f, indent=1)
+    return rows
 
 
 if __name__ == "__main__":

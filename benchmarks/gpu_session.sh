@@ -21,7 +21,9 @@
 #          16 item 1: which kernels take a decode step, and how busy the GPU is), the compiled
 #          static step (`EngineConfig.compile_decode`) timed and profiled beside the default
 #          -> OUT/serving.json.
-# train:   the training-step benchmark at the reference shapes (issue 16 item 2's baseline).
+# train:   the training-step benchmark at the reference shapes (issue 16 item 2's baseline), stage 2
+#          with activation checkpointing on every layer, every 2nd, every 4th and none
+#          (`train.checkpoint_every`: recompute is not counted as model FLOPs, so it costs MFU).
 # TINY=1 rehearses a part on a CPU (tiny shapes, one short run each).
 set -uo pipefail
 PART=${1:-serving}
@@ -65,8 +67,9 @@ serving)
         | tee -a "$OUT/serving.log"
     ;;
 train)
-    TRAIN_ARGS=(--preset reference --s1-batches 128 --s2-batches 4,8)
-    [ "$TINY" = 1 ] && TRAIN_ARGS=(--preset tiny --device cpu --steps 1 --warmup 1 --s1-batches 2 --s2-batches 2)
+    TRAIN_ARGS=(--preset reference --s1-batches 128 --s2-batches 4,8 --s2-checkpoint-every 1,2,4,0)
+    [ "$TINY" = 1 ] && TRAIN_ARGS=(--preset tiny --device cpu --steps 1 --warmup 1 --s1-batches 2 --s2-batches 2 \
+        --s2-checkpoint-every 1,2,0)
     timeout 300 $PY benchmarks/bench_train_step.py "${TRAIN_ARGS[@]}" --json "$OUT/train_step.json" 2>&1 \
         | tee "$OUT/train_step.log"
     ;;
