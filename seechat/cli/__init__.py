@@ -202,5 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="seechat " + " ".join(verb.words), description=verb.help)
     module = verb.load()
     module.add_arguments(parser)
-    args = parser.parse_args(rest)
+    # intermixed: `seechat train RECIPE --no-resume key=value` and `seechat estimate RECIPE --gpus 8
+    # key=value` take their overrides after options too (plain parse_args refuses them there)
+    args = parser.parse_intermixed_args(rest)
     return int(module.run(args))

@@ -48,3 +48,12 @@ def test_the_deep_fusion_reference_recipe_fits_an_h100_under_fsdp(capsys):
     assert main(["estimate", recipe, "--gpus", "8", "--strategy", "fsdp"]) == 0
     out = capsys.readouterr().out
     assert "experts    6165.8 M  full" in out and "fits" in out and "deep fusion:" in out
+
+
+def test_overrides_may_follow_options(capsys):
+    """docs/distributed.md writes `seechat estimate RECIPE --strategy fsdp --mfu 0.35 key=value`:
+    overrides after options (plain argparse refused them there: "unrecognized arguments")."""
+    recipe = str(CONFIGS / "reference" / "stage2_qformer_qwen2.5-7b.yaml")
+    argv = ["estimate", recipe, "--strategy", "fsdp", "train.gradient_checkpointing=true", "--mfu", "0.35"]
+    assert main([*argv, "train.checkpoint_every=2"]) == 0
+    assert "gradient checkpointing on for 14 of 28 layers (every 2)" in capsys.readouterr().out
