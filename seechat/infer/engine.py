@@ -114,9 +114,7 @@ class EngineConfig:
     static_decode: str = "auto"  # "auto" (CUDA only) | "on" | "off": slotted KV + CUDA-graph decode (runner)
     compile_decode: bool = False  # torch.compile the static step's layers (static_decode.StaticDecoder)
     speculative_tokens: int = 4  # n-gram drafts per verify step, lone greedy request, while it pays; 0 = off
-    draft_history_tokens: int = (
-        65536  # tokens of earlier replies (per cache scope) drafts come from; 0 = none
-    )
+    draft_history_tokens: int = 65536  # earlier replies' tokens drafts come from, per cache scope; 0 = none
 
 
 class RequestError(ValueError):
