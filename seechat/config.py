@@ -141,9 +141,7 @@ class TrainConfig:
     save_every: int = 0  # 0 = only at the end
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     gradient_checkpointing: bool = False
-    checkpoint_every: int = (
-        1  # with gradient_checkpointing: recompute every k-th LM layer (1 = all; 2 = half)
-    )
+    checkpoint_every: int = 1  # with gradient_checkpointing: recompute every k-th LM layer (1 = all)
     group_by_length: bool = True  # conversations: batch similar lengths to waste less on padding
     loss_average: LossAverage = "token"  # how a step averages its token losses: per token, sample, or sqrt
     eval_every: int = 0  # with data.eval_paths: held-out loss every N steps (0 = only at the end)

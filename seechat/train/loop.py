@@ -371,13 +371,21 @@ def train(cfg: RunConfig, resume: bool = True) -> TrainResult:
     return TrainResult(out, pos.step, loss_value, wall)
 
 
-_MAY_CHANGE_ON_RESUME = ("log_every", "save_every", "eval_every", "report_to")
+_MAY_CHANGE_ON_RESUME = (
+    "log_every",
+    "save_every",
+    "eval_every",
+    "report_to",
+    "gradient_checkpointing",
+    "checkpoint_every",
+)
 
 
 def _resume_key(cfg_dict: dict) -> dict:
-    """The config fields a resume must not change (logging, saving and evaluation cadence, and
-    where metrics are reported, may change). A field added to the config since the resume point
-    was written takes its default."""
+    """The config fields a resume must not change (logging, saving and evaluation cadence, where
+    metrics are reported, and activation checkpointing — memory, not the numbers: a run that ran
+    out of memory may resume with more of it — may change). A field added to the config since the
+    resume point was written takes its default."""
     try:
         cfg_dict = to_dict(from_dict(RunConfig, cfg_dict))
     except (TypeError, ValueError):

@@ -182,6 +182,9 @@ def test_resume_point_written_before_a_config_field_existed_still_resumes(tiny_w
     del state["config"]["train"]["report_to"], state["config"]["data"]["eval_paths"]
     state_file.write_text(json.dumps(state))
     assert train(load_config(STAGE1, over)).steps == 1
+    # activation checkpointing changes memory, not the numbers: a resume may turn it on
+    recompute = ["train.gradient_checkpointing=true", "train.checkpoint_every=2"]
+    assert train(load_config(STAGE1, [*over, *recompute])).steps == 1
     with pytest.raises(ValueError, match="different config"):
         train(load_config(STAGE1, [*over, "optim.lr=0.5"]))
 
