@@ -24,11 +24,12 @@ Submitting is thread-safe; `stream` (sync) and `astream` (asyncio) wrap `submit`
 Greedy outputs do not depend on what else is in the batch: rows are independent (attention masks
 and per-row position ids), which the tests check against single-request runs.
 
-Speculative decoding (n-gram drafts, lossless: the tokens of plain greedy) runs for a lone greedy
-request, and only while it pays. Drafts are looked up in the request's own tokens (prompt lookup)
-and in the engine's recent replies of the same cache scope (`seechat.infer.drafts`: replies repeat
-across requests far more than within one). A verify step feeds the last token and k drafts; it costs
-`c` plain steps and gives `1 + a` tokens (`a` drafts accepted), so it is faster exactly when
+Speculative decoding (n-gram drafts, lossless) runs for a lone request, and only while it pays:
+greedy requests get exactly the tokens of plain greedy, sampled ones (unseeded, no repetition
+penalty) tokens of exactly plain sampling's distribution (`sampling.speculative_sample`).
+Drafts are looked up in the request's own tokens (prompt lookup) and in the engine's recent
+replies of the same cache scope (`seechat.infer.drafts`: replies repeat across requests far more
+than within one). A verify step feeds the last token and k drafts; it costs `c` plain steps and gives `1 + a` tokens (`a` drafts accepted), so it is faster exactly when
 `1 + a > c`. Both sides are measured, never assumed:
 
 - `c`: the engine times its own batch-1 steps, whole (model step, sampling, detokenising), plain
@@ -37,8 +38,9 @@ across requests far more than within one). A verify step feeds the last token an
   before the first verify step is timed, c = SPECULATION_PRIOR_COST;
 - `1 + a`: per request, a moving average over its verify steps and, while it does not speculate,
   over *shadow* drafts: drafts proposed and checked against the tokens the plain steps then
-  produce (greedy is deterministic, so that is what a verify step would have accepted), at no
-  model cost.
+  produce, at no model cost (greedy is deterministic, so that is what a verify step would have
+  accepted; a sampled token equals the draft with probability p(draft), the probability a verify
+  step keeps it, so for sampling the estimate is unbiased).
 
 A request speculates once it has SPECULATION_MIN_SEEN observations and its average yield is at
 least c; it stops when the average falls below c, and starts again if its text turns repetitive.
@@ -74,9 +76,16 @@ from seechat.infer.request import (
     plain_greedy,
     resolve_shadows,
     shadow_drafts,
+    speculable,
 )
 from seechat.infer.runner import ModelRunner, PrefillRow
-from seechat.infer.sampling import SamplingParams, apply_repetition_penalty, sample_next
+from seechat.infer.sampling import (
+    SamplingParams,
+    apply_repetition_penalty,
+    next_token_probs,
+    sample_next,
+    speculative_sample,
+)
 from seechat.model.modeling import SeeChatModel
 
 log = logging.getLogger(__name__)
@@ -624,7 +633,7 @@ class Engine:
         lone = bool(self.config.speculative_tokens) and len(self._running) == 1
         if lone:
             r = self._running[0]
-            drafts, from_replies = self._drafts(r) if plain_greedy(r.params) else ([], False)
+            drafts, from_replies = self._drafts(r) if speculable(r) else ([], False)
             if drafts and speculation_pays(r.spec_yield, r.spec_seen, **self.step_seconds):
                 t0 = time.perf_counter()
                 self._verify(r, drafts, from_replies)
@@ -656,22 +665,34 @@ class Engine:
         self.step_seconds[kind] = seconds if old is None else old + STEP_TIME_AVERAGE * (seconds - old)
 
     def _drafts(self, r: Request) -> tuple[list[int], bool]:
-        """Drafts for a lone greedy request: n-gram lookup in its own tokens, then in the replies
-        of its cache scope (seechat.infer.drafts); never past the reply's end."""
+        """Drafts for a lone request: n-gram lookup in its own tokens, then in the replies of its
+        cache scope (seechat.infer.drafts); never past the reply's end."""
         room = min(self.config.speculative_tokens, r.max_new - len(r.generated) - 1)
         return ngram_drafts(r.history, room, self.image_token_id, self.replies.text(r.cache_scope))
 
     def _verify(self, r: Request, drafts: list[int], from_replies: bool) -> None:
-        """Speculative step for a lone greedy request: run the last token and the drafts in one
-        forward (on a bandwidth-bound decode this costs about one token), keep the drafts the model
-        itself would have produced, plus the model's own next token. Same tokens as plain greedy."""
+        """Speculative step for a lone request: run the last token and the drafts in one forward
+        (on a bandwidth-bound decode this costs about one token), keep the drafts the model itself
+        would have produced, plus the model's own next token: for a greedy request exactly the
+        tokens of plain greedy, for a sampled one tokens of exactly plain sampling's distribution
+        (`speculative_sample`)."""
         tokens = torch.tensor([[r.sampled[-1], *drafts]], dtype=torch.long)
         logits = self.runner.step(tokens, self._kv)[0]  # (1 + k, V)
         logits[:, self.image_token_id] = float("-inf")
-        greedy = logits.argmax(-1).tolist()
-        n = 0
-        while n < len(drafts) and drafts[n] == greedy[n]:
-            n += 1
+        if plain_greedy(r.params):
+            picked = logits.argmax(-1).tolist()
+            n = 0
+            while n < len(drafts) and drafts[n] == picked[n]:
+                n += 1
+        else:
+            try:
+                picked = speculative_sample(next_token_probs(logits, r.params), drafts, r.generator)
+            except Exception as e:  # as in _sample: this request fails alone
+                log.warning("sampling failed for %s: %s: %s", r.id, type(e).__name__, e)
+                self._finish(r, "error", error=f"sampling failed ({type(e).__name__}: {e})")
+                self._keep([])
+                return
+            n = len(picked) - 1
         self._kv.advance(n + 1, len(drafts) + 1)
         self.counters["decode_steps"] += 1
         self.counters["decode_tokens"] += n + 1
@@ -681,7 +702,7 @@ class Engine:
             self.counters["history_drafts"] += len(drafts)
             self.counters["accepted_history_drafts"] += n
         note_yield(r, n + 1)
-        for token in greedy[: n + 1]:
+        for token in picked[: n + 1]:
             r.fed += 1
             if self._accept(r, token, self._kv, 0):
                 self._keep([])

@@ -175,3 +175,12 @@ def resolve_shadows(r: Request) -> None:
 
 def plain_greedy(p: SamplingParams) -> bool:
     return p.temperature < GREEDY_BELOW and p.repetition_penalty == 1.0
+
+
+def speculable(r: Request) -> bool:
+    """Whether a lone request may decode speculatively: greedy (the drafts kept are exactly the
+    greedy tokens), or sampling without a seed (speculative sampling draws from exactly the same
+    distribution, but not the same random numbers: a seeded reply would then depend on when
+    speculation ran) and without a repetition penalty (which changes with every token)."""
+    p = r.params
+    return p.repetition_penalty == 1.0 and (p.temperature < GREEDY_BELOW or r.generator is None)

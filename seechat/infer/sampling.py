@@ -2,7 +2,8 @@
 
 `SamplingParams` are one request's settings; `sample_next` picks the next token ids of a batch:
 greedy (temperature below `GREEDY_BELOW`), or temperature with top-k and top-p, from an optional
-seeded generator; `apply_repetition_penalty` is the CTRL-style penalty applied before it. The
+seeded generator; `apply_repetition_penalty` is the CTRL-style penalty applied before it;
+`speculative_sample` keeps or replaces drafted tokens so that sampling stays exact. The
 simple generator (`seechat.infer.generate`), the serving engine and its requests
 (`seechat.infer.engine`, `seechat.infer.request`) and the HTTP protocol (`seechat.serve.protocol`)
 all use this module. What it is not: a decoding loop (no model, no KV cache here).
@@ -48,6 +49,12 @@ def sample_next(
     to. Non-finite logits from the model still raise: the caller fails that request alone."""
     if params.temperature < GREEDY_BELOW:
         return logits.argmax(-1)
+    return torch.multinomial(next_token_probs(logits, params), 1, generator=generator).squeeze(1)
+
+
+def next_token_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution `sample_next` draws from (temperature >= GREEDY_BELOW): logits (B, V) ->
+    probabilities (B, V) after temperature, top-k and top-p."""
     logits = logits.float()
     logits = (logits - logits.max(-1, keepdim=True).values) / params.temperature  # <= 0, max exactly 0
     if params.top_k > 0:
@@ -59,5 +66,31 @@ def sample_next(
         drop = cum - sorted_logits.softmax(-1) > params.top_p  # keep the token that crosses top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    return logits.softmax(-1)
+
+
+def speculative_sample(
+    probs: torch.Tensor, drafts: list[int], generator: torch.Generator | None = None
+) -> list[int]:
+    """Speculative sampling with deterministic drafts (Leviathan et al., 2023; Chen et al., 2023,
+    with the draft distribution a point mass): `probs` (1 + k, V) are the target distributions at
+    the k drafts' positions and one after. Draft i is kept with probability p_i(draft); the first
+    one refused is replaced by a sample of p_i with the draft's mass removed (renormalised), and
+    if all are kept one more token is drawn from p_k. Each returned token has exactly the
+    distribution plain sampling would give it. -> the kept drafts plus one token."""
+    out: list[int] = []
+    for i, d in enumerate(drafts):
+        p = probs[i]
+        if float(torch.rand((), generator=generator)) < float(p[d]):
+            out.append(d)
+            continue
+        rest = p.clone()
+        rest[d] = 0.0
+        total = float(rest.sum())
+        if total <= 0.0:  # p(d) rounds to 1 yet the draw refused it: keep the draft
+            out.append(d)
+            continue
+        out.append(int(torch.multinomial(rest / total, 1, generator=generator)))
+        return out
+    out.append(int(torch.multinomial(probs[len(drafts)], 1, generator=generator)))
+    return out

@@ -5,11 +5,13 @@ scope, and its outputs stay plain greedy's."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from seechat.infer import engine as engine_module
 from seechat.infer.drafts import SEPARATOR, ReplyHistory, ngram_drafts, token_text
 from seechat.infer.engine import Engine, EngineConfig
 from seechat.infer.sampling import SamplingParams
+from seechat.model import load
 from tests.infer.test_engine import CONVERSATIONS, _prompt
 
 IMAGE = 99
@@ -94,3 +96,36 @@ def test_no_speculation_keeps_no_reply_history(tiny, speculative_tokens):
     with Engine(model, processor, EngineConfig(speculative_tokens=speculative_tokens)) as engine:
         engine.generate(ids, im, SamplingParams(max_new_tokens=8), cache_prefix=False)
         assert len(engine.replies) == (1 if speculative_tokens else 0)
+
+
+def test_sampled_requests_speculate_too_unless_seeded(tiny_ckpt, monkeypatch):
+    """An unseeded sampled request verifies drafts by speculative sampling (the exactness of which
+    tests/infer/test_sampling.py checks); near temperature 0 that distribution is the greedy one,
+    so the plumbing must give the greedy tokens. (The tiny model's added tokens share one output
+    row, hence exact ties that sampling may break either way: the rows are made distinct here.)
+    A seeded request never speculates: its reply must not depend on when speculation ran."""
+    model, processor = load(tiny_ckpt["qwen2"])
+    head = model.language_model.get_output_embeddings().weight
+    with torch.no_grad():
+        head.add_(1e-2 * torch.randn(head.shape, generator=torch.Generator().manual_seed(0)))
+    monkeypatch.setattr(engine_module, "speculation_pays", lambda *a, **k: True)  # verify every draft
+    prompts = [_prompt(processor, k) for k in range(len(CONVERSATIONS))]
+    greedy = SamplingParams(max_new_tokens=48)
+    cold = SamplingParams(max_new_tokens=48, temperature=2e-5)  # sampled, but all mass on the argmax
+    with Engine(model, processor, EngineConfig(speculative_tokens=0)) as plain:
+        want = [
+            plain.generate(ids, im, greedy, cache_prefix=False, ignore_eos=True).token_ids
+            for ids, im in prompts
+        ]
+    with Engine(model, processor, EngineConfig(prefix_cache_mb=0)) as spec:
+        got = [
+            spec.generate(ids, im, cold, cache_prefix=False, ignore_eos=True).token_ids for ids, im in prompts
+        ]
+        assert got == want
+        assert spec.counters["accepted_drafts"] > 0
+        seen = spec.counters["draft_tokens"]
+        ids, im = prompts[1]
+        for seed in (3, 3):
+            hot = SamplingParams(max_new_tokens=24, temperature=1.0, seed=seed)
+            spec.generate(ids, im, hot, cache_prefix=False)
+        assert spec.counters["draft_tokens"] == seen
