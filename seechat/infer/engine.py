@@ -30,7 +30,8 @@ penalty) tokens of exactly plain sampling's distribution (`sampling.speculative_
 Drafts are looked up in the request's own tokens (prompt lookup) and in the engine's recent
 replies of the same cache scope (`seechat.infer.drafts`: replies repeat across requests far more
 than within one). A verify step feeds the last token and k drafts; it costs `c` plain steps
-and gives `1 + a` tokens (`a` drafts accepted), so it is faster exactly when `1 + a > c`. Both sides are measured, never assumed:
+and gives `1 + a` tokens (`a` drafts accepted), so it is faster exactly when `1 + a > c`. Both
+sides are measured, never assumed:
 
 - `c`: the engine times its own batch-1 steps, whole (model step, sampling, detokenising), plain
   and verify, as moving averages, so the rule follows the machine it runs on — on a loaded 2-core
