@@ -111,8 +111,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--speculative-tokens",
         type=int,
         default=e.speculative_tokens,
-        help="n-gram drafts per verify step for a lone greedy request, used only while they pay "
-        "(0 = no speculative decoding; outputs are the same either way)",
+        help="n-gram drafts per verify step for a lone request (greedy, or sampled without a seed), "
+        "used only while they pay (0 = no speculative decoding; outputs are the same either way: "
+        "greedy tokens, or sampling's distribution)",
     )
     parser.add_argument(
         "--draft-history-tokens",

@@ -123,7 +123,7 @@ class EngineConfig:
     fast_decode: str = "auto"  # "auto" | "on" | "off": the fast decode step (see seechat.infer.runner)
     static_decode: str = "auto"  # "auto" (CUDA only) | "on" | "off": slotted KV + CUDA-graph decode (runner)
     compile_decode: bool = False  # torch.compile the static step's layers (static_decode.StaticDecoder)
-    speculative_tokens: int = 4  # n-gram drafts per verify step, lone greedy request, while it pays; 0 = off
+    speculative_tokens: int = 4  # n-gram drafts per verify step, lone request, while it pays; 0 = off
     draft_history_tokens: int = 65536  # earlier replies' tokens drafts come from, per cache scope; 0 = none
 
 
