@@ -35,3 +35,22 @@ def test_serves_the_val_split_and_every_reply_equals_transformers(tiny_world, tm
     # transformers' own prompt lookup either ran (a column) or failed with its error recorded
     lookup = "transformers, prompt lookup"
     assert (lookup in res["results"]["all"]) != (lookup in res["failed"])
+
+
+def test_sampled_run_times_every_side_without_comparing_replies(tiny_world, tmp_path):
+    cfg = ModelConfig(
+        vision=VisionConfig(path=tiny_world["vision"]),
+        lm=LMConfig(path=tiny_world["lm"], tokenizer_path=tiny_world["tokenizer"]),
+        bridge=BridgeConfig(type="mlp2x_gelu"),
+        max_length=256,
+    )
+    torch.manual_seed(0)
+    ckpt = write_checkpoint(*build(cfg), tmp_path / "ckpt")
+    out = tmp_path / "sampled.json"
+    argv = ["--model", str(ckpt), "--world", tiny_world["world"], "--requests", "5", "--warmup", "1"]
+    assert (
+        bench_drafts.main([*argv, "--max-new-tokens", "16", "--temperature", "1.0", "--json", str(out)]) == 0
+    )
+    res = json.loads(out.read_text())
+    assert res["temperature"] == 1.0 and res["replies_equal"] is None and res["requests"] == 5
+    assert all(cell["end_to_end_tok_s"] > 0 for cell in res["results"]["all"].values())
