@@ -39,6 +39,7 @@ from seechat.data.images import ImageError, load_image
 from seechat.data.instruct import Conversation, ImagePathError, image_path, iter_conversations
 from seechat.data.pairs import PairShardDataset, log_skip
 from seechat.data.processor import Encoded, SeeChatProcessor
+from seechat.train.averaging import supervised_per_row
 
 log = logging.getLogger(__name__)
 
@@ -334,8 +335,9 @@ def eval_batches(
 
 
 def count_supervised(batch: dict) -> int:
+    """The batch's supervised next-token targets (`averaging.supervised_per_row`, summed)."""
     labels = batch.get("labels")
-    return 0 if labels is None else int((labels[:, 1:] != -100).sum())
+    return 0 if labels is None else int(supervised_per_row(labels).sum())
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
