@@ -78,7 +78,9 @@ def workload(world: Path, n: int) -> list[tuple[str, str, Path]]:
 class Engines:
     """The five engines of the module docstring, each answering one request at a time."""
 
-    def __init__(self, ckpt: Path, llava_dir: Path, max_new: int, temperature: float = 0.0):
+    def __init__(
+        self, ckpt: Path, llava_dir: Path, max_new: int, temperature: float = 0.0, speculative_tokens: int = 4
+    ):
         from transformers import LlavaForConditionalGeneration
 
         from seechat.infer.engine import Engine, EngineConfig
@@ -90,8 +92,10 @@ class Engines:
         self.max_new = max_new
         self.temperature = temperature  # 0: greedy; else sampled, unseeded, on every side
         configs = {
-            "seechat": EngineConfig(prefix_cache_mb=0),
-            "seechat, drafts from the request only": EngineConfig(prefix_cache_mb=0, draft_history_tokens=0),
+            "seechat": EngineConfig(prefix_cache_mb=0, speculative_tokens=speculative_tokens),
+            "seechat, drafts from the request only": EngineConfig(
+                prefix_cache_mb=0, draft_history_tokens=0, speculative_tokens=speculative_tokens
+            ),
             "seechat, no speculation": EngineConfig(prefix_cache_mb=0, speculative_tokens=0),
         }
         self.engines = {name: Engine(self.model, self.processor, c).start() for name, c in configs.items()}
@@ -195,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=50, help="also report the requests after this many")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument(
+        "--speculative-tokens", type=int, default=4, help="drafts per verify step of the speculating engines"
+    )
+    parser.add_argument(
         "--temperature",
         type=float,
         default=0.0,
@@ -219,7 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()
     tmp = Path(tempfile.mkdtemp(prefix="seechat-bench-drafts-"))
     export_llava_hf(Path(args.model), tmp / "llava")
-    bench = Engines(Path(args.model), tmp / "llava", args.max_new_tokens, args.temperature)
+    bench = Engines(
+        Path(args.model), tmp / "llava", args.max_new_tokens, args.temperature, args.speculative_tokens
+    )
     work = workload(Path(args.world), args.requests)
     sampled = args.temperature > 0
     rows, same, kinds_same, failed = [], 0, {k: [0, 0] for k in KINDS}, {}
@@ -292,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
                     "command": " ".join(sys.argv),
                     "results": results,
                     "temperature": args.temperature,
+                    "speculative_tokens": args.speculative_tokens,
                     "replies_equal": None if sampled else same,
                     "failed": failed,
                     "requests": len(rows),
