@@ -129,3 +129,24 @@ def test_sampled_requests_speculate_too_unless_seeded(tiny_ckpt, monkeypatch):
             hot = SamplingParams(max_new_tokens=24, temperature=1.0, seed=seed)
             spec.generate(ids, im, hot, cache_prefix=False)
         assert spec.counters["draft_tokens"] == seen
+
+
+def test_a_verify_step_whose_sampling_fails_finishes_its_request_alone(tiny, monkeypatch):
+    """Speculative sampling raises (as non-finite logits make it): that request finishes with
+    "error", and the engine serves the next request as before."""
+    model, processor = tiny
+    monkeypatch.setattr(engine_module, "speculation_pays", lambda *a, **k: True)  # verify every draft
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+
+    monkeypatch.setattr(engine_module, "speculative_sample", broken)
+    ids, im = _prompt(processor, 1)
+    greedy = SamplingParams(max_new_tokens=48)
+    with Engine(model, processor, EngineConfig(speculative_tokens=0)) as plain:
+        want = plain.generate(ids, im, greedy, cache_prefix=False, ignore_eos=True).token_ids
+    with Engine(model, processor, EngineConfig(prefix_cache_mb=0)) as spec:
+        cold = SamplingParams(max_new_tokens=48, temperature=2e-5)  # sampled; repeats itself as greedy does
+        events = list(spec.stream(ids, im, cold, cache_prefix=False, ignore_eos=True))
+        assert events[-1].finish_reason == "error" and "sampling failed" in events[-1].error
+        assert spec.generate(ids, im, greedy, cache_prefix=False, ignore_eos=True).token_ids == want
