@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from benchmarks import bench_drafts
@@ -12,7 +13,9 @@ from seechat.config import BridgeConfig, LMConfig, ModelConfig, VisionConfig
 from seechat.model import build, write_checkpoint
 
 
-def test_serves_the_val_split_and_every_reply_equals_transformers(tiny_world, tmp_path):
+@pytest.fixture(scope="module")
+def ckpt(tiny_world, tmp_path_factory):
+    """An untrained mlp2x_gelu checkpoint on the tiny world's experts (read only here)."""
     cfg = ModelConfig(
         vision=VisionConfig(path=tiny_world["vision"]),
         lm=LMConfig(path=tiny_world["lm"], tokenizer_path=tiny_world["tokenizer"]),
@@ -20,7 +23,10 @@ def test_serves_the_val_split_and_every_reply_equals_transformers(tiny_world, tm
         max_length=256,
     )
     torch.manual_seed(0)
-    ckpt = write_checkpoint(*build(cfg), tmp_path / "ckpt")
+    return write_checkpoint(*build(cfg), tmp_path_factory.mktemp("bench_drafts") / "ckpt")
+
+
+def test_serves_the_val_split_and_every_reply_equals_transformers(ckpt, tiny_world, tmp_path):
     out = tmp_path / "drafts.json"
     argv = ["--model", str(ckpt), "--world", tiny_world["world"], "--requests", "6", "--warmup", "2"]
     assert bench_drafts.main([*argv, "--max-new-tokens", "24", "--json", str(out)]) == 0
@@ -37,15 +43,7 @@ def test_serves_the_val_split_and_every_reply_equals_transformers(tiny_world, tm
     assert (lookup in res["results"]["all"]) != (lookup in res["failed"])
 
 
-def test_sampled_run_times_every_side_without_comparing_replies(tiny_world, tmp_path):
-    cfg = ModelConfig(
-        vision=VisionConfig(path=tiny_world["vision"]),
-        lm=LMConfig(path=tiny_world["lm"], tokenizer_path=tiny_world["tokenizer"]),
-        bridge=BridgeConfig(type="mlp2x_gelu"),
-        max_length=256,
-    )
-    torch.manual_seed(0)
-    ckpt = write_checkpoint(*build(cfg), tmp_path / "ckpt")
+def test_sampled_run_times_every_side_without_comparing_replies(ckpt, tiny_world, tmp_path):
     out = tmp_path / "sampled.json"
     argv = ["--model", str(ckpt), "--world", tiny_world["world"], "--requests", "5", "--warmup", "1"]
     assert (
