@@ -230,7 +230,7 @@ def activation_memory(
     # Checkpointed: a recomputed layer keeps its input, the others (train.checkpoint_every > 1) all
     # they save; backward recomputes one layer at a time, after the loss backward (the logits stay
     # referenced by the step's output until the next step).
-    recomputed = checkpointed_layers(lm.layers, max(1, cfg.train.checkpoint_every))
+    recomputed = _recomputed_layers(cfg, lm)
     kept = tokens * (recomputed * a * lm.hidden + (lm.layers - recomputed) * layer + final_norm) + images
     checkpointed = kept + tokens * max(logits, lm.vocab * a + layer)
     return Activations(plain, checkpointed, tokens)
@@ -250,9 +250,7 @@ def train_flops_per_sample(
     head = 2 * lm.hidden * lm.vocab
     backward = 2 if cfg.trainable.lm == "full" else 1
     # the share of layers whose forward runs again in the backward pass
-    recompute = (
-        checkpointed_layers(lm.layers, max(1, cfg.train.checkpoint_every)) / lm.layers if checkpointing else 0
-    )
+    recompute = _recomputed_layers(cfg, lm) / lm.layers if checkpointing else 0
     per_token = lm.layers * (layer_mm * (1 + backward + recompute) + attention * (3 + recompute))
     per_token += head * (1 + backward)
     v = vision
@@ -271,11 +269,16 @@ def train_flops_per_sample(
     return out
 
 
+def _recomputed_layers(cfg: RunConfig, lm: LMShape) -> int:
+    """LM layers whose activations gradient checkpointing recomputes (train.checkpoint_every)."""
+    return checkpointed_layers(lm.layers, max(1, cfg.train.checkpoint_every))
+
+
 def _checkpointing(cfg: RunConfig, lm: LMShape) -> str:
-    every = max(1, cfg.train.checkpoint_every)
-    if every == 1:
+    if cfg.train.checkpoint_every <= 1:
         return "on"
-    return f"on for {checkpointed_layers(lm.layers, every)} of {lm.layers} layers (every {every})"
+    every = cfg.train.checkpoint_every
+    return f"on for {_recomputed_layers(cfg, lm)} of {lm.layers} layers (every {every})"
 
 
 # ---------------------------------------------------------------- the estimate
