@@ -143,6 +143,9 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     checkpoint_every: int = 1  # with gradient_checkpointing: recompute every k-th LM layer (1 = all)
     group_by_length: bool = True  # conversations: batch similar lengths to waste less on padding
+    # a micro-batch's samples end to end in one row, no padding (the same samples and loss; the LM
+    # attends within each sample through varlen attention, seechat.model.varlen); false: padded rows
+    padding_free: bool = True
     loss_average: LossAverage = "token"  # how a step averages its token losses: per token, sample, or sqrt
     eval_every: int = 0  # with data.eval_paths: held-out loss every N steps (0 = only at the end)
     eval_batches: int = 0  # global batches per evaluation (0 = the whole of data.eval_paths)

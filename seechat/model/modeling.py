@@ -6,9 +6,12 @@ The whole forward pass, top to bottom:
                             --bridge-------> (n_img, N_tok, D_lm)
     input_ids (B, T) --LM embeddings--> (B, T, D_lm); the n_img * N_tok image-token positions are
     overwritten in order by the image features (`masked_scatter`, after a count check);
-    --language_model--> logits (B, T, V); loss = cross-entropy over labels != -100, summed (each row's
-    tokens weighted by `loss_weights`, default 1) and divided by `num_items_in_batch` (default: the
+    --language_model--> logits (B, T, V); loss = cross-entropy over labels != -100, summed (each
+    token weighted by `loss_weights`, default 1) and divided by `num_items_in_batch` (default: the
     weighted count), i.e. a token mean unless training asks for another average (seechat.train.averaging).
+    A padding-free batch (B = 1, the samples end to end, `cu_seq_lens` at their boundaries) runs the
+    same pass over only its real tokens; the LM's varlen attention keeps the samples apart
+    (seechat.model.varlen).
     With `model.fusion: deep` the LM call runs inside `visual_experts.routing(image mask)`: at image
     positions every layer uses its visual expert's QKV and MLP (seechat.model.fusion); a text-only
     input never opens the scope, so it gets exactly the base LM's computation.
@@ -28,6 +31,7 @@ from torch import nn
 from seechat.config import ModelConfig
 from seechat.data.conversation import IGNORE_INDEX, NoSupervisedTokensError
 from seechat.model.fusion import VisualExperts
+from seechat.model.varlen import varlen_kwargs
 from seechat.model.vision import VisionTower
 
 
@@ -103,15 +107,25 @@ class SeeChatModel(nn.Module):
         logits_to_keep: int = 0,
         return_logits: bool = True,
         loss_weights: torch.Tensor | None = None,
+        cu_seq_lens: torch.Tensor | None = None,
+        max_seq_len: int = 0,
     ) -> SeeChatOutput:
         """`num_items_in_batch`: divide the summed loss by this (gradient accumulation and data
         parallelism pass the global count so the mean is over the true global batch).
-        `loss_weights` (B,): each supervised token of row b counts `loss_weights[b]` times in the sum
-        (per-sample or square averaging; None = every token once).
+        `loss_weights` (B, T), aligned with `labels`: the supervised token at label position t counts
+        `loss_weights[b, t]` times in the sum (per-sample or square averaging; None = every token once).
+        `cu_seq_lens` (S + 1,), `max_seq_len`: a padding-free batch (seechat.data.collate): one row of
+        S sequences end to end, with `position_ids` restarting at each. Every attention keeps them
+        apart (transformers reads the restarts as a block-diagonal mask); the LM runs it without
+        the (N, N) mask after seechat.model.varlen.use_varlen_attention.
         `logits_to_keep`: compute logits for only the last k positions (0 = all), as in decoding.
         `return_logits=False` (training, with `labels`): the LM head runs only at positions that
         predict a supervised token, and no logits are returned. Same loss; with a 150 k vocabulary
         the (B, T, V) fp32 logits of image and prompt positions are most of a stage-1 step's memory."""
+        varlen = {}
+        if cu_seq_lens is not None:
+            self._check_padding_free(input_ids, attention_mask, position_ids)
+            varlen = varlen_kwargs(cu_seq_lens, max_seq_len)
         if image_features is None and pixel_values is not None:
             image_features = self.encode_images(pixel_values)
         embeds = self.embed(input_ids, image_features)
@@ -131,14 +145,24 @@ class SeeChatModel(nn.Module):
                 cache=cache,
                 use_cache=use_cache,
                 logits_to_keep=keep,
+                **varlen,
             )
         if labels is None:
             return SeeChatOutput(logits=out.logits, cache=out.cache)
         if return_logits:
             loss, n = causal_lm_loss(out.logits, labels, num_items_in_batch, loss_weights)
             return SeeChatOutput(logits=out.logits, loss=loss, cache=out.cache, num_items=n)
-        loss, n = token_loss(out.logits, labels[:, keep + 1], num_items_in_batch, loss_weights)
+        weights = None if loss_weights is None else loss_weights[:, keep + 1]
+        loss, n = token_loss(out.logits, labels[:, keep + 1], num_items_in_batch, weights)
         return SeeChatOutput(logits=None, loss=loss, cache=out.cache, num_items=n)
+
+    @staticmethod
+    def _check_padding_free(
+        input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None
+    ) -> None:
+        """A padding-free batch is one unpadded row whose position ids restart at each sequence."""
+        if input_ids.shape[0] != 1 or attention_mask is not None or position_ids is None:
+            raise ValueError("a padding-free batch is one row with position_ids and no attention_mask")
 
 
 def supervised_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -152,8 +176,10 @@ def causal_lm_loss(
     num_items_in_batch: float | None = None,
     weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int]:
-    """Next-token cross-entropy summed over supervised positions, divided by the item count."""
-    return token_loss(logits[:, :-1], labels[:, 1:], num_items_in_batch, weights)
+    """Next-token cross-entropy summed over supervised positions, divided by the item count.
+    `weights` (B, T) as `labels`."""
+    shifted = None if weights is None else weights[:, 1:]
+    return token_loss(logits[:, :-1], labels[:, 1:], num_items_in_batch, shifted)
 
 
 def token_loss(
@@ -162,8 +188,8 @@ def token_loss(
     num_items_in_batch: float | None = None,
     weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int]:
-    """Cross-entropy of aligned logits (B, K, V) and targets (B, K), summed over targets != -100 (row
-    b's tokens times `weights[b]` when given) and divided by `num_items_in_batch` (default: the
+    """Cross-entropy of aligned logits (B, K, V) and targets (B, K), summed over targets != -100 (each
+    times its `weights` (B, K) entry when given) and divided by `num_items_in_batch` (default: the
     weighted count). Returns the loss and the number of supervised targets."""
     n = int((targets != IGNORE_INDEX).sum())
     if n == 0:
@@ -184,5 +210,5 @@ def token_loss(
     per_token = F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
     ).view(targets.shape)  # (B, K); 0 where ignored
-    w = weights.to(per_token.dtype).unsqueeze(1) * (targets != IGNORE_INDEX)  # (B, K)
+    w = weights.to(per_token.dtype) * (targets != IGNORE_INDEX)  # (B, K)
     return (per_token * w).sum() / (num_items_in_batch or w.sum()), n

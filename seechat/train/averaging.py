@@ -10,8 +10,10 @@ against a long one in the objective.
 - `square` (InternVL 2.5's "square averaging"): each token of a conversation with n supervised tokens
            weighs 1 / sqrt(n), between the two.
 
-All three stay exact under gradient accumulation and data parallelism: a row's weight depends only on
-its own labels, and a step divides the weighted sum by the global sum of weight x tokens.
+All three stay exact under gradient accumulation and data parallelism: a conversation's weight depends
+only on its own labels, and a step divides the weighted sum by the global sum of weight x tokens. A
+conversation is a row of a padded batch or a segment of a padding-free one (`cu_seq_lens`): the same
+weights either way.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 
 from seechat.data.conversation import IGNORE_INDEX
 
-# average -> per-row token weight as a function of the row's supervised-token count n (B,) float64
+# average -> a conversation's token weight as a function of its supervised-token count n (S,) float64
 LOSS_AVERAGES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "token": torch.ones_like,
     "sample": lambda n: 1.0 / n.clamp(min=1),
@@ -30,9 +32,28 @@ LOSS_AVERAGES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
-def supervised_per_row(labels: torch.Tensor) -> torch.Tensor:
-    """Supervised next-token targets of each row (labels[:, 1:] != -100). (B,) float64"""
-    return (labels[:, 1:] != IGNORE_INDEX).sum(dim=1).double()
+def sequence_index(labels: torch.Tensor, cu_seq_lens: torch.Tensor | None = None) -> torch.Tensor:
+    """Which sequence each label position belongs to: its row in a padded batch, its segment in a
+    padding-free row (`cu_seq_lens`, seechat.data.collate.collate_padding_free). (B, T) long"""
+    b, t = labels.shape
+    if cu_seq_lens is None:
+        return torch.arange(b, device=labels.device).unsqueeze(1).expand(b, t)
+    lengths = cu_seq_lens.diff().long().to(labels.device)
+    return torch.repeat_interleave(torch.arange(lengths.numel(), device=labels.device), lengths).view(b, t)
+
+
+def _targets(labels: torch.Tensor) -> torch.Tensor:
+    """Label positions that are next-token targets: supervised, and not a row's first. (B, T) bool"""
+    sup = labels != IGNORE_INDEX
+    sup[:, 0] = False
+    return sup
+
+
+def supervised_per_sequence(labels: torch.Tensor, cu_seq_lens: torch.Tensor | None = None) -> torch.Tensor:
+    """Supervised next-token targets of each sequence (a row, or a padding-free segment). (S,) float64"""
+    seq = sequence_index(labels, cu_seq_lens)
+    n_seq = labels.shape[0] if cu_seq_lens is None else cu_seq_lens.numel() - 1
+    return torch.bincount(seq[_targets(labels)], minlength=n_seq).double()
 
 
 def _weight(average: str) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -41,14 +62,20 @@ def _weight(average: str) -> Callable[[torch.Tensor], torch.Tensor]:
     return LOSS_AVERAGES[average]
 
 
-def row_weights(labels: torch.Tensor, average: str) -> torch.Tensor | None:
-    """Each row's token weight under `average`; None for `token` (the plain sum, no weights). (B,)"""
+def label_weights(
+    labels: torch.Tensor, average: str, cu_seq_lens: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """Each label position's token weight under `average`: its sequence's weight; None for `token`
+    (the plain sum, no weights). (B, T) float32"""
     weight = _weight(average)
-    return None if average == "token" else weight(supervised_per_row(labels)).float()
+    if average == "token":
+        return None
+    per_sequence = weight(supervised_per_sequence(labels, cu_seq_lens)).float()
+    return per_sequence[sequence_index(labels, cu_seq_lens)]
 
 
-def weighted_count(labels: torch.Tensor, average: str) -> float:
-    """This batch's share of the step's denominator: sum over rows of weight x supervised tokens (the
-    token count for `token`, the rows with a supervised token for `sample`)."""
-    n = supervised_per_row(labels)
+def weighted_count(labels: torch.Tensor, average: str, cu_seq_lens: torch.Tensor | None = None) -> float:
+    """This batch's share of the step's denominator: sum over sequences of weight x supervised tokens
+    (the token count for `token`, the sequences that have a supervised token for `sample`)."""
+    n = supervised_per_sequence(labels, cu_seq_lens)
     return float((_weight(average)(n) * n).sum())

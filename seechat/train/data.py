@@ -33,13 +33,13 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from seechat.config import DataConfig
-from seechat.data.collate import collate
+from seechat.data.collate import collate, collate_padding_free
 from seechat.data.conversation import NoSupervisedTokensError
 from seechat.data.images import ImageError, load_image
 from seechat.data.instruct import Conversation, ImagePathError, image_path, iter_conversations
 from seechat.data.pairs import PairShardDataset, log_skip
 from seechat.data.processor import Encoded, SeeChatProcessor
-from seechat.train.averaging import supervised_per_row
+from seechat.train.averaging import supervised_per_sequence
 
 log = logging.getLogger(__name__)
 
@@ -184,10 +184,13 @@ def _rank_share(global_batch: list[int], rank: int, world_size: int) -> list[int
     return global_batch[start : start + n + (rank < extra)]
 
 
-def collate_skipping(pad_id: int, samples: list[Encoded | None]) -> dict | None:
-    """Collate the samples that decoded (None marks a skipped one); None when none did."""
+def collate_skipping(pad_id: int, samples: list[Encoded | None], padding_free: bool = False) -> dict | None:
+    """Collate the samples that decoded (None marks a skipped one), padded or padding-free (one row,
+    `seechat.data.collate.collate_padding_free`); None when none did."""
     kept = [s for s in samples if s is not None]
-    return collate(kept, pad_id) if kept else None
+    if not kept:
+        return None
+    return collate_padding_free(kept) if padding_free else collate(kept, pad_id)
 
 
 def conversation_batches(
@@ -197,6 +200,7 @@ def conversation_batches(
     group_by_length: bool,
     epoch: int,
     start: int,
+    padding_free: bool = False,
 ) -> Iterator[dict]:
     """Micro-batches of `epoch` from index `start` on; yields {} for a batch whose samples all failed."""
     plan = epoch_batches(dataset, spec, epoch, group_by_length)[start:]
@@ -204,7 +208,9 @@ def conversation_batches(
         dataset,
         batch_sampler=plan,
         num_workers=cfg.num_workers,
-        collate_fn=partial(collate_skipping, dataset.processor.tokenizer.pad_token_id),
+        collate_fn=partial(
+            collate_skipping, dataset.processor.tokenizer.pad_token_id, padding_free=padding_free
+        ),
         persistent_workers=False,
     )
     for batch in loader:
@@ -218,6 +224,7 @@ def pair_batches(
     epoch: int,
     start: int,
     skip_log_dir: Path | None,
+    padding_free: bool = False,
 ) -> Iterator[dict]:
     dataset = PairShardDataset(
         list(cfg.paths),
@@ -235,14 +242,15 @@ def pair_batches(
         dataset,
         batch_size=spec.batch_size,
         num_workers=cfg.num_workers,
-        collate_fn=partial(collate_skipping, processor.tokenizer.pad_token_id),
+        collate_fn=partial(collate_skipping, processor.tokenizer.pad_token_id, padding_free=padding_free),
     )
     for batch in loader:
         yield batch or {}
 
 
 class BatchStream:
-    """Endless micro-batches across epochs, tracking (epoch, batches_in_epoch) for exact resume."""
+    """Endless micro-batches across epochs, tracking (epoch, batches_in_epoch) for exact resume;
+    padded, or padding-free with `padding_free` (train.padding_free)."""
 
     def __init__(
         self,
@@ -253,9 +261,10 @@ class BatchStream:
         epoch: int = 0,
         batches_in_epoch: int = 0,
         skip_log_dir: Path | None = None,
+        padding_free: bool = False,
     ):
         self.cfg, self.processor, self.spec = cfg, processor, spec
-        self.group_by_length = group_by_length
+        self.group_by_length, self.padding_free = group_by_length, padding_free
         self.epoch, self.batches_in_epoch = epoch, batches_in_epoch
         self.skip_log_dir = skip_log_dir
         self.dataset = (
@@ -268,10 +277,22 @@ class BatchStream:
     def _open(self) -> Iterator[dict]:
         if self.dataset is not None:
             return conversation_batches(
-                self.dataset, self.spec, self.cfg, self.group_by_length, self.epoch, self.batches_in_epoch
+                self.dataset,
+                self.spec,
+                self.cfg,
+                self.group_by_length,
+                self.epoch,
+                self.batches_in_epoch,
+                self.padding_free,
             )
         return pair_batches(
-            self.processor, self.spec, self.cfg, self.epoch, self.batches_in_epoch, self.skip_log_dir
+            self.processor,
+            self.spec,
+            self.cfg,
+            self.epoch,
+            self.batches_in_epoch,
+            self.skip_log_dir,
+            self.padding_free,
         )
 
     def __next__(self) -> dict:
@@ -297,7 +318,11 @@ def _usable(samples: list[Encoded | None]) -> list[Encoded]:
 
 
 def eval_batches(
-    cfg: DataConfig, processor: SeeChatProcessor, spec: StreamSpec, max_batches: int = 0
+    cfg: DataConfig,
+    processor: SeeChatProcessor,
+    spec: StreamSpec,
+    max_batches: int = 0,
+    padding_free: bool = False,
 ) -> Iterator[dict]:
     """One pass over `cfg.eval_paths` in file order: this rank's part of each global batch.
 
@@ -331,13 +356,26 @@ def eval_batches(
         if max_batches and i >= max_batches:
             break
         if len(samples) >= spec.world_size:
-            yield collate(_rank_share(samples, spec.rank, spec.world_size), processor.tokenizer.pad_token_id)
+            share = _rank_share(samples, spec.rank, spec.world_size)
+            yield collate_skipping(processor.tokenizer.pad_token_id, share, padding_free)
 
 
 def count_supervised(batch: dict) -> int:
-    """The batch's supervised next-token targets (`averaging.supervised_per_row`, summed)."""
+    """The batch's supervised next-token targets (`averaging.supervised_per_sequence`, summed)."""
     labels = batch.get("labels")
-    return 0 if labels is None else int(supervised_per_row(labels).sum())
+    return 0 if labels is None else int(supervised_per_sequence(labels, batch.get("cu_seq_lens")).sum())
+
+
+def count_samples(batch: dict) -> int:
+    """Samples in a padded batch (its rows) or a padding-free one (its sequences)."""
+    cu = batch.get("cu_seq_lens")
+    return batch["input_ids"].shape[0] if cu is None else cu.numel() - 1
+
+
+def count_tokens(batch: dict) -> int:
+    """Real (unpadded) tokens in a batch."""
+    mask = batch.get("attention_mask")
+    return batch["input_ids"].numel() if mask is None else int(mask.sum())
 
 
 def to_device(batch: dict, device: torch.device) -> dict:

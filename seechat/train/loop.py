@@ -4,10 +4,12 @@ A stage is its config: `trainable` says which groups learn, `data` what they lea
 `train.init_from` which checkpoint they start from. The loop:
 
     for each optimizer step:
-        take grad_accum micro-batches; count their supervised tokens across all ranks (N)
+        take grad_accum micro-batches (train.padding_free: each one row of its samples end to end,
+            the LM on varlen attention, seechat.model.varlen); count their supervised tokens across
+            all ranks (N)
         for each micro-batch: loss = sum of token losses / N (x world size, undoing DDP's mean);
-            train.loss_average `sample` / `square` weighs each row's tokens and divides by the
-            global weighted count instead (seechat.train.averaging)
+            train.loss_average `sample` / `square` weighs each conversation's tokens and divides by
+            the global weighted count instead (seechat.train.averaging)
         clip, set the warmup + cosine learning rate, step
         log loss / lr / grad norm / throughput; with data.eval_paths, every eval_every steps (and at
         the end) the held-out loss; every save_every steps write a resume point + checkpoint
@@ -52,8 +54,17 @@ from seechat.config import ModelConfig, RunConfig, from_dict, save_config, to_di
 from seechat.data.jsonl import append_jsonl, read_jsonl, write_jsonl
 from seechat.model.build import add_visual_experts, apply_trainable, build, enable_activation_checkpointing
 from seechat.model.checkpoint import load_checkpoint, read_meta, write_checkpoint
-from seechat.train.averaging import row_weights, weighted_count
-from seechat.train.data import BatchStream, StreamSpec, count_supervised, eval_batches, to_device
+from seechat.model.varlen import use_varlen_attention
+from seechat.train.averaging import label_weights, weighted_count
+from seechat.train.data import (
+    BatchStream,
+    StreamSpec,
+    count_samples,
+    count_supervised,
+    count_tokens,
+    eval_batches,
+    to_device,
+)
 from seechat.train.plots import plot_loss_curve
 from seechat.train.schedule import warmup_cosine
 from seechat.train.state import (
@@ -214,6 +225,8 @@ def train(cfg: RunConfig, resume: bool = True) -> TrainResult:
             "backward pass, where the visual experts' routing scope is closed (seechat.model.fusion)"
         )
     model, processor = build_model(cfg)
+    if cfg.train.padding_free:
+        use_varlen_attention(model.language_model)
     if cfg.train.gradient_checkpointing:
         enable_activation_checkpointing(model.language_model, cfg.train.checkpoint_every)
     model.train()
@@ -249,7 +262,14 @@ def train(cfg: RunConfig, resume: bool = True) -> TrainResult:
     epoch, in_epoch = ranks_pos[acc.process_index]
     spec = StreamSpec(cfg.train.batch_size, cfg.train.seed, acc.process_index, acc.num_processes)
     stream = BatchStream(
-        cfg.data, processor, spec, cfg.train.group_by_length, epoch, in_epoch, run_dir / "skipped"
+        cfg.data,
+        processor,
+        spec,
+        cfg.train.group_by_length,
+        epoch,
+        in_epoch,
+        run_dir / "skipped",
+        cfg.train.padding_free,
     )
 
     bar = tqdm(
@@ -268,9 +288,9 @@ def train(cfg: RunConfig, resume: bool = True) -> TrainResult:
         local = torch.tensor(
             [
                 sum(count_supervised(b) for b in micro),
-                sum(b["input_ids"].shape[0] for b in micro),
-                sum(int(b["attention_mask"].sum()) for b in micro),
-                sum(weighted_count(b["labels"], average) for b in micro),
+                sum(count_samples(b) for b in micro),
+                sum(count_tokens(b) for b in micro),
+                sum(weighted_count(b["labels"], average, b.get("cu_seq_lens")) for b in micro),
             ],
             dtype=torch.float64,
             device=acc.device,
@@ -289,7 +309,7 @@ def train(cfg: RunConfig, resume: bool = True) -> TrainResult:
                 o = model(
                     **batch,
                     num_items_in_batch=denominator,
-                    loss_weights=row_weights(batch["labels"], average),
+                    loss_weights=label_weights(batch["labels"], average, batch.get("cu_seq_lens")),
                     return_logits=False,
                 )
                 loss = o.loss * acc.num_processes  # DDP and FSDP average gradients over ranks; undo it
@@ -430,12 +450,12 @@ def evaluate(acc: Accelerator, model: torch.nn.Module, processor, cfg: RunConfig
     totals = torch.zeros(3, dtype=torch.float64, device=acc.device)  # summed loss, supervised tokens, samples
     model.eval()
     with torch.no_grad():
-        for batch in eval_batches(cfg.data, processor, spec, cfg.train.eval_batches):
+        for batch in eval_batches(cfg.data, processor, spec, cfg.train.eval_batches, cfg.train.padding_free):
             batch = to_device(batch, acc.device)
             with acc.autocast():
                 o = model(**batch, num_items_in_batch=1, return_logits=False)  # divided by 1: the sum
             totals += torch.tensor(
-                [float(o.loss), count_supervised(batch), batch["input_ids"].shape[0]],
+                [float(o.loss), count_supervised(batch), count_samples(batch)],
                 dtype=torch.float64,
                 device=acc.device,
             )

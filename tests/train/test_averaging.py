@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from seechat.config import ConfigError, LossAverage, load_config
 from seechat.model.modeling import token_loss
-from seechat.train.averaging import LOSS_AVERAGES, row_weights, weighted_count
+from seechat.train.averaging import LOSS_AVERAGES, label_weights, weighted_count
 from seechat.train.loop import train
 from tests.conftest import tiny_overrides
 from tests.train.test_loop import STAGE2
@@ -27,19 +27,25 @@ def labels_with(counts: list[int], width: int = 12) -> torch.Tensor:
     return labels
 
 
+def _aligned(weights: torch.Tensor | None) -> torch.Tensor | None:
+    """Label-position weights -> the weights of the aligned targets (labels[:, 1:])."""
+    return None if weights is None else weights[:, 1:]
+
+
 def test_config_choices_are_the_registry():
     assert set(typing.get_args(LossAverage)) == set(LOSS_AVERAGES)
 
 
 def test_weights_and_denominators_are_as_documented():
     labels = labels_with([1, 9, 0])
-    assert row_weights(labels, "token") is None
+    assert label_weights(labels, "token") is None
     assert weighted_count(labels, "token") == 10  # every token once
-    torch.testing.assert_close(row_weights(labels, "sample"), torch.tensor([1.0, 1 / 9, 1.0]))
+    per_row = torch.tensor([1.0, 1 / 9, 1.0]).unsqueeze(1).expand_as(labels)  # each label: its row's weight
+    torch.testing.assert_close(label_weights(labels, "sample"), per_row)
     assert weighted_count(labels, "sample") == pytest.approx(2)  # the rows that have a supervised token
-    torch.testing.assert_close(row_weights(labels, "square"), torch.tensor([1.0, 1 / 3, 1.0]))
+    torch.testing.assert_close(label_weights(labels, "square"), per_row.sqrt())
     assert weighted_count(labels, "square") == pytest.approx(1 + 3)  # sum of sqrt(n)
-    for helper in (row_weights, weighted_count):
+    for helper in (label_weights, weighted_count):
         with pytest.raises(ValueError, match="token, sample, square"):
             helper(labels, "mean")
 
@@ -55,10 +61,10 @@ def test_sample_average_is_the_mean_of_each_conversations_mean_and_exact_in_micr
     labels = F.pad(targets, (1, 0), value=IGNORE)  # back to label layout for the weight helpers
     for average in LOSS_AVERAGES:
         den = weighted_count(labels, average)
-        whole, _ = token_loss(logits, targets, den, row_weights(labels, average))
+        whole, _ = token_loss(logits, targets, den, _aligned(label_weights(labels, average)))
         (g_whole,) = torch.autograd.grad(whole, logits)
         parts = [
-            token_loss(logits[s], targets[s], den, row_weights(labels[s], average))[0]
+            token_loss(logits[s], targets[s], den, _aligned(label_weights(labels[s], average)))[0]
             for s in (slice(0, 1), slice(1, 4))
         ]
         (g_parts,) = torch.autograd.grad(sum(parts), logits)

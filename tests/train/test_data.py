@@ -10,13 +10,16 @@ import zlib
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
-from seechat.config import DataConfig
+from seechat.config import DataConfig, load_config
 from seechat.model import build
 from seechat.train.data import BatchStream, StreamSpec, UnusableImage, open_training_image
 from seechat.train.loop import _skipped
+from tests.conftest import tiny_overrides
 from tests.helpers import model_config
+from tests.train.test_loop import STAGE1, STAGE2
 
 
 def png_declaring(width: int, height: int) -> bytes:
@@ -101,3 +104,28 @@ def test_bad_conversations_are_skipped_and_counted_and_training_data_goes_on(exp
         json.loads(line)["reason"] for f in skips.glob("*.jsonl") for line in f.read_text().splitlines()
     ]
     assert any("outside the image root" in r for r in reasons) and any("too large" in r for r in reasons)
+
+
+@pytest.mark.parametrize("kind", ["pairs", "conversations"])
+def test_padding_free_stream_holds_the_padded_streams_samples(tiny_world, kind):
+    """`train.padding_free` lays out the same samples in the same order, only without the padding."""
+    world = tiny_world["world"]
+    recipe, data = {
+        "pairs": (STAGE1, {"data.paths": f"{world}/pairs/train/{{00000..00003}}.tar"}),
+        "conversations": (
+            STAGE2,
+            {"data.paths": f"{world}/instruct/train.jsonl", "data.image_root": world},
+        ),
+    }[kind]
+    cfg = load_config(recipe, tiny_overrides(tiny_world, "unused", **data))
+    _, processor = build(cfg.model)
+    spec = StreamSpec(batch_size=4, seed=0, rank=0, world_size=1)
+    padded = BatchStream(cfg.data, processor, spec, True)
+    free = BatchStream(cfg.data, processor, spec, True, padding_free=True)
+    for _ in range(3):
+        a, b = next(padded), next(free)
+        lengths = a["attention_mask"].sum(1)
+        rows = [a["input_ids"][i, :n] for i, n in enumerate(lengths)]
+        assert b["input_ids"].shape[0] == 1 and torch.equal(torch.cat(rows), b["input_ids"][0])
+        assert b["cu_seq_lens"].diff().tolist() == lengths.tolist()
+        assert torch.equal(a["pixel_values"], b["pixel_values"])

@@ -86,6 +86,49 @@ def test_stage1_then_stage2_write_checkpoints(tiny_world, tmp_path):
     assert model.num_image_tokens == 8
 
 
+def test_padding_free_and_padded_runs_train_the_same(tiny_world, tmp_path):
+    """`train.padding_free` changes where the padding goes, not what is learnt: stage 1 (pairs) and
+    stage 2 (conversations, LM full, per-sample averaging) log the same losses, samples and held-out
+    loss either way, and the checkpoint reloads on the LM's own attention."""
+    runs = {}
+    for free in (False, True):
+        s1 = tmp_path / f"s1-{free}"
+        train(
+            load_config(
+                STAGE1, stage1_overrides(tiny_world, s1, **{"train.max_steps": 3, "train.padding_free": free})
+            )
+        )
+        s2 = tmp_path / f"s2-{free}"
+        over = tiny_overrides(
+            tiny_world,
+            s2,
+            **{
+                "train.init_from": s1,
+                "train.max_steps": 3,
+                "train.batch_size": 4,
+                "train.loss_average": "sample",
+                "train.padding_free": free,
+                "model.bridge.type": "qformer",
+                "model.bridge.num_queries": 8,
+                "data.paths": f"{tiny_world['world']}/instruct/train.jsonl",
+                "data.image_root": tiny_world["world"],
+                "data.eval_paths": f"{tiny_world['world']}/instruct/val.jsonl",
+                "train.eval_batches": 2,
+            },
+        )
+        train(load_config(STAGE2, over))
+        runs[free] = (s1, s2)
+    for stage in (0, 1):
+        padded, free = (_rows(runs[f][stage] / "train" / "metrics.jsonl") for f in (False, True))
+        assert [r["loss"] for r in free] == pytest.approx([r["loss"] for r in padded], rel=1e-4)
+        assert [r["samples_per_s"] > 0 for r in free] == [True] * 3
+    (e_pad,), (e_free,) = (_rows(runs[f][1] / "train" / "eval.jsonl") for f in (False, True))
+    assert e_free["loss"] == pytest.approx(e_pad["loss"], rel=1e-4)
+    assert (e_free["samples"], e_free["supervised_tokens"]) == (e_pad["samples"], e_pad["supervised_tokens"])
+    model, _ = load(runs[True][1])
+    assert model.language_model.config._attn_implementation == "sdpa"
+
+
 def test_init_from_with_other_bridge_is_refused(tiny_world, tmp_path):
     s1 = tmp_path / "s1"
     train(load_config(STAGE1, stage1_overrides(tiny_world, s1, **{"train.max_steps": 1})))
