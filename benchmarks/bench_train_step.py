@@ -13,6 +13,9 @@ AdamW step) on synthetic batches of the recipe's shapes:
   `--s2-text` text tokens. Pure bf16 here (weights, grads and AdamW moments, ~60 GB for 7B on one
   card); accelerate's bf16 mixed precision keeps fp32 master weights and moments, which FSDP /
   ZeRO shard over 8 GPUs — memory differs, the compute per sample is the same.
+  `--s2-text-range LO,HI` gives the samples different lengths (as real conversations have), and
+  `--s2-padding-free 0,1` times them right-padded and padding-free (`train.padding_free`, the LM on
+  seechat's varlen attention); MFU then counts the real tokens only, so padding shows as lost MFU.
 
 Reported: samples (= images) / s per GPU, tokens / s, achieved model TFLOP/s and MFU against the
 card's dense bf16 peak (`--peak-tflops`). Model FLOPs per sample, with N_lm the LM's parameters
@@ -55,10 +58,13 @@ from seechat.config import (  # noqa: E402
     VisionConfig,
     load_config,
 )
+from seechat.data.collate import collate, collate_padding_free  # noqa: E402
+from seechat.data.processor import Encoded  # noqa: E402
 from seechat.model.bridges import build_bridge  # noqa: E402
 from seechat.model.build import apply_trainable, enable_activation_checkpointing  # noqa: E402
 from seechat.model.modeling import SeeChatModel  # noqa: E402
 from seechat.model.sizes import expert_config  # noqa: E402
+from seechat.model.varlen import use_varlen_attention  # noqa: E402
 from seechat.model.vision import VisionTower  # noqa: E402
 
 
@@ -138,28 +144,37 @@ def count(module: torch.nn.Module, skip_embeddings: bool = False) -> int:
     return sum(p.numel() for p in module.parameters()) - emb
 
 
-def batch(model: SeeChatModel, b: int, text: int, device: torch.device) -> dict:
+def batch(model: SeeChatModel, texts: list[int], device: torch.device, padding_free: bool = False) -> dict:
+    """One sample per entry of `texts` (an image + that many text tokens, the first third of them
+    an unsupervised prompt), laid out by seechat's own collate: right-padded, or padding-free."""
     n_img = model.num_image_tokens
     vocab = model.language_model.config.vocab_size
-    ids = torch.randint(100, vocab, (b, n_img + text), device=device)
-    ids[:, :n_img] = IMAGE_TOKEN_ID
-    labels = ids.clone()
-    labels[:, : n_img + text // 3] = -100  # the prompt part is not supervised
     size = model.vision_tower.image_size
-    return {
-        "input_ids": ids,
-        "attention_mask": torch.ones_like(ids),
-        "labels": labels,
-        "pixel_values": torch.randn(b, 3, size, size, device=device),
-    }
+    samples = []
+    for text in texts:
+        ids = torch.randint(100, vocab, (n_img + text,))
+        ids[:n_img] = IMAGE_TOKEN_ID
+        labels = ids.clone()
+        labels[: n_img + text // 3] = -100  # the prompt part is not supervised
+        samples.append(Encoded(ids, labels, torch.randn(1, 3, size, size)))
+    data = collate_padding_free(samples) if padding_free else collate(samples, pad_id=0)
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in data.items()}
+
+
+def sample_texts(b: int, text: int, text_range: tuple[int, int] | None, seed: int) -> list[int]:
+    """Each sample's text tokens: `text` for all, or drawn uniformly from `text_range` (seeded)."""
+    if text_range is None:
+        return [text] * b
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(text_range[0], text_range[1] + 1, (b,), generator=g).tolist()
 
 
 def time_steps(
-    model: SeeChatModel, b: int, text: int, steps: int, warmup: int, device: torch.device
+    model: SeeChatModel, texts: list[int], steps: int, warmup: int, device: torch.device, padding_free: bool
 ) -> float:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
-    data = batch(model, b, text, device)
+    data = batch(model, texts, device, padding_free)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for i in range(warmup + steps):
         if i == warmup:
@@ -183,10 +198,19 @@ def run_stage(
     text: int,
     args,
     device: torch.device,
-    flops_per_sample,
+    flops_per_token,
+    text_range: tuple[int, int] | None = None,
+    padding_free: bool = False,
 ) -> list[dict]:
+    """Time each batch size; `flops_per_token(t)` gives a t-token sample's model FLOPs. With
+    `text_range` the samples' lengths differ, and only their real tokens count as work (the padding
+    of a padded batch is computed but not counted)."""
     apply_trainable(model, trainable)
     lm = model.language_model
+    if padding_free:
+        use_varlen_attention(lm)
+    elif lm.config._attn_implementation != "sdpa":
+        lm.set_attn_implementation("sdpa")
     lm.activation_checkpointing_disable()
     recomputed = enable_activation_checkpointing(lm, checkpoint_every) if checkpoint_every else 0
     model.train()
@@ -195,24 +219,36 @@ def run_stage(
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
+        texts = sample_texts(b, text, text_range, seed=b)
+        seqs = [model.num_image_tokens + t for t in texts]
+        layout = {"padding_free": padding_free, "text_range": list(text_range) if text_range else None}
         try:
-            dt = time_steps(model, b, text, args.steps, args.warmup, device)
+            dt = time_steps(model, texts, args.steps, args.warmup, device, padding_free)
         except torch.OutOfMemoryError:
             rows.append(
-                {"stage": name, "batch": b, "checkpoint_every": checkpoint_every, "error": "out of memory"}
+                {
+                    "stage": name,
+                    "batch": b,
+                    "checkpoint_every": checkpoint_every,
+                    **layout,
+                    "error": "out of memory",
+                }
             )
             print(json.dumps(rows[-1]), flush=True)
             break
-        tflops = flops_per_sample * b / dt / 1e12
+        tflops = sum(flops_per_token(t) for t in seqs) / dt / 1e12
         row = {
             "stage": name,
             "batch": b,
             "checkpoint_every": checkpoint_every,
             "recomputed_layers": recomputed,
-            "seq_len": model.num_image_tokens + text,
+            **layout,
+            "seq_len": max(seqs),
+            "mean_seq_len": round(sum(seqs) / b, 1),
+            "padding": round(1 - sum(seqs) / (b * max(seqs)), 3) if not padding_free else 0.0,
             "step_s": round(dt, 4),
             "samples_per_s": round(b / dt, 1),
-            "tokens_per_s": round(b * (model.num_image_tokens + text) / dt),
+            "tokens_per_s": round(sum(seqs) / dt),
             "model_tflops": round(tflops, 1),
             "mfu": round(tflops / args.peak_tflops, 3),
         }
@@ -242,6 +278,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     ap.add_argument(
         "--s2-text", type=int, default=480, help="text tokens per stage-2 sample (a conversation)"
+    )
+    ap.add_argument(
+        "--s2-text-range",
+        default="",
+        help="LO,HI: stage-2 samples of different lengths instead, text tokens drawn uniformly from "
+        "[LO, HI] (seeded); only real tokens count as work",
+    )
+    ap.add_argument(
+        "--s2-padding-free",
+        default="0",
+        help="stage-2 layouts to time, comma-separated: 0 right-padded, 1 padding-free "
+        "(train.padding_free, seechat.model.varlen); e.g. 0,1",
     )
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
@@ -273,7 +321,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows: list[dict] = []
     stages = {s.strip() for s in args.stages.split(",")}
     if "1" in stages:
-        t1 = model.num_image_tokens + args.s1_text
         rows += run_stage(
             "stage1",
             model,
@@ -283,22 +330,25 @@ def main(argv: list[str] | None = None) -> list[dict]:
             args.s1_text,
             args,
             device,
-            2 * n_v * p + 4 * n_lm * t1,
+            lambda t: 2 * n_v * p + 4 * n_lm * t,
         )
     if "2" in stages:
-        t2 = model.num_image_tokens + args.s2_text
-        for every in (int(x) for x in args.s2_checkpoint_every.split(",")):
-            rows += run_stage(
-                "stage2",
-                model,
-                TrainableConfig(vision="frozen", bridge="full", lm="full", lora=LoraConfig()),
-                every,
-                [int(x) for x in args.s2_batches.split(",")],
-                args.s2_text,
-                args,
-                device,
-                2 * n_v * p + 6 * n_lm * t2,
-            )
+        text_range = tuple(int(x) for x in args.s2_text_range.split(",")) if args.s2_text_range else None
+        for free in (bool(int(x)) for x in args.s2_padding_free.split(",")):
+            for every in (int(x) for x in args.s2_checkpoint_every.split(",")):
+                rows += run_stage(
+                    "stage2",
+                    model,
+                    TrainableConfig(vision="frozen", bridge="full", lm="full", lora=LoraConfig()),
+                    every,
+                    [int(x) for x in args.s2_batches.split(",")],
+                    args.s2_text,
+                    args,
+                    device,
+                    lambda t: 2 * n_v * p + 6 * n_lm * t,
+                    text_range,
+                    free,
+                )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"info": info, "rows": rows}, f, indent=1)

@@ -44,8 +44,10 @@ VARLEN_ATTENTION = "seechat_varlen"
 SWITCHABLE = ("sdpa", "eager")  # use_varlen_attention moves these to VARLEN_ATTENTION
 
 
-def varlen_kwargs(cu_seq_lens: torch.Tensor, max_seq_len: int) -> dict:
-    """The LM call's keyword arguments for a padding-free row (transformers' FlashAttentionKwargs)."""
+def varlen_kwargs(cu_seq_lens: torch.Tensor, max_seq_len: int = 0) -> dict:
+    """The LM call's keyword arguments for a padding-free row (transformers' FlashAttentionKwargs);
+    `max_seq_len` 0: read it from the boundaries."""
+    max_seq_len = max_seq_len or int(cu_seq_lens.diff().max())
     return {
         "cu_seq_lens_q": cu_seq_lens,
         "cu_seq_lens_k": cu_seq_lens,
@@ -72,13 +74,15 @@ def varlen_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     if sliding_window is not None:
-        raise ValueError(f"{VARLEN_ATTENTION} has no sliding-window attention; use model.attn_implementation")
+        raise ValueError(
+            f"{VARLEN_ATTENTION} has no sliding-window attention (use_varlen_attention skips such LMs)"
+        )
     if query.shape[0] != 1 or query.shape[2] != key.shape[2]:
         raise ValueError(
             "a padding-free batch is one row of queries and keys alike (no KV cache), "
             f"not queries {tuple(query.shape)}"
         )
-    max_len = int(kwargs.get("max_length_q") or cu.diff().max())
+    max_len = int(kwargs.get("max_length_q") or cu.diff().max())  # given by varlen_kwargs
     if _flash_varlen_usable(query, dropout):
         out = _flash_varlen(query, key, value, cu, max_len, scaling)
     else:
@@ -173,12 +177,19 @@ def register() -> None:
     AttentionMaskInterface.register(VARLEN_ATTENTION, _varlen_mask)
 
 
+def _has_sliding_window(config) -> bool:
+    """Whether some layer attends within a sliding window (transformers' `layer_types`), which
+    VARLEN_ATTENTION does not implement."""
+    return "sliding_attention" in (getattr(config, "layer_types", None) or ())
+
+
 def use_varlen_attention(lm: PreTrainedModel) -> str:
     """Let `lm` run padding-free rows without an (N, N) mask: an `sdpa` or `eager` LM switches to
     VARLEN_ATTENTION; any other stays as it is (`flash_attention_2` reads cu_seq_lens itself, the
-    rest through transformers' block-diagonal mask). -> the implementation now in use."""
+    rest, and an LM with sliding-window layers, through transformers' block-diagonal mask: correct,
+    slower). -> the implementation now in use."""
     current = lm.config._attn_implementation
-    if current in SWITCHABLE:
+    if current in SWITCHABLE and not _has_sliding_window(lm.config):
         register()
         lm.set_attn_implementation(VARLEN_ATTENTION)
         return VARLEN_ATTENTION

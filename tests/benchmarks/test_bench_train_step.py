@@ -1,5 +1,6 @@
-"""The training-step benchmark's rehearsal on the CPU: tiny shapes, both stages, and stage 2 under
-each activation-checkpointing choice it is asked to time."""
+"""The training-step benchmark's rehearsal on the CPU: tiny shapes, both stages, stage 2 under each
+activation-checkpointing choice it is asked to time, and samples of different lengths padded and
+padding-free."""
 
 from __future__ import annotations
 
@@ -16,3 +17,14 @@ def test_tiny_rehearsal_times_each_stage_and_checkpointing_choice():
         ("stage2", 0, 0),
     ]
     assert all(r["step_s"] > 0 and r["samples_per_s"] > 0 for r in rows)
+
+
+def test_tiny_rehearsal_times_samples_of_different_lengths_padded_and_padding_free():
+    args = ["--preset", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "1", "--stages", "2"]
+    rows = main([*args, "--s2-batches", "4", "--s2-text-range", "8,40", "--s2-padding-free", "0,1"])
+    assert [r["padding_free"] for r in rows] == [False, True]
+    padded, free = rows
+    assert padded["text_range"] == free["text_range"] == [8, 40]
+    assert padded["mean_seq_len"] == free["mean_seq_len"] < padded["seq_len"]  # the same samples
+    assert padded["padding"] > 0 and free["padding"] == 0.0
+    assert padded["tokens_per_s"] > 0 and free["tokens_per_s"] > 0

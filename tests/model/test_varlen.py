@@ -192,3 +192,11 @@ def test_flash_varlen_on_cuda_gives_the_padded_loss_and_gradients(experts, image
     for name in grads_a:
         a, b = grads_a[name].float(), grads_b[name].float()
         assert torch.linalg.vector_norm(a - b) <= 0.05 * torch.linalg.vector_norm(a) + 1e-3, name
+
+
+def test_an_lm_with_sliding_window_layers_keeps_its_attention(experts):
+    """VARLEN_ATTENTION has no sliding window: such an LM stays on transformers' own attention, whose
+    block-diagonal mask is correct for a padding-free row (only slower)."""
+    model, _ = build(model_config(experts))
+    model.language_model.config.layer_types = ["sliding_attention", "full_attention"]
+    assert use_varlen_attention(model.language_model) == "sdpa"
