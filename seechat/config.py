@@ -6,7 +6,9 @@ It is read from YAML and then patched with dotted `key=value` overrides from the
     cfg = load_config("seechat/mini/recipes/stage1.yaml", ["train.lr=1e-3", "model.bridge.type=qformer"])
 
 Unknown keys are an error that lists the valid ones; values are checked against their annotated
-types (including `Literal` choices). Configs are frozen: code never mutates them at run time —
+types (including `Literal` choices) and numbers against their ranges (`Annotated[int, Range(...)]`:
+a batch size of 0 or a dropout of 1.5 is refused when the config is read, naming the key and the
+range, not deep inside a run). Configs are frozen: code never mutates them at run time —
 derive a new one with `dataclasses.replace` where a variant is needed.
 
 This module knows nothing about torch; it only parses and validates.
@@ -20,9 +22,40 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a number field may take, checked when a config is read; an open end excludes it."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, v: float) -> bool:
+        above = self.low is None or (v > self.low if self.low_open else v >= self.low)
+        below = self.high is None or (v < self.high if self.high_open else v <= self.high)
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        if self.low is None:
+            return f"{'<' if self.high_open else '<='} {self.high:g}"
+        left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+        return f"in {left}{self.low:g}, {self.high:g}{right}"
+
+
+Count = Annotated[int, Range(low=1)]  # 1, 2, ...
+CountOrZero = Annotated[int, Range(low=0)]  # 0 has a meaning the field's comment gives (off, all, auto)
+PositiveFloat = Annotated[float, Range(low=0, low_open=True)]
+NonNegativeFloat = Annotated[float, Range(low=0)]
+Fraction = Annotated[float, Range(low=0, high=1)]
+Probability = Annotated[float, Range(low=0, high=1, high_open=True)]  # a dropout rate
 
 Trainable = Literal["frozen", "full", "lora"]
 LossAverage = Literal["token", "sample", "square"]  # `train.loss_average` (seechat.train.averaging)
@@ -51,11 +84,11 @@ class BridgeConfig:
     """The learnable bridge from vision features to LM embeddings (see `seechat.model.bridges`)."""
 
     type: Literal["linear", "mlp2x_gelu", "qformer", "resampler"] = "mlp2x_gelu"
-    num_queries: int = 32  # qformer / resampler: LM tokens per image
-    num_layers: int = 2  # qformer: number of (self-attn, cross-attn, FFN) blocks
-    num_heads: int = 8  # qformer / resampler
-    hidden_size: int = 0  # qformer / resampler internal width; 0 = the vision width
-    merge: int = 1  # linear / mlp2x_gelu: concatenate merge x merge neighbouring patches into one token
+    num_queries: Count = 32  # qformer / resampler: LM tokens per image
+    num_layers: Count = 2  # qformer: number of (self-attn, cross-attn, FFN) blocks
+    num_heads: Count = 8  # qformer / resampler
+    hidden_size: CountOrZero = 0  # qformer / resampler internal width; 0 = the vision width
+    merge: Count = 1  # linear / mlp2x_gelu: concatenate merge x merge neighbouring patches into one token
 
 
 @dataclass(frozen=True)
@@ -75,16 +108,16 @@ class ModelConfig:
     # visual expert (own QKV and MLP at image positions) in every LM layer (seechat.model.fusion)
     fusion: Literal["shallow", "deep"] = "shallow"
     image_token: str = "<image>"  # the marker in text; also the reserved token the processor expands
-    max_length: int = 2048  # tokens per training sample, image tokens included
+    max_length: Count = 2048  # tokens per training sample, image tokens included
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
 
 
 @dataclass(frozen=True)
 class LoraConfig:
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
+    r: Count = 16
+    alpha: Count = 32
+    dropout: Probability = 0.05
     target_modules: tuple[str, ...] = ("all-linear",)
 
 
@@ -113,42 +146,42 @@ class DataConfig:
     image_root: str = ""  # conversations: image paths are relative to this ("" = the file's folder)
     text_field: str = "txt"  # pairs: "txt" or "json:<field>"
     pair_instructions: tuple[str, ...] = ("<image>\n请用一句话描述这张图片。",)
-    shuffle_buffer: int = 1000
-    num_workers: int = 0
+    shuffle_buffer: CountOrZero = 1000  # 0 = stream order
+    num_workers: CountOrZero = 0  # 0 = load in the training process
     eval_paths: tuple[str, ...] = ()  # held-out data of the same kind; its loss is evaluated during training
-    max_sample_mb: int = 64  # pairs: a sample whose tar members together are larger is skipped unread
+    max_sample_mb: Count = 64  # pairs: a sample whose tar members together are larger is skipped unread
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    grad_clip: float = 1.0
+    lr: PositiveFloat = 1e-3
+    weight_decay: NonNegativeFloat = 0.0
+    betas: tuple[Probability, Probability] = (0.9, 0.999)
+    warmup_steps: CountOrZero = 0
+    min_lr_ratio: Fraction = 0.1  # cosine decays to lr * min_lr_ratio
+    grad_clip: NonNegativeFloat = 1.0  # max global gradient norm; 0 = no clipping
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     output_dir: str = "runs/train"
     init_from: str = ""  # a seechat checkpoint whose weights start this run (e.g. stage 1 -> 2)
-    max_steps: int = 100  # optimizer steps
-    batch_size: int = 8  # per device, per micro-step
-    grad_accum: int = 1
+    max_steps: Count = 100  # optimizer steps
+    batch_size: Count = 8  # per device, per micro-step
+    grad_accum: Count = 1
     seed: int = 0
-    log_every: int = 10
-    save_every: int = 0  # 0 = only at the end
+    log_every: Count = 10
+    save_every: CountOrZero = 0  # 0 = only at the end
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     gradient_checkpointing: bool = False
-    checkpoint_every: int = 1  # with gradient_checkpointing: recompute every k-th LM layer (1 = all)
+    checkpoint_every: Count = 1  # with gradient_checkpointing: recompute every k-th LM layer (1 = all)
     group_by_length: bool = True  # conversations: batch similar lengths to waste less on padding
     # a micro-batch's samples end to end in one row, no padding (the same samples and loss; the LM
     # attends within each sample through varlen attention, seechat.model.varlen); false: padded rows
     padding_free: bool = True
     loss_average: LossAverage = "token"  # how a step averages its token losses: per token, sample, or sqrt
-    eval_every: int = 0  # with data.eval_paths: held-out loss every N steps (0 = only at the end)
-    eval_batches: int = 0  # global batches per evaluation (0 = the whole of data.eval_paths)
+    eval_every: CountOrZero = 0  # with data.eval_paths: held-out loss every N steps (0 = only at the end)
+    eval_batches: CountOrZero = 0  # global batches per evaluation (0 = the whole of data.eval_paths)
     report_to: tuple[Tracker, ...] = ()  # experiment trackers, besides train/metrics.jsonl and loss.png
 
 
@@ -168,7 +201,7 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
     """Build dataclass `cls` from a nested dict, rejecting unknown keys and wrong types."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(data) - set(names))
     if unknown:
@@ -191,6 +224,13 @@ def _dotted(prefix: str, key: str) -> str:
 
 def _coerce(tp: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
+    if origin is Annotated:
+        base, *meta = typing.get_args(tp)
+        value = _coerce(base, value, where)
+        for bounds in meta:
+            if isinstance(bounds, Range) and value not in bounds:
+                raise ConfigError(f"{where}: {value!r} is out of range; it must be {bounds}")
+        return value
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, where)
     if origin is Literal:

@@ -271,7 +271,7 @@ def train_flops_per_sample(
 
 def _recomputed_layers(cfg: RunConfig, lm: LMShape) -> int:
     """LM layers whose activations gradient checkpointing recomputes (train.checkpoint_every)."""
-    return checkpointed_layers(lm.layers, max(1, cfg.train.checkpoint_every))
+    return checkpointed_layers(lm.layers, cfg.train.checkpoint_every)
 
 
 def _checkpointing(cfg: RunConfig, lm: LMShape) -> str:

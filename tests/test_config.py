@@ -1,4 +1,4 @@
-"""Typed config: YAML + overrides, unknown keys listed, types and choices checked, recipes load."""
+"""Typed config: YAML + overrides, unknown keys listed, types, choices and ranges checked, recipes load."""
 
 from __future__ import annotations
 
@@ -50,6 +50,35 @@ def test_bad_choice_and_type_are_errors():
         load_config(None, ["train.max_steps=many"])
     with pytest.raises(ConfigError, match="key=value"):
         load_config(None, ["train.max_steps"])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.batch_size=0", "train.batch_size: 0 is out of range; it must be >= 1"),
+        ("train.log_every=0", "train.log_every: 0 is out of range; it must be >= 1"),
+        ("train.checkpoint_every=0", "train.checkpoint_every: 0 is out of range; it must be >= 1"),
+        ("train.save_every=-1", "train.save_every: -1 is out of range; it must be >= 0"),
+        ("optim.lr=0", "optim.lr: 0.0 is out of range; it must be > 0"),
+        ("optim.min_lr_ratio=1.5", r"optim.min_lr_ratio: 1.5 is out of range; it must be in \[0, 1\]"),
+        ("optim.betas=[0.9,1]", r"optim.betas\[1\]: 1.0 is out of range; it must be in \[0, 1\)"),
+        ("trainable.lora.dropout=1", r"trainable.lora.dropout: 1.0 is out of range; it must be in \[0, 1\)"),
+        ("model.bridge.num_queries=0", "model.bridge.num_queries: 0 is out of range"),
+        ("data.num_workers=-2", "data.num_workers: -2 is out of range; it must be >= 0"),
+    ],
+)
+def test_numbers_out_of_range_are_refused_when_read(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_numbers_at_the_edges_of_their_ranges_are_taken():
+    cfg = load_config(
+        None,
+        ["train.batch_size=1", "train.save_every=0", "optim.min_lr_ratio=1", "optim.betas=[0, 0.99]"],
+    )
+    assert (cfg.train.batch_size, cfg.train.save_every, cfg.optim.min_lr_ratio) == (1, 0, 1.0)
+    assert cfg.optim.betas == (0.0, 0.99)
 
 
 def test_config_is_frozen():
