@@ -401,8 +401,8 @@ def estimate(cfg: RunConfig, setup: Setup, recipe: str = "") -> Estimate:
         f"tokens per sample: {image_tokens} image tokens (bridge {m.bridge.type}) + {text_tokens} "
         f"text tokens on average (--text-tokens), capped at model.max_length={m.max_length}",
         (
-            "memory: a micro-batch padded to model.max_length (worst case; group_by_length makes the longest "
-            "batches this long)"
+            "memory: a micro-batch of batch_size x model.max_length tokens (worst case: group_by_length "
+            "makes the longest batches this long, padded or padding-free)"
         )
         if kind == "conversations"
         else "memory: micro-batches of the mean length",
