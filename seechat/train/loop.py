@@ -108,7 +108,9 @@ def lr_at(step: int, cfg: RunConfig) -> float:
 
 
 def check_init_matches(run: ModelConfig, ckpt: ModelConfig, path: str) -> None:
-    r, c = to_dict(run), to_dict(ckpt)
+    """`train.init_from`'s architecture is this run's. An expert named by another spelling of the
+    same local folder (relative here, absolute in a checkpoint `seechat demo` wrote) is the same."""
+    r, c = _resolved_experts(to_dict(run)), _resolved_experts(to_dict(ckpt))
     diff = [f"model.{k}" for k in _ARCH_FIELDS if r[k] != c[k]]
     if (r["fusion"], c["fusion"]) == ("deep", "shallow"):
         diff.remove("model.fusion")
@@ -117,6 +119,17 @@ def check_init_matches(run: ModelConfig, ckpt: ModelConfig, path: str) -> None:
             f"train.init_from={path} was built with a different architecture ({', '.join(diff)} differ); "
             "make the model section of this recipe match the checkpoint's config.json"
         )
+
+
+def _resolved_experts(model: dict) -> dict:
+    """The model dict with each expert path that names a local folder made absolute (a hub id stays)."""
+
+    def resolved(p: str) -> str:
+        return str(Path(p).resolve()) if p and Path(p).is_dir() else p
+
+    vision = {**model["vision"], "path": resolved(model["vision"]["path"])}
+    lm = {k: resolved(v) if k in ("path", "tokenizer_path") else v for k, v in model["lm"].items()}
+    return {**model, "vision": vision, "lm": lm}
 
 
 def _accelerator(cfg: RunConfig, trackers: list) -> Accelerator:

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from seechat.config import load_config
+from seechat.config import LMConfig, ModelConfig, VisionConfig, load_config
 from seechat.model import load
-from seechat.train.loop import NonFiniteLossError, lr_at, train
+from seechat.train.loop import NonFiniteLossError, check_init_matches, lr_at, train
 from tests.conftest import tiny_overrides
 from tests.train.tracker_readers import HAS_TENSORBOARD, tensorboard_raw_steps, tensorboard_scalars
 
@@ -137,6 +137,27 @@ def test_init_from_with_other_bridge_is_refused(tiny_world, tmp_path):
     )
     with pytest.raises(ValueError, match="model.bridge"):
         train(load_config(STAGE1, over))
+
+
+def test_init_from_names_the_same_experts_by_any_spelling_of_their_folder(tmp_path, monkeypatch):
+    """A checkpoint `seechat demo` wrote names its experts by absolute path, the packaged recipe by a
+    relative one: the same folders, so the same architecture. Another folder, or another hub id, is not."""
+    for name in ("clip", "lm", "lm2"):
+        (tmp_path / "weights" / name).mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+
+    def model(vision: str, lm: str) -> ModelConfig:
+        return ModelConfig(vision=VisionConfig(path=vision), lm=LMConfig(path=lm, tokenizer_path=f"{lm}"))
+
+    ckpt = model(str(tmp_path / "weights" / "clip"), str(tmp_path / "weights" / "lm"))
+    check_init_matches(model("weights/clip", "weights/lm"), ckpt, "ckpt")
+    check_init_matches(model("./weights/../weights/clip", "weights/lm"), ckpt, "ckpt")
+    with pytest.raises(ValueError, match=r"model.lm differ"):
+        check_init_matches(model("weights/clip", "weights/lm2"), ckpt, "ckpt")
+    hub = model("OFA-Sys/chinese-clip", "Qwen/Qwen2.5-7B")
+    check_init_matches(hub, hub, "ckpt")
+    with pytest.raises(ValueError, match=r"model.lm differ"):
+        check_init_matches(model("OFA-Sys/chinese-clip", "Qwen/Qwen2.5-3B"), hub, "ckpt")
 
 
 def test_killed_and_resumed_run_matches_uninterrupted(tiny_world, tmp_path):
