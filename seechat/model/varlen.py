@@ -163,12 +163,15 @@ def _padded_causal(q, k, v, cu, max_len, scaling, dropout) -> torch.Tensor:
     return out.transpose(1, 2)[seq, offset]  # (N, H, D)
 
 
-def _varlen_mask(*args, attention_mask: torch.Tensor | None = None, **kwargs):
-    """The mask transformers builds for VARLEN_ATTENTION: none without padding (a padding-free row
-    carries none; its sequences are kept apart by cu_seq_lens), SDPA's for a padded batch."""
-    if attention_mask is None:
+def _varlen_mask(
+    *, q_length: int, kv_length: int, attention_mask: torch.Tensor | None = None, **kwargs
+) -> torch.Tensor | None:
+    """The mask transformers builds for VARLEN_ATTENTION: none for an unpadded call without a cache
+    (a padding-free row, whose sequences cu_seq_lens keeps apart, or one plain sequence: causal
+    either way), otherwise exactly SDPA's (a padded batch, a chunk continuing a KV cache)."""
+    if attention_mask is None and q_length == kv_length:
         return None
-    return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+    return sdpa_mask(q_length=q_length, kv_length=kv_length, attention_mask=attention_mask, **kwargs)
 
 
 def register() -> None:

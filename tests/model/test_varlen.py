@@ -200,3 +200,18 @@ def test_an_lm_with_sliding_window_layers_keeps_its_attention(experts):
     model, _ = build(model_config(experts))
     model.language_model.config.layer_types = ["sliding_attention", "full_attention"]
     assert use_varlen_attention(model.language_model) == "sdpa"
+
+
+def test_switched_lm_continues_a_kv_cache_in_chunks_as_sdpa_does(experts):
+    """Without a mask, a chunk that continues a KV cache needs a causal mask offset by the cache
+    (SDPA's `is_causal` would align it top-left): the switched LM still gets it."""
+    torch.manual_seed(0)
+    model, _ = build(model_config(experts))
+    lm = model.language_model.eval()
+    ids = torch.randint(10, lm.config.vocab_size, (1, 12))
+    with torch.no_grad():
+        whole = lm(input_ids=ids).logits
+        use_varlen_attention(lm)
+        first = lm(input_ids=ids[:, :5], use_cache=True)
+        rest = lm(input_ids=ids[:, 5:], cache=first.cache).logits
+    torch.testing.assert_close(rest, whole[:, 5:], rtol=1e-5, atol=1e-5)
