@@ -36,9 +36,8 @@ import torch  # noqa: E402
 
 from seechat.config import RunConfig, load_config  # noqa: E402
 from seechat.model.varlen import use_varlen_attention  # noqa: E402
-from seechat.train.averaging import label_weights, weighted_count  # noqa: E402
 from seechat.train.data import BatchStream, StreamSpec, count_tokens  # noqa: E402
-from seechat.train.loop import build_model, make_optimizer  # noqa: E402
+from seechat.train.loop import batch_loss, build_model, make_optimizer  # noqa: E402
 
 LAYOUTS = ("padded", "padding-free, transformers' mask", "padding-free, seechat varlen")
 
@@ -50,13 +49,7 @@ def take_batches(cfg: RunConfig, processor, n: int, padding_free: bool) -> list[
 
 
 def step(model, optimizer, batch: dict, average: str) -> float:
-    cu = batch.get("cu_seq_lens")
-    out = model(
-        **batch,
-        num_items_in_batch=weighted_count(batch["labels"], average, cu),
-        loss_weights=label_weights(batch["labels"], average, cu),
-        return_logits=False,
-    )
+    out = batch_loss(model, batch, average)
     out.loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -72,15 +65,8 @@ def set_layout(model, layout: str) -> None:
 
 
 def first_loss(model, batch: dict, average: str) -> float:
-    cu = batch.get("cu_seq_lens")
     with torch.no_grad():
-        out = model(
-            **batch,
-            num_items_in_batch=weighted_count(batch["labels"], average, cu),
-            loss_weights=label_weights(batch["labels"], average, cu),
-            return_logits=False,
-        )
-    return float(out.loss)
+        return float(batch_loss(model, batch, average).loss)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -101,6 +101,20 @@ class TrainResult:
     wall_seconds: float
 
 
+def batch_loss(model: torch.nn.Module, batch: dict, average: str, denominator: float | None = None):
+    """One micro-batch's training loss under `train.loss_average`, divided by `denominator` (the
+    step's global weighted count; default: this batch's own). -> SeeChatOutput with the loss only."""
+    cu = batch.get("cu_seq_lens")
+    if denominator is None:
+        denominator = weighted_count(batch["labels"], average, cu)
+    return model(
+        **batch,
+        num_items_in_batch=denominator,
+        loss_weights=label_weights(batch["labels"], average, cu),
+        return_logits=False,  # the LM head only where a supervised token is predicted
+    )
+
+
 def lr_at(step: int, cfg: RunConfig) -> float:
     """Linear warmup to optim.lr, then cosine decay to lr * min_lr_ratio at max_steps."""
     o = cfg.optim
@@ -319,12 +333,7 @@ def train(cfg: RunConfig, resume: bool = True) -> TrainResult:
             batch = to_device(batch, acc.device)
             sync = i == len(micro) - 1
             with acc.no_sync(model) if not sync else nullcontext(), acc.autocast():
-                o = model(
-                    **batch,
-                    num_items_in_batch=denominator,
-                    loss_weights=label_weights(batch["labels"], average, batch.get("cu_seq_lens")),
-                    return_logits=False,
-                )
+                o = batch_loss(model, batch, average, denominator)
                 loss = o.loss * acc.num_processes  # DDP and FSDP average gradients over ranks; undo it
             acc.backward(loss)
             step_loss += o.loss.detach()

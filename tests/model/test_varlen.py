@@ -15,6 +15,7 @@ from seechat.model.build import enable_activation_checkpointing
 from seechat.model.tiny import LM_ARCHS
 from seechat.model.varlen import VARLEN_ATTENTION, use_varlen_attention
 from seechat.train.averaging import label_weights, weighted_count
+from seechat.train.loop import batch_loss
 from tests.helpers import CONVERSATION, model_config
 
 IGNORE = -100
@@ -36,13 +37,7 @@ def _samples(proc, images):
 
 def _loss_and_grads(model, batch, average="token"):
     model.zero_grad(set_to_none=True)
-    cu = batch.get("cu_seq_lens")
-    out = model(
-        **batch,
-        num_items_in_batch=weighted_count(batch["labels"], average, cu),
-        loss_weights=label_weights(batch["labels"], average, cu),
-        return_logits=False,
-    )
+    out = batch_loss(model, batch, average)
     out.loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return out.loss.detach(), grads

@@ -40,6 +40,25 @@ def stage1_overrides(w, out, **extra):
     )
 
 
+def stage2_overrides(w, out, init_from, **extra):
+    """Stage 2 from `init_from` (a stage-1 run of stage1_overrides), 3 steps, with held-out data."""
+    return tiny_overrides(
+        w,
+        out,
+        **{
+            "train.init_from": init_from,
+            "train.max_steps": 3,
+            "train.batch_size": 4,
+            "model.bridge.type": "qformer",
+            "model.bridge.num_queries": 8,
+            "data.paths": f"{w['world']}/instruct/train.jsonl",
+            "data.image_root": w["world"],
+            "data.eval_paths": f"{w['world']}/instruct/val.jsonl",
+            **extra,
+        },
+    )
+
+
 def losses(out) -> list[float]:
     return [json.loads(r)["loss"] for r in (Path(out) / "train" / "metrics.jsonl").read_text().splitlines()]
 
@@ -62,22 +81,7 @@ def test_stage1_then_stage2_write_checkpoints(tiny_world, tmp_path):
     assert json.loads((s1 / "train" / "summary.json").read_text())["status"] == "done"
 
     s2 = tmp_path / "s2"
-    over = tiny_overrides(
-        tiny_world,
-        s2,
-        **{
-            "train.init_from": s1,
-            "train.max_steps": 3,
-            "train.batch_size": 4,
-            "model.bridge.type": "qformer",
-            "model.bridge.num_queries": 8,
-            "data.paths": f"{tiny_world['world']}/instruct/train.jsonl",
-            "data.image_root": tiny_world["world"],
-            "data.eval_paths": f"{tiny_world['world']}/instruct/val.jsonl",
-            "train.eval_batches": 1,
-        },
-    )
-    train(load_config(STAGE2, over))
+    train(load_config(STAGE2, stage2_overrides(tiny_world, s2, s1, **{"train.eval_batches": 1})))
     (held_out,) = [json.loads(r) for r in (s2 / "train" / "eval.jsonl").read_text().splitlines()]
     assert held_out["step"] == 3 and held_out["samples"] == 4  # eval_batches=1: one global batch
     assert held_out["loss"] > 0 and held_out["supervised_tokens"] > 4
@@ -99,24 +103,8 @@ def test_padding_free_and_padded_runs_train_the_same(tiny_world, tmp_path):
             )
         )
         s2 = tmp_path / f"s2-{free}"
-        over = tiny_overrides(
-            tiny_world,
-            s2,
-            **{
-                "train.init_from": s1,
-                "train.max_steps": 3,
-                "train.batch_size": 4,
-                "train.loss_average": "sample",
-                "train.padding_free": free,
-                "model.bridge.type": "qformer",
-                "model.bridge.num_queries": 8,
-                "data.paths": f"{tiny_world['world']}/instruct/train.jsonl",
-                "data.image_root": tiny_world["world"],
-                "data.eval_paths": f"{tiny_world['world']}/instruct/val.jsonl",
-                "train.eval_batches": 2,
-            },
-        )
-        train(load_config(STAGE2, over))
+        extra = {"train.eval_batches": 2, "train.loss_average": "sample", "train.padding_free": free}
+        train(load_config(STAGE2, stage2_overrides(tiny_world, s2, s1, **extra)))
         runs[free] = (s1, s2)
     for stage in (0, 1):
         padded, free = (_rows(runs[f][stage] / "train" / "metrics.jsonl") for f in (False, True))
