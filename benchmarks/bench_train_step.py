@@ -16,6 +16,8 @@ AdamW step) on synthetic batches of the recipe's shapes:
   `--s2-text-range LO,HI` gives the samples different lengths (as real conversations have), and
   `--s2-padding-free 0,1` times them right-padded and padding-free (`train.padding_free`, the LM on
   seechat's varlen attention); MFU then counts the real tokens only, so padding shows as lost MFU.
+  `--grad-accum N` takes N micro-batches per optimizer step, as the recipes do (4): a step with one
+  micro-batch also pays a whole AdamW pass over the 7B parameters.
 
 Reported: samples (= images) / s per GPU, tokens / s, achieved model TFLOP/s and MFU against the
 card's dense bf16 peak (`--peak-tflops`). Model FLOPs per sample, with N_lm the LM's parameters
@@ -170,8 +172,15 @@ def sample_texts(b: int, text: int, text_range: tuple[int, int] | None, seed: in
 
 
 def time_steps(
-    model: SeeChatModel, texts: list[int], steps: int, warmup: int, device: torch.device, padding_free: bool
+    model: SeeChatModel,
+    texts: list[int],
+    steps: int,
+    warmup: int,
+    device: torch.device,
+    padding_free: bool,
+    grad_accum: int = 1,
 ) -> float:
+    """Seconds per optimizer step: `grad_accum` micro-batches forward and backward, then AdamW."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
     data = batch(model, texts, device, padding_free)
@@ -180,9 +189,8 @@ def time_steps(
         if i == warmup:
             sync()
             t0 = time.perf_counter()
-        model(
-            **data, return_logits=False
-        ).loss.backward()  # as training runs it: LM head at supervised positions only
+        for _ in range(grad_accum):  # as training runs it: LM head at supervised positions only
+            model(**data, return_logits=False).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     sync()
@@ -222,8 +230,9 @@ def run_stage(
         texts = sample_texts(b, text, text_range, seed=b)
         seqs = [model.num_image_tokens + t for t in texts]
         layout = {"padding_free": padding_free, "text_range": list(text_range) if text_range else None}
+        accum = args.grad_accum
         try:
-            dt = time_steps(model, texts, args.steps, args.warmup, device, padding_free)
+            dt = time_steps(model, texts, args.steps, args.warmup, device, padding_free, accum)
         except torch.OutOfMemoryError:
             rows.append(
                 {
@@ -236,10 +245,11 @@ def run_stage(
             )
             print(json.dumps(rows[-1]), flush=True)
             break
-        tflops = sum(flops_per_token(t) for t in seqs) / dt / 1e12
+        tflops = accum * sum(flops_per_token(t) for t in seqs) / dt / 1e12
         row = {
             "stage": name,
             "batch": b,
+            "grad_accum": accum,
             "checkpoint_every": checkpoint_every,
             "recomputed_layers": recomputed,
             **layout,
@@ -247,8 +257,8 @@ def run_stage(
             "mean_seq_len": round(sum(seqs) / b, 1),
             "padding": round(1 - sum(seqs) / (b * max(seqs)), 3) if not padding_free else 0.0,
             "step_s": round(dt, 4),
-            "samples_per_s": round(b / dt, 1),
-            "tokens_per_s": round(sum(seqs) / dt),
+            "samples_per_s": round(accum * b / dt, 1),
+            "tokens_per_s": round(accum * sum(seqs) / dt),
             "model_tflops": round(tflops, 1),
             "mfu": round(tflops / args.peak_tflops, 3),
         }
@@ -290,6 +300,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         default="0",
         help="stage-2 layouts to time, comma-separated: 0 right-padded, 1 padding-free "
         "(train.padding_free, seechat.model.varlen); e.g. 0,1",
+    )
+    ap.add_argument(
+        "--grad-accum",
+        type=int,
+        default=1,
+        help="micro-batches per optimizer step (train.grad_accum; the reference recipes use 4): the "
+        "optimizer's share of a step shrinks as in training",
     )
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)

@@ -25,8 +25,9 @@
 # train:   the training-step benchmark at the reference shapes (issue 16 item 2's baseline), stage 2
 #          with activation checkpointing on every layer, every 2nd, every 4th and none
 #          (`train.checkpoint_every`: recompute is not counted as model FLOPs, so it costs MFU);
-#          then the padding-free test on CUDA (torch's varlen_attn) and stage 2 at batch 8 on
-#          conversations of 96-960 text tokens, right-padded vs padding-free (`train.padding_free`)
+#          then the padding-free test on CUDA (torch's varlen_attn) and stage 2 at the reference
+#          recipe's step (batch 4 x 4 accumulated micro-batches) on conversations of 96-960 text
+#          tokens, right-padded vs padding-free (`train.padding_free`)
 #          -> OUT/train_step.json, OUT/train_step_padding_free.json.
 # TINY=1 rehearses a part on a CPU (tiny shapes, one short run each).
 set -uo pipefail
@@ -74,10 +75,10 @@ train)
     TRAIN_ARGS=(--preset reference --s1-batches 128 --s2-batches 4,8 --s2-checkpoint-every 1,2,4,0)
     [ "$TINY" = 1 ] && TRAIN_ARGS=(--preset tiny --device cpu --steps 1 --warmup 1 --s1-batches 2 --s2-batches 2 \
         --s2-checkpoint-every 1,2,0)
-    PF_ARGS=(--preset reference --stages 2 --s2-batches 8 --s2-checkpoint-every 1 --s2-text-range 96,960 \
-        --s2-padding-free 0,1)
+    PF_ARGS=(--preset reference --stages 2 --s2-batches 4 --grad-accum 4 --s2-checkpoint-every 1 \
+        --s2-text-range 96,960 --s2-padding-free 0,1)
     [ "$TINY" = 1 ] && PF_ARGS=(--preset tiny --device cpu --steps 1 --warmup 1 --stages 2 --s2-batches 4 \
-        --s2-text-range 8,40 --s2-padding-free 0,1)
+        --grad-accum 2 --s2-text-range 8,40 --s2-padding-free 0,1)
     timeout 220 $PY benchmarks/bench_train_step.py "${TRAIN_ARGS[@]}" --json "$OUT/train_step.json" 2>&1 \
         | tee "$OUT/train_step.log"
     echo "== padding-free: the CUDA test, then varied lengths padded vs padding-free" | tee -a "$OUT/train_step.log"

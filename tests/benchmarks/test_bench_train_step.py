@@ -4,6 +4,8 @@ padding-free."""
 
 from __future__ import annotations
 
+import pytest
+
 from benchmarks.bench_train_step import main
 
 
@@ -28,3 +30,10 @@ def test_tiny_rehearsal_times_samples_of_different_lengths_padded_and_padding_fr
     assert padded["mean_seq_len"] == free["mean_seq_len"] < padded["seq_len"]  # the same samples
     assert padded["padding"] > 0 and free["padding"] == 0.0
     assert padded["tokens_per_s"] > 0 and free["tokens_per_s"] > 0
+
+
+def test_tiny_rehearsal_accumulates_micro_batches_per_optimizer_step():
+    args = ["--preset", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "0", "--stages", "2"]
+    (row,) = main([*args, "--s2-batches", "2", "--grad-accum", "3"])
+    assert row["grad_accum"] == 3
+    assert row["samples_per_s"] == pytest.approx(6 / row["step_s"], rel=0.02)  # 3 x 2 samples a step
