@@ -11,7 +11,9 @@ of b rows runs the graph of the next power of two; the extra slots are free and 
 On CPU (tests, or `static_decode="on"`) the same step runs eagerly: the tests check its greedy
 tokens against the transformers forward there. It uses the LM's own weights (`F.linear`), so
 it costs no memory beyond the KV pool, unlike `LlamaStyleDecoder`'s transposed copy (which helps
-only CPU matmuls). It supports what `LlamaStyleDecoder.supports` accepts: pre-norm RMSNorm,
+only CPU matmuls); Q/K/V and gate/up each run as one product over a fused matrix that the
+modules' parameters are rebound into (`fuse_projections`: the same values, no second copy).
+It supports what `LlamaStyleDecoder.supports` accepts: pre-norm RMSNorm,
 static RoPE, GQA, gated MLP (Qwen2/2.5/3, Llama, Mistral).
 """
 
@@ -50,9 +52,8 @@ def attention_inputs(
     element-wise work."""
     b, n = x.shape[:2]
     y = rms(x, *w.input_norm)
-    q = F.linear(y, *w.q).view(b, n, h, d)
-    k = F.linear(y, *w.k).view(b, n, g, d)
-    v = F.linear(y, *w.v).view(b, n, g, d)
+    q, k, v = F.linear(y, *w.qkv).split((h * d, g * d, g * d), dim=-1)  # one product for the three
+    q, k, v = q.view(b, n, h, d), k.view(b, n, g, d), v.view(b, n, g, d)
     if w.q_norm is not None:
         q, k = rms(q, *w.q_norm), rms(k, *w.k_norm)
     return rotate(q.transpose(1, 2), cos, sin), rotate(k.transpose(1, 2), cos, sin), v
@@ -65,47 +66,64 @@ def attention_output_and_mlp(
     gated MLP, residual. x (b, L, D_model), o (b, L, h * d) -> (b, L, D_model). Pure."""
     x = x + F.linear(o, *w.o)
     y = rms(x, *w.post_norm)
-    return x + F.linear(act(F.linear(y, *w.gate)) * F.linear(y, *w.up), *w.down)
+    gate, up = F.linear(y, *w.gate_up).chunk(2, dim=-1)  # one product for the two
+    return x + F.linear(act(gate) * up, *w.down)
 
 
 @dataclass(frozen=True)
 class LayerWeights:
     """One decoder layer's parameters as tensors: (weight, bias or None) per projection, (weight,
     eps) per norm. The step functions take these, not modules, so one compiled function serves
-    every layer."""
+    every layer. Q/K/V and gate/up are each one fused matrix (`fuse_projections`)."""
 
     input_norm: tuple
-    q: tuple
-    k: tuple
-    v: tuple
+    qkv: tuple
     q_norm: tuple | None
     k_norm: tuple | None
     o: tuple
     post_norm: tuple
-    gate: tuple
-    up: tuple
+    gate_up: tuple
     down: tuple
 
     @classmethod
     def of(cls, layer: torch.nn.Module) -> LayerWeights:
         a, m = layer.self_attn, layer.mlp
-
-        def lin(mod):
-            return (mod.weight, mod.bias)
-
         return cls(
             norm_params(layer.input_layernorm),
-            lin(a.q_proj),
-            lin(a.k_proj),
-            lin(a.v_proj),
+            fuse_projections([a.q_proj, a.k_proj, a.v_proj]),
             norm_params(getattr(a, "q_norm", None)),
             norm_params(getattr(a, "k_norm", None)),
-            lin(a.o_proj),
+            (a.o_proj.weight, a.o_proj.bias),
             norm_params(layer.post_attention_layernorm),
-            lin(m.gate_proj),
-            lin(m.up_proj),
-            lin(m.down_proj),
+            fuse_projections([m.gate_proj, m.up_proj]),
+            (m.down_proj.weight, m.down_proj.bias),
         )
+
+
+def fuse_projections(linears: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Linears that read the same input -> (weight, bias) of one linear that computes them all,
+    outputs concatenated in order. At batch 1 a decode step is matrix-vector products, and a small
+    one (a 512-row K or V projection) does not reach the memory bandwidth: one product instead of
+    three (two for gate/up) is fewer, larger reads. No second copy of the weights: the fused
+    matrix is built once and each module's parameter is rebound to its rows of it (same values,
+    so the model computes, saves and loads as before)."""
+    has_bias = [lin.bias is not None for lin in linears]
+    if any(has_bias) and not all(has_bias):
+        raise ValueError("cannot fuse projections where only some have a bias")
+    # ordinary tensors even when an engine is built under inference_mode: the parameters stay
+    # usable for anything else the model does (a later backward, for one)
+    with torch.inference_mode(False), torch.no_grad():
+        fused = [torch.cat([lin.weight for lin in linears])]
+        if all(has_bias):
+            fused.append(torch.cat([lin.bias for lin in linears]))
+    start = 0
+    for lin in linears:
+        rows = lin.weight.shape[0]
+        lin.weight.data = fused[0][start : start + rows]
+        if lin.bias is not None:
+            lin.bias.data = fused[1][start : start + rows]
+        start += rows
+    return fused[0], fused[1] if len(fused) > 1 else None
 
 
 class StaticDecoder:

@@ -10,7 +10,7 @@ from seechat.infer.chat import prompt_ids
 from seechat.infer.kv import SlotKV
 from seechat.infer.ops import rms_norm
 from seechat.infer.runner import FAST_DECODERS, LlamaStyleDecoder, ModelRunner, PrefillRow
-from seechat.infer.static_decode import _fused_rms
+from seechat.infer.static_decode import _fused_rms, fuse_projections
 from seechat.model import load
 from tests.infer.tiny_engine import coloured, write_tiny_checkpoint
 
@@ -182,3 +182,46 @@ def test_fused_rms_norm_equals_the_transformers_formula(dtype):
     """The static step's CUDA RMSNorm (one fused kernel) computes what transformers computes."""
     x, w = torch.randn(3, 5, 64).to(dtype), torch.randn(64).to(dtype)
     torch.testing.assert_close(_fused_rms(x, w, 1e-6), rms_norm(x, w, 1e-6), atol=0, rtol=0)
+
+
+def test_fused_projections_reuse_the_weights_and_leave_the_model_as_it_was(tiny_llama, tmp_path):
+    """The static step's fused Q/K/V and gate/up matrices are the modules' own storage (no second
+    copy); the model computes, saves and reloads exactly as before (Llama: no biases; Qwen2, with
+    Q/K/V biases, through test_static_decode_matches_full_forward)."""
+    model, _ = tiny_llama
+    lm = model.language_model
+    ids = torch.arange(3, 40)[None]
+    with torch.no_grad():
+        before = lm(input_ids=ids).logits
+    attn, mlp = lm.get_decoder().layers[0].self_attn, lm.get_decoder().layers[0].mlp
+    projections = [attn.q_proj, attn.k_proj, attn.v_proj]
+    qkv, bias = fuse_projections(projections)
+    gate_up, _ = fuse_projections([mlp.gate_proj, mlp.up_proj])
+    assert bias is None and qkv.shape[0] == sum(p.weight.shape[0] for p in projections)
+    assert attn.q_proj.weight.data_ptr() == qkv.data_ptr()
+    assert attn.v_proj.weight.untyped_storage().data_ptr() == qkv.untyped_storage().data_ptr()
+    assert mlp.up_proj.weight.untyped_storage().data_ptr() == gate_up.untyped_storage().data_ptr()
+    with torch.no_grad():
+        torch.testing.assert_close(lm(input_ids=ids).logits, before, rtol=0, atol=0)
+    lm.save_pretrained(tmp_path / "lm")
+    again = type(lm).from_pretrained(tmp_path / "lm")
+    for (name, p), (_, q) in zip(lm.named_parameters(), again.named_parameters(), strict=True):
+        assert torch.equal(p, q), name
+
+
+def test_fusing_projections_where_only_some_have_a_bias_is_refused():
+    a, b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 2, bias=False)
+    with pytest.raises(ValueError, match="only some have a bias"):
+        fuse_projections([a, b])
+
+
+def test_projections_fused_under_inference_mode_still_train():
+    """An engine may be built under inference_mode; the parameters it rebinds must still take part
+    in a backward pass afterwards."""
+    a, b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 2)
+    with torch.inference_mode():
+        fuse_projections([a, b])
+    assert not a.weight.is_inference() and not b.bias.is_inference()
+    x = torch.randn(5, 4)
+    (a(x).sum() + b(x).sum()).backward()
+    assert a.weight.grad is not None and b.bias.grad is not None
