@@ -122,7 +122,7 @@ def _torch_varlen_attn():
 def _flash_varlen(q, k, v, cu, max_len, scaling) -> torch.Tensor:
     """torch's FlashAttention varlen kernel over the flat row. -> (N, H, D)"""
     varlen_attn, params = _torch_varlen_attn()
-    q, k, v = (x[0].transpose(0, 1) for x in (q, k, v))  # (N, H, D)
+    q, k, v = (x[0].transpose(0, 1).contiguous() for x in (q, k, v))  # (N, H, D), as FlashAttention reads it
     # torch 2.10 spelled causal `is_causal=True`; later versions a (left, right) window
     extra: dict = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
     if scaling is not None and "scale" in params:
