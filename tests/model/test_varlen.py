@@ -4,6 +4,8 @@ a GPU's FlashAttention varlen kernel; the switched LM still serves padded batche
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -210,3 +212,57 @@ def test_switched_lm_continues_a_kv_cache_in_chunks_as_sdpa_does(experts):
         first = lm(input_ids=ids[:, :5], use_cache=True)
         rest = lm(input_ids=ids[:, 5:], cache=first.cache).logits
     torch.testing.assert_close(rest, whole[:, 5:], rtol=1e-5, atol=1e-5)
+
+
+def _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale=None, window_size=None, is_causal=None, **kw):
+    """A per-sequence SDPA with torch varlen_attn's calling convention ((N, H, D) in and out)."""
+    assert torch.equal(cu_q, cu_k) and cu_q.dtype == torch.int32 and max_q == max_k
+    assert window_size == (-1, 0) or is_causal is True  # causal, in either spelling
+    assert q.is_contiguous() and k.is_contiguous() and v.is_contiguous()
+    outs = []
+    for s, e in zip(cu_q[:-1].tolist(), cu_q[1:].tolist(), strict=True):
+        o = torch.nn.functional.scaled_dot_product_attention(
+            q[s:e].transpose(0, 1),
+            k[s:e].transpose(0, 1),
+            v[s:e].transpose(0, 1),
+            is_causal=True,
+            scale=scale,
+            enable_gqa=kw.get("enable_gqa", False),
+        )
+        outs.append(o.transpose(0, 1))
+    return torch.cat(outs)
+
+
+def _torch_2_10_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False):
+    return _reference_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=is_causal)
+
+
+def _torch_2_13_varlen(
+    query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False
+):
+    return _reference_varlen(
+        query,
+        key,
+        value,
+        cu_seq_q,
+        cu_seq_k,
+        max_q,
+        max_k,
+        scale=scale,
+        window_size=window_size,
+        enable_gqa=enable_gqa,
+    )
+
+
+@pytest.mark.parametrize("kernel", [_torch_2_10_varlen, _torch_2_13_varlen])
+def test_the_flash_varlen_call_is_wired_as_each_torch_spells_it(kernel, monkeypatch):
+    """The CUDA path's call into torch's varlen_attn, checked on the CPU against a stand-in with the
+    same signature: torch 2.10's `is_causal` (no scale, no GQA: key/value heads repeated) and later
+    versions' `window_size`, `scale` and `enable_gqa`. The result must be the padded path's."""
+    torch.manual_seed(0)
+    monkeypatch.setattr(varlen, "_torch_varlen_attn", lambda: (kernel, inspect.signature(kernel).parameters))
+    lengths = [5, 2, 7]
+    cu = torch.tensor([0, 5, 7, 14], dtype=torch.int32)
+    q, k, v = torch.randn(1, 4, 14, 8), torch.randn(1, 2, 14, 8), torch.randn(1, 2, 14, 8)
+    expected = varlen._padded_causal(q, k, v, cu, max(lengths), 8**-0.5, 0.0)
+    torch.testing.assert_close(varlen._flash_varlen(q, k, v, cu, max(lengths), 8**-0.5), expected)
