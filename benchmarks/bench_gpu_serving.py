@@ -54,7 +54,7 @@ from seechat.infer.chat import prompt_ids  # noqa: E402
 from seechat.infer.engine import Engine, EngineConfig  # noqa: E402
 from seechat.infer.sampling import SamplingParams  # noqa: E402
 from seechat.model.build import assemble  # noqa: E402
-from seechat.model.export import llava_config  # noqa: E402
+from seechat.model.export import llava_view  # noqa: E402
 from seechat.model.sizes import expert_config  # noqa: E402
 
 REFERENCE_RECIPE = ROOT / "configs" / "reference" / "stage2_mlp_qwen2.5-7b.yaml"
@@ -69,7 +69,6 @@ def build(tiny: bool, device: torch.device, dtype: torch.dtype):
         ChineseCLIPVisionConfig,
         ChineseCLIPVisionModel,
         CLIPImageProcessor,
-        LlavaForConditionalGeneration,
         Qwen2Config,
     )
 
@@ -125,18 +124,8 @@ def build(tiny: bool, device: torch.device, dtype: torch.dtype):
     model, processor = assemble(cfg, vision.eval(), lm.eval(), tokenizer, image_processor)
     model = model.to(device).eval().requires_grad_(False)
 
-    lcfg = llava_config(model, processor.stop_token_ids, tokenizer.pad_token_id)
-    with torch.device("meta"):
-        llava = LlavaForConditionalGeneration(lcfg)
-    llava.model.vision_tower = model.vision_tower.model
-    llava.model.multi_modal_projector = model.bridge  # LLaVA's projector: same names and forward
-    llava.model.language_model = lm.get_decoder()
-    llava.lm_head = lm.get_output_embeddings()
-    left = [n for n, t in [*llava.named_parameters(), *llava.named_buffers()] if t.is_meta]
-    if left:
-        raise RuntimeError(f"LLaVA tensors not taken from the seechat model: {left}")
+    llava = llava_view(model, processor.stop_token_ids, tokenizer.pad_token_id)
     llava.eval().generation_config.eos_token_id = None  # stop tokens are ordinary tokens (see docstring)
-    llava.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, processor, llava
 
 

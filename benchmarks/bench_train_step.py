@@ -18,6 +18,12 @@ AdamW step) on synthetic batches of the recipe's shapes:
   seechat's varlen attention); MFU then counts the real tokens only, so padding shows as lost MFU.
   `--grad-accum N` takes N micro-batches per optimizer step, as the recipes do (4): a step with one
   micro-batch also pays a whole AdamW pass over the 7B parameters.
+- `--peer` (with an mlp2x_gelu preset: `reference-mlp`, LLaVA-1.5's shape with 576 image tokens)
+  times each row a second time through transformers' `LlavaForConditionalGeneration` in a plain
+  loop — forward with `labels` (logits at every position, then the loss), backward, AdamW — built
+  around the same modules (`seechat.model.export.llava_view`: the same weights, trainable
+  parameters, batch, precision and checkpointing), on the padded batch: what a user would run
+  without seechat.
 
 Reported: samples (= images) / s per GPU, tokens / s, achieved model TFLOP/s and MFU against the
 card's dense bf16 peak (`--peak-tflops`). Model FLOPs per sample, with N_lm the LM's parameters
@@ -28,6 +34,7 @@ vision tokens per image; attention's T^2 terms are left out (T <= 1 k here):
     stage 2: 2 N_v P + 6 N_lm T            (recomputation by checkpointing is not counted)
 
     python benchmarks/bench_train_step.py --preset reference      # on a GPU
+    python benchmarks/bench_train_step.py --preset reference-mlp --peer   # seechat vs transformers' LLaVA
     python benchmarks/bench_train_step.py --preset tiny --device cpu --steps 2  # a smoke run
 """
 
@@ -37,7 +44,7 @@ import argparse
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -64,6 +71,7 @@ from seechat.data.collate import collate, collate_padding_free  # noqa: E402
 from seechat.data.processor import Encoded  # noqa: E402
 from seechat.model.bridges import build_bridge  # noqa: E402
 from seechat.model.build import apply_trainable, enable_activation_checkpointing  # noqa: E402
+from seechat.model.export import ExportError, llava_view  # noqa: E402
 from seechat.model.modeling import SeeChatModel  # noqa: E402
 from seechat.model.sizes import expert_config  # noqa: E402
 from seechat.model.varlen import use_varlen_attention  # noqa: E402
@@ -78,6 +86,7 @@ class Preset:
 
 
 REFERENCE_RECIPE = ROOT / "configs" / "reference" / "stage1_qformer_qwen2.5-7b.yaml"
+REFERENCE_MLP_RECIPE = ROOT / "configs" / "reference" / "stage1_mlp_qwen2.5-7b.yaml"
 
 
 def reference_preset(recipe: Path = REFERENCE_RECIPE) -> Preset:
@@ -115,7 +124,17 @@ def tiny_preset() -> Preset:
     )
 
 
-PRESETS = {"reference": reference_preset, "tiny": tiny_preset}
+def tiny_mlp_preset() -> Preset:
+    """tiny, with LLaVA-1.5's projector (the bridge transformers' LLaVA has, for --peer)."""
+    return replace(tiny_preset(), bridge=BridgeConfig(type="mlp2x_gelu"))
+
+
+PRESETS = {
+    "reference": reference_preset,
+    "reference-mlp": lambda: reference_preset(REFERENCE_MLP_RECIPE),  # 576 image tokens, LLaVA-shaped
+    "tiny": tiny_preset,
+    "tiny-mlp": tiny_mlp_preset,
+}
 IMAGE_TOKEN_ID = 7  # any id inside the vocabulary: the synthetic batches place it themselves
 
 
@@ -171,26 +190,36 @@ def sample_texts(b: int, text: int, text_range: tuple[int, int] | None, seed: in
     return torch.randint(text_range[0], text_range[1] + 1, (b,), generator=g).tolist()
 
 
+def seechat_loss(model: SeeChatModel):
+    """seechat's training forward: the loss-only forward the loop runs (LM head at supervised
+    positions only), padded or padding-free."""
+    return lambda data: model(**data, return_logits=False).loss
+
+
+def llava_loss(llava):
+    """The peer: transformers' LLaVA called as a plain loop would (`labels` given: logits at every
+    position, then the loss), on the padded batch."""
+
+    def loss(data: dict) -> torch.Tensor:
+        pixels = data["pixel_values"].to(llava.model.vision_tower.dtype)
+        keys = ("input_ids", "attention_mask", "labels")
+        return llava(**{k: data[k] for k in keys}, pixel_values=pixels).loss
+
+    return loss
+
+
 def time_steps(
-    model: SeeChatModel,
-    texts: list[int],
-    steps: int,
-    warmup: int,
-    device: torch.device,
-    padding_free: bool,
-    grad_accum: int = 1,
+    loss_fn, params: list, data: dict, steps: int, warmup: int, device: torch.device, grad_accum: int = 1
 ) -> float:
     """Seconds per optimizer step: `grad_accum` micro-batches forward and backward, then AdamW."""
-    params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
-    data = batch(model, texts, device, padding_free)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for i in range(warmup + steps):
         if i == warmup:
             sync()
             t0 = time.perf_counter()
-        for _ in range(grad_accum):  # as training runs it: LM head at supervised positions only
-            model(**data, return_logits=False).loss.backward()
+        for _ in range(grad_accum):
+            loss_fn(data).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     sync()
@@ -209,10 +238,13 @@ def run_stage(
     flops_per_token,
     text_range: tuple[int, int] | None = None,
     padding_free: bool = False,
+    llava=None,
 ) -> list[dict]:
     """Time each batch size; `flops_per_token(t)` gives a t-token sample's model FLOPs. With
     `text_range` the samples' lengths differ, and only their real tokens count as work (the padding
-    of a padded batch is computed but not counted)."""
+    of a padded batch is computed but not counted). With `llava` (`llava_view` of the same model:
+    the same modules and trainable parameters), each batch size is timed a second time through
+    transformers' LLaVA in a plain loop, on the padded batch."""
     apply_trainable(model, trainable)
     lm = model.language_model
     if padding_free:
@@ -222,52 +254,58 @@ def run_stage(
     lm.activation_checkpointing_disable()
     recomputed = enable_activation_checkpointing(lm, checkpoint_every) if checkpoint_every else 0
     model.train()
-    rows = []
-    for b in batches:
+    params = [p for p in model.parameters() if p.requires_grad]
+    impls = [("seechat", seechat_loss(model), padding_free)]
+    if llava is not None:
+        impls.append(("transformers-llava", llava_loss(llava.train()), False))
+
+    def time_row(impl: str, loss_fn, free: bool, b: int, texts: list[int]) -> dict:
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        texts = sample_texts(b, text, text_range, seed=b)
         seqs = [model.num_image_tokens + t for t in texts]
-        layout = {"padding_free": padding_free, "text_range": list(text_range) if text_range else None}
-        accum = args.grad_accum
-        try:
-            dt = time_steps(model, texts, args.steps, args.warmup, device, padding_free, accum)
-        except torch.OutOfMemoryError:
-            rows.append(
-                {
-                    "stage": name,
-                    "batch": b,
-                    "checkpoint_every": checkpoint_every,
-                    **layout,
-                    "error": "out of memory",
-                }
-            )
-            print(json.dumps(rows[-1]), flush=True)
-            break
-        tflops = accum * sum(flops_per_token(t) for t in seqs) / dt / 1e12
         row = {
             "stage": name,
+            "impl": impl,
             "batch": b,
-            "grad_accum": accum,
+            "grad_accum": args.grad_accum,
             "checkpoint_every": checkpoint_every,
             "recomputed_layers": recomputed,
-            **layout,
+            "padding_free": free,
+            "text_range": list(text_range) if text_range else None,
+        }
+        try:
+            data = batch(model, texts, device, free)
+            dt = time_steps(loss_fn, params, data, args.steps, args.warmup, device, args.grad_accum)
+        except torch.OutOfMemoryError:
+            return {**row, "error": "out of memory"}
+        finally:
+            for p in params:
+                p.grad = None
+        tflops = args.grad_accum * sum(flops_per_token(t) for t in seqs) / dt / 1e12
+        row |= {
             "seq_len": max(seqs),
             "mean_seq_len": round(sum(seqs) / b, 1),
-            "padding": round(1 - sum(seqs) / (b * max(seqs)), 3) if not padding_free else 0.0,
+            "padding": 0.0 if free else round(1 - sum(seqs) / (b * max(seqs)), 3),
             "step_s": round(dt, 4),
-            "samples_per_s": round(accum * b / dt, 1),
-            "tokens_per_s": round(accum * sum(seqs) / dt),
+            "samples_per_s": round(args.grad_accum * b / dt, 1),
+            "tokens_per_s": round(args.grad_accum * sum(seqs) / dt),
             "model_tflops": round(tflops, 1),
             "mfu": round(tflops / args.peak_tflops, 3),
         }
         if device.type == "cuda":
             row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    for p in model.parameters():
-        p.grad = None
+        return row
+
+    rows = []
+    for b in batches:
+        texts = sample_texts(b, text, text_range, seed=b)
+        timed = [time_row(impl, loss_fn, free, b, texts) for impl, loss_fn, free in impls]
+        for row in timed:
+            print(json.dumps(row), flush=True)
+        rows += timed
+        if any("error" in r for r in timed):
+            break
     return rows
 
 
@@ -314,6 +352,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the card (H100/H200 SXM: 989)"
     )
     ap.add_argument("--stages", default="1,2")
+    ap.add_argument(
+        "--peer",
+        action="store_true",
+        help="also time transformers' LlavaForConditionalGeneration in a plain loop (forward with labels, "
+        "backward, AdamW) built around the same modules: same weights, trainable parameters, batch, "
+        "precision and checkpointing. Needs an mlp2x_gelu preset (reference-mlp, tiny-mlp)",
+    )
     ap.add_argument("--json", default="", help="also write the rows to this file")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -321,6 +366,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     torch.manual_seed(0)
     t0 = time.time()
     model = build(PRESETS[args.preset](), device, dtype)
+    llava = None
+    if args.peer:
+        try:
+            llava = llava_view(model, stop_token_ids=[], pad_token_id=0)
+        except ExportError as e:
+            ap.error(f"--peer with --preset {args.preset}: {e}")
     n_v, n_lm = count(model.vision_tower.model), count(model.language_model, skip_embeddings=True)
     p = model.vision_tower.num_features
     info = {
@@ -348,10 +399,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
             args,
             device,
             lambda t: 2 * n_v * p + 4 * n_lm * t,
+            llava=llava,
         )
     if "2" in stages:
         text_range = tuple(int(x) for x in args.s2_text_range.split(",")) if args.s2_text_range else None
-        for free in (bool(int(x)) for x in args.s2_padding_free.split(",")):
+        for i, free in enumerate(bool(int(x)) for x in args.s2_padding_free.split(",")):
             for every in (int(x) for x in args.s2_checkpoint_every.split(",")):
                 rows += run_stage(
                     "stage2",
@@ -365,6 +417,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     lambda t: 2 * n_v * p + 6 * n_lm * t,
                     text_range,
                     free,
+                    llava=llava if i == 0 else None,  # the peer pads: once, with the first layout
                 )
     if args.json:
         with open(args.json, "w") as f:

@@ -10,9 +10,10 @@
 #   run(command="bash benchmarks/gpu_session.sh lm", carry=["build/whl"], timeout_s=590)       # ~9.5 min
 #   run(command="bash benchmarks/gpu_session.sh serving", carry=["build/whl"], timeout_s=540)  # ~5-7 min, at once
 #   run(command="bash benchmarks/gpu_session.sh train", carry=["build/whl"], timeout_s=360)    # ~3-5 min
+#   run(command="bash benchmarks/gpu_session.sh peer", carry=["build/whl"], timeout_s=170)     # ~1-2 min
 #
-# (Not all three fit one 15-minute session: for issue 16 run `serving` then `train` (about 10
-# minutes); for issue 13, `lm` alone. `status` says what device time is left before each call.)
+# (Not all fit one 15-minute session: for issue 16 run `serving` then `train` (about 10 minutes),
+# then `peer` if `status` leaves 4 minutes; for issue 13, `lm` alone.)
 #
 # lm:      the mini LM (issue 13) on fresh rows for LM_BUDGET seconds of training (default 400) with
 #          the reading exam every EXAM_EVERY steps (default 1000) -> OUT/lm.tar.gz (weights, metrics,
@@ -29,6 +30,9 @@
 #          recipe's step (batch 4 x 4 accumulated micro-batches) on conversations of 96-960 text
 #          tokens, right-padded vs padding-free (`train.padding_free`)
 #          -> OUT/train_step.json, OUT/train_step_padding_free.json.
+# peer:    issue 16 item 2's side by side: the LLaVA-shaped reference (mlp2x_gelu, 576 image tokens)
+#          trained by seechat and by transformers' LlavaForConditionalGeneration in a plain loop,
+#          around the same modules (same weights, batch, bf16, checkpointing) -> OUT/train_peer.json.
 # TINY=1 rehearses a part on a CPU (tiny shapes, one short run each).
 set -uo pipefail
 PART=${1:-serving}
@@ -86,8 +90,15 @@ train)
     timeout 80 $PY benchmarks/bench_train_step.py "${PF_ARGS[@]}" --json "$OUT/train_step_padding_free.json" 2>&1 \
         | tee -a "$OUT/train_step.log"
     ;;
+peer)
+    PEER_ARGS=(--preset reference-mlp --peer --steps 3 --warmup 1 --s1-batches 16,32 --s2-batches 4)
+    [ "$TINY" = 1 ] && PEER_ARGS=(--preset tiny-mlp --peer --device cpu --steps 1 --warmup 1 --s1-batches 2 \
+        --s2-batches 2)
+    timeout 150 $PY benchmarks/bench_train_step.py "${PEER_ARGS[@]}" --json "$OUT/train_peer.json" 2>&1 \
+        | tee "$OUT/train_peer.log"
+    ;;
 *)
-    echo "usage: bash benchmarks/gpu_session.sh lm|serving|train" >&2
+    echo "usage: bash benchmarks/gpu_session.sh lm|serving|train|peer" >&2
     exit 2
     ;;
 esac

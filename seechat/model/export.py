@@ -67,10 +67,7 @@ def llava_config(model: SeeChatModel, stop_token_ids: list[int], pad_token_id: i
     return cfg
 
 
-def to_llava(model: SeeChatModel, stop_token_ids: list[int], pad_token_id: int | None):
-    """An in-memory `LlavaForConditionalGeneration` holding this model's weights."""
-    from transformers import LlavaForConditionalGeneration
-
+def _check_llava_shaped(model: SeeChatModel) -> None:
     if model.visual_experts is not None:
         raise ExportError(
             "--format llava-hf cannot hold a deep-fusion model (model.fusion=deep): transformers' LLaVA runs "
@@ -84,6 +81,13 @@ def to_llava(model: SeeChatModel, stop_token_ids: list[int], pad_token_id: int |
             "which transformers' LLaVA has no layer for. Serve it with "
             "`seechat serve`, or train an mlp2x_gelu bridge (model.bridge.type=mlp2x_gelu) to export"
         )
+
+
+def to_llava(model: SeeChatModel, stop_token_ids: list[int], pad_token_id: int | None):
+    """An in-memory `LlavaForConditionalGeneration` holding a copy of this model's weights."""
+    from transformers import LlavaForConditionalGeneration
+
+    _check_llava_shaped(model)
     lm = model.language_model
     if hasattr(lm, "peft_config"):
         lm = lm.merge_and_unload()
@@ -98,6 +102,31 @@ def to_llava(model: SeeChatModel, stop_token_ids: list[int], pad_token_id: int |
     _load_exact(llava.model.multi_modal_projector, model.bridge.state_dict(), "projector")
     _load_exact(llava.model.language_model, base.state_dict(), "language model")
     llava.lm_head.weight.data.copy_(lm.get_output_embeddings().weight.data)
+    llava.generation_config.eos_token_id = stop_token_ids
+    llava.generation_config.pad_token_id = pad_token_id
+    return llava
+
+
+def llava_view(model: SeeChatModel, stop_token_ids: list[int], pad_token_id: int | None):
+    """transformers' `LlavaForConditionalGeneration` whose parts *are* this model's modules (vision
+    tower, bridge as the projector, the LM's decoder and head): no copy, the same weights and the
+    same `requires_grad` on both sides, so the two can be timed side by side on one card (the
+    benchmarks do). LoRA-wrapped parts are refused (merge them first, as `to_llava` does)."""
+    from transformers import LlavaForConditionalGeneration
+
+    _check_llava_shaped(model)
+    lm, vision = model.language_model, model.vision_tower.model
+    if hasattr(lm, "peft_config") or hasattr(vision, "peft_config"):
+        raise ExportError("llava_view needs merged weights: a LoRA-wrapped part cannot be shared with LLaVA")
+    with torch.device("meta"):
+        llava = LlavaForConditionalGeneration(llava_config(model, stop_token_ids, pad_token_id))
+    llava.model.vision_tower = vision
+    llava.model.multi_modal_projector = model.bridge  # LLaVA's projector: same names and forward
+    llava.model.language_model = lm.get_decoder()
+    llava.lm_head = lm.get_output_embeddings()
+    left = [n for n, t in [*llava.named_parameters(), *llava.named_buffers()] if t.is_meta]
+    if left:
+        raise ExportError(f"LLaVA tensors not taken from the seechat model: {left}")
     llava.generation_config.eos_token_id = stop_token_ids
     llava.generation_config.pad_token_id = pad_token_id
     return llava

@@ -1,11 +1,13 @@
 """The training-step benchmark's rehearsal on the CPU: tiny shapes, both stages, stage 2 under each
-activation-checkpointing choice it is asked to time, and samples of different lengths padded and
-padding-free."""
+activation-checkpointing choice it is asked to time, samples of different lengths padded and
+padding-free, and the transformers LLaVA peer on the same modules."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
+from benchmarks import bench_train_step as bench
 from benchmarks.bench_train_step import main
 
 
@@ -37,3 +39,29 @@ def test_tiny_rehearsal_accumulates_micro_batches_per_optimizer_step():
     (row,) = main([*args, "--s2-batches", "2", "--grad-accum", "3"])
     assert row["grad_accum"] == 3
     assert row["samples_per_s"] == pytest.approx(6 / row["step_s"], rel=0.02)  # 3 x 2 samples a step
+
+
+def test_the_llava_peer_computes_seechats_loss_on_the_same_modules():
+    """--peer: transformers' LLaVA built around the seechat model's own modules gives the same loss
+    on the same batch (so the two rows time the same computation), and is timed beside it."""
+    torch.manual_seed(0)
+    model = bench.build(bench.tiny_mlp_preset(), torch.device("cpu"), torch.float32).eval()
+    llava = bench.llava_view(model, stop_token_ids=[], pad_token_id=0).eval()
+    data = bench.batch(model, [20, 33, 9], torch.device("cpu"))
+    with torch.no_grad():
+        torch.testing.assert_close(bench.llava_loss(llava)(data), bench.seechat_loss(model)(data))
+    args = ["--preset", "tiny-mlp", "--device", "cpu", "--steps", "1", "--warmup", "0", "--peer"]
+    rows = main([*args, "--s1-batches", "2", "--s2-batches", "2", "--s2-padding-free", "0,1"])
+    assert [(r["stage"], r["impl"], r["padding_free"]) for r in rows] == [
+        ("stage1", "seechat", False),
+        ("stage1", "transformers-llava", False),
+        ("stage2", "seechat", False),
+        ("stage2", "transformers-llava", False),
+        ("stage2", "seechat", True),  # the peer pads, and is timed once
+    ]
+
+
+def test_peer_needs_a_llava_shaped_preset(capsys):
+    with pytest.raises(SystemExit):
+        main(["--preset", "tiny", "--device", "cpu", "--peer"])
+    assert "mlp2x_gelu" in capsys.readouterr().err
