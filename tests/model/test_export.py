@@ -15,7 +15,7 @@ from seechat.infer.generate import generate
 from seechat.infer.sampling import SamplingParams
 from seechat.model import apply_trainable, build, load
 from seechat.model.checkpoint import write_checkpoint
-from seechat.model.export import ExportError, export_llava_hf
+from seechat.model.export import ExportError, export_llava_hf, llava_view
 from tests.helpers import model_config
 
 QUESTION = [{"role": "user", "content": "<image>\n图里有什么？"}]
@@ -159,3 +159,23 @@ def test_export_onto_its_own_source_is_refused_and_loses_nothing(experts, tmp_pa
     load(ckpt)
     with pytest.raises(ExportError, match="is the source itself"):
         export_llava_hf(ckpt, ckpt)
+
+
+@pytest.mark.parametrize("vision", ["clip", "siglip"])
+def test_llava_view_shares_the_modules_and_gives_the_same_logits(experts, images, vision):
+    """`llava_view`: transformers' LLaVA made of the model's own modules (no copy), same logits;
+    a bridge LLaVA has no layer for is refused as the export refuses it."""
+    torch.manual_seed(0)
+    model, processor = build(model_config(experts, vision, "qwen2", "mlp2x_gelu"))
+    _perturb(model)
+    llava = llava_view(model, processor.stop_token_ids, processor.tokenizer.pad_token_id).eval()
+    assert llava.model.multi_modal_projector is model.bridge
+    assert llava.lm_head.weight is model.language_model.get_output_embeddings().weight
+    enc = processor.encode_prompt(QUESTION, images[:1])
+    with torch.no_grad():
+        ours = model(enc.input_ids[None], pixel_values=enc.pixel_values).logits
+        theirs = llava(input_ids=enc.input_ids[None], pixel_values=enc.pixel_values).logits
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+    qformer, processor = build(model_config(experts, vision, "qwen2", "qformer"))
+    with pytest.raises(ExportError, match="mlp2x_gelu"):
+        llava_view(qformer, processor.stop_token_ids, processor.tokenizer.pad_token_id)
