@@ -83,17 +83,20 @@ def varlen_attention_forward(
             f"not queries {tuple(query.shape)}"
         )
     max_len = int(kwargs.get("max_length_q") or cu.diff().max())  # given by varlen_kwargs
-    if _flash_varlen_usable(query, dropout):
+    if _flash_varlen_usable(query, key, value, dropout):
         out = _flash_varlen(query, key, value, cu, max_len, scaling)
     else:
         out = _padded_causal(query, key, value, cu, max_len, scaling, dropout)
     return out.unsqueeze(0), None
 
 
-def _flash_varlen_usable(query: torch.Tensor, dropout: float) -> bool:
+def _flash_varlen_usable(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout: float) -> bool:
+    """FlashAttention takes half-precision q, k, v of one dtype (under autocast with fp32 weights the
+    rotary embedding can leave q and k in fp32: those go the padded SDPA way, which autocast casts)."""
     return (
         query.is_cuda
         and query.dtype in (torch.float16, torch.bfloat16)
+        and key.dtype == value.dtype == query.dtype
         and dropout == 0.0
         and _flash_capable(query.device.index or 0)
         and _torch_varlen_attn() is not None
