@@ -3,7 +3,6 @@ image features and KV prefixes reused across turns; sampling, stops, cancellatio
 
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
@@ -14,7 +13,7 @@ from seechat.infer.chat import ChatSession, prompt_ids
 from seechat.infer.engine import Engine, EngineConfig, QueueFullError, RequestError, speculation_pays
 from seechat.infer.generate import generate
 from seechat.infer.sampling import SamplingParams
-from tests.infer.tiny_engine import coloured
+from tests.infer.tiny_engine import coloured, generate_concurrently
 
 GREEDY = SamplingParams(max_new_tokens=12)
 CONVERSATIONS = [
@@ -72,18 +71,10 @@ def test_concurrent_requests_are_batched_and_match_single_runs(engine, tiny):
     prompts = [_prompt(processor, k) for k in range(8)]
     alone = [engine.generate(ids, images, GREEDY, cache_prefix=False).token_ids for ids, images in prompts]
     steps_before = engine.counters["decode_steps"]
-    results: list[list[int] | None] = [None] * 24
-
-    def run(j: int) -> None:
-        ids, images = prompts[j % 8]
-        params = SamplingParams(max_new_tokens=12 - j % 5)  # rows leave at different steps
-        results[j] = engine.generate(ids, images, params, cache_prefix=False).token_ids
-
-    threads = [threading.Thread(target=run, args=(j,)) for j in range(24)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    requests = [  # rows leave at different steps
+        (*prompts[j % 8], SamplingParams(max_new_tokens=12 - j % 5)) for j in range(24)
+    ]
+    results = generate_concurrently(engine, requests)
     for j, got in enumerate(results):
         assert got == alone[j % 8][: 12 - j % 5]
     assert engine.counters["max_running"] > 1  # they really shared decode steps
@@ -302,18 +293,10 @@ def test_static_decode_gives_the_plain_greedy_tokens(tiny, speculative_tokens):
         assert static.runner.decode_path == "static"
         alone = [static.generate(ids, im, long, cache_prefix=False).token_ids for ids, im in prompts]
         assert alone == want
-        results: list[list[int] | None] = [None] * 12
-
-        def run(j: int) -> None:
-            ids, images = prompts[j % 8]
-            params = SamplingParams(max_new_tokens=24 - j % 5)  # rows leave at different steps
-            results[j] = static.generate(ids, images, params, cache_prefix=False).token_ids
-
-        threads = [threading.Thread(target=run, args=(j,)) for j in range(12)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        requests = [  # rows leave at different steps
+            (*prompts[j % 8], SamplingParams(max_new_tokens=24 - j % 5)) for j in range(12)
+        ]
+        results = generate_concurrently(static, requests)
         assert results == [want[j % 8][: 24 - j % 5] for j in range(12)]
         assert static.counters["max_running"] > 1
         # multi-turn: the prefix cache hands KV rows out of the slot pool and back

@@ -3,8 +3,6 @@ path. Skipped without CUDA (CI has none); benchmarks/gpu_session.sh runs it on a
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
 
@@ -12,7 +10,7 @@ from seechat.infer.chat import prompt_ids
 from seechat.infer.engine import Engine, EngineConfig
 from seechat.infer.sampling import SamplingParams
 from seechat.model import load
-from tests.infer.tiny_engine import coloured
+from tests.infer.tiny_engine import coloured, generate_concurrently
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -55,18 +53,10 @@ def test_cuda_graph_decode_gives_the_plain_greedy_tokens(tiny_ckpt, dtype):
             ] == alone
             engine.runner.static.graphs = True
             return  # batches of other sizes take other bf16 kernels: compared in fp32 only
-        results: list[list[int] | None] = [None] * 10
-
-        def run(j: int) -> None:
-            ids, images = prompts[j % len(prompts)]
-            params = SamplingParams(max_new_tokens=24 - j % 5)  # rows leave at different steps
-            results[j] = engine.generate(ids, images, params, cache_prefix=False).token_ids
-
-        threads = [threading.Thread(target=run, args=(j,)) for j in range(10)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        requests = [  # rows leave at different steps
+            (*prompts[j % len(prompts)], SamplingParams(max_new_tokens=24 - j % 5)) for j in range(10)
+        ]
+        results = generate_concurrently(engine, requests)
         assert results == [alone[j % len(prompts)][: 24 - j % 5] for j in range(10)]
         assert engine.counters["max_running"] > 1
         assert len(engine.runner.static._graphs) >= 2  # several batch buckets captured
@@ -82,15 +72,5 @@ def test_compiled_static_decode_gives_the_plain_greedy_tokens(tiny_ckpt):
         alone = [engine.generate(ids, im, LONG, cache_prefix=False).token_ids for ids, im in prompts]
         assert engine.runner.decode_path == "static+compiled+cuda-graphs"  # compiling did not fail
         assert alone == _plain(model, processor, prompts)
-        results: list[list[int] | None] = [None] * 6
-
-        def run(j: int) -> None:
-            ids, images = prompts[j]
-            results[j] = engine.generate(ids, images, LONG, cache_prefix=False).token_ids
-
-        threads = [threading.Thread(target=run, args=(j,)) for j in range(6)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        results = generate_concurrently(engine, [(*prompts[j], LONG) for j in range(6)])
         assert results == alone[:6]

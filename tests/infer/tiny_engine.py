@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import threading
 from pathlib import Path
 
 import torch
@@ -46,3 +47,20 @@ def png_bytes(image: Image.Image) -> bytes:
 
 def data_uri(image: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode()
+
+
+def generate_concurrently(engine, requests: list[tuple]) -> list[list[int] | None]:
+    """Each (input_ids, images, params) request on its own thread, all at once, so that they share
+    the engine's decode steps (prefix cache off); each one's token ids, in request order."""
+    results: list[list[int] | None] = [None] * len(requests)
+
+    def run(j: int) -> None:
+        ids, images, params = requests[j]
+        results[j] = engine.generate(ids, images, params, cache_prefix=False).token_ids
+
+    threads = [threading.Thread(target=run, args=(j,)) for j in range(len(requests))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
