@@ -56,6 +56,13 @@ def varlen_kwargs(cu_seq_lens: torch.Tensor, max_seq_len: int = 0) -> dict:
     }
 
 
+def sequence_ids(cu_seq_lens: torch.Tensor) -> torch.Tensor:
+    """Which sequence each position of a padding-free row belongs to: [0, 0, 1, 1, 1, 2] for
+    lengths 2, 3, 1. (N,) long, on cu_seq_lens' device"""
+    lengths = cu_seq_lens.diff().long()
+    return torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths)
+
+
 def varlen_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,  # (1, H, N, D)
@@ -109,6 +116,7 @@ def _flash_capable(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index)[0] >= 8
 
 
+@lru_cache(maxsize=1)
 def _torch_varlen_attn():
     """torch's varlen_attn and the parameters it takes, or None (torch before 2.10, or one whose
     varlen_attn cannot be asked for causal attention)."""
@@ -146,7 +154,7 @@ def _padded_causal(q, k, v, cu, max_len, scaling, dropout) -> torch.Tensor:
     """The flat row's sequences right-padded into one (S, H, L, D) batch, causal SDPA over it, and
     the real positions gathered back. -> (N, H, D)"""
     n, lengths = q.shape[2], cu.diff().long()
-    seq = torch.repeat_interleave(torch.arange(lengths.numel(), device=q.device), lengths)  # (N,)
+    seq = sequence_ids(cu).to(q.device)  # (N,)
     offset = torch.arange(n, device=q.device) - cu[:-1].long()[seq]  # (N,) position inside its sequence
 
     def padded(x: torch.Tensor) -> torch.Tensor:  # (1, H, N, D) -> (S, H, L, D), zeros after each end

@@ -23,6 +23,7 @@ from collections.abc import Callable
 import torch
 
 from seechat.data.conversation import IGNORE_INDEX
+from seechat.model.varlen import sequence_ids
 
 # average -> a conversation's token weight as a function of its supervised-token count n (S,) float64
 LOSS_AVERAGES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -38,8 +39,7 @@ def sequence_index(labels: torch.Tensor, cu_seq_lens: torch.Tensor | None = None
     b, t = labels.shape
     if cu_seq_lens is None:
         return torch.arange(b, device=labels.device).unsqueeze(1).expand(b, t)
-    lengths = cu_seq_lens.diff().long().to(labels.device)
-    return torch.repeat_interleave(torch.arange(lengths.numel(), device=labels.device), lengths).view(b, t)
+    return sequence_ids(cu_seq_lens).to(labels.device).view(b, t)
 
 
 def _targets(labels: torch.Tensor) -> torch.Tensor:
