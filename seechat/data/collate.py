@@ -56,7 +56,7 @@ def collate_padding_free(samples: Sequence[Encoded]) -> dict[str, torch.Tensor |
     has_labels = all(s.labels is not None for s in samples)
     labels = None
     if has_labels:
-        labels = torch.cat([s.labels for s in samples]).clone()
+        labels = torch.cat([s.labels for s in samples])  # a new tensor: the samples stay as they were
         starts = torch.tensor([0, *lengths[:-1]]).cumsum(0)
         labels[starts] = IGNORE_INDEX
         labels = labels.unsqueeze(0)
