@@ -19,11 +19,14 @@ helps), the prefix cache is off, decoding is greedy with stop tokens ordinary to
 
 Engine rows: `seechat` (static decode: slotted KV + CUDA graphs, `EngineConfig.static_decode`,
 the default on CUDA; adaptive speculation on), `seechat, no static decode` (the engine's
-generic path) and, with `--compile`, `seechat, compiled static step` (the static step's layers
+generic path), with `--compile`, `seechat, compiled static step` (the static step's layers
 through torch.compile inside the CUDA graphs, `EngineConfig.compile_decode`; not the default
-until measured here). Also reported: how many leading greedy tokens each engine shares with transformers
-on probe images (bf16 kernels differ, so random weights may part after a while; the CPU rehearsal
-in fp32 must agree fully).
+until measured here), and with `--whole-slot`, `seechat, attention over the whole slot` (the static
+step reading every column of its KV slot, as before column buckets). The engines get the
+default KV slot (`max_model_len` 0: the LM's limit, at most 4096 tokens) unless `--max-len` says
+otherwise, so the rows are what a user gets. Also reported: how many leading greedy tokens each
+engine shares with transformers on probe images (bf16 kernels differ, so random weights may part
+after a while; the CPU rehearsal in fp32 must agree fully).
 
     python benchmarks/bench_gpu_serving.py --json out.json     # on a GPU (~3-4 min on an H100)
     python benchmarks/bench_gpu_serving.py --tiny              # CPU rehearsal with tiny shapes
@@ -60,6 +63,7 @@ from seechat.model.sizes import expert_config  # noqa: E402
 REFERENCE_RECIPE = ROOT / "configs" / "reference" / "stage2_mlp_qwen2.5-7b.yaml"
 QUESTION = "请详细描述这张图片里的物体、颜色和位置。"
 COMPILED = "seechat, compiled static step"
+WHOLE_SLOT = "seechat, attention over the whole slot"
 
 
 def build(tiny: bool, device: torch.device, dtype: torch.dtype):
@@ -172,7 +176,15 @@ def decode_weight_bytes(lm: torch.nn.Module) -> int:
 
 class GpuBench:
     def __init__(
-        self, model, processor, llava, new_tokens: int, max_batch: int, max_len: int, compiled: bool = False
+        self,
+        model,
+        processor,
+        llava,
+        new_tokens: int,
+        max_batch: int,
+        max_len: int,
+        compiled: bool = False,
+        whole_slot: bool = False,
     ):
         self.model, self.processor, self.llava = model, processor, llava
         self.device = model.device
@@ -188,6 +200,10 @@ class GpuBench:
             self.engines[COMPILED] = Engine(
                 model, processor, EngineConfig(static_decode="on", compile_decode=True, **common)
             )
+        if whole_slot:
+            engine = Engine(model, processor, EngineConfig(static_decode="on", **common))
+            engine.runner.static.min_columns = engine.runner.capacity  # one column bucket: the slot
+            self.engines[WHOLE_SLOT] = engine
         for e in self.engines.values():
             e.start()
         self.ids = prompt_ids(processor, [{"role": "user", "content": "<image>\n" + QUESTION}], 1)
@@ -360,7 +376,14 @@ def run(args: argparse.Namespace) -> dict:
     weight_bytes = decode_weight_bytes(lm)
     bandwidth = copy_bandwidth(device)
     bench = GpuBench(
-        model, processor, llava, args.new_tokens, max(args.concurrency), args.max_len, args.compile
+        model,
+        processor,
+        llava,
+        args.new_tokens,
+        max(args.concurrency),
+        args.max_len,
+        args.compile,
+        args.whole_slot,
     )
     try:
         agree = bench.agreement(random_images(2, bench.image_size, 12345))
@@ -390,6 +413,7 @@ def run(args: argparse.Namespace) -> dict:
                 flush=True,
             )
         paths = {name: e.runner.decode_path for name, e in bench.engines.items()}
+        slot = bench.engines["seechat"].runner.capacity
         counters = bench.engines["seechat"].counters
         prof = profile_decode(bench) if args.profile else None
         prof_compiled = profile_decode(bench, COMPILED) if args.profile and args.compile else None
@@ -427,6 +451,7 @@ def run(args: argparse.Namespace) -> dict:
         "build_s": built_s,
         "new_tokens": args.new_tokens,
         "prompt_tokens": int(bench.ids.numel()),
+        "kv_slot_tokens": slot,
         "repeats": args.repeats,
         "decode_paths": paths,
         "greedy_tokens_shared": agree,
@@ -442,7 +467,8 @@ def report(res: dict) -> str:
     lines = [
         f"card: {res['card']}; torch {res['torch']}, transformers {res['transformers']}; {res['date']}",
         f"model: {res['model']} ({res['lm_params'] / 1e9:.2f} B LM parameters); "
-        f"prompt {res['prompt_tokens']} tokens, {res['new_tokens']} new; "
+        f"prompt {res['prompt_tokens']} tokens, {res['new_tokens']} new, KV slots of "
+        f"{res.get('kv_slot_tokens')} tokens; "
         f"median (min-max) of {res['repeats']}; decode paths {res['decode_paths']}",
     ]
     if res["bandwidth_limit_tok_s"]:
@@ -491,7 +517,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--max-len", type=int, default=1024, help="engine max_model_len (KV slot length)")
+    parser.add_argument(
+        "--max-len",
+        type=int,
+        default=0,
+        help="the engines' max_model_len, the static KV slot's length (default 0: the engine's default, "
+        "the LM's limit up to 4096 tokens)",
+    )
     parser.add_argument("--json", default="", help="also write the results here")
     parser.add_argument(
         "--profile",
@@ -503,6 +535,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help=f"also time '{COMPILED}': the static step's layers through torch.compile "
         "(EngineConfig.compile_decode); with --profile, profile it too",
+    )
+    parser.add_argument(
+        "--whole-slot",
+        action="store_true",
+        help=f"also time '{WHOLE_SLOT}': the static step attending over every column of its KV slot "
+        "(StaticDecoder.min_columns = the slot), the step before column buckets",
     )
     args = parser.parse_args(argv)
     if 1 not in args.concurrency:

@@ -11,7 +11,7 @@ from benchmarks.bench_gpu_serving import main
 def test_tiny_rehearsal_runs_and_both_sides_agree(tmp_path):
     out = tmp_path / "res.json"
     args = ["--tiny", "--new-tokens", "8", "--repeats", "1", "--concurrency", "1", "3", "--json", str(out)]
-    args += ["--profile", "--compile"]
+    args += ["--profile", "--compile", "--whole-slot"]
     assert main(args) == 0
     res = json.loads(out.read_text())
     assert res["decode_paths"]["seechat"].startswith("static")
@@ -20,13 +20,14 @@ def test_tiny_rehearsal_runs_and_both_sides_agree(tmp_path):
         "seechat",
         "seechat, no static decode",
         "seechat, compiled static step",
+        "seechat, attention over the whole slot",
         "transformers",
     }
     assert "compiled" in res["decode_paths"]["seechat, compiled static step"]  # compiling worked
     for row in res["table"].values():
         assert row["decode_tok_s_b1"]["median"] > 0 and row["ttft_ms"]["median"] > 0
         assert set(row["agg_tok_s"]) == {"1", "3"}
-    assert res["decode_weight_bytes"] > 0 and res["prompt_tokens"] > 16
+    assert res["decode_weight_bytes"] > 0 and res["prompt_tokens"] > 16 and res["kv_slot_tokens"] > 0
     prof = res["profile"]
     assert prof["engine"] == "seechat" and prof["tokens"] == 8 and prof["wall_s"] > 0
     assert prof["top"] and all(r["seconds"] > 0 and r["calls"] > 0 for r in prof["top"])

@@ -43,6 +43,7 @@ def test_cuda_graph_decode_gives_the_plain_greedy_tokens(tiny_ckpt, dtype):
     config = EngineConfig(max_batch_size=4, max_model_len=256)  # static_decode="auto": on, on CUDA
     with Engine(model, processor, config) as engine:
         assert engine.runner.decode_path == "static+cuda-graphs"
+        engine.runner.static.min_columns = 16  # graphs of several column buckets (rows of 30-70 tokens)
         alone = [engine.generate(ids, im, LONG, cache_prefix=False).token_ids for ids, im in prompts]
         if dtype == torch.float32:  # bf16 kernels of the two paths round differently
             assert alone == _plain(model, processor, prompts)
@@ -59,7 +60,8 @@ def test_cuda_graph_decode_gives_the_plain_greedy_tokens(tiny_ckpt, dtype):
         results = generate_concurrently(engine, requests)
         assert results == [alone[j % len(prompts)][: 24 - j % 5] for j in range(10)]
         assert engine.counters["max_running"] > 1
-        assert len(engine.runner.static._graphs) >= 2  # several batch buckets captured
+        keys = engine.runner.static._graphs  # (batch bucket, new tokens, column bucket)
+        assert len({b for b, _, _ in keys}) >= 2 and len({w for _, _, w in keys}) >= 2
 
 
 def test_compiled_static_decode_gives_the_plain_greedy_tokens(tiny_ckpt):

@@ -104,8 +104,9 @@ def tiny_llama(experts, tmp_path_factory):
 @torch.inference_mode()
 def test_static_decode_matches_full_forward(fixture, compiled, request):
     """The static step over the slot pool (eager on CPU): rows adopted, joined, leaving, and a
-    multi-token (draft-verifying) step, each position against a full forward. `compiled`: its
-    layers through torch.compile (inductor's C++ kernels on CPU), same numbers to float tolerance."""
+    multi-token (draft-verifying) step, each position against a full forward, attention over column
+    buckets narrower than the slot and growing across a bucket's end. `compiled`: its layers through
+    torch.compile (inductor's C++ kernels on CPU), same numbers to float tolerance."""
     model, processor = request.getfixturevalue(fixture)
     runner = ModelRunner(
         model,
@@ -118,6 +119,11 @@ def test_static_decode_matches_full_forward(fixture, compiled, request):
     assert (
         runner.decode_path == ("static+compiled" if compiled else "static") and runner.max_positions() == 128
     )
+    static = runner.static
+    static.min_columns = 16  # the tiny rows are 30-70 tokens long
+    widths = []
+    forward = static.forward
+    static.forward = lambda tokens, kv, b, width: widths.append(width) or forward(tokens, kv, b, width)
     ids, feats = _rows(model, processor, 5)
     logits, first = runner.prefill([PrefillRow(i, None, f) for i, f in zip(ids[:3], feats[:3], strict=True)])
     kv = runner.adopt(first)
@@ -151,6 +157,7 @@ def test_static_decode_matches_full_forward(fixture, compiled, request):
         new = [n + [int(t)] for n, t in zip(new, out.argmax(-1), strict=True)]
     assert kv.lens == [int(i.numel()) + len(n) - 1 for i, n in zip(ids, new, strict=True)]
     assert runner.decode_path == ("static+compiled" if compiled else "static")  # compiling did not fail
+    assert min(widths) < 128 and len(set(widths)) >= 2, widths  # narrower than the slot, a bucket crossed
 
 
 @torch.inference_mode()
