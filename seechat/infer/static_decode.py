@@ -32,14 +32,23 @@ import torch
 import torch.nn.functional as F
 
 from seechat.infer.kv import SlotKV
-from seechat.infer.ops import norm_params, rms_norm, rotate
+from seechat.infer.ops import norm_params, rms_norm
 
 log = logging.getLogger(__name__)
 
 
 def _fused_rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """`rms_norm` with the normalisation in one kernel: float32 in, cast back, times the weight."""
-    return F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype) * weight
+    """`rms_norm` in two kernels: torch's fused normalisation (float32 statistics, rounded once to
+    x's dtype, as transformers' `.to(input_dtype)`), then times the weight (transformers' second
+    rounding; the weight inside `F.rms_norm` would round once and differ in the last bit)."""
+    return F.rms_norm(x, (x.shape[-1],), None, eps) * weight
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding, rotate-half form, in four element-wise kernels instead of five:
+    rotate_half(x) is x rolled by half the head with that half negated, and the sign lives in
+    `sin_signed` (sin, first half negated): the same products as x * cos + rotate_half(x) * sin."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin_signed
 
 
 def attention_inputs(
@@ -47,21 +56,22 @@ def attention_inputs(
     w: LayerWeights,
     rms: Callable,
     cos: torch.Tensor,
-    sin: torch.Tensor,
+    sin_signed: torch.Tensor,
     h: int,
     g: int,
     d: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A layer's input norm, Q/K/V projections, Q/K norms and rotary embedding: x (b, L, D_model)
     -> q (b, h, L, d), k (b, g, L, d), v (b, L, g, d). Pure (no writes): `torch.compile` fuses its
-    element-wise work."""
+    element-wise work. Eagerly, queries and keys rotate together (one set of kernels for both)."""
     b, n = x.shape[:2]
     y = rms(x, *w.input_norm)
-    q, k, v = F.linear(y, *w.qkv).split((h * d, g * d, g * d), dim=-1)  # one product for the three
-    q, k, v = q.view(b, n, h, d), k.view(b, n, g, d), v.view(b, n, g, d)
+    qkv = F.linear(y, *w.qkv).view(b, n, h + 2 * g, d)  # one product for the three
+    qk, v = qkv[:, :, : h + g], qkv[:, :, h + g :]
     if w.q_norm is not None:
-        q, k = rms(q, *w.q_norm), rms(k, *w.k_norm)
-    return rotate(q.transpose(1, 2), cos, sin), rotate(k.transpose(1, 2), cos, sin), v
+        qk = torch.cat([rms(qk[:, :, :h], *w.q_norm), rms(qk[:, :, h:], *w.k_norm)], dim=2)
+    qk = rope(qk.transpose(1, 2), cos, sin_signed)  # (b, h + g, L, d)
+    return qk[:, :h], qk[:, h:], v
 
 
 def attention_output_and_mlp(
@@ -157,7 +167,10 @@ class StaticDecoder:
         self.scaling = [layer.self_attn.scaling for layer in base.layers]
         device = self.embed.weight.device
         cos, sin = base.rotary_emb(self.embed.weight[:1], torch.arange(capacity, device=device)[None])
-        self.cos, self.sin = cos[0], sin[0]  # (capacity, D): positions never exceed a slot's columns
+        # (capacity, D): positions never exceed a slot's columns; sin with its first half negated (`rope`)
+        sign = torch.ones(self.head_dim, dtype=sin.dtype, device=device)
+        sign[: self.head_dim // 2] = -1
+        self.cos, self.sin_signed = cos[0], sin[0] * sign
         self.graphs = graphs and device.type == "cuda"
         # On CUDA, torch's fused RMSNorm (one kernel instead of eight tiny ones, the same float32
         # statistics as transformers'); on CPU the transformers formula itself, which tests compare.
@@ -245,7 +258,7 @@ class StaticDecoder:
         h, g, d = self.n_heads, self.n_kv, self.head_dim
         r = h // g
         pos = kv.next_pos[:b, None] + torch.arange(n, device=tokens.device)  # (b, L)
-        cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # (b, 1, L, D)
+        cos, sin = self.cos[pos][:, None], self.sin_signed[pos][:, None]  # (b, 1, L, D)
         cols = torch.arange(width, device=tokens.device)
         mask = cols <= pos[:, :, None]  # (b, L, W): each token sees its row up to itself
         # queries grouped by their KV head: (b, g, r * L, D) against (b, g, W, D), no K/V repeat

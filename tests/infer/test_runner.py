@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+from transformers import AutoModelForCausalLM, Qwen2Config
 
 from seechat.infer.chat import prompt_ids
-from seechat.infer.kv import SlotKV
+from seechat.infer.kv import BatchKV, SlotKV
 from seechat.infer.ops import rms_norm
 from seechat.infer.runner import FAST_DECODERS, LlamaStyleDecoder, ModelRunner, PrefillRow
-from seechat.infer.static_decode import _fused_rms, fuse_projections
+from seechat.infer.static_decode import StaticDecoder, _fused_rms, fuse_projections, rope
 from seechat.model import load
 from tests.infer.tiny_engine import coloured, write_tiny_checkpoint
 
@@ -160,6 +164,41 @@ def test_static_decode_matches_full_forward(fixture, compiled, request):
     assert min(widths) < 128 and len(set(widths)) >= 2, widths  # narrower than the slot, a bucket crossed
 
 
+VIEW_OPS = {  # aten ops that launch no kernel
+    *("view", "_unsafe_view", "reshape", "transpose", "t", "permute", "expand", "slice", "select"),
+    *("unsqueeze", "squeeze", "as_strided", "alias", "detach", "split", "split_with_sizes", "chunk"),
+    *("narrow", "contiguous", "empty", "empty_like", "empty_strided", "lift_fresh", "result_type"),
+}
+
+
+def _kernel_ops(layers: int) -> Counter:
+    """Top-level aten ops of one bf16 static step (batch 1, one token) with the CUDA RMSNorm: on a
+    GPU each is a kernel inside the captured graph."""
+    cfg = Qwen2Config(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=100,
+    )  # fmt: skip
+    lm = AutoModelForCausalLM.from_config(cfg).eval().to(torch.bfloat16)
+    k = [torch.zeros(1, 2, 4, 16, dtype=torch.bfloat16) for _ in range(layers)]
+    kv = SlotKV(1, 64, BatchKV([(x, x) for x in k], torch.ones(1, 4, dtype=torch.bool), torch.tensor([4])))
+    step = StaticDecoder(lm, 64, graphs=False)
+    step.rms = _fused_rms
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        step.forward(torch.tensor([[5]]), kv, 1, 64)
+    names = (e.name.removeprefix("aten::") for e in prof.events() if e.cpu_parent is None)
+    return Counter(n for n in names if n not in VIEW_OPS)
+
+
+def test_static_step_runs_few_kernels_per_layer():
+    """At batch 1 a decode step's time outside the weight reads is mostly per-kernel overhead: the
+    eager static step (what a CUDA graph replays) runs 19 kernels a layer (29 before Q and K rotated
+    together, the RMSNorm in two kernels and the rotary embedding in four): 4 products, 2 norms,
+    rotary (2 muls, roll, add), 2 KV writes, attention, 2 residual adds, SiLU and the gate."""
+    two, four = _kernel_ops(2), _kernel_ops(4)
+    per_layer = {op: (four[op] - two[op]) // 2 for op in four if four[op] != two[op]}
+    assert sum(per_layer.values()) <= 19, per_layer
+
+
 @torch.inference_mode()
 def test_static_decode_reads_attention_output_in_any_layout(tiny, monkeypatch):
     """On CUDA, SDPA may return (b, h, L, D) as a transposed view of a (b, L, h, D) buffer (flash
@@ -186,9 +225,24 @@ def test_static_decode_reads_attention_output_in_any_layout(tiny, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_rms_norm_equals_the_transformers_formula(dtype):
-    """The static step's CUDA RMSNorm (one fused kernel) computes what transformers computes."""
+    """The static step's CUDA RMSNorm (two kernels) computes what transformers computes, bit for bit."""
     x, w = torch.randn(3, 5, 64).to(dtype), torch.randn(64).to(dtype)
     torch.testing.assert_close(_fused_rms(x, w, 1e-6), rms_norm(x, w, 1e-6), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_equals_the_transformers_rotary_embedding_exactly(dtype):
+    """The static step's rotary embedding (roll and a signed sin table: four kernels) gives
+    transformers' `apply_rotary_pos_emb` bit for bit, queries and keys rotated together."""
+    from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
+
+    q, k = torch.randn(2, 8, 5, 64).to(dtype), torch.randn(2, 2, 5, 64).to(dtype)
+    cos, sin = torch.randn(2, 5, 64).to(dtype), torch.randn(2, 5, 64).to(dtype)
+    sign = torch.ones(64, dtype=dtype)
+    sign[:32] = -1
+    both = rope(torch.cat([q, k], dim=1), cos[:, None], (sin * sign)[:, None])
+    want_q, want_k = apply_rotary_pos_emb(q, k, cos, sin)
+    assert torch.equal(both[:, :8], want_q) and torch.equal(both[:, 8:], want_k)
 
 
 def test_fused_projections_reuse_the_weights_and_leave_the_model_as_it_was(tiny_llama, tmp_path):
