@@ -40,6 +40,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from seechat.atomic import existing
 from seechat.config import load_config
 from seechat.data.collate import collate
 from seechat.model.checkpoint import load_checkpoint
@@ -301,7 +302,8 @@ def test_killed_two_process_run_resumes_to_the_uninterrupted_result(stage1, tiny
     for p in [*launcher.children(recursive=True), launcher]:
         p.kill()  # both ranks and the launcher, hard, as a preempted node
     proc.communicate()
-    saved = json.loads(state.read_text())
+    # read as the resume reads it: a kill between a save's two renames leaves only the set-aside copy
+    saved = json.loads((existing(state.parent) / state.name).read_text())
     assert saved["position"]["step"] in (3, 6, 9)
     assert len(saved["data_positions"]) == 2  # one data position per rank
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from seechat.atomic import existing
 from seechat.config import LMConfig, ModelConfig, VisionConfig, load_config
 from seechat.model import load
 from seechat.train.loop import NonFiniteLossError, check_init_matches, lr_at, train
@@ -178,21 +179,16 @@ def test_killed_and_resumed_run_matches_uninterrupted(tiny_world, tmp_path):
         stderr=subprocess.DEVNULL,
         env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])},
     )
-    state, metrics = killed / "train" / "resume" / "state.json", killed / "train" / "metrics.jsonl"
+    resume, metrics = killed / "train" / "resume", killed / "train" / "metrics.jsonl"
     deadline = time.time() + 240
-    while (
-        proc.poll() is None
-        and time.time() < deadline
-        and not (
-            state.exists()
-            and max(r["step"] for r in _rows(metrics)) > json.loads(state.read_text())["position"]["step"]
-        )
-    ):
+    while proc.poll() is None and time.time() < deadline:
+        saved = _saved_step(resume)
+        if saved is not None and max(r["step"] for r in _rows(metrics)) > saved:
+            break
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    saved_step = json.loads(state.read_text())["position"]["step"]
-    assert saved_step in (3, 6)
+    assert _saved_step(resume) in (3, 6)
 
     # TensorBoard reads a run's event files in name order, and the names hold whole seconds (then the
     # pid): a resume within the killed run's first second would sort before it. No real resume is
@@ -214,6 +210,15 @@ def test_killed_and_resumed_run_matches_uninterrupted(tiny_world, tmp_path):
         # on disk too, for any reader: the interrupted run's steps after its resume point were cut
         assert tensorboard_raw_steps(tb, "train/loss") == {s: 1 for s in range(1, 9)}
         assert tensorboard_raw_steps(tb, "eval/loss") == {s: 1 for s in (2, 4, 6, 8)}
+
+
+def _saved_step(resume: Path) -> int | None:
+    """The resume point's step as a resume reads it (`existing`: a writer may be between its two
+    renames, when only the set-aside copy is there); None while there is none or it is being moved."""
+    try:
+        return json.loads((existing(resume) / "state.json").read_text())["position"]["step"]
+    except (OSError, ValueError):
+        return None
 
 
 def _rows(path: Path) -> list[dict]:
