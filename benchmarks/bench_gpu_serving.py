@@ -17,16 +17,21 @@ helps), the prefix cache is off, decoding is greedy with stop tokens ordinary to
   bandwidth limit of batch-1 decode it implies: bandwidth / the bytes of LM weights one decode step
   reads (every LM matrix except the input embedding, of which one row is read).
 
-Engine rows: `seechat` (static decode: slotted KV + CUDA graphs, `EngineConfig.static_decode`,
-the default on CUDA; adaptive speculation on), `seechat, no static decode` (the engine's
-generic path), with `--compile`, `seechat, compiled static step` (the static step's layers
-through torch.compile inside the CUDA graphs, `EngineConfig.compile_decode`; not the default
-until measured here), and with `--whole-slot`, `seechat, attention over the whole slot` (the static
-step reading every column of its KV slot, as before column buckets). The engines get the
-default KV slot (`max_model_len` 0: the LM's limit, at most 4096 tokens) unless `--max-len` says
-otherwise, so the rows are what a user gets. Also reported: how many leading greedy tokens each
-engine shares with transformers on probe images (bf16 kernels differ, so random weights may part
-after a while; the CPU rehearsal in fp32 must agree fully).
+Engine rows:
+- `seechat`: static decode (slotted KV + CUDA graphs, `EngineConfig.static_decode`, the default
+  on CUDA), adaptive speculation on;
+- with `--generic`, `seechat, no static decode`: the engine's generic path (35 tok/s at batch 1
+  on an H200, in RESULTS.md);
+- with `--compile`, `seechat, compiled static step`: the static step's layers through
+  torch.compile inside the CUDA graphs (`EngineConfig.compile_decode`; not the default until
+  measured here);
+- with `--whole-slot`, `seechat, attention over the whole slot`: the static step reading every
+  column of its KV slot, as before column buckets.
+
+The engines get the default KV slot (`max_model_len` 0: the LM's limit, at most 4096 tokens)
+unless `--max-len` says otherwise, so the rows are what a user gets. Also reported: how many
+leading greedy tokens each engine shares with transformers on probe images (bf16 kernels differ,
+so random weights may part after a while; the CPU rehearsal in fp32 must agree fully).
 
     python benchmarks/bench_gpu_serving.py --json out.json     # on a GPU (~3-4 min on an H100)
     python benchmarks/bench_gpu_serving.py --tiny              # CPU rehearsal with tiny shapes
@@ -62,6 +67,7 @@ from seechat.model.sizes import expert_config  # noqa: E402
 
 REFERENCE_RECIPE = ROOT / "configs" / "reference" / "stage2_mlp_qwen2.5-7b.yaml"
 QUESTION = "请详细描述这张图片里的物体、颜色和位置。"
+GENERIC = "seechat, no static decode"
 COMPILED = "seechat, compiled static step"
 WHOLE_SLOT = "seechat, attention over the whole slot"
 
@@ -185,17 +191,15 @@ class GpuBench:
         max_len: int,
         compiled: bool = False,
         whole_slot: bool = False,
+        generic: bool = False,
     ):
         self.model, self.processor, self.llava = model, processor, llava
         self.device = model.device
         self.n = new_tokens
         common = dict(max_batch_size=max_batch, max_model_len=max_len, prefix_cache_mb=0)
-        self.engines = {
-            "seechat": Engine(model, processor, EngineConfig(static_decode="on", **common)),
-            "seechat, no static decode": Engine(
-                model, processor, EngineConfig(static_decode="off", **common)
-            ),
-        }
+        self.engines = {"seechat": Engine(model, processor, EngineConfig(static_decode="on", **common))}
+        if generic:
+            self.engines[GENERIC] = Engine(model, processor, EngineConfig(static_decode="off", **common))
         if compiled:
             self.engines[COMPILED] = Engine(
                 model, processor, EngineConfig(static_decode="on", compile_decode=True, **common)
@@ -384,6 +388,7 @@ def run(args: argparse.Namespace) -> dict:
         args.max_len,
         args.compile,
         args.whole_slot,
+        args.generic,
     )
     try:
         agree = bench.agreement(random_images(2, bench.image_size, 12345))
@@ -406,8 +411,9 @@ def run(args: argparse.Namespace) -> dict:
                     runs[name].setdefault(c, []).append(res)
             peak[name] = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
             row = runs[name]
-            print(
-                f"  {name}: "
+            print(  # each row as it is done: a run cut short by a time limit still tells its figures
+                f"  {name}: TTFT {1e3 * statistics.median(r['ttft_s'] for r in row[1]):.1f} ms, decode b=1 "
+                f"{statistics.median(r['decode_tok_s'] for r in row[1]):.1f} tok/s, aggregate "
                 + ", ".join(f"c={c} {statistics.median(r['agg_tok_s'] for r in row[c]):.1f}" for c in row)
                 + " tok/s",
                 flush=True,
@@ -535,6 +541,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help=f"also time '{COMPILED}': the static step's layers through torch.compile "
         "(EngineConfig.compile_decode); with --profile, profile it too",
+    )
+    parser.add_argument(
+        "--generic",
+        action="store_true",
+        help=f"also time '{GENERIC}': the engine's generic decode path (transformers' forward per step)",
     )
     parser.add_argument(
         "--whole-slot",

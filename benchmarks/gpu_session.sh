@@ -22,8 +22,9 @@
 # serving: the GPU tests, then the serving benchmark with a profile of one batch-1 request (issue
 #          16 item 1: which kernels take a decode step, and how busy the GPU is), the compiled
 #          static step (`EngineConfig.compile_decode`) timed and profiled beside the default,
-#          and the static step attending over its whole KV slot (before column buckets) timed
-#          -> OUT/serving.json.
+#          and the static step attending over its whole KV slot (before column buckets) timed,
+#          all with the engine's default KV slot (4096 tokens); the generic path is left out
+#          (measured before) -> OUT/serving.json.
 # train:   the training-step benchmark at the reference shapes (issue 16 item 2's baseline), stage 2
 #          with activation checkpointing on every layer, every 2nd, every 4th and none
 #          (`train.checkpoint_every`: recompute is not counted as model FLOPs, so it costs MFU);
@@ -67,7 +68,7 @@ lm)
     fi
     ;;
 serving)
-    SERVING_ARGS=(--profile --compile --whole-slot)
+    SERVING_ARGS=(--profile --compile --whole-slot)  # --generic: the generic path, measured before
     [ "$TINY" = 1 ] && SERVING_ARGS+=(--tiny --new-tokens 8 --repeats 1)
     echo "== GPU tests" | tee "$OUT/tests.log"
     timeout 150 $PY -m pytest -q -p no:cacheprovider tests/infer/test_gpu.py tests/benchmarks/test_bench_gpu_serving.py \

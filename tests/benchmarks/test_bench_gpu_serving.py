@@ -11,7 +11,7 @@ from benchmarks.bench_gpu_serving import main
 def test_tiny_rehearsal_runs_and_both_sides_agree(tmp_path):
     out = tmp_path / "res.json"
     args = ["--tiny", "--new-tokens", "8", "--repeats", "1", "--concurrency", "1", "3", "--json", str(out)]
-    args += ["--profile", "--compile", "--whole-slot"]
+    args += ["--profile", "--compile", "--whole-slot", "--generic"]
     assert main(args) == 0
     res = json.loads(out.read_text())
     assert res["decode_paths"]["seechat"].startswith("static")
