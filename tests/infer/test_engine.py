@@ -280,7 +280,8 @@ def test_queue_byte_budget_and_kv_budget(tiny):
 @pytest.mark.parametrize("speculative_tokens", [0, 4])
 def test_static_decode_gives_the_plain_greedy_tokens(tiny, speculative_tokens):
     """The static path (slotted KV, fixed-shape step; CUDA graphs on a GPU) run eagerly on the CPU:
-    the fast path's greedy tokens, alone and with rows joining and leaving the batch."""
+    the fast path's greedy tokens, alone and with rows joining and leaving the batch, attention
+    over column buckets that grow as the rows do."""
     model, processor = tiny
     long = SamplingParams(max_new_tokens=24)
     prompts = [_prompt(processor, k) for k in range(8)]
@@ -291,6 +292,7 @@ def test_static_decode_gives_the_plain_greedy_tokens(tiny, speculative_tokens):
     )
     with Engine(model, processor, config) as static:
         assert static.runner.decode_path == "static"
+        static.runner.static.min_columns = 16  # attention over column buckets of 32-128 (rows of 30-90)
         alone = [static.generate(ids, im, long, cache_prefix=False).token_ids for ids, im in prompts]
         assert alone == want
         requests = [  # rows leave at different steps
