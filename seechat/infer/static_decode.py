@@ -1,7 +1,7 @@
 """The static decode step: fixed shapes over a `SlotKV`, captured as CUDA graphs on a GPU.
 
 A decode step of a 7B model on a GPU should take about the time it takes to read the weights
-once (bandwidth-bound); run eagerly, its ~15 kernel launches per layer cost more than that. This
+once (bandwidth-bound); run eagerly, its ~20 kernel launches per layer cost more than that. This
 step has only shapes that depend on the batch bucket, the number of new tokens and the column
 bucket — the KV pool (`SlotKV`) never moves, positions and the write columns come from a device
 tensor — so on CUDA one graph per (batch bucket, new tokens, column bucket) is captured the first
@@ -172,8 +172,8 @@ class StaticDecoder:
         sign[: self.head_dim // 2] = -1
         self.cos, self.sin_signed = cos[0], sin[0] * sign
         self.graphs = graphs and device.type == "cuda"
-        # On CUDA, torch's fused RMSNorm (one kernel instead of eight tiny ones, the same float32
-        # statistics as transformers'); on CPU the transformers formula itself, which tests compare.
+        # On CUDA, torch's fused RMSNorm then the weight (two kernels instead of eight tiny ones, the
+        # same numbers as transformers'); on CPU the transformers formula itself, which tests compare.
         self.rms = _fused_rms if device.type == "cuda" else rms_norm
         self.compiled = compile
         self._inputs, self._rest = attention_inputs, attention_output_and_mlp
@@ -258,7 +258,7 @@ class StaticDecoder:
         h, g, d = self.n_heads, self.n_kv, self.head_dim
         r = h // g
         pos = kv.next_pos[:b, None] + torch.arange(n, device=tokens.device)  # (b, L)
-        cos, sin = self.cos[pos][:, None], self.sin_signed[pos][:, None]  # (b, 1, L, D)
+        cos, sin_signed = self.cos[pos][:, None], self.sin_signed[pos][:, None]  # (b, 1, L, D)
         cols = torch.arange(width, device=tokens.device)
         mask = cols <= pos[:, :, None]  # (b, L, W): each token sees its row up to itself
         # queries grouped by their KV head: (b, g, r * L, D) against (b, g, W, D), no K/V repeat
@@ -266,7 +266,7 @@ class StaticDecoder:
         rows = torch.arange(b, device=tokens.device)[:, None]  # (b, 1)
         x = self.embed(tokens)  # (b, L, D_model)
         for i, w in enumerate(self.weights):
-            q, k, v = self._inputs(x, w, self.rms, cos, sin, h, g, d)
+            q, k, v = self._inputs(x, w, self.rms, cos, sin_signed, h, g, d)
             kb, vb = kv.keys[i], kv.values[i]
             kb[rows, :, pos] = k.transpose(1, 2)  # (b, L, g, D) into slot rows, columns pos
             vb[rows, :, pos] = v
