@@ -12,7 +12,8 @@ helps), the prefix cache is off, decoding is greedy with stop tokens ordinary to
 - TTFT for an image + question at batch 1 (image preprocessing, vision tower, prefill, first token);
 - decode tok/s at batch 1 (tokens after the first / time after the first);
 - aggregate tok/s with 8 and 32 concurrent requests (transformers: one `generate` batch);
-- peak GPU memory allocated while each side ran (weights included: ~15.2 GB);
+- peak GPU memory allocated while each side ran (weights included: ~15.2 GB; the KV slot pools
+  of the other engines, which stay allocated, left out);
 - the device-to-device copy bandwidth, measured in the same run (bytes read + written / s), and the
   bandwidth limit of batch-1 decode it implies: bandwidth / the bytes of LM weights one decode step
   reads (every LM matrix except the input embedding, of which one row is read).
@@ -409,7 +410,9 @@ def run(args: argparse.Namespace) -> dict:
                 for c in args.concurrency:
                     res = bench.hf_run(c) if name == "transformers" else bench.engine_run(name, c)
                     runs[name].setdefault(c, []).append(res)
-            peak[name] = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+            # the other engines' KV pools stay allocated (their CUDA graphs point into them): not this row's
+            others = sum(e.runner.kv_pool_bytes for n, e in bench.engines.items() if n != name)
+            peak[name] = torch.cuda.max_memory_allocated() - others if device.type == "cuda" else None
             row = runs[name]
             print(  # each row as it is done: a run cut short by a time limit still tells its figures
                 f"  {name}: TTFT {1e3 * statistics.median(r['ttft_s'] for r in row[1]):.1f} ms, decode b=1 "

@@ -263,6 +263,12 @@ class ModelRunner:
     def device(self) -> torch.device:
         return self.model.device
 
+    @property
+    def kv_pool_bytes(self) -> int:
+        """Bytes of the static path's KV slot pool: allocated at the first request and kept for the
+        runner's life (0 before that, or without the static path)."""
+        return 0 if self._slot_kv is None else self._slot_kv.nbytes()
+
     def max_positions(self) -> int:
         """The longest sequence the LM attends over correctly (sliding-window layers cap it)."""
         cfg = self.model.language_model.config.get_text_config()

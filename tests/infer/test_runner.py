@@ -286,3 +286,17 @@ def test_projections_fused_under_inference_mode_still_train():
     x = torch.randn(5, 4)
     (a(x).sum() + b(x).sum()).backward()
     assert a.weight.grad is not None and b.bias.grad is not None
+
+
+@torch.inference_mode()
+def test_kv_pool_bytes_counts_the_static_slot_pool_once_allocated(tiny):
+    model, processor = tiny
+    runner = ModelRunner(model, processor.tokenizer.pad_token_id, static_decode="on", slots=4, capacity=128)
+    assert runner.kv_pool_bytes == 0  # allocated at the first request
+    ids, feats = _rows(model, processor, 1)
+    runner.adopt(runner.prefill([PrefillRow(ids[0], None, feats[0])])[1])
+    cfg = model.language_model.config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    per_layer = 2 * 4 * cfg.num_key_value_heads * 128 * head_dim * model.language_model.dtype.itemsize
+    assert runner.kv_pool_bytes == cfg.num_hidden_layers * per_layer
+    assert ModelRunner(model, processor.tokenizer.pad_token_id, static_decode="off").kv_pool_bytes == 0
