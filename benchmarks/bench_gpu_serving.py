@@ -330,9 +330,11 @@ def profile_decode(bench: GpuBench, name: str = "seechat", top: int = 15) -> dic
     """One batch-1 request of engine `name` under the torch profiler: the kernels that took the
     device's time (on a CPU rehearsal: the ops that took the CPU's), and how busy the device was
     over the request (kernel time / wall time: well under 1 means the step waits on the host or
-    on launches, not on the kernels). CUDA kernels are traced from every thread; on a CPU the
-    profiler sees only this thread's ops, not the engine thread's, so the rehearsal checks the
-    plumbing, not the numbers."""
+    on launches, not on the kernels), and how many kernels ran per generated token (prefill
+    included; a batch-1 decode step's count, ~20 per layer, checks what the CPU test of the
+    static step counts). CUDA kernels are traced from every thread; on a CPU the profiler sees
+    only this thread's ops, not the engine thread's, so the rehearsal checks the plumbing, not the
+    numbers."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = bench.device.type == "cuda"
@@ -347,6 +349,7 @@ def profile_decode(bench: GpuBench, name: str = "seechat", top: int = 15) -> dic
         key=lambda r: -r[2],
     )
     busy = sum(r[2] for r in rows)
+    launches = sum(r[1] for r in rows)
     return {
         "engine": name,
         "wall_s": wall,
@@ -354,6 +357,8 @@ def profile_decode(bench: GpuBench, name: str = "seechat", top: int = 15) -> dic
         "time_field": field,
         "busy_s": busy,
         "busy_share": busy / wall,
+        "launches": launches,
+        "launches_per_token": launches / res["tokens"],
         "top": [{"name": k, "calls": c, "seconds": t, "share": t / busy} for k, c, t in rows[:top]],
     }
 
@@ -362,7 +367,8 @@ def profile_report(prof: dict) -> str:
     lines = [
         f"profile of one batch-1 request ({prof['engine']}, {prof['tokens']} tokens): wall "
         f"{prof['wall_s'] * 1e3:.1f} ms, {prof['time_field']} {prof['busy_s'] * 1e3:.1f} ms "
-        f"({prof['busy_share']:.0%} busy)",
+        f"({prof['busy_share']:.0%} busy); {prof['launches']} kernels / ops "
+        f"({prof['launches_per_token']:.0f} per generated token, prefill included)",
         "| kernel / op | calls | ms | share |",
         "|---|---|---|---|",
     ]

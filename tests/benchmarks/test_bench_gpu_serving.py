@@ -31,6 +31,7 @@ def test_tiny_rehearsal_runs_and_both_sides_agree(tmp_path):
     prof = res["profile"]
     assert prof["engine"] == "seechat" and prof["tokens"] == 8 and prof["wall_s"] > 0
     assert prof["top"] and all(r["seconds"] > 0 and r["calls"] > 0 for r in prof["top"])
+    assert prof["launches"] >= sum(r["calls"] for r in prof["top"]) and prof["launches_per_token"] > 0
     assert res["profile_compiled"]["engine"] == "seechat, compiled static step"
 
 
