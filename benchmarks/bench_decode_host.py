@@ -100,10 +100,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=200)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the engine thread)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--json", default="", help="also write the results here")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    try:  # called in-process (tests), the thread count must not outlive the call
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        return run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run(args: argparse.Namespace) -> int:
     ckpt = Path(args.model)
     if not (ckpt / "config.json").is_file():
         print(f"{ckpt} not found: building an untrained mini-size model", flush=True)
@@ -138,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "command": " ".join(["python", *sys.argv]),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
-        f"{torch.__version__}, {args.threads} thread(s)",
+        f"{torch.__version__}, {torch.get_num_threads()} thread(s)",
         "model": str(args.model),
         "decode_path": path,
         "new_tokens": args.new_tokens,

@@ -177,7 +177,12 @@ def test_killed_and_resumed_run_matches_uninterrupted(tiny_world, tmp_path):
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])},
+        env={
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+            # bit-identical needs the same CPU reduction order: this process's thread count
+            "OMP_NUM_THREADS": str(torch.get_num_threads()),
+        },
     )
     resume, metrics = killed / "train" / "resume", killed / "train" / "metrics.jsonl"
     deadline = time.time() + 240
