@@ -24,6 +24,9 @@ AdamW step) on synthetic batches of the recipe's shapes:
   around the same modules (`seechat.model.export.llava_view`: the same weights, trainable
   parameters, batch, precision and checkpointing), on the padded batch: what a user would run
   without seechat.
+- `--compile` compiles each LM layer's norms, attention and MLP first (`train.compile`,
+  `seechat.model.build.compile_layers`); the warm-up steps then include the compiling, which is
+  not timed. Not with `--peer` (the peer shares the modules).
 
 Reported: samples (= images) / s per GPU, tokens / s, achieved model TFLOP/s and MFU against the
 card's dense bf16 peak (`--peak-tflops`). Model FLOPs per sample, with N_lm the LM's parameters
@@ -70,7 +73,7 @@ from seechat.config import (  # noqa: E402
 from seechat.data.collate import collate, collate_padding_free  # noqa: E402
 from seechat.data.processor import Encoded  # noqa: E402
 from seechat.model.bridges import build_bridge  # noqa: E402
-from seechat.model.build import apply_trainable, enable_activation_checkpointing  # noqa: E402
+from seechat.model.build import apply_trainable, compile_layers, enable_activation_checkpointing  # noqa: E402
 from seechat.model.export import ExportError, llava_view  # noqa: E402
 from seechat.model.modeling import SeeChatModel  # noqa: E402
 from seechat.model.sizes import expert_config  # noqa: E402
@@ -273,6 +276,7 @@ def run_stage(
             "recomputed_layers": recomputed,
             "padding_free": free,
             "text_range": list(text_range) if text_range else None,
+            "compiled": args.compile,
         }
         try:
             data = batch(model, texts, device, free)
@@ -359,8 +363,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "backward, AdamW) built around the same modules: same weights, trainable parameters, batch, "
         "precision and checkpointing. Needs an mlp2x_gelu preset (reference-mlp, tiny-mlp)",
     )
+    ap.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile each LM layer's norms, attention and MLP first (train.compile); the "
+        "compiling happens in the warm-up steps",
+    )
     ap.add_argument("--json", default="", help="also write the rows to this file")
     args = ap.parse_args(argv)
+    if args.compile and args.peer:
+        ap.error("--compile compiles the modules --peer shares: time them in separate runs")
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
@@ -372,6 +384,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             llava = llava_view(model, stop_token_ids=[], pad_token_id=0)
         except ExportError as e:
             ap.error(f"--peer with --preset {args.preset}: {e}")
+    if args.compile:
+        compile_layers(model.language_model)
     n_v, n_lm = count(model.vision_tower.model), count(model.language_model, skip_embeddings=True)
     p = model.vision_tower.num_features
     info = {
@@ -384,6 +398,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "vision_tokens": p,
         "image_tokens": model.num_image_tokens,
         "build_s": round(time.time() - t0, 1),
+        "compiled": args.compile,
     }
     print(json.dumps(info), flush=True)
     rows: list[dict] = []

@@ -11,9 +11,10 @@
 #   run(command="bash benchmarks/gpu_session.sh serving", carry=["build/whl"], timeout_s=540)  # ~5-7 min, at once
 #   run(command="bash benchmarks/gpu_session.sh train", carry=["build/whl"], timeout_s=360)    # ~3-5 min
 #   run(command="bash benchmarks/gpu_session.sh peer", carry=["build/whl"], timeout_s=170)     # ~1-2 min
+#   run(command="bash benchmarks/gpu_session.sh compile", carry=["build/whl"], timeout_s=300)  # ~3-5 min
 #
 # (Not all fit one 15-minute session: for issue 16 run `serving` then `train` (about 10 minutes),
-# then `peer` if `status` leaves 4 minutes; for issue 13, `lm` alone.)
+# then `peer` if `status` leaves 4 minutes, `compile` in a later session; for issue 13, `lm` alone.)
 #
 # lm:      the mini LM (issue 13) on fresh rows for LM_BUDGET seconds of training (default 400) with
 #          the reading exam every EXAM_EVERY steps (default 1000) -> OUT/lm.tar.gz (weights, metrics,
@@ -35,6 +36,9 @@
 # peer:    issue 16 item 2's side by side: the LLaVA-shaped reference (mlp2x_gelu, 576 image tokens)
 #          trained by seechat and by transformers' LlavaForConditionalGeneration in a plain loop,
 #          around the same modules (same weights, batch, bf16, checkpointing) -> OUT/train_peer.json.
+# compile: `train.compile` (each LM layer's norms, attention and MLP through torch.compile): stage 1
+#          at batch 128 and stage 2 at batch 8 with every layer checkpointed, the `train` rows'
+#          shapes, compiled -> OUT/train_step_compiled.json.
 # TINY=1 rehearses a part on a CPU (tiny shapes, one short run each).
 set -uo pipefail
 PART=${1:-serving}
@@ -99,8 +103,16 @@ peer)
     timeout 150 $PY benchmarks/bench_train_step.py "${PEER_ARGS[@]}" --json "$OUT/train_peer.json" 2>&1 \
         | tee "$OUT/train_peer.log"
     ;;
+compile)
+    # train.compile's A/B partner is `train`'s stage-1 batch-128 and stage-2 batch-8, every-layer rows
+    COMPILE_ARGS=(--preset reference --compile --warmup 3 --s1-batches 128 --s2-batches 8 --s2-checkpoint-every 1)
+    [ "$TINY" = 1 ] && COMPILE_ARGS=(--preset tiny --compile --device cpu --steps 1 --warmup 1 --s1-batches 2 \
+        --s2-batches 2)
+    timeout 280 $PY benchmarks/bench_train_step.py "${COMPILE_ARGS[@]}" --json "$OUT/train_step_compiled.json" 2>&1 \
+        | tee "$OUT/train_step_compiled.log"
+    ;;
 *)
-    echo "usage: bash benchmarks/gpu_session.sh lm|serving|train|peer" >&2
+    echo "usage: bash benchmarks/gpu_session.sh lm|serving|train|peer|compile" >&2
     exit 2
     ;;
 esac

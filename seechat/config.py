@@ -179,6 +179,9 @@ class TrainConfig:
     # a micro-batch's samples end to end in one row, no padding (the same samples and loss; the LM
     # attends within each sample through varlen attention, seechat.model.varlen); false: padded rows
     padding_free: bool = True
+    # torch.compile each LM layer's norms, attention and MLP (seechat.model.build.compile_layers):
+    # fused element-wise kernels for speed; the first steps compile. Not with FSDP or deep fusion
+    compile: bool = False
     loss_average: LossAverage = "token"  # how a step averages its token losses: per token, sample, or sqrt
     eval_every: CountOrZero = 0  # with data.eval_paths: held-out loss every N steps (0 = only at the end)
     eval_batches: CountOrZero = 0  # global batches per evaluation (0 = the whole of data.eval_paths)

@@ -183,6 +183,23 @@ def enable_activation_checkpointing(lm: PreTrainedModel, every: int = 1) -> int:
     return checkpointed_layers(len(layers), every)
 
 
+def compile_layers(lm: PreTrainedModel) -> int:
+    """`torch.compile` the parts of every decoder layer of `lm` in place (`nn.Module.compile`): its
+    norms, attention and MLP, whatever the architecture names them. Their element-wise work (the
+    RMSNorm's statistics, the rotary embedding, the gated activation) then runs as a few fused
+    kernels forward and backward. This is regional compilation: the layers share their code, so
+    each part compiles once, and the other layers reuse the compiled code (recompiling once when
+    sequence lengths first change, then treating them as dynamic).
+
+    The parts are compiled, not the layer: transformers' activation checkpointing wraps the
+    layer's `forward`, and a compiled region around the checkpoint runs its inside eagerly.
+    Parameters, state_dict keys and saved checkpoints are unchanged. -> modules compiled."""
+    parts = [part for layer in lm.get_decoder().layers for part in layer.children()]
+    for part in parts:
+        part.compile()
+    return len(parts)
+
+
 def _freeze_unreachable(tower: nn.Module) -> None:
     """Freeze vision parameters the selected feature layer never uses (layers above it, the final
     norm, pooling heads): they cannot learn, and DDP would stall waiting for their gradients.

@@ -52,7 +52,13 @@ from tqdm.auto import tqdm
 from seechat.atomic import existing, recover
 from seechat.config import ModelConfig, RunConfig, from_dict, save_config, to_dict
 from seechat.data.jsonl import append_jsonl, read_jsonl, write_jsonl
-from seechat.model.build import add_visual_experts, apply_trainable, build, enable_activation_checkpointing
+from seechat.model.build import (
+    add_visual_experts,
+    apply_trainable,
+    build,
+    compile_layers,
+    enable_activation_checkpointing,
+)
 from seechat.model.checkpoint import load_checkpoint, read_meta, write_checkpoint
 from seechat.model.varlen import use_varlen_attention
 from seechat.train.averaging import label_weights, weighted_count
@@ -217,6 +223,11 @@ def check_sharded_parts(cfg: RunConfig, acc: Accelerator) -> None:
             "FSDP with trainable.bridge=frozen is not supported: the checkpoint stores the bridge, "
             "which under FSDP is gathered only when it trains. Train it, or use DDP"
         )
+    if cfg.train.compile and acc.distributed_type == DistributedType.FSDP:
+        raise ValueError(
+            "train.compile with FSDP is not supported yet (untested: FSDP2 swaps each layer's parameters "
+            "around its forward). Use DDP or a single process, or train.compile=false"
+        )
     deep_frozen = cfg.model.fusion == "deep" and cfg.trainable.experts == "frozen"
     if acc.distributed_type == DistributedType.FSDP and deep_frozen:
         raise ValueError(
@@ -246,6 +257,12 @@ def train(cfg: RunConfig, resume: bool = True) -> TrainResult:
     acc.wait_for_everyone()
     torch.manual_seed(cfg.train.seed)
 
+    if cfg.train.compile and cfg.model.fusion == "deep":
+        raise ValueError(
+            "train.compile with model.fusion=deep is not supported: the visual experts act through forward "
+            "hooks on the LM's modules inside a routing scope (seechat.model.fusion), which compiled "
+            "layer parts do not follow. Use model.fusion=shallow, or train.compile=false"
+        )
     if cfg.train.gradient_checkpointing and cfg.model.fusion == "deep":
         raise ValueError(
             "train.gradient_checkpointing with model.fusion=deep is not supported: the recompute runs in the "
@@ -256,6 +273,9 @@ def train(cfg: RunConfig, resume: bool = True) -> TrainResult:
         use_varlen_attention(model.language_model)
     if cfg.train.gradient_checkpointing:
         enable_activation_checkpointing(model.language_model, cfg.train.checkpoint_every)
+    if cfg.train.compile:
+        parts = compile_layers(model.language_model)
+        log.info("train.compile: %d LM layer parts compile at the first steps, which are slower", parts)
     model.train()
     optimizer = make_optimizer(model, cfg)
 
@@ -420,13 +440,15 @@ _MAY_CHANGE_ON_RESUME = (
     "report_to",
     "gradient_checkpointing",
     "checkpoint_every",
+    "compile",
 )
 
 
 def _resume_key(cfg_dict: dict) -> dict:
     """The config fields a resume must not change (logging, saving and evaluation cadence, where
-    metrics are reported, and activation checkpointing — memory, not the numbers: a run that ran
-    out of memory may resume with more of it — may change). A field added to the config since the
+    metrics are reported, activation checkpointing — memory, not the numbers: a run that ran
+    out of memory may resume with more of it — and compiling, the same computation in other
+    kernels, may change). A field added to the config since the
     resume point was written takes its default."""
     try:
         cfg_dict = to_dict(from_dict(RunConfig, cfg_dict))

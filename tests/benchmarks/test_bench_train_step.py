@@ -65,3 +65,12 @@ def test_peer_needs_a_llava_shaped_preset(capsys):
     with pytest.raises(SystemExit):
         main(["--preset", "tiny", "--device", "cpu", "--peer"])
     assert "mlp2x_gelu" in capsys.readouterr().err
+
+
+def test_tiny_rehearsal_times_compiled_layers():
+    """--compile: the LM layers' parts compiled first (train.compile); the rows say so. Not with --peer."""
+    args = ["--preset", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "1", "--stages", "2"]
+    (row,) = main([*args, "--s2-batches", "2", "--compile"])
+    assert row["compiled"] and row["step_s"] > 0
+    with pytest.raises(SystemExit):
+        main([*args, "--compile", "--peer", "--preset", "tiny-mlp"])

@@ -8,7 +8,7 @@ import torch
 from seechat.config import TrainableConfig
 from seechat.data.collate import collate
 from seechat.model import apply_trainable, build
-from seechat.model.build import enable_activation_checkpointing
+from seechat.model.build import compile_layers, enable_activation_checkpointing
 from seechat.model.sizes import checkpointed_layers
 from tests.helpers import CONVERSATION, model_config
 
@@ -87,3 +87,17 @@ def test_selective_activation_checkpointing_recomputes_every_kth_layer_and_chang
         torch.testing.assert_close(recomputed[name], g, rtol=0, atol=0, msg=name)
     with pytest.raises(ValueError, match="checkpoint_every must be at least 1"):
         enable_activation_checkpointing(model.language_model, 0)
+
+
+@pytest.mark.parametrize("lm", ["qwen2", "llama", "glm4"])
+def test_compile_layers_compiles_every_part_of_every_layer_in_place(experts, lm):
+    """`train.compile`'s unit: each decoder layer's children (norms, attention, MLP, whatever the
+    architecture calls them) compiled in place; the parameters and state_dict keys stay as they were
+    (the loop test checks the numbers)."""
+    model, _ = build(model_config(experts, lm=lm))
+    lm_model = model.language_model
+    keys = list(lm_model.state_dict())
+    parts = [part for layer in lm_model.get_decoder().layers for part in layer.children()]
+    assert compile_layers(lm_model) == len(parts) >= 4 * len(lm_model.get_decoder().layers)
+    assert all(part._compiled_call_impl is not None for part in parts)
+    assert list(lm_model.state_dict()) == keys

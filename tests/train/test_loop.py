@@ -9,14 +9,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from accelerate.utils import DistributedType
 
 from seechat.atomic import existing
 from seechat.config import LMConfig, ModelConfig, VisionConfig, load_config
 from seechat.model import load
-from seechat.train.loop import NonFiniteLossError, check_init_matches, lr_at, train
+from seechat.train.loop import NonFiniteLossError, check_init_matches, check_sharded_parts, lr_at, train
 from tests.conftest import tiny_overrides
 from tests.train.tracker_readers import HAS_TENSORBOARD, tensorboard_raw_steps, tensorboard_scalars
 
@@ -116,6 +118,33 @@ def test_padding_free_and_padded_runs_train_the_same(tiny_world, tmp_path):
     assert (e_free["samples"], e_free["supervised_tokens"]) == (e_pad["samples"], e_pad["supervised_tokens"])
     model, _ = load(runs[True][1])
     assert model.language_model.config._attn_implementation == "sdpa"
+
+
+def test_compiled_layers_train_to_the_eager_numbers(tiny_world, tmp_path):
+    """`train.compile`: the LM layers' norms, attention and MLP through torch.compile (inductor's
+    C++ kernels on this CPU) train stage 2 (LM full, padding-free, activation checkpointing) to the
+    eager run's losses and held-out loss, and save a checkpoint that loads as the eager one does."""
+    s1 = tmp_path / "s1"
+    train(load_config(STAGE1, stage1_overrides(tiny_world, s1, **{"train.max_steps": 2})))
+    runs = {}
+    for compiled in (False, True):
+        runs[compiled] = tmp_path / f"s2-{compiled}"
+        extra = {"train.eval_batches": 2, "train.gradient_checkpointing": True, "train.compile": compiled}
+        train(load_config(STAGE2, stage2_overrides(tiny_world, runs[compiled], s1, **extra)))
+    assert losses(runs[True]) == pytest.approx(losses(runs[False]), rel=1e-4)
+    (e_eager,), (e_compiled,) = (_rows(runs[c] / "train" / "eval.jsonl") for c in (False, True))
+    assert e_compiled["loss"] == pytest.approx(e_eager["loss"], rel=1e-4)
+    (a, _), (b, _) = load(runs[False]), load(runs[True])
+    assert a.state_dict().keys() == b.state_dict().keys()
+
+
+def test_compile_is_refused_with_deep_fusion_and_with_fsdp(tiny_world, tmp_path):
+    over = stage1_overrides(tiny_world, tmp_path, **{"train.compile": True, "model.fusion": "deep"})
+    with pytest.raises(ValueError, match="train.compile with model.fusion=deep"):
+        train(load_config(STAGE1, over))
+    cfg = load_config(STAGE1, stage1_overrides(tiny_world, tmp_path, **{"train.compile": True}))
+    with pytest.raises(ValueError, match="train.compile with FSDP"):
+        check_sharded_parts(cfg, SimpleNamespace(distributed_type=DistributedType.FSDP))
 
 
 def test_init_from_with_other_bridge_is_refused(tiny_world, tmp_path):
