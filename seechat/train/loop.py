@@ -446,10 +446,10 @@ _MAY_CHANGE_ON_RESUME = (
 
 def _resume_key(cfg_dict: dict) -> dict:
     """The config fields a resume must not change (logging, saving and evaluation cadence, where
-    metrics are reported, activation checkpointing — memory, not the numbers: a run that ran
-    out of memory may resume with more of it — and compiling, the same computation in other
-    kernels, may change). A field added to the config since the
-    resume point was written takes its default."""
+    metrics are reported, activation checkpointing — memory, not the numbers: a run that ran out
+    of memory may resume with more of it — and compiling, the same computation in other kernels,
+    may change). A field added to the config since the resume point was written takes its
+    default."""
     try:
         cfg_dict = to_dict(from_dict(RunConfig, cfg_dict))
     except (TypeError, ValueError):
