@@ -192,8 +192,8 @@ def _kernel_ops(layers: int) -> Counter:
 def test_static_step_runs_few_kernels_per_layer():
     """At batch 1 a decode step's time outside the weight reads is mostly per-kernel overhead: the
     eager static step (what a CUDA graph replays) runs 19 kernels a layer (29 before Q and K rotated
-    together, the RMSNorm in two kernels and the rotary embedding in four): 4 products, 2 norms,
-    rotary (2 muls, roll, add), 2 KV writes, attention, 2 residual adds, SiLU and the gate."""
+    together, the RMSNorm in two kernels and the rotary embedding in four): 4 products, 2 norms of
+    2 kernels, rotary (2 muls, roll, add), 2 KV writes, attention, 2 residual adds, SiLU, the gate."""
     two, four = _kernel_ops(2), _kernel_ops(4)
     per_layer = {op: (four[op] - two[op]) // 2 for op in four if four[op] != two[op]}
     assert sum(per_layer.values()) <= 19, per_layer
