@@ -23,7 +23,16 @@ def norm_params(norm: torch.nn.Module | None) -> tuple[torch.Tensor, float] | No
     return None if norm is None else (norm.weight, norm.variance_epsilon)
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding (rotate-half form) with precomputed cos/sin broadcastable to x."""
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+def signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """A rotary sin table (..., D) with the first half of each row negated: the table `rope` takes."""
+    sign = torch.ones(sin.shape[-1], dtype=sin.dtype, device=sin.device)
+    sign[: sin.shape[-1] // 2] = -1
+    return sin * sign
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding (rotate-half form) with precomputed tables broadcastable to x, in four
+    element-wise kernels: rotate_half(x) is x rolled by half the head with that half negated, and
+    the sign lives in `sin_signed` (`signed_sin`), so the products are exactly transformers'
+    x * cos + rotate_half(x) * sin."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin_signed

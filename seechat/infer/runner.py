@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from seechat.infer.kv import BatchKV, Layers, SlotKV
-from seechat.infer.ops import norm_params, rms_norm, rms_norm_fp32, rotate
+from seechat.infer.ops import norm_params, rms_norm, rms_norm_fp32, rope, signed_sin
 from seechat.infer.static_decode import StaticDecoder
 from seechat.model.modeling import SeeChatModel
 
@@ -148,14 +148,15 @@ class LlamaStyleDecoder:
         )
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin (B, 1, L, D) for positions (B, L), from a table computed by the model's own
-        rotary module (so every static RoPE scaling type is transformers' code, not re-derived)."""
+        """cos, signed sin (`ops.signed_sin`) (B, 1, L, D) for positions (B, L), from a table computed
+        by the model's own rotary module (so every static RoPE scaling type is transformers' code, not
+        re-derived)."""
         need = int(positions.max()) + 1
         if self._cos is None or self._cos.shape[0] < need:
             n = max(need, 2 * (0 if self._cos is None else self._cos.shape[0]), 256)
             dummy = self.embed.weight[:1]
             cos, sin = self.rotary(dummy, torch.arange(n, device=dummy.device)[None])
-            self._cos, self._sin = cos[0], sin[0]  # (n, D)
+            self._cos, self._sin = cos[0], signed_sin(sin[0])  # (n, D)
         return self._cos[positions][:, None], self._sin[positions][:, None]
 
     def __call__(self, tokens: torch.Tensor, kv: BatchKV) -> torch.Tensor:
@@ -181,7 +182,7 @@ class LlamaStyleDecoder:
             qk = qkv[:, :, : h + g]
             if qn is not None:
                 qk = torch.cat([rms(qk[:, :, :h], *qn), rms(qk[:, :, h:], *kn)], dim=2)
-            qk = rotate(qk.transpose(1, 2), cos, sin)  # (B, h + g, L, d)
+            qk = rope(qk.transpose(1, 2), cos, sin)  # (B, h + g, L, d)
             kv.keys[i][:, :, t : t + n] = qk[:, h:]
             kv.values[i][:, :, t : t + n] = qkv[:, :, h + g :].transpose(1, 2)
             o = F.scaled_dot_product_attention(

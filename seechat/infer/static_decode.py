@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from seechat.infer.kv import SlotKV
-from seechat.infer.ops import norm_params, rms_norm
+from seechat.infer.ops import norm_params, rms_norm, rope, signed_sin
 
 log = logging.getLogger(__name__)
 
@@ -42,13 +42,6 @@ def _fused_rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tenso
     x's dtype, as transformers' `.to(input_dtype)`), then times the weight (transformers' second
     rounding; the weight inside `F.rms_norm` would round once and differ in the last bit)."""
     return F.rms_norm(x, (x.shape[-1],), None, eps) * weight
-
-
-def rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding, rotate-half form, in four element-wise kernels instead of five:
-    rotate_half(x) is x rolled by half the head with that half negated, and the sign lives in
-    `sin_signed` (sin, first half negated): the same products as x * cos + rotate_half(x) * sin."""
-    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin_signed
 
 
 def attention_inputs(
@@ -167,10 +160,8 @@ class StaticDecoder:
         self.scaling = [layer.self_attn.scaling for layer in base.layers]
         device = self.embed.weight.device
         cos, sin = base.rotary_emb(self.embed.weight[:1], torch.arange(capacity, device=device)[None])
-        # (capacity, D): positions never exceed a slot's columns; sin with its first half negated (`rope`)
-        sign = torch.ones(self.head_dim, dtype=sin.dtype, device=device)
-        sign[: self.head_dim // 2] = -1
-        self.cos, self.sin_signed = cos[0], sin[0] * sign
+        # (capacity, D): positions never exceed a slot's columns
+        self.cos, self.sin_signed = cos[0], signed_sin(sin[0])
         self.graphs = graphs and device.type == "cuda"
         # On CUDA, torch's fused RMSNorm then the weight (two kernels instead of eight tiny ones, the
         # same numbers as transformers'); on CPU the transformers formula itself, which tests compare.

@@ -84,16 +84,14 @@ def test_static_step_norm_and_rotary_kernels_equal_the_transformers_formulas_in_
     rotary embedding (roll, signed sin) give transformers' numbers bit for bit, as on the CPU."""
     from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
-    from seechat.infer.ops import rms_norm
-    from seechat.infer.static_decode import _fused_rms, rope
+    from seechat.infer.ops import rms_norm, rope, signed_sin
+    from seechat.infer.static_decode import _fused_rms
 
     dev, bf16 = "cuda", torch.bfloat16
     x, w = torch.randn(4, 3, 3584, device=dev).to(bf16), torch.randn(3584, device=dev).to(bf16)
     assert torch.equal(_fused_rms(x, w, 1e-6), rms_norm(x, w, 1e-6))
     q, k = torch.randn(2, 28, 3, 128, device=dev).to(bf16), torch.randn(2, 4, 3, 128, device=dev).to(bf16)
     cos, sin = torch.randn(2, 3, 128, device=dev).to(bf16), torch.randn(2, 3, 128, device=dev).to(bf16)
-    sign = torch.ones(128, dtype=bf16, device=dev)
-    sign[:64] = -1
-    both = rope(torch.cat([q, k], dim=1), cos[:, None], (sin * sign)[:, None])
+    both = rope(torch.cat([q, k], dim=1), cos[:, None], signed_sin(sin)[:, None])
     want_q, want_k = apply_rotary_pos_emb(q, k, cos, sin)
     assert torch.equal(both[:, :28], want_q) and torch.equal(both[:, 28:], want_k)

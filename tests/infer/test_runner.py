@@ -12,9 +12,9 @@ from transformers import AutoModelForCausalLM, Qwen2Config
 
 from seechat.infer.chat import prompt_ids
 from seechat.infer.kv import BatchKV, SlotKV
-from seechat.infer.ops import rms_norm
+from seechat.infer.ops import rms_norm, rope, signed_sin
 from seechat.infer.runner import FAST_DECODERS, LlamaStyleDecoder, ModelRunner, PrefillRow
-from seechat.infer.static_decode import StaticDecoder, _fused_rms, fuse_projections, rope
+from seechat.infer.static_decode import StaticDecoder, _fused_rms, fuse_projections
 from seechat.model import load
 from tests.infer.tiny_engine import coloured, write_tiny_checkpoint
 
@@ -238,9 +238,7 @@ def test_rope_equals_the_transformers_rotary_embedding_exactly(dtype):
 
     q, k = torch.randn(2, 8, 5, 64).to(dtype), torch.randn(2, 2, 5, 64).to(dtype)
     cos, sin = torch.randn(2, 5, 64).to(dtype), torch.randn(2, 5, 64).to(dtype)
-    sign = torch.ones(64, dtype=dtype)
-    sign[:32] = -1
-    both = rope(torch.cat([q, k], dim=1), cos[:, None], (sin * sign)[:, None])
+    both = rope(torch.cat([q, k], dim=1), cos[:, None], signed_sin(sin)[:, None])
     want_q, want_k = apply_rotary_pos_emb(q, k, cos, sin)
     assert torch.equal(both[:, :8], want_q) and torch.equal(both[:, 8:], want_k)
 
