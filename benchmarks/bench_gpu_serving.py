@@ -34,6 +34,12 @@ unless `--max-len` says otherwise, so the rows are what a user gets. Also report
 leading greedy tokens each engine shares with transformers on probe images (bf16 kernels differ,
 so random weights may part after a while; the CPU rehearsal in fp32 must agree fully).
 
+Rows run one after another, each warmed up, checked, timed and printed before the next starts: the
+default engine first, transformers second, then the optional ones. A row that fails (a compile
+error, out of memory) prints its error and the others still run; `--json` is rewritten after every
+row, so a device run cut short by its time limit keeps what it measured. The exit status is 1 when
+a row failed.
+
     python benchmarks/bench_gpu_serving.py --json out.json     # on a GPU (~3-4 min on an H100)
     python benchmarks/bench_gpu_serving.py --tiny              # CPU rehearsal with tiny shapes
 """
@@ -214,6 +220,7 @@ class GpuBench:
         self.ids = prompt_ids(processor, [{"role": "user", "content": "<image>\n" + QUESTION}], 1)
         self.image_size = model.vision_tower.image_size
         self.seed = 0
+        self._reference: dict[tuple[bytes, int], list[int]] = {}  # transformers' greedy tokens per probe
 
     def close(self) -> None:
         for e in self.engines.values():
@@ -304,25 +311,27 @@ class GpuBench:
             res.update(ttft_s=gen[0] - t0, decode_tok_s=(len(gen) - 1) / (gen[-1] - gen[0]))
         return res
 
-    def agreement(self, images: list[Image.Image]) -> dict[str, list[int]]:
-        """Per engine and probe image: how many leading greedy tokens equal transformers'."""
+    def agreement(self, name: str, images: list[Image.Image]) -> list[int]:
+        """Per probe image: how many leading greedy tokens engine `name` shares with transformers."""
         params = SamplingParams(max_new_tokens=self.n)
-        out: dict[str, list[int]] = {name: [] for name in self.engines}
+        out = []
         for image in images:
-            pixels = self.processor.preprocess_images([image]).to(self.device, self.model.vision_tower.dtype)
-            with torch.inference_mode():
-                ref = self.llava.generate(
-                    input_ids=self.ids[None].to(self.device),
-                    pixel_values=pixels,
-                    max_new_tokens=self.n,
-                    do_sample=False,
-                )[0, self.ids.numel() :].tolist()
-            for name, engine in self.engines.items():
-                got = engine.generate(
-                    self.ids, [image], params, cache_prefix=False, ignore_eos=True
-                ).token_ids
-                same = next((i for i, (a, b) in enumerate(zip(got, ref, strict=True)) if a != b), len(ref))
-                out[name].append(same)
+            key = (image.tobytes(), self.n)
+            if key not in self._reference:
+                pixels = self.processor.preprocess_images([image]).to(
+                    self.device, self.model.vision_tower.dtype
+                )
+                with torch.inference_mode():
+                    self._reference[key] = self.llava.generate(
+                        input_ids=self.ids[None].to(self.device),
+                        pixel_values=pixels,
+                        max_new_tokens=self.n,
+                        do_sample=False,
+                    )[0, self.ids.numel() :].tolist()
+            ref = self._reference[key]
+            got = self.engines[name].generate(self.ids, [image], params, cache_prefix=False, ignore_eos=True)
+            pairs = zip(got.token_ids, ref, strict=True)
+            out.append(next((i for i, (a, b) in enumerate(pairs) if a != b), len(ref)))
         return out
 
 
@@ -378,6 +387,11 @@ def profile_report(prof: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> dict:
+    """Every row in turn, the default engine first and transformers second, then the optional
+    engines: each warmed up (short requests: CUDA graphs captured, kernels chosen), checked against
+    transformers' greedy tokens, timed, printed and written to `--json` as soon as it is done. A row
+    that fails (a compile error, out of memory) is reported with its error and the others go on, so
+    a device run cut short by its time limit or by one lever still gives every figure before it."""
     device = torch.device(args.device)
     dtype = torch.float32 if args.tiny else torch.bfloat16
     t = time.perf_counter()
@@ -397,60 +411,8 @@ def run(args: argparse.Namespace) -> dict:
         args.whole_slot,
         args.generic,
     )
-    try:
-        agree = bench.agreement(random_images(2, bench.image_size, 12345))
-        print(f"leading greedy tokens equal to transformers' (of {args.new_tokens}): {agree}", flush=True)
-        names = [*bench.engines, "transformers"]
-        bench.n = min(16, args.new_tokens)  # warm-up, short: CUDA graphs captured, kernels chosen
-        for c in args.concurrency:
-            for name in names:
-                bench.hf_run(c) if name == "transformers" else bench.engine_run(name, c)
-        bench.n = args.new_tokens
-        runs: dict[str, dict[int, list[dict]]] = {name: {} for name in names}
-        peak: dict[str, int | None] = {}
-        for name in names:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            for _ in range(args.repeats):
-                for c in args.concurrency:
-                    res = bench.hf_run(c) if name == "transformers" else bench.engine_run(name, c)
-                    runs[name].setdefault(c, []).append(res)
-            # the other engines' KV pools stay allocated (their CUDA graphs point into them): not this row's
-            others = sum(e.runner.kv_pool_bytes for n, e in bench.engines.items() if n != name)
-            peak[name] = torch.cuda.max_memory_allocated() - others if device.type == "cuda" else None
-            row = runs[name]
-            print(  # each row as it is done: a run cut short by a time limit still tells its figures
-                f"  {name}: TTFT {1e3 * statistics.median(r['ttft_s'] for r in row[1]):.1f} ms, decode b=1 "
-                f"{statistics.median(r['decode_tok_s'] for r in row[1]):.1f} tok/s, aggregate "
-                + ", ".join(f"c={c} {statistics.median(r['agg_tok_s'] for r in row[c]):.1f}" for c in row)
-                + " tok/s",
-                flush=True,
-            )
-        paths = {name: e.runner.decode_path for name, e in bench.engines.items()}
-        slot = bench.engines["seechat"].runner.capacity
-        counters = bench.engines["seechat"].counters
-        prof = profile_decode(bench) if args.profile else None
-        prof_compiled = profile_decode(bench, COMPILED) if args.profile and args.compile else None
-    finally:
-        bench.close()
-
-    def cell(name: str, c: int, key: str) -> dict:
-        xs = [r[key] for r in runs[name][c]]
-        return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
-
-    table = {
-        name: {
-            "ttft_ms": {k: 1000 * v for k, v in cell(name, 1, "ttft_s").items()},
-            "decode_tok_s_b1": cell(name, 1, "decode_tok_s"),
-            "agg_tok_s": {c: cell(name, c, "agg_tok_s") for c in args.concurrency},
-            "peak_memory_gb": None if peak[name] is None else peak[name] / 1e9,
-        }
-        for name in names
-    }
-    limit = None if bandwidth is None else bandwidth / weight_bytes
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    return {
+    res = {
         "card": card,
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "command": " ".join(["python", *sys.argv]),
@@ -462,23 +424,91 @@ def run(args: argparse.Namespace) -> dict:
         "lm_params": sum(p.numel() for p in lm.parameters()),
         "decode_weight_bytes": weight_bytes,
         "copy_bandwidth_gb_s": None if bandwidth is None else bandwidth / 1e9,
-        "bandwidth_limit_tok_s": limit,
+        "bandwidth_limit_tok_s": None if bandwidth is None else bandwidth / weight_bytes,
         "build_s": built_s,
         "new_tokens": args.new_tokens,
         "prompt_tokens": int(bench.ids.numel()),
-        "kv_slot_tokens": slot,
+        "kv_slot_tokens": bench.engines["seechat"].runner.capacity,
         "repeats": args.repeats,
-        "decode_paths": paths,
-        "greedy_tokens_shared": agree,
-        "draft_acceptance": counters["accepted_drafts"] / max(1, counters["draft_tokens"]),
-        "table": table,
-        "profile": prof,
-        "profile_compiled": prof_compiled,
+        "decode_paths": {},
+        "greedy_tokens_shared": {},
+        "draft_acceptance": None,
+        "table": {},
+        "errors": {},
+        "profile": None,
+        "profile_compiled": None,
     }
+    probes = random_images(2, bench.image_size, 12345)
+    try:
+        for name in ["seechat", "transformers", *(n for n in bench.engines if n != "seechat")]:
+            try:
+                measure_row(bench, name, args, probes, res)
+            except Exception as e:  # noqa: BLE001 - one row's failure must not lose the other rows
+                res["errors"][name] = f"{type(e).__name__}: {e}"
+                print(f"  {name}: FAILED, {res['errors'][name]}", flush=True)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            if args.json:
+                Path(args.json).write_text(json.dumps(res, indent=2))
+    finally:
+        bench.close()
+    return res
+
+
+def measure_row(bench: GpuBench, name: str, args: argparse.Namespace, probes: list, res: dict) -> None:
+    """Warm up, check, time (and profile, with --profile) one row; its figures go into `res`."""
+    engine = bench.engines.get(name)
+    bench.n = min(16, args.new_tokens)  # warm-up, short: CUDA graphs captured, kernels chosen
+    for c in args.concurrency:
+        bench.hf_run(c) if engine is None else bench.engine_run(name, c)
+    bench.n = args.new_tokens
+    if engine is not None:
+        res["greedy_tokens_shared"][name] = agree = bench.agreement(name, probes)
+        print(f"  {name}: leading greedy tokens equal to transformers' (of {bench.n}): {agree}", flush=True)
+    if bench.device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    runs: dict[int, list[dict]] = {}
+    for _ in range(args.repeats):
+        for c in args.concurrency:
+            runs.setdefault(c, []).append(bench.hf_run(c) if engine is None else bench.engine_run(name, c))
+    peak = None
+    if (
+        bench.device.type == "cuda"
+    ):  # the other engines' KV pools stay allocated (CUDA graphs point into them)
+        others = sum(e.runner.kv_pool_bytes for n, e in bench.engines.items() if n != name)
+        peak = (torch.cuda.max_memory_allocated() - others) / 1e9
+
+    def cell(c: int, key: str, scale: float = 1.0) -> dict:
+        xs = [scale * r[key] for r in runs[c]]
+        return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
+
+    res["table"][name] = row = {
+        "ttft_ms": cell(1, "ttft_s", 1000.0),
+        "decode_tok_s_b1": cell(1, "decode_tok_s"),
+        "agg_tok_s": {c: cell(c, "agg_tok_s") for c in args.concurrency},
+        "peak_memory_gb": peak,
+    }
+    print(  # each row as it is done: a run cut short by a time limit still tells its figures
+        f"  {name}: TTFT {row['ttft_ms']['median']:.1f} ms, "
+        f"decode b=1 {row['decode_tok_s_b1']['median']:.1f} tok/s, aggregate "
+        + ", ".join(f"c={c} {v['median']:.1f}" for c, v in row["agg_tok_s"].items())
+        + " tok/s",
+        flush=True,
+    )
+    if engine is None:
+        return
+    res["decode_paths"][name] = engine.runner.decode_path
+    if name == "seechat":
+        counters = engine.counters
+        res["draft_acceptance"] = counters["accepted_drafts"] / max(1, counters["draft_tokens"])
+    if args.profile and name in ("seechat", COMPILED):
+        prof = profile_decode(bench, name)
+        res["profile" if name == "seechat" else "profile_compiled"] = prof
+        print(profile_report(prof).splitlines()[0], flush=True)  # the kernel table comes with the report
 
 
 def report(res: dict) -> str:
-    conc = list(next(iter(res["table"].values()))["agg_tok_s"])
     lines = [
         f"card: {res['card']}; torch {res['torch']}, transformers {res['transformers']}; {res['date']}",
         f"model: {res['model']} ({res['lm_params'] / 1e9:.2f} B LM parameters); "
@@ -486,37 +516,48 @@ def report(res: dict) -> str:
         f"{res.get('kv_slot_tokens')} tokens; "
         f"median (min-max) of {res['repeats']}; decode paths {res['decode_paths']}",
     ]
-    if res["bandwidth_limit_tok_s"]:
+    limit = res["bandwidth_limit_tok_s"]
+    if limit:
         lines.append(
             f"copy bandwidth {res['copy_bandwidth_gb_s']:.0f} GB/s (read + written); decode reads "
             f"{res['decode_weight_bytes'] / 1e9:.2f} GB of weights per step -> bandwidth limit "
-            f"{res['bandwidth_limit_tok_s']:.1f} tok/s at batch 1"
+            f"{limit:.1f} tok/s at batch 1"
         )
-    lines.append(
-        "| | TTFT ms | decode tok/s (b=1) | "
-        + " | ".join(f"agg tok/s c={c}" for c in conc)
-        + " | peak memory GB |"
-    )
-    lines.append("|---|---|---|" + "---|" * len(conc) + "---|")
+    table = res["table"]
+    conc = list(next(iter(table.values()))["agg_tok_s"]) if table else []
+    if table:
+        lines.append(
+            "| | TTFT ms | decode tok/s (b=1) | "
+            + " | ".join(f"agg tok/s c={c}" for c in conc)
+            + " | peak memory GB |"
+        )
+        lines.append("|---|---|---|" + "---|" * len(conc) + "---|")
 
     def fmt(c: dict) -> str:
         return f"{c['median']:.1f} ({c['min']:.1f}-{c['max']:.1f})"
 
-    for name, row in res["table"].items():
+    for name, row in table.items():
         mem = "-" if row["peak_memory_gb"] is None else f"{row['peak_memory_gb']:.1f}"
         lines.append(
             f"| {name} | {fmt(row['ttft_ms'])} | {fmt(row['decode_tok_s_b1'])} | "
             + " | ".join(fmt(row["agg_tok_s"][c]) for c in conc)
             + f" | {mem} |"
         )
-    ours, hf = res["table"]["seechat"], res["table"]["transformers"]
-    line = "seechat vs transformers: decode b=1 {:.2f}x, ".format(
-        ours["decode_tok_s_b1"]["median"] / hf["decode_tok_s_b1"]["median"]
-    ) + ", ".join(f"c={c} {ours['agg_tok_s'][c]['median'] / hf['agg_tok_s'][c]['median']:.2f}x" for c in conc)
-    if res["bandwidth_limit_tok_s"]:
-        share = ours["decode_tok_s_b1"]["median"] / res["bandwidth_limit_tok_s"]
-        line += f"; batch-1 decode at {share:.0%} of the bandwidth limit"
-    lines.append(line)
+    for name, error in res.get("errors", {}).items():
+        lines.append(f"{name}: FAILED, {error}")
+    if "seechat" in table and "transformers" in table:
+        ours, hf = table["seechat"], table["transformers"]
+        b1 = ours["decode_tok_s_b1"]["median"] / hf["decode_tok_s_b1"]["median"]
+        agg = {c: ours["agg_tok_s"][c]["median"] / hf["agg_tok_s"][c]["median"] for c in conc}
+        lines.append(
+            f"seechat vs transformers: decode b=1 {b1:.2f}x, "
+            + ", ".join(f"c={c} {x:.2f}x" for c, x in agg.items())
+        )
+    if limit:
+        lines.append(
+            "batch-1 decode as a share of the bandwidth limit: "
+            + ", ".join(f"{n} {row['decode_tok_s_b1']['median'] / limit:.0%}" for n, row in table.items())
+        )
     lines.append(f"leading greedy tokens shared with transformers: {res['greedy_tokens_shared']}")
     if res.get("profile"):
         lines.append(profile_report(res["profile"]))
@@ -567,9 +608,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--concurrency must include 1 (TTFT and batch-1 decode)")
     res = run(args)
     print(report(res), flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=2))
-    return 0
+    return 1 if res["errors"] else 0  # the figures of the rows that ran are printed and written all the same
 
 
 if __name__ == "__main__":

@@ -402,6 +402,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     }
     print(json.dumps(info), flush=True)
     rows: list[dict] = []
+
+    def save(rows: list[dict]) -> None:  # after every stage: a run cut short by a time limit keeps its rows
+        if args.json:
+            Path(args.json).write_text(json.dumps({"info": info, "rows": rows}, indent=1))
+
     stages = {s.strip() for s in args.stages.split(",")}
     if "1" in stages:
         rows += run_stage(
@@ -416,6 +421,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             lambda t: 2 * n_v * p + 4 * n_lm * t,
             llava=llava,
         )
+        save(rows)
     if "2" in stages:
         text_range = tuple(int(x) for x in args.s2_text_range.split(",")) if args.s2_text_range else None
         for i, free in enumerate(bool(int(x)) for x in args.s2_padding_free.split(",")):
@@ -434,9 +440,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     free,
                     llava=llava if i == 0 else None,  # the peer pads: once, with the first layout
                 )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"info": info, "rows": rows}, f, indent=1)
+                save(rows)
+    save(rows)
     return rows
 
 

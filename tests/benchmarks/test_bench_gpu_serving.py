@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 
-from benchmarks.bench_gpu_serving import main
+from benchmarks import bench_gpu_serving
+from benchmarks.bench_gpu_serving import COMPILED, WHOLE_SLOT, main
 
 
 def test_tiny_rehearsal_runs_and_both_sides_agree(tmp_path):
@@ -33,6 +34,28 @@ def test_tiny_rehearsal_runs_and_both_sides_agree(tmp_path):
     assert prof["top"] and all(r["seconds"] > 0 and r["calls"] > 0 for r in prof["top"])
     assert prof["launches"] >= sum(r["calls"] for r in prof["top"]) and prof["launches_per_token"] > 0
     assert res["profile_compiled"]["engine"] == "seechat, compiled static step"
+
+
+def test_a_failing_row_is_reported_and_the_other_rows_still_run(tmp_path, monkeypatch):
+    """Device time is scarce: one lever that breaks on the card (here the compiled step's requests
+    raise) costs its own row, not the run. The rows before and after it are timed, printed and in
+    the JSON, the failure is named, and the exit status says a row failed."""
+    real = bench_gpu_serving.GpuBench.engine_run
+
+    def engine_run(self, name, concurrency):
+        if name == COMPILED:
+            raise RuntimeError("inductor failed")
+        return real(self, name, concurrency)
+
+    monkeypatch.setattr(bench_gpu_serving.GpuBench, "engine_run", engine_run)
+    out = tmp_path / "res.json"
+    args = ["--tiny", "--new-tokens", "6", "--repeats", "1", "--concurrency", "1", "--json", str(out)]
+    assert main([*args, "--compile", "--whole-slot"]) == 1
+    res = json.loads(out.read_text())
+    assert set(res["table"]) == {"seechat", "transformers", WHOLE_SLOT}  # the row after the failure ran
+    assert res["errors"] == {COMPILED: "RuntimeError: inductor failed"}
+    assert COMPILED not in res["decode_paths"] and res["greedy_tokens_shared"]["seechat"] == [6, 6]
+    assert "FAILED, RuntimeError: inductor failed" in bench_gpu_serving.report(res)
 
 
 def test_full_size_tokenizer_streams_every_id_the_lm_can_sample():
