@@ -446,6 +446,8 @@ def run(args: argparse.Namespace) -> dict:
             except Exception as e:  # noqa: BLE001 - one row's failure must not lose the other rows
                 res["errors"][name] = f"{type(e).__name__}: {e}"
                 print(f"  {name}: FAILED, {res['errors'][name]}", flush=True)
+                if name in bench.engines:  # its KV pool and graphs go: the next rows get the memory back
+                    bench.engines.pop(name).close()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
             if args.json:
@@ -473,9 +475,8 @@ def measure_row(bench: GpuBench, name: str, args: argparse.Namespace, probes: li
         for c in args.concurrency:
             runs.setdefault(c, []).append(bench.hf_run(c) if engine is None else bench.engine_run(name, c))
     peak = None
-    if (
-        bench.device.type == "cuda"
-    ):  # the other engines' KV pools stay allocated (CUDA graphs point into them)
+    if bench.device.type == "cuda":
+        # the other engines' KV pools stay allocated (their CUDA graphs point into them): not this row's
         others = sum(e.runner.kv_pool_bytes for n, e in bench.engines.items() if n != name)
         peak = (torch.cuda.max_memory_allocated() - others) / 1e9
 
