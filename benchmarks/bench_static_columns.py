@@ -44,7 +44,7 @@ def slot_pool(lm, batch: int, context: int, capacity: int, slots: int) -> SlotKV
         torch.ones(batch, context, dtype=torch.bool, device=device),
         torch.full((batch,), context, device=device),
     )
-    kv = SlotKV(slots, capacity, filled)
+    kv = SlotKV.like(slots, capacity, filled)
     kv.merge(filled)
     return kv
 

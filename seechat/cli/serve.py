@@ -134,7 +134,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--compile-decode",
         action="store_true",
         help="run the static (GPU) decode step's layers through torch.compile inside its CUDA graphs; "
-        "compiles at the first requests of each batch size (not yet measured to help: off by default)",
+        "compiles at start, in the warm-up (not yet measured to help: off by default)",
     )
     parser.add_argument("--log-level", default="info")
 
@@ -196,6 +196,9 @@ def run(args: argparse.Namespace) -> int:
         image_decoders=args.image_decoders,
         body_timeout_s=args.body_timeout,
     )
+    engine.start()  # before serving: on a GPU the warm-up allocates the KV pool and captures the graphs
+    if engine.warm_up_report:
+        print(f"seechat serve: {engine.warm_up_report}", flush=True)
     if args.host not in LOOPBACK_HOSTS and not keys:
         print(
             f"warning: binding {args.host} without an API key: "

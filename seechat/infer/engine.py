@@ -125,6 +125,7 @@ class EngineConfig:
     compile_decode: bool = False  # torch.compile the static step's layers (static_decode.StaticDecoder)
     speculative_tokens: int = 4  # n-gram drafts per verify step, lone request, while it pays; 0 = off
     draft_history_tokens: int = 65536  # earlier replies' tokens drafts come from, per cache scope; 0 = none
+    warm_up: bool = True  # static path: KV pool and CUDA graphs (or the compile) at start, not at requests
 
 
 class RequestError(ValueError):
@@ -231,14 +232,27 @@ class Engine:
         self._closing = False
         self._thread: threading.Thread | None = None
         self.step_seconds: dict[str, float | None] = {"plain": None, "verify": None}  # batch-1 averages
+        self.warm_up_report = ""  # what `start` warmed up (the static path), for the log
 
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> Engine:
+        """Start the scheduler thread; first, on the static decode path (`warm_up`), allocate its KV
+        pool and capture every decode graph the config can need (`ModelRunner.warm_up`)."""
         if self._thread is None:
+            if self.config.warm_up:
+                self.warm_up_report = self.runner.warm_up(self.decode_shapes())
+                if self.warm_up_report:
+                    log.info(self.warm_up_report)
             self._thread = threading.Thread(target=self._loop, name="seechat-engine", daemon=True)
             self._thread.start()
         return self
+
+    def decode_shapes(self) -> list[tuple[int, int]]:
+        """(most rows, new tokens) of every decode step this engine can run: one token for up to
+        `max_batch_size` rows, and a lone request's verify steps of 1 + 1..`speculative_tokens`."""
+        k = self.config.speculative_tokens
+        return [(self.config.max_batch_size, 1), *((1, 1 + d) for d in range(1, k + 1))]
 
     @property
     def alive(self) -> bool:

@@ -232,13 +232,27 @@ class SlotKV:
     `select`, `merge` (of a prefilled `BatchKV`) and `row`.
     """
 
-    def __init__(self, slots: int, capacity: int, like: BatchKV):
-        k0 = like.keys[0]
-        shape = (slots, k0.shape[1], capacity, k0.shape[3])
-        self.keys = [k0.new_zeros(shape) for _ in like.keys]
-        self.values = [k0.new_zeros(shape) for _ in like.values]
-        self.next_pos = torch.zeros(slots, dtype=torch.long, device=k0.device)  # (slots,) step input
+    def __init__(
+        self,
+        slots: int,
+        capacity: int,
+        layers: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ):
+        shape = (slots, kv_heads, capacity, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.next_pos = torch.zeros(slots, dtype=torch.long, device=device)  # (slots,) step input
         self.lens: list[int] = []  # host copy of next_pos[:batch_size]: no device reads to schedule
+
+    @classmethod
+    def like(cls, slots: int, capacity: int, kv: BatchKV) -> SlotKV:
+        """An empty pool whose layers, heads, head size, dtype and device are `kv`'s."""
+        k0 = kv.keys[0]
+        return cls(slots, capacity, len(kv.keys), k0.shape[1], k0.shape[3], k0.dtype, k0.device)
 
     @property
     def slots(self) -> int:

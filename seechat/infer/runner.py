@@ -25,6 +25,7 @@ The runner knows tensors and token ids, not requests or chat; `seechat.infer.eng
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -266,8 +267,8 @@ class ModelRunner:
 
     @property
     def kv_pool_bytes(self) -> int:
-        """Bytes of the static path's KV slot pool: allocated at the first request and kept for the
-        runner's life (0 before that, or without the static path)."""
+        """Bytes of the static path's KV slot pool: allocated by `warm_up` or at the first request,
+        and kept for the runner's life (0 before that, or without the static path)."""
         return 0 if self._slot_kv is None else self._slot_kv.nbytes()
 
     def max_positions(self) -> int:
@@ -279,13 +280,46 @@ class ModelRunner:
             n = min(n, int(window))  # within the window, sliding attention equals full attention
         return min(n, self.capacity) if self.capacity else n
 
+    def warm_up(self, steps: list[tuple[int, int]]) -> str:
+        """Static path, before the first request: allocate the KV slot pool now (so a pool too large
+        for the device fails at start, not at a request) and capture the CUDA graphs (or compile
+        the step) for steps of up to b rows of n new tokens, each (b, n) in `steps`
+        (`StaticDecoder.warm_up`). -> what was done, for the log; "" without the static path."""
+        if self.static is None:
+            return ""
+        t0 = time.perf_counter()
+        cuda = self.device.type == "cuda"
+        reserved = torch.cuda.memory_reserved(self.device) if cuda else 0
+        if self._slot_kv is None:
+            s = self.static
+            self._slot_kv = SlotKV(
+                self.slots,
+                self.capacity,
+                len(s.weights),
+                s.n_kv,
+                s.head_dim,
+                s.embed.weight.dtype,
+                self.device,
+            )
+        pool = self._slot_kv.nbytes()
+        with torch.inference_mode():
+            graphs = self.static.warm_up(self._slot_kv, steps)
+        self._slot_kv.clear()
+        held = (torch.cuda.memory_reserved(self.device) - reserved - pool) if cuda else 0
+        return (
+            f"static decode warmed up in {time.perf_counter() - t0:.1f} s: KV pool {pool / 1e9:.2f} GB "
+            f"({self.slots} slots x {self.capacity} tokens)"
+            + (f", {graphs} CUDA graphs ({max(0, held) / 1e9:.2f} GB)" if self.static.graphs else "")
+            + (", step compiled" if self.static.compiled else "")
+        )
+
     def adopt(self, kv: BatchKV) -> BatchKV | SlotKV:
         """The running batch's KV for a freshly prefilled `kv`: itself, or (static path) the slot
         pool holding its rows."""
         if self.static is None:
             return kv
         if self._slot_kv is None:
-            self._slot_kv = SlotKV(self.slots, self.capacity, kv)
+            self._slot_kv = SlotKV.like(self.slots, self.capacity, kv)
         self._slot_kv.clear()
         self._slot_kv.merge(kv)
         return self._slot_kv

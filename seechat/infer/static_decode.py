@@ -185,15 +185,73 @@ class StaticDecoder:
         need = kv.length + n
         return min(kv.capacity, max(self.min_columns, 1 << (need - 1).bit_length()))
 
+    def column_buckets(self, capacity: int) -> list[int]:
+        """Every width `columns` can give in a slot of `capacity` tokens."""
+        widths, w = [], self.min_columns
+        while w < capacity:
+            widths.append(w)
+            w *= 2
+        return [*widths, capacity]
+
+    @staticmethod
+    def batch_bucket(b: int, slots: int) -> int:
+        """The graph a batch of `b` rows runs: the next power of two, at most the pool's slots."""
+        return min(1 << (b - 1).bit_length(), slots)
+
+    def graph_keys(self, kv: SlotKV, steps: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
+        """The (batch bucket, new tokens, column bucket) of every graph that steps of up to `b` rows
+        and `n` new tokens, for each (b, n) in `steps`, can run, at any row length."""
+        keys = {
+            (self.batch_bucket(b, kv.slots), n, w)
+            for most, n in steps
+            for b in range(1, most + 1)
+            for w in self.column_buckets(kv.capacity)
+        }
+        return sorted(keys)
+
+    def warm_up(self, kv: SlotKV, steps: list[tuple[int, int]]) -> int:
+        """Before any request: capture every graph that `steps` (see `graph_keys`) can need (on
+        CUDA), or compile the step for their shapes (compiled, on a CPU), so that no request pays
+        for a capture or a compile, and the engine's step timings, which decide speculation, are
+        the steps' own. `kv` must be empty: the captures write keys and values into its columns.
+        A capture that fails leaves the step eager, as a failed capture at a request does.
+        -> graphs captured."""
+        if kv.batch_size:
+            raise RuntimeError("warm_up needs an empty KV pool: it writes into the slots' columns")
+        keys = self.graph_keys(kv, steps)
+        device = kv.next_pos.device
+        if not self.graphs:
+            if self.compiled:  # one step per (batch bucket, n): the shapes the compiler sees (not the width)
+                for b, n in sorted({(b, n) for b, n, _ in keys}):
+                    tokens = torch.zeros((b, n), dtype=torch.long, device=device)
+                    self._forward_or_eager(tokens, kv, b, keys[0][2])
+            return 0
+        self._buffer(kv, max(n for _, n, _ in keys), device)
+        for key in keys:
+            if key in self._graphs:
+                continue
+            try:
+                self._graphs[key] = self._capture(kv, *key)
+            except RuntimeError as e:
+                log.warning("CUDA graph capture failed (%s); the static decode step runs eagerly", e)
+                self.graphs = False
+                torch.cuda.synchronize()
+                break
+        return len(self._graphs)
+
+    def _buffer(self, kv: SlotKV, n: int, device: torch.device) -> None:
+        """The graphs' input buffer, at least `n` tokens wide (a wider one drops every graph)."""
+        if self._tokens is None or self._tokens.shape[1] < n:
+            self._tokens = torch.zeros((kv.slots, max(n, 8)), dtype=torch.long, device=device)
+            self._graphs.clear()  # captured on the old buffer
+
     def __call__(self, tokens: torch.Tensor, kv: SlotKV) -> torch.Tensor:
         b, n = tokens.shape
         width = self.columns(kv, n)
         if not self.graphs:
             return self._forward_or_eager(tokens, kv, b, width)
-        bucket = min(1 << (b - 1).bit_length(), kv.slots)
-        if self._tokens is None or self._tokens.shape[1] < n:
-            self._tokens = torch.zeros((kv.slots, max(n, 8)), dtype=torch.long, device=tokens.device)
-            self._graphs.clear()  # captured on the old buffer
+        bucket = self.batch_bucket(b, kv.slots)
+        self._buffer(kv, n, tokens.device)
         self._tokens[:b, :n] = tokens
         key = (bucket, n, width)
         if key not in self._graphs:

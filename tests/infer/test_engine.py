@@ -292,6 +292,7 @@ def test_static_decode_gives_the_plain_greedy_tokens(tiny, speculative_tokens):
     )
     with Engine(model, processor, config) as static:
         assert static.runner.decode_path == "static"
+        assert static.runner.kv_pool_bytes > 0  # allocated by the start's warm-up, before any request
         static.runner.static.min_columns = 16  # attention over column buckets of 32-128 (rows of 30-90)
         alone = [static.generate(ids, im, long, cache_prefix=False).token_ids for ids, im in prompts]
         assert alone == want

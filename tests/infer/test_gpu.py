@@ -64,6 +64,27 @@ def test_cuda_graph_decode_gives_the_plain_greedy_tokens(tiny_ckpt, dtype):
         assert len({b for b, _, _ in keys}) >= 2 and len({w for _, _, w in keys}) >= 2
 
 
+def test_start_captures_every_graph_the_engine_then_uses(tiny_ckpt):
+    """`Engine.start` warms up: before any request it captures every graph its decode steps can need
+    (batch buckets up to max_batch_size, each column bucket, a lone request's verify steps). Serving
+    alone, with speculation, and concurrently then captures nothing more, and the greedy tokens are
+    the plain path's (fp32)."""
+    model, processor = load(tiny_ckpt["qwen2"], device="cuda")
+    prompts = _prompts(processor)
+    engine = Engine(model, processor, EngineConfig(max_batch_size=4, max_model_len=256))
+    static = engine.runner.static
+    static.min_columns = 16  # several column buckets for rows of 30-70 tokens
+    with engine:
+        warmed = set(static._graphs)
+        assert warmed == set(static.graph_keys(engine.runner._slot_kv, engine.decode_shapes()))
+        assert engine.runner.kv_pool_bytes > 0 and static.graphs
+        alone = [engine.generate(ids, im, LONG, cache_prefix=False).token_ids for ids, im in prompts]
+        results = generate_concurrently(engine, [(*prompts[j], LONG) for j in range(6)])
+        assert set(static._graphs) == warmed  # nothing captured at a request
+        assert engine.counters["max_running"] > 1
+    assert alone == _plain(model, processor, prompts) and results == alone[:6]
+
+
 def test_compiled_static_decode_gives_the_plain_greedy_tokens(tiny_ckpt):
     """The static step's layers through torch.compile (Triton kernels inside the CUDA graphs): in
     fp32 the greedy tokens of the plain path, alone and with rows of several batch buckets."""

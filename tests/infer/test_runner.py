@@ -164,6 +164,64 @@ def test_static_decode_matches_full_forward(fixture, compiled, request):
     assert min(widths) < 128 and len(set(widths)) >= 2, widths  # narrower than the slot, a bucket crossed
 
 
+def test_graph_keys_cover_every_step_the_engine_can_run(tiny):
+    """`warm_up` captures `graph_keys`: they must be exactly the graphs that steps of 1..6 rows of one
+    token, and a lone row's verify steps of 2 and 3 tokens, can ask for at any row length (a pool of
+    6 slots, not a power of two; a slot of 200 columns, not one either)."""
+    model, processor = tiny
+    runner = ModelRunner(model, processor.tokenizer.pad_token_id, static_decode="on", slots=6, capacity=200)
+    static = runner.static
+    static.min_columns = 16
+    lm = model.language_model
+    cfg = lm.config
+    kv = SlotKV(6, 200, cfg.num_hidden_layers, cfg.num_key_value_heads, 8, lm.dtype, lm.device)
+    steps = [(6, 1), (1, 2), (1, 3)]
+    keys = static.graph_keys(kv, steps)
+    assert static.column_buckets(200) == [16, 32, 64, 128, 200]
+    reached = set()
+    for most, n in steps:
+        for b in range(1, most + 1):
+            for length in range(1, 200 - n + 1):
+                kv.lens = [length] * b
+                reached.add((static.batch_bucket(b, 6), n, static.columns(kv, n)))
+    assert set(keys) == reached and len(keys) == len(set(keys))
+    assert {b for b, n, _ in keys if n == 1} == {1, 2, 4, 6}
+
+
+@torch.inference_mode()
+def test_warm_up_allocates_the_pool_and_compiles_before_any_request(tiny):
+    """`ModelRunner.warm_up` (what `Engine.start` runs): the KV pool exists before the first request,
+    and a compiled step has compiled for the engine's step shapes, so rows of any batch size and a
+    verify step then compile nothing (on a GPU it captures the graphs: tests/infer/test_gpu.py)."""
+    from torch._dynamo.utils import counters
+
+    model, processor = tiny
+    pad = processor.tokenizer.pad_token_id
+    plain = ModelRunner(model, pad, static_decode="on", slots=4, capacity=128)
+    assert plain.warm_up([(4, 1)]).startswith("static decode warmed up in")
+    assert plain.kv_pool_bytes > 0 and plain._slot_kv.batch_size == 0
+    torch._dynamo.reset()
+    runner = ModelRunner(model, pad, static_decode="on", slots=4, capacity=128, compile_decode=True)
+    done = runner.warm_up([(4, 1), (1, 2), (1, 3)])
+    assert "KV pool" in done and "step compiled" in done and runner.kv_pool_bytes > 0
+    compiled = counters["stats"]["unique_graphs"]
+    assert compiled > 0
+    ids, feats = _rows(model, processor, 4)
+    logits, first = runner.prefill([PrefillRow(ids[0], None, feats[0])])
+    kv = runner.adopt(first)
+    runner.step(torch.tensor([[int(logits.argmax()), 7, 9]]), kv)  # a verify step of 3 tokens
+    kv.advance(1, 3)
+    more_logits, more = runner.prefill(
+        [PrefillRow(i, None, f) for i, f in zip(ids[1:], feats[1:], strict=True)]
+    )
+    kv.merge(more)
+    for b in (4, 3, 2):
+        kv.select(list(range(b)))
+        runner.decode(torch.full((b,), 5), kv)
+    assert counters["stats"]["unique_graphs"] == compiled  # nothing compiled at a request
+    assert runner.decode_path == "static+compiled"
+
+
 VIEW_OPS = {  # aten ops that launch no kernel
     *("view", "_unsafe_view", "reshape", "transpose", "t", "permute", "expand", "slice", "select"),
     *("unsqueeze", "squeeze", "as_strided", "alias", "detach", "split", "split_with_sizes", "chunk"),
@@ -180,7 +238,8 @@ def _kernel_ops(layers: int) -> Counter:
     )  # fmt: skip
     lm = AutoModelForCausalLM.from_config(cfg).eval().to(torch.bfloat16)
     k = [torch.zeros(1, 2, 4, 16, dtype=torch.bfloat16) for _ in range(layers)]
-    kv = SlotKV(1, 64, BatchKV([(x, x) for x in k], torch.ones(1, 4, dtype=torch.bool), torch.tensor([4])))
+    prefilled = BatchKV([(x, x) for x in k], torch.ones(1, 4, dtype=torch.bool), torch.tensor([4]))
+    kv = SlotKV.like(1, 64, prefilled)
     step = StaticDecoder(lm, 64, graphs=False)
     step.rms = _fused_rms
     with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
