@@ -222,6 +222,25 @@ def test_warm_up_allocates_the_pool_and_compiles_before_any_request(tiny):
     assert runner.decode_path == "static+compiled"
 
 
+def test_a_kv_pool_too_large_for_the_device_is_a_clear_error_at_warm_up(tiny, monkeypatch):
+    """The pool is allocated at start: running out of device memory then says which pool and what to
+    lower, not a bare allocator message at a user's first request."""
+    from seechat.infer import runner as runner_module
+
+    def no_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 7.50 GiB")
+
+    model, processor = tiny
+    runner = ModelRunner(model, processor.tokenizer.pad_token_id, static_decode="on", slots=32, capacity=4096)
+    monkeypatch.setattr(runner_module, "SlotKV", no_memory)
+    cfg = model.language_model.config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    itemsize = model.language_model.dtype.itemsize
+    need = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * itemsize * 32 * 4096
+    with pytest.raises(RuntimeError, match=rf"32 slots x 4096 tokens = {need / 1e9:.2f} GB.*--max-model-len"):
+        runner.warm_up([(32, 1)])
+
+
 VIEW_OPS = {  # aten ops that launch no kernel
     *("view", "_unsafe_view", "reshape", "transpose", "t", "permute", "expand", "slice", "select"),
     *("unsqueeze", "squeeze", "as_strided", "alias", "detach", "split", "split_with_sizes", "chunk"),
