@@ -25,7 +25,9 @@
 #          static step (`EngineConfig.compile_decode`) timed and profiled beside the default,
 #          and the static step attending over its whole KV slot (before column buckets) timed,
 #          all with the engine's default KV slot (4096 tokens); the generic path is left out
-#          (measured before) -> OUT/serving.json.
+#          (measured before). Each row starts its engine (the warm-up: KV pool, CUDA graphs,
+#          compiling; its time is reported), runs, and is written before the next; a failing
+#          row does not stop the others -> OUT/serving.json.
 # train:   the training-step benchmark at the reference shapes (issue 16 item 2's baseline), stage 2
 #          with activation checkpointing on every layer, every 2nd, every 4th and none
 #          (`train.checkpoint_every`: recompute is not counted as model FLOPs, so it costs MFU);
