@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 from seechat.infer.engine import EngineConfig
@@ -196,7 +197,11 @@ def run(args: argparse.Namespace) -> int:
         image_decoders=args.image_decoders,
         body_timeout_s=args.body_timeout,
     )
-    engine.start()  # before serving: on a GPU the warm-up allocates the KV pool and captures the graphs
+    try:  # before serving: on a GPU the warm-up allocates the KV pool and captures the graphs
+        engine.start()
+    except RuntimeError as e:  # a KV pool too large for the device says which flags size it
+        print(f"seechat serve: {e}", file=sys.stderr)
+        return 1
     if engine.warm_up_report:
         print(f"seechat serve: {engine.warm_up_report}", flush=True)
     if args.host not in LOOPBACK_HOSTS and not keys:
