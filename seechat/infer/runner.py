@@ -312,7 +312,11 @@ class ModelRunner:
         return (
             f"static decode warmed up in {time.perf_counter() - t0:.1f} s: KV pool {pool / 1e9:.2f} GB "
             f"({self.slots} slots x {self.capacity} tokens)"
-            + (f", {graphs} CUDA graphs ({max(0, held) / 1e9:.2f} GB)" if self.static.graphs else "")
+            + (
+                f", {graphs} CUDA graphs (+{max(0, held) / 1e9:.2f} GB reserved)"
+                if self.static.graphs
+                else ""
+            )
             + (", step compiled" if self.static.compiled else "")
         )
 

@@ -228,16 +228,21 @@ class StaticDecoder:
             return 0
         self._buffer(kv, max(n for _, n, _ in keys), device)
         for key in keys:
-            if key in self._graphs:
-                continue
-            try:
-                self._graphs[key] = self._capture(kv, *key)
-            except RuntimeError as e:
-                log.warning("CUDA graph capture failed (%s); the static decode step runs eagerly", e)
-                self.graphs = False
-                torch.cuda.synchronize()
+            if key not in self._graphs and not self._try_capture(kv, key):
                 break
         return len(self._graphs)
+
+    def _try_capture(self, kv: SlotKV, key: tuple[int, int, int]) -> bool:
+        """Capture the graph of `key`; if a kernel cannot be captured, warn and leave the step eager
+        from now on (correct, slower). -> whether it was captured."""
+        try:
+            self._graphs[key] = self._capture(kv, *key)
+            return True
+        except RuntimeError as e:
+            log.warning("CUDA graph capture failed (%s); the static decode step runs eagerly", e)
+            self.graphs = False
+            torch.cuda.synchronize()
+            return False
 
     def _buffer(self, kv: SlotKV, n: int, device: torch.device) -> None:
         """The graphs' input buffer, at least `n` tokens wide (a wider one drops every graph)."""
@@ -254,14 +259,8 @@ class StaticDecoder:
         self._buffer(kv, n, tokens.device)
         self._tokens[:b, :n] = tokens
         key = (bucket, n, width)
-        if key not in self._graphs:
-            try:
-                self._graphs[key] = self._capture(kv, bucket, n, width)
-            except RuntimeError as e:  # a kernel that cannot be captured: stay correct, run eagerly
-                log.warning("CUDA graph capture failed (%s); the static decode step runs eagerly", e)
-                self.graphs = False
-                torch.cuda.synchronize()
-                return self._forward_or_eager(tokens, kv, b, width)
+        if key not in self._graphs and not self._try_capture(kv, key):
+            return self._forward_or_eager(tokens, kv, b, width)
         graph, out = self._graphs[key]
         graph.replay()
         return out[:b]
