@@ -4,8 +4,8 @@ A decode step of a 7B model on a GPU should take about the time it takes to read
 once (bandwidth-bound); run eagerly, its ~20 kernel launches per layer cost more than that. This
 step has only shapes that depend on the batch bucket, the number of new tokens and the column
 bucket — the KV pool (`SlotKV`) never moves, positions and the write columns come from a device
-tensor — so on CUDA one graph per (batch bucket, new tokens, column bucket) is captured the first
-time it is needed and replayed after. A batch of b rows runs the graph of the next power of two;
+tensor — so on CUDA one graph per (batch bucket, new tokens, column bucket) is captured, all of
+them before the first request when the engine starts (`warm_up`), and replayed after. A batch of b rows runs the graph of the next power of two;
 the extra slots are free and step harmlessly. Attention reads the slots' first W columns, W the
 longest row's length after the step rounded up to a power of two (at least `min_columns`, at most
 the slot), and masks those past each row's end: a 700-token conversation in a 4096-token slot
@@ -118,6 +118,10 @@ def fuse_projections(linears: list[torch.nn.Linear]) -> tuple[torch.Tensor, torc
     has_bias = [lin.bias is not None for lin in linears]
     if any(has_bias) and not all(has_bias):
         raise ValueError("cannot fuse projections where only some have a bias")
+    weight = _adjacent_rows([lin.weight for lin in linears])
+    bias = _adjacent_rows([lin.bias for lin in linears]) if all(has_bias) else None
+    if weight is not None and (bias is not None or not all(has_bias)):
+        return weight, bias  # fused before (another engine on this model): the same storage again
     # ordinary tensors even when an engine is built under inference_mode: the parameters stay
     # usable for anything else the model does (a later backward, for one)
     with torch.inference_mode(False), torch.no_grad():
@@ -132,6 +136,22 @@ def fuse_projections(linears: list[torch.nn.Linear]) -> tuple[torch.Tensor, torc
             lin.bias.data = fused[1][start : start + rows]
         start += rows
     return fused[0], fused[1] if len(fused) > 1 else None
+
+
+def _adjacent_rows(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """The one tensor whose consecutive row blocks `tensors` are (contiguous, one storage, in order,
+    end to end), as `fuse_projections` leaves them; None when they are not."""
+    first = tensors[0]
+    offset = first.storage_offset()
+    for t in tensors:
+        same = t.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+        if not (
+            same and t.is_contiguous() and t.shape[1:] == first.shape[1:] and t.storage_offset() == offset
+        ):
+            return None
+        offset += t.numel()
+    rows = sum(t.shape[0] for t in tensors)
+    return first.detach().as_strided((rows, *first.shape[1:]), first.stride(), first.storage_offset())
 
 
 class StaticDecoder:

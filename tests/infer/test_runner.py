@@ -323,8 +323,9 @@ def test_rope_equals_the_transformers_rotary_embedding_exactly(dtype):
 
 def test_fused_projections_reuse_the_weights_and_leave_the_model_as_it_was(tiny_llama, tmp_path):
     """The static step's fused Q/K/V and gate/up matrices are the modules' own storage (no second
-    copy); the model computes, saves and reloads exactly as before (Llama: no biases; Qwen2, with
-    Q/K/V biases, through test_static_decode_matches_full_forward)."""
+    copy, also when a second engine fuses them again); the model computes, saves and reloads
+    exactly as before (Llama: no biases; Qwen2, with Q/K/V biases, below and through
+    test_static_decode_matches_full_forward)."""
     model, _ = tiny_llama
     lm = model.language_model
     ids = torch.arange(3, 40)[None]
@@ -338,12 +339,29 @@ def test_fused_projections_reuse_the_weights_and_leave_the_model_as_it_was(tiny_
     assert attn.q_proj.weight.data_ptr() == qkv.data_ptr()
     assert attn.v_proj.weight.untyped_storage().data_ptr() == qkv.untyped_storage().data_ptr()
     assert mlp.up_proj.weight.untyped_storage().data_ptr() == gate_up.untyped_storage().data_ptr()
+    # a second engine on the same model fuses again: the same storage, no third copy of the weights
+    again_qkv, again_bias = fuse_projections(projections)
+    assert again_bias is None and again_qkv.data_ptr() == qkv.data_ptr() and torch.equal(again_qkv, qkv)
+    assert attn.v_proj.weight.untyped_storage().data_ptr() == qkv.untyped_storage().data_ptr()
     with torch.no_grad():
         torch.testing.assert_close(lm(input_ids=ids).logits, before, rtol=0, atol=0)
     lm.save_pretrained(tmp_path / "lm")
     again = type(lm).from_pretrained(tmp_path / "lm")
     for (name, p), (_, q) in zip(lm.named_parameters(), again.named_parameters(), strict=True):
         assert torch.equal(p, q), name
+
+
+def test_refusing_projections_with_biases_reuses_the_fused_storage(tiny):
+    """Qwen2's Q/K/V have biases: fused twice (two engines on one model), weights and biases each
+    stay one storage with the same values."""
+    model, processor = tiny
+    attn = model.language_model.get_decoder().layers[0].self_attn
+    first = fuse_projections([attn.q_proj, attn.k_proj, attn.v_proj])
+    second = fuse_projections([attn.q_proj, attn.k_proj, attn.v_proj])
+    assert first[1] is not None
+    for a, b in zip(first, second, strict=True):
+        assert a.data_ptr() == b.data_ptr() and a.shape == b.shape and torch.equal(a, b)
+    assert attn.k_proj.bias.untyped_storage().data_ptr() == first[1].untyped_storage().data_ptr()
 
 
 def test_fusing_projections_where_only_some_have_a_bias_is_refused():
