@@ -6,12 +6,13 @@ step has only shapes that depend on the batch bucket, the number of new tokens a
 bucket — the KV pool (`SlotKV`) never moves, positions and the write columns come from a device
 tensor — so on CUDA one graph per (batch bucket, new tokens, column bucket) is captured, all of
 them before the first request when the engine starts (`warm_up`), and replayed after. A batch
-of b rows runs the graph of the next power of two; the extra slots are free and step harmlessly. Attention reads the slots' first W columns, W the
-longest row's length after the step rounded up to a power of two (at least `min_columns`, at most
-the slot), and masks those past each row's end: a 700-token conversation in a 4096-token slot
-reads 1024 columns of keys and values, not 4096 (at 32 rows of Qwen2.5-7B, 1.9 GB a step instead
-of 7.5 GB, beside 14 GB of weights). Power-of-two buckets read under twice the columns in use and
-keep the graphs few: log2(slot / min_columns) + 1 per batch bucket.
+of b rows runs the graph of the next power of two; the extra slots are free and step harmlessly.
+Attention reads the slots' first W columns, W the longest row's length after the step rounded up
+to a power of two (at least `min_columns`, at most the slot), and masks those past each row's
+end: a 700-token conversation in a 4096-token slot reads 1024 columns of keys and values, not
+4096 (at 32 rows of Qwen2.5-7B, 1.9 GB a step instead of 7.5 GB, beside 14 GB of weights).
+Power-of-two buckets read under twice the columns in use and keep the graphs few:
+log2(slot / min_columns) + 1 per batch bucket.
 
 On CPU (tests, or `static_decode="on"`) the same step runs eagerly: the tests check its greedy
 tokens against the transformers forward there. It uses the LM's own weights (`F.linear`), so
