@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 import torch  # noqa: E402
 
 from seechat.config import RunConfig, load_config  # noqa: E402
-from seechat.model.export import llava_view  # noqa: E402
+from seechat.model.export import llava_inputs, llava_view  # noqa: E402
 from seechat.model.varlen import use_varlen_attention  # noqa: E402
 from seechat.train.data import BatchStream, StreamSpec, count_tokens  # noqa: E402
 from seechat.train.loop import batch_loss, build_model, make_optimizer  # noqa: E402
@@ -59,9 +59,7 @@ def take_batches(cfg: RunConfig, processor, n: int, padding_free: bool) -> list[
 
 def peer_loss(llava, batch: dict) -> torch.Tensor:
     """transformers' LLaVA as a plain loop calls it: `labels` in, logits at every position, mean loss."""
-    pixels = batch["pixel_values"]
-    pixels = None if pixels is None else pixels.to(llava.model.vision_tower.dtype)
-    return llava(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels")}, pixel_values=pixels).loss
+    return llava(**llava_inputs(llava, batch)).loss
 
 
 def step(model, optimizer, batch: dict, average: str, llava=None) -> float:

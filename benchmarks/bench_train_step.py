@@ -74,7 +74,7 @@ from seechat.data.collate import collate, collate_padding_free  # noqa: E402
 from seechat.data.processor import Encoded  # noqa: E402
 from seechat.model.bridges import build_bridge  # noqa: E402
 from seechat.model.build import apply_trainable, compile_layers, enable_activation_checkpointing  # noqa: E402
-from seechat.model.export import ExportError, llava_view  # noqa: E402
+from seechat.model.export import ExportError, llava_inputs, llava_view  # noqa: E402
 from seechat.model.modeling import SeeChatModel  # noqa: E402
 from seechat.model.sizes import expert_config  # noqa: E402
 from seechat.model.varlen import use_varlen_attention  # noqa: E402
@@ -202,13 +202,7 @@ def seechat_loss(model: SeeChatModel):
 def llava_loss(llava):
     """The peer: transformers' LLaVA called as a plain loop would (`labels` given: logits at every
     position, then the loss), on the padded batch."""
-
-    def loss(data: dict) -> torch.Tensor:
-        pixels = data["pixel_values"].to(llava.model.vision_tower.dtype)
-        keys = ("input_ids", "attention_mask", "labels")
-        return llava(**{k: data[k] for k in keys}, pixel_values=pixels).loss
-
-    return loss
+    return lambda data: llava(**llava_inputs(llava, data)).loss
 
 
 def time_steps(

@@ -248,6 +248,11 @@ class SlotKV:
         self.next_pos = torch.zeros(slots, dtype=torch.long, device=device)  # (slots,) step input
         self.lens: list[int] = []  # host copy of next_pos[:batch_size]: no device reads to schedule
 
+    @staticmethod
+    def size(slots: int, capacity: int, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        """Bytes such a pool holds (keys and values of every layer), before allocating it."""
+        return 2 * layers * slots * kv_heads * capacity * head_dim * dtype.itemsize
+
     @classmethod
     def like(cls, slots: int, capacity: int, kv: BatchKV) -> SlotKV:
         """An empty pool whose layers, heads, head size, dtype and device are `kv`'s."""

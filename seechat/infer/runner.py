@@ -292,13 +292,11 @@ class ModelRunner:
         reserved = torch.cuda.memory_reserved(self.device) if cuda else 0
         if self._slot_kv is None:
             s = self.static
-            layers, dtype = len(s.weights), s.embed.weight.dtype
+            dims = (self.slots, self.capacity, len(s.weights), s.n_kv, s.head_dim, s.embed.weight.dtype)
             try:
-                self._slot_kv = SlotKV(
-                    self.slots, self.capacity, layers, s.n_kv, s.head_dim, dtype, self.device
-                )
+                self._slot_kv = SlotKV(*dims, self.device)
             except torch.OutOfMemoryError as e:
-                need = 2 * layers * s.n_kv * s.head_dim * dtype.itemsize * self.slots * self.capacity
+                need = SlotKV.size(*dims)
                 raise RuntimeError(
                     f"the static decode KV pool ({self.slots} slots x {self.capacity} tokens = "
                     f"{need / 1e9:.2f} GB) does not fit on {self.device} beside the model: lower "

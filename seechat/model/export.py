@@ -132,6 +132,16 @@ def llava_view(model: SeeChatModel, stop_token_ids: list[int], pad_token_id: int
     return llava
 
 
+def llava_inputs(llava, batch: dict) -> dict:
+    """A seechat training batch (padded: `input_ids`, `attention_mask`, `labels`, `pixel_values` or
+    None for a text-only batch) as `llava_view`'s keyword arguments, the way a plain loop calls
+    transformers' LLaVA: `llava(**llava_inputs(llava, batch)).loss` (logits at every position, then
+    the mean loss over the labelled ones)."""
+    pixels = batch["pixel_values"]
+    pixels = None if pixels is None else pixels.to(llava.model.vision_tower.dtype)
+    return {**{k: batch[k] for k in ("input_ids", "attention_mask", "labels")}, "pixel_values": pixels}
+
+
 def _load_exact(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
     missing, unexpected = module.load_state_dict(state, strict=False)
     # Non-persistent buffers (position_ids, rotary inv_freq) are rebuilt by the module itself.

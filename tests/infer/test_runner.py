@@ -199,7 +199,9 @@ def test_warm_up_allocates_the_pool_and_compiles_before_any_request(tiny):
     pad = processor.tokenizer.pad_token_id
     plain = ModelRunner(model, pad, static_decode="on", slots=4, capacity=128)
     assert plain.warm_up([(4, 1)]).startswith("static decode warmed up in")
-    assert plain.kv_pool_bytes > 0 and plain._slot_kv.batch_size == 0
+    lm = model.language_model
+    dims = (lm.config.num_hidden_layers, lm.config.num_key_value_heads, plain.static.head_dim, lm.dtype)
+    assert plain.kv_pool_bytes == SlotKV.size(4, 128, *dims) > 0 and plain._slot_kv.batch_size == 0
     torch._dynamo.reset()
     runner = ModelRunner(model, pad, static_decode="on", slots=4, capacity=128, compile_decode=True)
     done = runner.warm_up([(4, 1), (1, 2), (1, 3)])
@@ -227,12 +229,13 @@ def test_a_kv_pool_too_large_for_the_device_is_a_clear_error_at_warm_up(tiny, mo
     lower, not a bare allocator message at a user's first request."""
     from seechat.infer import runner as runner_module
 
-    def no_memory(*args):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 7.50 GiB")
+    class NoMemory(SlotKV):
+        def __init__(self, *args):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 7.50 GiB")
 
     model, processor = tiny
     runner = ModelRunner(model, processor.tokenizer.pad_token_id, static_decode="on", slots=32, capacity=4096)
-    monkeypatch.setattr(runner_module, "SlotKV", no_memory)
+    monkeypatch.setattr(runner_module, "SlotKV", NoMemory)
     cfg = model.language_model.config
     head_dim = cfg.hidden_size // cfg.num_attention_heads
     itemsize = model.language_model.dtype.itemsize

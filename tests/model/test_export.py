@@ -10,12 +10,13 @@ from transformers import AutoModelForCausalLM, AutoProcessor, LlavaForConditiona
 
 from seechat.cli import main
 from seechat.config import TrainableConfig
+from seechat.data.collate import collate
 from seechat.data.conversation import text_messages
 from seechat.infer.generate import generate
 from seechat.infer.sampling import SamplingParams
 from seechat.model import apply_trainable, build, load
 from seechat.model.checkpoint import write_checkpoint
-from seechat.model.export import ExportError, export_llava_hf, llava_view
+from seechat.model.export import ExportError, export_llava_hf, llava_inputs, llava_view
 from tests.helpers import model_config
 
 QUESTION = [{"role": "user", "content": "<image>\n图里有什么？"}]
@@ -179,3 +180,22 @@ def test_llava_view_shares_the_modules_and_gives_the_same_logits(experts, images
     qformer, processor = build(model_config(experts, vision, "qwen2", "qformer"))
     with pytest.raises(ExportError, match="mlp2x_gelu"):
         llava_view(qformer, processor.stop_token_ids, processor.tokenizer.pad_token_id)
+
+
+def test_llava_inputs_feed_a_training_batch_to_the_view_with_the_same_loss(experts, images):
+    """`llava_inputs`: a padded seechat batch, with images or text-only, through the LLaVA view as
+    a plain loop calls it gives seechat's own loss on that batch."""
+    torch.manual_seed(0)
+    model, processor = build(model_config(experts, "clip", "qwen2", "mlp2x_gelu"))
+    _perturb(model)
+    llava = llava_view(model, processor.stop_token_ids, processor.tokenizer.pad_token_id).eval()
+    reply = {"role": "assistant", "content": "一个红色的圆。"}
+    seen = [processor.encode_conversation([*QUESTION, reply], images[:1]) for _ in range(2)]
+    seen[1] = processor.encode_conversation([*QUESTION, {**reply, "content": "圆"}], images[1:2])
+    text = [processor.encode_conversation([{"role": "user", "content": "你好"}, reply])]
+    for samples in (seen, text):
+        batch = collate(samples, processor.tokenizer.pad_token_id)
+        with torch.no_grad():
+            theirs = llava(**llava_inputs(llava, batch)).loss
+            ours = model(**batch).loss
+        torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
