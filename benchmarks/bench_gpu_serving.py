@@ -12,8 +12,8 @@ helps), the prefix cache is off, decoding is greedy with stop tokens ordinary to
 - TTFT for an image + question at batch 1 (image preprocessing, vision tower, prefill, first token);
 - decode tok/s at batch 1 (tokens after the first / time after the first);
 - aggregate tok/s with 8 and 32 concurrent requests (transformers: one `generate` batch);
-- peak GPU memory allocated while each side ran (weights included: ~15.2 GB; the KV slot pools
-  of the other engines, which stay allocated, left out);
+- peak GPU memory allocated while each side ran (weights included: ~15.2 GB; each engine is
+  closed after its row, so no row holds another engine's KV slot pool or CUDA graphs);
 - the device-to-device copy bandwidth, measured in the same run (bytes read + written / s), and the
   bandwidth limit of batch-1 decode it implies: bandwidth / the bytes of LM weights one decode step
   reads (every LM matrix except the input embedding, of which one row is read).
@@ -47,6 +47,7 @@ a row failed.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -444,10 +445,11 @@ def run(args: argparse.Namespace) -> dict:
             except Exception as e:  # noqa: BLE001 - one row's failure must not lose the other rows
                 res["errors"][name] = f"{type(e).__name__}: {e}"
                 print(f"  {name}: FAILED, {res['errors'][name]}", flush=True)
-                if name in bench.engines:  # its KV pool and graphs go: the next rows get the memory back
-                    bench.engines.pop(name).close()
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+            if name in bench.engines:  # done with: its KV pool and graphs go, the next rows get the memory
+                bench.engines.pop(name).close()
+            if device.type == "cuda":
+                gc.collect()
+                torch.cuda.empty_cache()
             if args.json:
                 Path(args.json).write_text(json.dumps(res, indent=2))
     finally:
@@ -477,11 +479,7 @@ def measure_row(bench: GpuBench, name: str, args: argparse.Namespace, probes: li
     for _ in range(args.repeats):
         for c in args.concurrency:
             runs.setdefault(c, []).append(bench.hf_run(c) if engine is None else bench.engine_run(name, c))
-    peak = None
-    if bench.device.type == "cuda":
-        # the other engines' KV pools stay allocated (their CUDA graphs point into them): not this row's
-        others = sum(e.runner.kv_pool_bytes for n, e in bench.engines.items() if n != name)
-        peak = (torch.cuda.max_memory_allocated() - others) / 1e9
+    peak = torch.cuda.max_memory_allocated() / 1e9 if bench.device.type == "cuda" else None
 
     def cell(c: int, key: str, scale: float = 1.0) -> dict:
         xs = [scale * r[key] for r in runs[c]]
