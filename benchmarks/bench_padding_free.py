@@ -57,13 +57,16 @@ def take_batches(cfg: RunConfig, processor, n: int, padding_free: bool) -> list[
     return [next(stream) for _ in range(n)]
 
 
-def peer_loss(llava, batch: dict) -> torch.Tensor:
-    """transformers' LLaVA as a plain loop calls it: `labels` in, logits at every position, mean loss."""
+def layout_loss(model, batch: dict, average: str, llava=None) -> torch.Tensor:
+    """seechat's training loss, or with `llava` (the peer) transformers' LLaVA as a plain loop calls
+    it: `labels` in, logits at every position, mean loss."""
+    if llava is None:
+        return batch_loss(model, batch, average).loss
     return llava(**llava_inputs(llava, batch)).loss
 
 
 def step(model, optimizer, batch: dict, average: str, llava=None) -> float:
-    loss = batch_loss(model, batch, average).loss if llava is None else peer_loss(llava, batch)
+    loss = layout_loss(model, batch, average, llava)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -80,7 +83,7 @@ def set_layout(model, layout: str) -> None:
 
 def first_loss(model, batch: dict, average: str, llava=None) -> float:
     with torch.no_grad():
-        return float(batch_loss(model, batch, average).loss if llava is None else peer_loss(llava, batch))
+        return float(layout_loss(model, batch, average, llava))
 
 
 def main(argv: list[str] | None = None) -> dict:

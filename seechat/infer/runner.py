@@ -302,7 +302,7 @@ class ModelRunner:
                     f"{need / 1e9:.2f} GB) does not fit on {self.device} beside the model: lower "
                     "--max-batch-size or --max-model-len (EngineConfig.max_batch_size / max_model_len)"
                 ) from e
-        pool = self._slot_kv.nbytes()
+        pool = self.kv_pool_bytes
         with torch.inference_mode():
             graphs = self.static.warm_up(self._slot_kv, steps)
         self._slot_kv.clear()

@@ -354,7 +354,7 @@ def test_fused_projections_reuse_the_weights_and_leave_the_model_as_it_was(tiny_
         assert torch.equal(p, q), name
 
 
-def test_refusing_projections_with_biases_reuses_the_fused_storage(tiny):
+def test_fusing_projections_with_biases_again_reuses_the_fused_storage(tiny):
     """Qwen2's Q/K/V have biases: fused twice (two engines on one model), weights and biases each
     stay one storage with the same values."""
     model, processor = tiny
