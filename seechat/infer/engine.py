@@ -34,9 +34,12 @@ and gives `1 + a` tokens (`a` drafts accepted), so it is faster exactly when `1 
 sides are measured, never assumed:
 
 - `c`: the engine times its own batch-1 steps, whole (model step, sampling, detokenising), plain
-  and verify, as moving averages, so the rule follows the machine it runs on — on a loaded 2-core
-  CPU a multi-token step can cost 2-4 plain steps, on an idle one about 1.3 — and the model;
-  before the first verify step is timed, c = SPECULATION_PRIOR_COST;
+  and verify, and reads each kind's lower median of its last STEP_TIME_WINDOW steps (`StepTimes`),
+  so the rule follows the machine it runs on — on a loaded 2-core CPU a multi-token step can cost
+  2-4 plain steps, on an idle one about 1.3 — and the model; before the first verify step is
+  timed, c = SPECULATION_PRIOR_COST. Only verify steps time verify steps, so a refused request
+  whose yield would pay at the prior runs one anyway after SPECULATION_REPROBE_STEPS plain steps
+  without one (a probe): a verify time taken during a pause cannot turn speculation off for good;
 - `1 + a`: per request, a moving average over its verify steps and, while it does not speculate,
   over *shadow* drafts: drafts proposed and checked against the tokens the plain steps then
   produce, at no model cost (greedy is deterministic, so that is what a verify step would have
@@ -55,6 +58,7 @@ import asyncio
 import itertools
 import logging
 import queue
+import statistics
 import threading
 import time
 from collections import deque
@@ -93,7 +97,8 @@ log = logging.getLogger(__name__)
 
 SPECULATION_PRIOR_COST = 1.5  # verify step / plain step, until measured (mini model, 1 idle thread: ~1.35)
 SPECULATION_MIN_SEEN = 2  # yield observations a request needs before it may speculate
-STEP_TIME_AVERAGE = 0.1  # weight of the newest step time in the engine's moving averages
+STEP_TIME_WINDOW = 9  # recent batch-1 step times kept per kind; the rule reads their lower median
+SPECULATION_REPROBE_STEPS = 64  # lone plain steps without a verify step before a refused request probes
 
 
 def speculation_pays(tokens: float, seen: int, plain: float | None, verify: float | None) -> bool:
@@ -102,6 +107,22 @@ def speculation_pays(tokens: float, seen: int, plain: float | None, verify: floa
     in plain steps (`verify` / `plain` seconds, measured; the prior until both are)."""
     cost = verify / plain if plain and verify else SPECULATION_PRIOR_COST
     return seen >= SPECULATION_MIN_SEEN and tokens >= cost
+
+
+class StepTimes:
+    """The recent batch-1 step times of one kind (plain or verify), in seconds. Noise on a wall
+    clock only ever adds time (a busy core, a GC pause, a page fault), so the estimate is the lower
+    median of the last STEP_TIME_WINDOW, not a mean: one slow step, even the first, stops counting
+    as soon as one ordinary step follows it."""
+
+    def __init__(self):
+        self._recent: deque[float] = deque(maxlen=STEP_TIME_WINDOW)
+
+    def add(self, seconds: float) -> None:
+        self._recent.append(seconds)
+
+    def estimate(self) -> float | None:
+        return statistics.median_low(self._recent) if self._recent else None
 
 
 @dataclass(frozen=True)
@@ -219,6 +240,7 @@ class Engine:
                 "accepted_drafts",
                 "history_drafts",
                 "accepted_history_drafts",
+                "speculation_probes",
                 "peak_kv_tokens",
             ),
             0,
@@ -231,7 +253,8 @@ class Engine:
         self._ids = itertools.count()
         self._closing = False
         self._thread: threading.Thread | None = None
-        self.step_seconds: dict[str, float | None] = {"plain": None, "verify": None}  # batch-1 averages
+        self.step_times = {"plain": StepTimes(), "verify": StepTimes()}  # batch-1 steps
+        self._plain_since_verify = 0  # lone plain steps since the last verify step
         self.warm_up_report = ""  # what `start` warmed up (the static path), for the log
 
     # ------------------------------------------------------------------ lifecycle
@@ -649,10 +672,14 @@ class Engine:
         if lone:
             r = self._running[0]
             drafts, from_replies = self._drafts(r) if speculable(r) else ([], False)
-            if drafts and speculation_pays(r.spec_yield, r.spec_seen, **self.step_seconds):
+            pays = bool(drafts) and speculation_pays(r.spec_yield, r.spec_seen, **self.step_seconds)
+            probe = bool(drafts) and not pays and self._verify_time_stale(r)
+            if pays or probe:
                 t0 = time.perf_counter()
                 self._verify(r, drafts, from_replies)
-                self._time_step("verify", time.perf_counter() - t0)
+                self.step_times["verify"].add(time.perf_counter() - t0)
+                self.counters["speculation_probes"] += probe
+                self._plain_since_verify = 0
                 return
             if drafts:
                 shadow_drafts(r, drafts)
@@ -673,11 +700,22 @@ class Engine:
         if len(keep) < len(self._running):
             self._keep(keep)
         if lone:
-            self._time_step("plain", time.perf_counter() - t0)
+            self.step_times["plain"].add(time.perf_counter() - t0)
+            self._plain_since_verify += 1
 
-    def _time_step(self, kind: str, seconds: float) -> None:
-        old = self.step_seconds[kind]
-        self.step_seconds[kind] = seconds if old is None else old + STEP_TIME_AVERAGE * (seconds - old)
+    @property
+    def step_seconds(self) -> dict[str, float | None]:
+        """What a batch-1 plain and verify step cost now (None until one is timed)."""
+        return {kind: times.estimate() for kind, times in self.step_times.items()}
+
+    def _verify_time_stale(self, r: Request) -> bool:
+        """Whether `r`, refused at the measured cost, should time a verify step anyway: the engine
+        has gone SPECULATION_REPROBE_STEPS lone plain steps without one, and r's yield would pay at
+        the prior cost. At most one verify step in that many plain steps, and only for requests
+        whose drafts land, so a probe costs little where speculation rightly stays off."""
+        return self._plain_since_verify >= SPECULATION_REPROBE_STEPS and speculation_pays(
+            r.spec_yield, r.spec_seen, None, None
+        )
 
     def _drafts(self, r: Request) -> tuple[list[int], bool]:
         """Drafts for a lone request: n-gram lookup in its own tokens, then in the replies of its

@@ -10,7 +10,14 @@ import torch
 
 from seechat.infer import engine as engine_module
 from seechat.infer.chat import ChatSession, prompt_ids
-from seechat.infer.engine import Engine, EngineConfig, QueueFullError, RequestError, speculation_pays
+from seechat.infer.engine import (
+    Engine,
+    EngineConfig,
+    QueueFullError,
+    RequestError,
+    StepTimes,
+    speculation_pays,
+)
 from seechat.infer.generate import generate
 from seechat.infer.sampling import SamplingParams
 from tests.infer.tiny_engine import coloured, generate_concurrently
@@ -145,6 +152,50 @@ def test_speculation_turns_off_where_it_does_not_pay(tiny, monkeypatch):
         assert [dear.generate(ids, im, long, cache_prefix=False).token_ids for ids, im in prompts] == want
         assert dear.counters["draft_tokens"] == 0 and dear.step_seconds["verify"] is None
         assert dear.step_seconds["plain"] > 0
+
+
+def test_step_times_forget_one_slow_step_once_an_ordinary_one_follows():
+    times = StepTimes()
+    assert times.estimate() is None
+    times.add(5.0)  # the first step hit a pause
+    assert times.estimate() == 5.0
+    times.add(0.010)
+    assert times.estimate() == 0.010
+    for t in (0.011, 0.012, 0.013):
+        times.add(t)
+    assert times.estimate() == 0.012
+    times.add(9.0)  # one more pause among ordinary steps moves nothing
+    assert times.estimate() == 0.012
+    for _ in range(engine_module.STEP_TIME_WINDOW):
+        times.add(0.030)  # the machine got slower for good: the estimate follows
+    assert times.estimate() == 0.030
+
+
+def test_a_verify_step_timed_during_a_pause_does_not_turn_speculation_off_for_good(tiny, monkeypatch):
+    """Only verify steps time verify steps. If the first one is timed during a pause, the measured
+    cost refuses every request, and without probes no verify step would ever run again to correct
+    it. Outputs never change."""
+    model, processor = tiny
+    long = SamplingParams(max_new_tokens=48)
+    prompts = [_prompt(processor, k) for k in range(len(CONVERSATIONS))]
+    with Engine(model, processor, EngineConfig(speculative_tokens=0)) as plain:
+        want = [plain.generate(ids, im, long, cache_prefix=False).token_ids for ids, im in prompts]
+
+    def run(reprobe_steps: int) -> Engine:
+        monkeypatch.setattr(engine_module, "SPECULATION_REPROBE_STEPS", reprobe_steps)
+        with Engine(model, processor, EngineConfig(prefix_cache_mb=0)) as engine:
+            engine.step_times["verify"].add(1000.0)  # the pause
+            got = [engine.generate(ids, im, long, cache_prefix=False).token_ids for ids, im in prompts]
+            assert got == want
+            return engine
+
+    locked = run(reprobe_steps=10**9)  # no probes: the pause decides for the engine's life
+    assert locked.counters["draft_tokens"] == 0 and locked.step_seconds["verify"] == 1000.0
+    probed = run(reprobe_steps=4)
+    assert probed.counters["speculation_probes"] >= 1
+    assert probed.step_seconds["verify"] < 1.0  # re-timed
+    assert probed.counters["draft_tokens"] > probed.counters["speculation_probes"]  # and it speculates again
+    assert probed.counters["accepted_drafts"] > 0
 
 
 def test_sampling_parameters(engine, tiny):
