@@ -194,7 +194,8 @@ def test_a_verify_step_timed_during_a_pause_does_not_turn_speculation_off_for_go
     probed = run(reprobe_steps=4)
     assert probed.counters["speculation_probes"] >= 1
     assert probed.step_seconds["verify"] < 1.0  # re-timed
-    assert probed.counters["draft_tokens"] > probed.counters["speculation_probes"]  # and it speculates again
+    k = EngineConfig().speculative_tokens  # drafts a probe verifies, at most
+    assert probed.counters["draft_tokens"] > k * probed.counters["speculation_probes"]  # it speculates again
     assert probed.counters["accepted_drafts"] > 0
 
 
