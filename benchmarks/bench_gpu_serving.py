@@ -42,6 +42,15 @@ a row failed.
 
     python benchmarks/bench_gpu_serving.py --json out.json     # on a GPU (~3-4 min on an H100)
     python benchmarks/bench_gpu_serving.py --tiny              # CPU rehearsal with tiny shapes
+    python benchmarks/bench_gpu_serving.py --layers 1 --new-tokens 4 --concurrency 1 2 --repeats 1 \
+        --profile --compile --whole-slot
+        # CPU rehearsal at full width (3.3 min on 2 cores): the reference's widths, heads,
+        # 152,064-token vocabulary, 336-px images and 4096-token slot in bf16, one layer per tower
+
+The two rehearsals catch different things: `--tiny` runs every row in seconds and must agree with
+transformers token for token (fp32); `--layers` runs the real shapes, so what depends on them (the
+tokenizer covering every LM id, 576 image tokens, GQA with 7 query heads per KV head, the column
+buckets of the default slot, bf16) fails on the CPU and not in scarce device time.
 """
 
 from __future__ import annotations
@@ -80,8 +89,24 @@ COMPILED = "seechat, compiled static step"
 WHOLE_SLOT = "seechat, attention over the whole slot"
 
 
-def build(tiny: bool, device: torch.device, dtype: torch.dtype):
-    """(seechat model, processor, LLaVA model sharing its modules), random weights on `device`."""
+def reference_configs(layers: int = 0):
+    """The reference's (vision, LM) transformers configs; with `layers`, the same widths, heads,
+    vocabulary and image size with that many layers in each tower (the full-width rehearsal)."""
+    ref = load_config(REFERENCE_RECIPE).model
+    vision_cfg, lm_cfg = expert_config(ref.vision.path), expert_config(ref.lm.path)
+    if not layers:
+        return vision_cfg, lm_cfg
+    slim = []
+    for cfg in (vision_cfg, lm_cfg):
+        fields = {**cfg.to_dict(), "num_hidden_layers": layers}
+        fields.pop("layer_types", None)  # per-layer lists are derived again from the layer count
+        slim.append(type(cfg)(**fields))
+    return tuple(slim)
+
+
+def build(tiny: bool, device: torch.device, dtype: torch.dtype, layers: int = 0):
+    """(seechat model, processor, LLaVA model sharing its modules), random weights on `device`;
+    `layers` > 0 keeps the reference's shapes with that many layers per tower."""
     from transformers import (
         AutoModelForCausalLM,
         ChineseCLIPVisionConfig,
@@ -94,7 +119,7 @@ def build(tiny: bool, device: torch.device, dtype: torch.dtype):
 
     tokenizer = build_char_tokenizer([QUESTION])
     if not tiny:  # one character per LM token id, so every token a random LM samples streams as text
-        lm_vocab = expert_config(load_config(REFERENCE_RECIPE).model.lm.path).vocab_size
+        lm_vocab = reference_configs()[1].vocab_size
         tokenizer = build_char_tokenizer([QUESTION], extra_chars=filler_chars(lm_vocab - len(tokenizer)))
     if tiny:
         vision_cfg = ChineseCLIPVisionConfig(
@@ -117,8 +142,7 @@ def build(tiny: bool, device: torch.device, dtype: torch.dtype):
             tie_word_embeddings=False,
         )
     else:
-        ref = load_config(REFERENCE_RECIPE).model
-        vision_cfg, lm_cfg = expert_config(ref.vision.path), expert_config(ref.lm.path)
+        vision_cfg, lm_cfg = reference_configs(layers)
     size = vision_cfg.image_size
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": size}, crop_size={"height": size, "width": size}
@@ -352,10 +376,7 @@ def profile_decode(bench: GpuBench, name: str = "seechat", top: int = 15) -> dic
         res = bench.engine_run(name, 1)
         wall = time.perf_counter() - t0
     field = "self_device_time_total" if cuda else "self_cpu_time_total"
-    rows = sorted(
-        ((e.key, e.count, getattr(e, field) / 1e6) for e in prof.key_averages() if getattr(e, field) > 0),
-        key=lambda r: -r[2],
-    )
+    rows = busy_rows(prof.key_averages(), cuda)
     busy = sum(r[2] for r in rows)
     launches = sum(r[1] for r in rows)
     return {
@@ -369,6 +390,22 @@ def profile_decode(bench: GpuBench, name: str = "seechat", top: int = 15) -> dic
         "launches_per_token": launches / res["tokens"],
         "top": [{"name": k, "calls": c, "seconds": t, "share": t / busy} for k, c, t in rows[:top]],
     }
+
+
+def busy_rows(averages, cuda: bool) -> list[tuple[str, int, float]]:
+    """(name, calls, seconds) of what kept the device busy, longest first: on CUDA the device's own
+    activities (kernels, memcpys, memsets), on a CPU the ops' self time. On CUDA an op's row is not
+    counted: torch credits the op that launched a kernel with that kernel's time as its
+    `self_device_time_total` (`FunctionEvent.self_device_time_total`), beside the kernel's own row,
+    so counting every row with device time counts such kernels twice."""
+    from torch.autograd import DeviceType
+
+    if cuda:
+        device = (e for e in averages if e.device_type != DeviceType.CPU)
+        timed = ((e.key, e.count, e.self_device_time_total) for e in device)
+    else:
+        timed = ((e.key, e.count, e.self_cpu_time_total) for e in averages)
+    return sorted(((k, c, t / 1e6) for k, c, t in timed if t > 0), key=lambda r: -r[2])
 
 
 def profile_report(prof: dict) -> str:
@@ -394,7 +431,7 @@ def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     dtype = torch.float32 if args.tiny else torch.bfloat16
     t = time.perf_counter()
-    model, processor, llava = build(args.tiny, device, dtype)
+    model, processor, llava = build(args.tiny, device, dtype, args.layers)
     built_s = time.perf_counter() - t
     lm = model.language_model
     weight_bytes = decode_weight_bytes(lm)
@@ -419,6 +456,8 @@ def run(args: argparse.Namespace) -> dict:
         "transformers": __import__("transformers").__version__,
         "model": "tiny (rehearsal)"
         if args.tiny
+        else f"reference shapes, {args.layers} layer(s) per tower (rehearsal)"
+        if args.layers
         else "reference: Chinese-CLIP ViT-L/14-336 + mlp2x_gelu + Qwen2.5-7B",
         "lm_params": sum(p.numel() for p in lm.parameters()),
         "decode_weight_bytes": weight_bytes,
@@ -578,6 +617,13 @@ def report(res: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="tiny shapes in fp32: a CPU rehearsal")
+    parser.add_argument(
+        "--layers",
+        type=int,
+        default=0,
+        help="keep the reference's widths, vocabulary, image size and bf16 but build only this many layers "
+        "per tower: a CPU rehearsal of the full-size shapes (default 0: every layer)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
@@ -613,6 +659,10 @@ def main(argv: list[str] | None = None) -> int:
         "(StaticDecoder.min_columns = the slot), the step before column buckets",
     )
     args = parser.parse_args(argv)
+    if args.tiny and args.layers:
+        parser.error("--tiny and --layers are two different rehearsals: pick one")
+    if args.layers < 0:
+        parser.error("--layers must be >= 1 (or 0: the whole reference)")
     if 1 not in args.concurrency:
         parser.error("--concurrency must include 1 (TTFT and batch-1 decode)")
     res = run(args)

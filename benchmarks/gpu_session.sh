@@ -42,6 +42,9 @@
 #          at batch 128 and stage 2 at batch 8 with every layer checkpointed, the `train` rows'
 #          shapes, compiled -> OUT/train_step_compiled.json.
 # TINY=1 rehearses a part on a CPU (tiny shapes, one short run each).
+# The serving part also has a full-width CPU rehearsal (real widths, vocabulary, image size, slot and
+# bf16, one layer per tower; 3.3 min on 2 cores): python benchmarks/bench_gpu_serving.py --layers 1
+# --new-tokens 4 --concurrency 1 2 --repeats 1 --profile --compile --whole-slot
 set -uo pipefail
 PART=${1:-serving}
 TINY=${TINY:-0}

@@ -66,3 +66,39 @@ def test_full_size_tokenizer_streams_every_id_the_lm_can_sample():
     chars = filler_chars(5000)
     assert len(set(chars)) == 5000 and not set(chars) & set(QUESTION)
     assert all(len(c) == 1 and not 0xD800 <= ord(c) <= 0xDFFF and not c.isspace() for c in chars)
+
+
+def test_the_profile_counts_each_kernel_once():
+    """torch credits the op that launched a kernel with the kernel's time (`aten::mm`'s
+    `self_device_time_total` is its gemm's), beside the kernel's own device event. Counting every
+    event with device time would count such kernels twice and overstate how busy the GPU was; a
+    kernel replayed from a CUDA graph has no launching op and was counted once, so the error would
+    not even be a constant factor."""
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import FunctionEvent
+
+    def event(i, name, start, end, device_type=DeviceType.CPU):
+        return FunctionEvent(i, name, 1, start, end, use_device="cuda", device_type=device_type)
+
+    mm = event(1, "aten::mm", 0, 30)
+    mm.append_kernel("gemm", 0, 100)  # what the profiler does for a kernel launched by an op
+    gemm = event(2, "gemm", 40, 140, DeviceType.CUDA)
+    replayed = event(3, "rms_norm_kernel", 150, 155, DeviceType.CUDA)  # from a graph replay: no op
+    empty = event(4, "aten::empty", 31, 33)
+    events = [mm, gemm, replayed, empty]
+    assert mm.self_device_time_total == 100  # the accounting the rows must not add twice
+    rows = bench_gpu_serving.busy_rows
+    assert rows(events, cuda=True) == [("gemm", 1, 100e-6), ("rms_norm_kernel", 1, 5e-6)]
+    assert rows(events, cuda=False) == [("aten::mm", 1, 30e-6), ("aten::empty", 1, 2e-6)]
+
+
+def test_the_full_width_rehearsal_keeps_every_shape_but_the_depth():
+    full_vision, full_lm = bench_gpu_serving.reference_configs()
+    vision, lm = bench_gpu_serving.reference_configs(layers=1)
+    assert (vision.num_hidden_layers, lm.num_hidden_layers) == (1, 1)
+    assert (full_vision.num_hidden_layers, full_lm.num_hidden_layers) == (24, 28)
+    assert len(lm.layer_types) == 1  # transformers derives the per-layer list again
+    for slim, full in ((vision, full_vision), (lm, full_lm)):
+        same = {k: v for k, v in full.to_dict().items() if k not in ("num_hidden_layers", "layer_types")}
+        assert {k: slim.to_dict()[k] for k in same} == same
+    assert lm.vocab_size == 152064 and vision.image_size == 336
