@@ -80,7 +80,7 @@ from seechat.infer.engine import Engine, EngineConfig  # noqa: E402
 from seechat.infer.sampling import SamplingParams  # noqa: E402
 from seechat.model.build import assemble  # noqa: E402
 from seechat.model.export import llava_view  # noqa: E402
-from seechat.model.sizes import expert_config  # noqa: E402
+from seechat.model.sizes import expert_config, with_layers  # noqa: E402
 
 REFERENCE_RECIPE = ROOT / "configs" / "reference" / "stage2_mlp_qwen2.5-7b.yaml"
 QUESTION = "请详细描述这张图片里的物体、颜色和位置。"
@@ -94,14 +94,7 @@ def reference_configs(layers: int = 0):
     vocabulary and image size with that many layers in each tower (the full-width rehearsal)."""
     ref = load_config(REFERENCE_RECIPE).model
     vision_cfg, lm_cfg = expert_config(ref.vision.path), expert_config(ref.lm.path)
-    if not layers:
-        return vision_cfg, lm_cfg
-    slim = []
-    for cfg in (vision_cfg, lm_cfg):
-        fields = {**cfg.to_dict(), "num_hidden_layers": layers}
-        fields.pop("layer_types", None)  # per-layer lists are derived again from the layer count
-        slim.append(type(cfg)(**fields))
-    return tuple(slim)
+    return (with_layers(vision_cfg, layers), with_layers(lm_cfg, layers)) if layers else (vision_cfg, lm_cfg)
 
 
 def build(tiny: bool, device: torch.device, dtype: torch.dtype, layers: int = 0):

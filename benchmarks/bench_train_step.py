@@ -39,6 +39,8 @@ vision tokens per image; attention's T^2 terms are left out (T <= 1 k here):
     python benchmarks/bench_train_step.py --preset reference      # on a GPU
     python benchmarks/bench_train_step.py --preset reference-mlp --peer   # seechat vs transformers' LLaVA
     python benchmarks/bench_train_step.py --preset tiny --device cpu --steps 2  # a smoke run
+    python benchmarks/bench_train_step.py --preset reference-mlp --peer --layers 1 --device cpu \
+        --steps 1 --warmup 1 --s1-batches 2 --s2-batches 1   # the same shapes, 1 layer, on a CPU
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ from seechat.model.bridges import build_bridge  # noqa: E402
 from seechat.model.build import apply_trainable, compile_layers, enable_activation_checkpointing  # noqa: E402
 from seechat.model.export import ExportError, llava_inputs, llava_view  # noqa: E402
 from seechat.model.modeling import SeeChatModel  # noqa: E402
-from seechat.model.sizes import expert_config  # noqa: E402
+from seechat.model.sizes import expert_config, with_layers  # noqa: E402
 from seechat.model.varlen import use_varlen_attention  # noqa: E402
 from seechat.model.vision import VisionTower  # noqa: E402
 
@@ -311,6 +313,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="reference")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument(
+        "--layers",
+        type=int,
+        default=0,
+        help="keep the preset's widths, heads, vocabulary and image size but build only this many layers "
+        "per tower, in bf16 on any device: a CPU rehearsal of the full-size shapes (default 0: every layer)",
+    )
     ap.add_argument("--s1-batches", default="32,64,128", help="stage-1 per-GPU batch sizes to time")
     ap.add_argument("--s2-batches", default="4,8", help="stage-2 per-GPU batch sizes to time")
     ap.add_argument(
@@ -368,10 +377,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.compile and args.peer:
         ap.error("--compile compiles the modules --peer shares: time them in separate runs")
     device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if args.layers < 0:
+        ap.error("--layers must be >= 1 (or 0: every layer)")
+    dtype = torch.bfloat16 if device.type == "cuda" or args.layers else torch.float32
     torch.manual_seed(0)
     t0 = time.time()
-    model = build(PRESETS[args.preset](), device, dtype)
+    preset = PRESETS[args.preset]()
+    if args.layers:
+        preset = replace(
+            preset, vision=with_layers(preset.vision, args.layers), lm=with_layers(preset.lm, args.layers)
+        )
+    model = build(preset, device, dtype)
     llava = None
     if args.peer:
         try:
@@ -384,6 +400,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p = model.vision_tower.num_features
     info = {
         "preset": args.preset,
+        "layers": preset.lm.num_hidden_layers,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
         "vision_params": n_v,

@@ -42,9 +42,15 @@
 #          at batch 128 and stage 2 at batch 8 with every layer checkpointed, the `train` rows'
 #          shapes, compiled -> OUT/train_step_compiled.json.
 # TINY=1 rehearses a part on a CPU (tiny shapes, one short run each).
-# The serving part also has a full-width CPU rehearsal (real widths, vocabulary, image size, slot and
-# bf16, one layer per tower; 3.3 min on 2 cores): python benchmarks/bench_gpu_serving.py --layers 1
-# --new-tokens 4 --concurrency 1 2 --repeats 1 --profile --compile --whole-slot
+# Full-width CPU rehearsals (real widths, heads, vocabulary, image size and bf16, `--layers` layers
+# per tower; times on 2 cores):
+#   serving (3.3 min): python benchmarks/bench_gpu_serving.py --layers 1 --new-tokens 4 --concurrency 1 2
+#       --repeats 1 --profile --compile --whole-slot
+#   peer (2.7 min):    python benchmarks/bench_train_step.py --preset reference-mlp --peer --layers 1
+#       --device cpu --steps 1 --warmup 1 --s1-batches 2 --s2-batches 1
+#   train's padding-free rows (5.5 min): python benchmarks/bench_train_step.py --preset reference --layers 2
+#       --device cpu --steps 1 --warmup 1 --stages 2 --s2-batches 2 --grad-accum 2 --s2-checkpoint-every 2
+#       --s2-text-range 96,960 --s2-padding-free 0,1
 set -uo pipefail
 PART=${1:-serving}
 TINY=${TINY:-0}

@@ -74,6 +74,17 @@ def expert_config(path: str):
     return config.vision_config if getattr(config, "vision_config", None) is not None else config
 
 
+def with_layers(config, layers: int):
+    """A copy of a transformers config with `layers` layers and every other field the same: the
+    widths, heads, vocabulary and image size of a real expert at a depth a CPU can run (the GPU
+    benchmarks' full-width rehearsals). Per-layer lists (`layer_types`) are derived again."""
+    if layers < 1:
+        raise ValueError(f"layers must be >= 1, got {layers}")
+    fields = {**config.to_dict(), "num_hidden_layers": layers}
+    fields.pop("layer_types", None)
+    return type(config)(**fields)
+
+
 @dataclass(frozen=True)
 class LMShape:
     """A decoder-only LM (Qwen2 / Llama / GLM-4 families) as the numbers that size it."""

@@ -25,6 +25,7 @@ from seechat.model.sizes import (
     lora_params,
     vision_shape,
     visual_expert_params,
+    with_layers,
 )
 
 LM_CONFIGS = {
@@ -148,3 +149,17 @@ def test_visual_expert_formula_counts_the_real_experts(name):
     config = LM_CONFIGS[name]
     experts = VisualExperts(AutoModelForCausalLM.from_config(config))
     assert numel(experts) == visual_expert_params(lm_shape(config))
+
+
+def test_with_layers_keeps_every_field_but_the_depth():
+    for full in (
+        expert_config("Qwen/Qwen2.5-7B"),
+        expert_config("OFA-Sys/chinese-clip-vit-large-patch14-336px"),
+    ):
+        shallow = with_layers(full, 2)
+        assert type(shallow) is type(full) and shallow.num_hidden_layers == 2
+        rest = {k: v for k, v in full.to_dict().items() if k not in ("num_hidden_layers", "layer_types")}
+        assert {k: shallow.to_dict()[k] for k in rest} == rest
+    assert len(with_layers(expert_config("Qwen/Qwen2.5-7B"), 2).layer_types) == 2  # derived again, not 28
+    with pytest.raises(ValueError, match="layers must be >= 1"):
+        with_layers(full, 0)
