@@ -111,9 +111,6 @@ def build(tiny: bool, device: torch.device, dtype: torch.dtype, layers: int = 0)
     from seechat.data.char_tokenizer import build_char_tokenizer
 
     tokenizer = build_char_tokenizer([QUESTION])
-    if not tiny:  # one character per LM token id, so every token a random LM samples streams as text
-        lm_vocab = reference_configs()[1].vocab_size
-        tokenizer = build_char_tokenizer([QUESTION], extra_chars=filler_chars(lm_vocab - len(tokenizer)))
     if tiny:
         vision_cfg = ChineseCLIPVisionConfig(
             hidden_size=64,
@@ -136,6 +133,9 @@ def build(tiny: bool, device: torch.device, dtype: torch.dtype, layers: int = 0)
         )
     else:
         vision_cfg, lm_cfg = reference_configs(layers)
+        # one character per LM token id, so every token a random LM samples streams as text
+        fillers = filler_chars(lm_cfg.vocab_size - len(tokenizer))
+        tokenizer = build_char_tokenizer([QUESTION], extra_chars=fillers)
     size = vision_cfg.image_size
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": size}, crop_size={"height": size, "width": size}
