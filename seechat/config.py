@@ -182,6 +182,9 @@ class TrainConfig:
     # torch.compile each LM layer's norms, attention and MLP (seechat.model.build.compile_layers):
     # fused element-wise kernels for speed; the first steps compile. Not with FSDP or deep fusion
     compile: bool = False
+    # the LM head and its cross-entropy fused, chunk by chunk (seechat.model.fused_loss): the loss
+    # without the (tokens x vocabulary) logits; an LM whose logits are more than its head keeps the plain loss
+    fused_loss: bool = True
     loss_average: LossAverage = "token"  # how a step averages its token losses: per token, sample, or sqrt
     eval_every: CountOrZero = 0  # with data.eval_paths: held-out loss every N steps (0 = only at the end)
     eval_batches: CountOrZero = 0  # global batches per evaluation (0 = the whole of data.eval_paths)

@@ -27,9 +27,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from seechat.config import ModelConfig
 from seechat.data.conversation import IGNORE_INDEX, NoSupervisedTokensError
+from seechat.model.fused_loss import fused_head, head_cross_entropy, supervised_tokens
 from seechat.model.fusion import VisualExperts
 from seechat.model.varlen import varlen_kwargs
 from seechat.model.vision import VisionTower
@@ -62,6 +64,9 @@ class SeeChatModel(nn.Module):
         self.image_token_id = image_token_id
         # Where each part's weights come from when saving: "base" (cfg path), "full" or "lora".
         self.provenance: dict[str, str] = {"vision": "base", "lm": "base"}
+        # The loss-only forward fuses the LM head with its cross-entropy where the LM allows it
+        # (seechat.model.fused_loss; `train.fused_loss` sets it for a run).
+        self.fused_loss = True
 
     @property
     def num_image_tokens(self) -> int:
@@ -121,7 +126,9 @@ class SeeChatModel(nn.Module):
         `logits_to_keep`: compute logits for only the last k positions (0 = all), as in decoding.
         `return_logits=False` (training, with `labels`): the LM head runs only at positions that
         predict a supervised token, and no logits are returned. Same loss; with a 150 k vocabulary
-        the (B, T, V) fp32 logits of image and prompt positions are most of a stage-1 step's memory."""
+        the (B, T, V) fp32 logits of image and prompt positions are most of a stage-1 step's memory.
+        Where the LM allows it (`self.fused_loss`, seechat.model.fused_loss), the head and the loss
+        run fused, chunk by chunk, so even the supervised positions' logits are never held whole."""
         varlen = {}
         if cu_seq_lens is not None:
             self._check_padding_free(input_ids, attention_mask, position_ids)
@@ -129,14 +136,29 @@ class SeeChatModel(nn.Module):
         if image_features is None and pixel_values is not None:
             image_features = self.encode_images(pixel_values)
         embeds = self.embed(input_ids, image_features)
-        keep: int | torch.Tensor = logits_to_keep
-        if labels is not None and not return_logits:
-            keep = supervised_positions(labels)  # (K,) positions whose next token is supervised
         fusion = (
             nullcontext()
             if self.visual_experts is None
             else self.visual_experts.routing(input_ids == self.image_token_id)
         )
+        fusable = labels is not None and not return_logits and cache is None and not use_cache
+        head = self.loss_head() if fusable else None
+        if head is not None:  # the loss without the (K, V) logits
+            with fusion:
+                hidden = self.language_model.get_decoder()(
+                    inputs_embeds=embeds,
+                    attention_mask=attention_mask,
+                    position_ids=position_ids,
+                    use_cache=False,
+                    **varlen,
+                ).last_hidden_state  # (B, T, D)
+            hidden, targets, weights = supervised_tokens(hidden, labels, loss_weights)
+            n = check_supervised(targets)
+            loss = head_cross_entropy(hidden, head, targets, weights) / (num_items_in_batch or weights.sum())
+            return SeeChatOutput(logits=None, loss=loss, num_items=n)
+        keep: int | torch.Tensor = logits_to_keep
+        if labels is not None and not return_logits:
+            keep = supervised_positions(labels)  # (K,) positions whose next token is supervised
         with fusion:
             out = self.language_model(
                 inputs_embeds=embeds,
@@ -156,6 +178,12 @@ class SeeChatModel(nn.Module):
         loss, n = token_loss(out.logits, labels[:, keep + 1], num_items_in_batch, weights)
         return SeeChatOutput(logits=None, loss=loss, cache=out.cache, num_items=n)
 
+    def loss_head(self) -> nn.Linear | None:
+        """The LM head to fuse with the loss, or None when the loss goes through the LM's logits."""
+        head = fused_head(self.language_model) if self.fused_loss else None
+        # a head that FSDP shards as its own unit holds only its shard outside its forward
+        return None if head is None or isinstance(head.weight, DTensor) else head
+
     @staticmethod
     def _check_padding_free(
         input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None
@@ -168,6 +196,18 @@ class SeeChatModel(nn.Module):
 def supervised_positions(labels: torch.Tensor) -> torch.Tensor:
     """Positions t (any row) whose next label is supervised: the only logits the loss reads. (K,)"""
     return (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+
+
+def check_supervised(targets: torch.Tensor) -> int:
+    """The number of supervised targets (!= -100); an error when there are none."""
+    n = int((targets != IGNORE_INDEX).sum())
+    if n == 0:
+        raise NoSupervisedTokensError(
+            "this batch has no supervised token (every label is -100): the loss would be silently "
+            "zero. Usual causes: the chat template does not match the LLM's tokenizer, or every "
+            "assistant reply was truncated by model.max_length"
+        )
+    return n
 
 
 def causal_lm_loss(
@@ -191,13 +231,7 @@ def token_loss(
     """Cross-entropy of aligned logits (B, K, V) and targets (B, K), summed over targets != -100 (each
     times its `weights` (B, K) entry when given) and divided by `num_items_in_batch` (default: the
     weighted count). Returns the loss and the number of supervised targets."""
-    n = int((targets != IGNORE_INDEX).sum())
-    if n == 0:
-        raise NoSupervisedTokensError(
-            "this batch has no supervised token (every label is -100): the loss would be silently "
-            "zero. Usual causes: the chat template does not match the LLM's tokenizer, or every "
-            "assistant reply was truncated by model.max_length"
-        )
+    n = check_supervised(targets)
     logits = logits.float()  # (B, K, V)
     if weights is None:
         loss = F.cross_entropy(

@@ -269,6 +269,14 @@ def train(cfg: RunConfig, resume: bool = True) -> TrainResult:
             "backward pass, where the visual experts' routing scope is closed (seechat.model.fusion)"
         )
     model, processor = build_model(cfg)
+    model.fused_loss = cfg.train.fused_loss
+    if cfg.train.fused_loss and model.loss_head() is None:
+        log.info(
+            "train.fused_loss: this LM (%s) is not one whose head seechat fuses with the loss "
+            "(seechat.model.fused_loss.FUSED_HEAD_LMS), or its head is a LoRA layer: the loss reads "
+            "its logits",
+            model.language_model.config.get_text_config().model_type,
+        )
     if cfg.train.padding_free:
         use_varlen_attention(model.language_model)
     if cfg.train.gradient_checkpointing:
@@ -441,6 +449,7 @@ _MAY_CHANGE_ON_RESUME = (
     "gradient_checkpointing",
     "checkpoint_every",
     "compile",
+    "fused_loss",
 )
 
 
@@ -448,8 +457,8 @@ def _resume_key(cfg_dict: dict) -> dict:
     """The config fields a resume must not change (logging, saving and evaluation cadence, where
     metrics are reported, activation checkpointing — memory, not the numbers: a run that ran out
     of memory may resume with more of it — and compiling, the same computation in other kernels,
-    may change). A field added to the config since the resume point was written takes its
-    default."""
+    may change, as may fusing the LM head with the loss, the same sums in another order). A field
+    added to the config since the resume point was written takes its default."""
     try:
         cfg_dict = to_dict(from_dict(RunConfig, cfg_dict))
     except (TypeError, ValueError):
