@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seechat.model.fused_loss import CHUNK_ELEMENTS, head_cross_entropy
+from seechat.model.fused_loss import chunk_tokens, head_cross_entropy
 
 PATHS = ("plain", "fused")
 
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "dtype": "bfloat16",
             "head_trains": args.train_head,
         },
-        "chunk_tokens": max(1, CHUNK_ELEMENTS // args.vocab),
+        "chunk_tokens": chunk_tokens(args.vocab),
     }
     if args.json:
         Path(args.json).write_text(json.dumps({"info": info, "rows": rows}, indent=1))

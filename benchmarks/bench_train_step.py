@@ -196,8 +196,8 @@ def sample_texts(b: int, text: int, text_range: tuple[int, int] | None, seed: in
 
 
 def seechat_loss(model: SeeChatModel):
-    """seechat's training forward: the loss-only forward the loop runs (LM head at supervised
-    positions only), padded or padding-free."""
+    """seechat's training forward: the loss-only forward the loop runs (the LM head fused with the
+    loss, at supervised positions only), padded or padding-free."""
     return lambda data: model(**data, return_logits=False).loss
 
 
@@ -410,6 +410,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "image_tokens": model.num_image_tokens,
         "build_s": round(time.time() - t0, 1),
         "compiled": args.compile,
+        "fused_loss": model.loss_head() is not None,  # seechat's rows: the head fused with the loss
     }
     print(json.dumps(info), flush=True)
     rows: list[dict] = []

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from seechat.config import RunConfig
+from seechat.model.fused_loss import FUSED_HEAD_LMS, chunk_tokens
 from seechat.model.sizes import (
     EXPERT_LINEARS,
     LMShape,
@@ -195,6 +196,12 @@ def logits_peak_bytes(lm: LMShape, act_bytes: int) -> float:
     return lm.vocab * (act_bytes + 12)
 
 
+def fuses_head(cfg: RunConfig, lm: LMShape) -> bool:
+    """Whether training fuses this LM's head with the loss (`train.fused_loss`; not a LoRA'd head)."""
+    lora_head = cfg.trainable.lm == "lora" and "lm_head" in cfg.trainable.lora.target_modules
+    return cfg.train.fused_loss and lm.family in FUSED_HEAD_LMS and not lora_head
+
+
 @dataclass(frozen=True)
 class Activations:
     without_checkpointing: float
@@ -216,7 +223,16 @@ def activation_memory(
         layer += (a + 1) * sum(i for i, _ in lm.linears().values())
     final_norm = 4 * lm.hidden + (2 * a * lm.hidden if learns else 0)
     # the LM head runs at text positions only (at most; only supervised ones in fact)
-    logits = logits_peak_bytes(lm, a) * max(0, seq_len - bridge.num_tokens) / seq_len
+    head_tokens = tokens * max(0, seq_len - bridge.num_tokens) / seq_len
+    if fuses_head(cfg, lm):
+        # one chunk's logits at a time, in the product dtype and in float32, and the head's gradient,
+        # made in the loss forward and held until its backward (seechat.model.fused_loss)
+        head = min(head_tokens, chunk_tokens(lm.vocab)) * lm.vocab * (a + 4)
+        head += lm.vocab * lm.hidden * a if cfg.trainable.lm == "full" else 0
+        held = 0.0  # nothing of the loss outlives its backward
+    else:
+        head = head_tokens * logits_peak_bytes(lm, a)
+        held = tokens * lm.vocab * a
     images = batch * (bridge.saved_bytes_per_image if cfg.trainable.bridge == "full" else 0)
     if cfg.model.fusion == "deep" and cfg.trainable.experts == "full":
         # at image positions the experts' linears learn, so their inputs are kept as a learning
@@ -226,13 +242,13 @@ def activation_memory(
     if cfg.trainable.vision != "frozen":  # ViT layers: norms, q/k/v/out, fc1 + gelu (approximate)
         v = vision
         images += batch * v.layers * v.tokens * a * (4 * v.hidden + 4 * v.hidden + 2 * v.intermediate)
-    plain = tokens * (lm.layers * layer + final_norm + logits) + images
+    plain = tokens * (lm.layers * layer + final_norm) + head + images
     # Checkpointed: a recomputed layer keeps its input, the others (train.checkpoint_every > 1) all
     # they save; backward recomputes one layer at a time, after the loss backward (the logits stay
     # referenced by the step's output until the next step).
     recomputed = _recomputed_layers(cfg, lm)
     kept = tokens * (recomputed * a * lm.hidden + (lm.layers - recomputed) * layer + final_norm) + images
-    checkpointed = kept + tokens * max(logits, lm.vocab * a + layer)
+    checkpointed = kept + max(head, held + tokens * layer)
     return Activations(plain, checkpointed, tokens)
 
 
@@ -410,8 +426,15 @@ def estimate(cfg: RunConfig, setup: Setup, recipe: str = "") -> Estimate:
         if t.vision == "frozen"
         else "vision tower trains: ViT activations approximated, not calibrated",
         "LM activations: per-layer formula calibrated on transformers' Qwen2 code with SDPA (no S^2 "
-        "attention matrix); logits (upcast to fp32 for the loss) only at text positions: training runs "
-        "the LM head where a supervised token is predicted, never at image tokens",
+        "attention matrix); "
+        + (
+            f"the LM head fused with the loss (train.fused_loss): one chunk of {chunk_tokens(lm.vocab)} "
+            "tokens' logits at a time"
+            + (", plus the head's gradient" if t.lm == "full" else "")
+            if fuses_head(cfg, lm)
+            else "logits (upcast to fp32 for the loss) only at text positions: training runs the LM "
+            "head where a supervised token is predicted, never at image tokens"
+        ),
         "FLOPs: 2 per multiply-add; backward = 1x forward for a frozen/LoRA LM (input gradients), 2x when it "
         "learns; checkpointing adds one forward of the decoder layers; padding not counted",
         *(

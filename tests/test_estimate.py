@@ -21,6 +21,7 @@ from seechat.estimate import (
     parameter_memory,
 )
 from seechat.mini.demo import RECIPES
+from seechat.model.fused_loss import chunk_tokens
 from seechat.model.sizes import expert_config, lm_shape, vision_shape
 from tests.conftest import tiny_overrides
 
@@ -155,3 +156,28 @@ def test_selective_checkpointing_trades_activation_memory_for_recompute():
     assert acts[1].bytes < acts[2].bytes < acts[4].bytes < acts[28].bytes < off_acts
     assert flops[1] > flops[2] > flops[4] > flops[28] > off.flops_per_sample["lm"]
     assert "on for 14 of 28 layers (every 2)" in acts[2].note and "checkpointing on (" in acts[1].note
+
+
+@pytest.mark.parametrize("lm_mode", ["full", "frozen"])
+def test_fused_loss_replaces_the_logits_term_with_one_chunk_and_the_head_gradient(lm_mode):
+    """train.fused_loss: the head's term is one chunk of logits (product dtype + float32) and, when the
+    head learns, its gradient; with fusing off, ~14 bytes per text position x vocabulary. The rest of
+    the activations is the same either way."""
+    recipe = CONFIGS / "reference" / "stage2_mlp_qwen2.5-7b.yaml"
+    base = ["train.gradient_checkpointing=false", f"trainable.lm={lm_mode}"]
+    acts = {
+        fused: {
+            line.name: line
+            for line in estimate(load_config(recipe, [*base, f"train.fused_loss={fused}"]), Setup()).memory
+        }["activations"].bytes
+        for fused in ("true", "false")
+    }
+    cfg = load_config(recipe, base)
+    lm = lm_shape(expert_config(cfg.model.lm.path))
+    image_tokens = 576  # mlp2x_gelu on ViT-L/14-336
+    text = cfg.train.batch_size * (cfg.model.max_length - image_tokens)
+    plain_head = text * lm.vocab * (2 + 12)
+    fused_head = chunk_tokens(lm.vocab) * lm.vocab * (2 + 4) + (
+        lm.vocab * lm.hidden * 2 if lm_mode == "full" else 0
+    )
+    assert acts["false"] - acts["true"] == pytest.approx(plain_head - fused_head, rel=1e-9)

@@ -39,6 +39,11 @@ CHUNK_ELEMENTS = 1 << 25
 FUSED_HEAD_LMS = frozenset({"glm", "glm4", "llama", "mistral", "qwen2", "qwen3"})
 
 
+def chunk_tokens(vocab: int) -> int:
+    """Tokens per chunk for a vocabulary of this size."""
+    return max(1, CHUNK_ELEMENTS // vocab)
+
+
 def fused_head(lm: nn.Module) -> nn.Linear | None:
     """The LM's output layer when its loss can be fused (see the module docstring), else None."""
     if lm.config.get_text_config().model_type not in FUSED_HEAD_LMS:
@@ -101,7 +106,7 @@ def _chunks(
     grad_h = torch.empty_like(hidden) if need_h else None
     grad_w = torch.zeros_like(weight) if need_w else None
     grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
-    step = max(1, CHUNK_ELEMENTS // weight.shape[0])
+    step = chunk_tokens(weight.shape[0])
     with torch.autocast(kind, enabled=False):
         for s in range(0, hidden.shape[0], step):
             h = hidden[s : s + step].to(dtype)  # (c, H)
