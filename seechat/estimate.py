@@ -429,8 +429,7 @@ def estimate(cfg: RunConfig, setup: Setup, recipe: str = "") -> Estimate:
         "attention matrix); "
         + (
             f"the LM head fused with the loss (train.fused_loss): one chunk of {chunk_tokens(lm.vocab)} "
-            "tokens' logits at a time"
-            + (", plus the head's gradient" if t.lm == "full" else "")
+            "tokens' logits at a time" + (", plus the head's gradient" if t.lm == "full" else "")
             if fuses_head(cfg, lm)
             else "logits (upcast to fp32 for the loss) only at text positions: training runs the LM "
             "head where a supervised token is predicted, never at image tokens"
