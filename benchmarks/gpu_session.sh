@@ -9,7 +9,7 @@
 #
 #   run(command="bash benchmarks/gpu_session.sh lm", carry=["build/whl"], timeout_s=590)       # ~9.5 min
 #   run(command="bash benchmarks/gpu_session.sh serving", carry=["build/whl"], timeout_s=540)  # ~5-7 min, at once
-#   run(command="bash benchmarks/gpu_session.sh train", carry=["build/whl"], timeout_s=360)    # ~3-5 min
+#   run(command="bash benchmarks/gpu_session.sh train", carry=["build/whl"], timeout_s=390)    # ~3-5 min
 #   run(command="bash benchmarks/gpu_session.sh peer", carry=["build/whl"], timeout_s=170)     # ~1-2 min
 #   run(command="bash benchmarks/gpu_session.sh compile", carry=["build/whl"], timeout_s=300)  # ~3-5 min
 #
@@ -104,8 +104,9 @@ train)
         --grad-accum 2 --s2-text-range 8,40 --s2-padding-free 0,1)
     timeout 220 $PY benchmarks/bench_train_step.py "${TRAIN_ARGS[@]}" --json "$OUT/train_step.json" 2>&1 \
         | tee "$OUT/train_step.log"
-    echo "== padding-free: the CUDA test, then varied lengths padded vs padding-free" | tee -a "$OUT/train_step.log"
-    timeout 40 $PY -m pytest -q -p no:cacheprovider tests/model/test_varlen.py -k cuda 2>&1 | tee -a "$OUT/train_step.log"
+    echo "== the CUDA tests of padding-free attention and the fused loss, then varied lengths padded vs padding-free" | tee -a "$OUT/train_step.log"
+    timeout 50 $PY -m pytest -q -p no:cacheprovider tests/model/test_varlen.py tests/model/test_fused_loss.py -k cuda \
+        2>&1 | tee -a "$OUT/train_step.log"
     timeout 80 $PY benchmarks/bench_train_step.py "${PF_ARGS[@]}" --json "$OUT/train_step_padding_free.json" 2>&1 \
         | tee -a "$OUT/train_step.log"
     echo "== the LM head fused with the loss vs the plain loss, alone" | tee -a "$OUT/train_step.log"
