@@ -10,12 +10,16 @@ above its inputs and weights:
   (path, K) runs in a fresh process for this, set up without temporaries (`--one`), so the peak is
   the step's own.
 
+`--chunks 25 26 27` times the fused path with 2^25, 2^26 and 2^27 logits per chunk (the library's
+default is 2^25): smaller chunks hold less, larger ones re-read the head's weight and gradient less
+often (each chunk reads the 1 GiB weight twice and reads and writes its gradient once).
+
 What the plain path is, exactly: `head(hidden).float()`, then `F.cross_entropy(..., reduction="sum")`
 times the token weights, as `seechat.model.modeling.token_loss` computes it when fusing is off.
 Memory here does not depend on the device's speed; the times are the device's.
 
     python -m benchmarks.bench_fused_loss --tokens 1024 4096 --json benchmarks/results/fused_loss_cpu.json
-    python -m benchmarks.bench_fused_loss --device cuda --repeats 5   # on a GPU
+    python -m benchmarks.bench_fused_loss --device cuda --repeats 5 --chunks 25 26 27   # on a GPU
 """
 
 from __future__ import annotations
@@ -35,9 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from seechat.model import fused_loss
 from seechat.model.fused_loss import chunk_tokens, head_cross_entropy
-
-PATHS = ("plain", "fused")
 
 
 def plain_loss(hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor, weights: torch.Tensor):
@@ -62,9 +65,13 @@ def setup(tokens: int, hidden: int, vocab: int, device: torch.device, train_head
 
 
 def step(path: str, h, head, targets, weights) -> float:
-    """One forward and backward; returns the loss."""
+    """One forward and backward; returns the loss. `path`: "plain", or "fused" with chunks of
+    2^n logits as "fused:n"."""
     h.grad, head.weight.grad = None, None
-    loss = LOSSES[path](h, head, targets, weights) / len(targets)
+    kind, _, log2 = path.partition(":")
+    if log2:
+        fused_loss.CHUNK_ELEMENTS = 1 << int(log2)
+    loss = LOSSES[kind](h, head, targets, weights) / len(targets)
     loss.backward()
     return float(loss)
 
@@ -100,6 +107,7 @@ def one(path: str, tokens: int, args) -> dict:
     row = {
         "path": path,
         "tokens": tokens,
+        "chunk_tokens": chunk_tokens(args.vocab) if path.startswith("fused") else None,
         "loss": round(loss, 6),
         "step_s": round(statistics.median(times), 4),
         "step_s_range": [round(min(times), 4), round(max(times), 4)],
@@ -124,6 +132,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument(
         "--frozen-head", dest="train_head", action="store_false", help="stage 1: no gradient for the head"
     )
+    ap.add_argument(
+        "--chunks",
+        type=int,
+        nargs="+",
+        default=[fused_loss.CHUNK_ELEMENTS.bit_length() - 1],
+        help="the fused path's chunk sizes to time, as log2 of the logits per chunk (default: the "
+        "library's, %(default)s)",
+    )
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--warmup", type=int, default=0)
     ap.add_argument("--json", default="")
@@ -134,7 +150,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return []
     rows = []
     for tokens in args.tokens:
-        for path in PATHS:
+        for path in ["plain", *(f"fused:{n}" for n in args.chunks)]:
             if args.device == "cpu":  # a fresh process per row: its peak is the row's own
                 child = [sys.executable, "-m", "benchmarks.bench_fused_loss", "--one", path, str(tokens)]
                 child += ["--device", "cpu", "--hidden", str(args.hidden), "--vocab", str(args.vocab)]
@@ -160,7 +176,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "dtype": "bfloat16",
             "head_trains": args.train_head,
         },
-        "chunk_tokens": chunk_tokens(args.vocab),
     }
     if args.json:
         Path(args.json).write_text(json.dumps({"info": info, "rows": rows}, indent=1))

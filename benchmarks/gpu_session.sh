@@ -36,7 +36,8 @@
 #          tokens, right-padded vs padding-free (`train.padding_free`)
 #          -> OUT/train_step.json, OUT/train_step_padding_free.json; last, the LM head fused with the
 #          loss (`train.fused_loss`, on in every row above) against the plain loss, alone, at the 7B's
-#          head shape: time and peak memory -> OUT/fused_loss.json.
+#          head shape, with chunks of 2^25 (the default), 2^26 and 2^27 logits: time and peak memory
+#          -> OUT/fused_loss.json.
 # peer:    issue 16 item 2's side by side: the LLaVA-shaped reference (mlp2x_gelu, 576 image tokens)
 #          trained by seechat and by transformers' LlavaForConditionalGeneration in a plain loop,
 #          around the same modules (same weights, batch, bf16, checkpointing) -> OUT/train_peer.json.
@@ -110,7 +111,7 @@ train)
     timeout 80 $PY benchmarks/bench_train_step.py "${PF_ARGS[@]}" --json "$OUT/train_step_padding_free.json" 2>&1 \
         | tee -a "$OUT/train_step.log"
     echo "== the LM head fused with the loss vs the plain loss, alone" | tee -a "$OUT/train_step.log"
-    FUSED_ARGS=(--repeats 5 --warmup 1 --tokens 1024 4096 8192)
+    FUSED_ARGS=(--repeats 5 --warmup 1 --tokens 1024 4096 8192 --chunks 25 26 27)
     [ "$TINY" = 1 ] && FUSED_ARGS=(--device cpu --tokens 64 --hidden 64 --vocab 5000)
     timeout 40 $PY -m benchmarks.bench_fused_loss "${FUSED_ARGS[@]}" --json "$OUT/fused_loss.json" 2>&1 \
         | tee -a "$OUT/train_step.log"

@@ -2,9 +2,10 @@
 vocabulary without holding the (K, V) logits.
 
 With Qwen2.5-7B's 152,064-token vocabulary, the logits of K supervised positions are K x 152,064
-numbers. The plain path (`lm_head`, then `F.cross_entropy` on a float32 copy) holds about 10 bytes
-for each of them at once: the bf16 logits, their float32 copy and the log-softmax it saves for the
-backward. For a stage-2 micro-batch with 4,096 supervised tokens that is 6.2 GB, more than every
+numbers. The plain path (`lm_head`, then `F.cross_entropy` on a float32 copy) holds about 12 bytes
+for each of them at once: the bf16 logits, their float32 copy, the log-softmax it saves for the
+backward and the gradients flowing back. For a stage-2 micro-batch with 4,096 supervised tokens
+that is 7.0 GiB (measured by benchmarks/bench_fused_loss.py; 1.4 GiB fused), more than every
 activation of a checkpointed 7B LM together. Here each chunk of tokens computes its logits, its loss
 and, in the same pass, its gradients (d loss / d logits = softmax - one-hot, times the token's
 weight); the chunk's logits are freed before the next chunk starts, and the backward only scales

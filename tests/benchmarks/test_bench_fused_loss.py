@@ -1,5 +1,5 @@
-"""The fused-loss benchmark's rehearsal: both paths on the same inputs, each row in a fresh process
-on a CPU, the same loss, and the rows written to --json."""
+"""The fused-loss benchmark's rehearsal: the plain path and the fused one at two chunk sizes on the
+same inputs, each row in a fresh process on a CPU, the same loss, and the rows written to --json."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ import json
 from benchmarks.bench_fused_loss import main
 
 
-def test_rehearsal_runs_both_paths_in_their_own_processes(tmp_path):
+def test_rehearsal_runs_every_path_in_its_own_process(tmp_path):
     out = tmp_path / "res.json"
-    rows = main(
-        ["--device", "cpu", "--tokens", "200", "--hidden", "32", "--vocab", "3000", "--json", str(out)]
-    )
-    assert [r["path"] for r in rows] == ["plain", "fused"]
-    assert abs(rows[0]["loss"] - rows[1]["loss"]) < 1e-4
+    args = ["--device", "cpu", "--tokens", "200", "--hidden", "32", "--vocab", "3000", "--chunks", "14", "25"]
+    rows = main([*args, "--json", str(out)])
+    assert [r["path"] for r in rows] == ["plain", "fused:14", "fused:25"]
+    assert [r["chunk_tokens"] for r in rows] == [None, 5, 11184]  # 2^14 logits of 3000: 40 chunks of 5
+    assert all(abs(r["loss"] - rows[0]["loss"]) < 1e-4 for r in rows)
     assert all(r["extra_memory_gib"] >= 0 and r["step_s"] > 0 for r in rows)
     saved = json.loads(out.read_text())
     assert saved["rows"] == rows and saved["info"]["shape"]["vocab"] == 3000
