@@ -14,8 +14,9 @@ above its inputs and weights:
 default is 2^25): smaller chunks hold less, larger ones re-read the head's weight and gradient less
 often (each chunk reads the 1 GiB weight twice and reads and writes its gradient once).
 
-What the plain path is, exactly: `head(hidden).float()`, then `F.cross_entropy(..., reduction="sum")`
-times the token weights, as `seechat.model.modeling.token_loss` computes it when fusing is off.
+What the plain path is, exactly: `head(hidden)`, then `seechat.model.modeling.token_loss` (a float32
+copy of the logits, `F.cross_entropy(..., reduction="sum")`), as training computes it when fusing
+is off.
 Memory here does not depend on the device's speed; the times are the device's.
 
     python -m benchmarks.bench_fused_loss --tokens 1024 4096 --json benchmarks/results/fused_loss_cpu.json
@@ -36,16 +37,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from seechat.model import fused_loss
 from seechat.model.fused_loss import chunk_tokens, head_cross_entropy
+from seechat.model.modeling import token_loss
 
 
 def plain_loss(hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor, weights: torch.Tensor):
-    per_token = F.cross_entropy(head(hidden).float(), targets, ignore_index=-100, reduction="none")
-    return (per_token * weights).sum()
+    """The loss as training computes it with fusing off under `train.loss_average=token` (every
+    weight 1): the head's logits, then `token_loss`, summed (divided by 1)."""
+    return token_loss(head(hidden)[None], targets[None], num_items_in_batch=1)[0]
 
 
 LOSSES = {"plain": plain_loss, "fused": head_cross_entropy}

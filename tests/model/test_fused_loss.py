@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from seechat.data.collate import collate, collate_padding_free
 from seechat.model import build, fused_loss
 from seechat.model.fused_loss import fused_head, head_cross_entropy
+from seechat.model.modeling import token_loss
 from seechat.model.tiny import LM_ARCHS
 from seechat.model.varlen import use_varlen_attention
 from seechat.train.loop import batch_loss
@@ -22,8 +22,8 @@ IGNORE = -100
 
 
 def _plain(hidden, head, targets, weights):
-    per_token = F.cross_entropy(head(hidden).float(), targets, ignore_index=IGNORE, reduction="none")
-    return (per_token * weights).sum()
+    """The plain path: the head's logits, then seechat's token loss, summed (divided by 1)."""
+    return token_loss(head(hidden)[None], targets[None], 1, weights[None])[0]
 
 
 def _head_case(dtype=torch.float32, bias=True, k=37, h=16, v=50):
