@@ -118,9 +118,8 @@ def one(path: str, tokens: int, args) -> dict:
         row["extra_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30 - before, 2)
     else:
         row["extra_memory_gib"] = round(peak_rss_gib() - before, 2)
-        row["peak_before_step_gib"] = round(
-            before_peak, 2
-        )  # the setup's own peak: below `before` + the step's
+        # the setup's own peak, which stays below `before` plus the step's
+        row["peak_before_step_gib"] = round(before_peak, 2)
         row["rss_before_step_gib"] = round(before, 2)
     return row
 

@@ -103,6 +103,19 @@ def _loss_and_grads(model, batch, average):
     return out.loss.detach(), out.num_items, grads
 
 
+def _assert_fused_equals_plain(model, batch, average):
+    """The loss, the supervised count and every parameter's gradient, plain then fused."""
+    model.fused_loss = False
+    want = _loss_and_grads(model, batch, average)
+    model.fused_loss = True
+    got = _loss_and_grads(model, batch, average)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-6)
+    assert got[1] == want[1]
+    assert got[2].keys() == want[2].keys()
+    for name, grad in want[2].items():
+        torch.testing.assert_close(got[2][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 @pytest.mark.parametrize("lm", LM_ARCHS)
 def test_model_loss_and_every_gradient_equal_the_plain_path(experts, images, lm):
     """Every parameter trains (LM, head, embeddings, bridge, vision); per-sample weighted tokens; a
@@ -118,29 +131,14 @@ def test_model_loss_and_every_gradient_equal_the_plain_path(experts, images, lm)
         if batch == "padding-free":
             use_varlen_attention(model.language_model)
             batch = collate_padding_free(samples)
-        model.fused_loss = False
-        want = _loss_and_grads(model, batch, "sample")
-        model.fused_loss = True
-        got = _loss_and_grads(model, batch, "sample")
-        torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-6)
-        assert got[1] == want[1]
-        assert got[2].keys() == want[2].keys()
-        for name, grad in want[2].items():
-            torch.testing.assert_close(got[2][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+        _assert_fused_equals_plain(model, batch, "sample")
 
 
 def test_deep_fusion_loss_equals_the_plain_path(experts, images):
     torch.manual_seed(0)
     model, proc = build(model_config(experts, fusion="deep"))
     batch = collate(_samples(proc, images), proc.tokenizer.pad_token_id)
-    model.fused_loss = False
-    want = _loss_and_grads(model, batch, "token")
-    model.fused_loss = True
-    got = _loss_and_grads(model, batch, "token")
-    torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-6)
-    for name, grad in want[2].items():
-        if grad is not None:
-            torch.testing.assert_close(got[2][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    _assert_fused_equals_plain(model, batch, "token")
 
 
 def test_heads_that_are_more_than_a_linear_layer_keep_the_plain_path(experts, monkeypatch):
