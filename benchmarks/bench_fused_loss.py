@@ -66,14 +66,10 @@ def setup(tokens: int, hidden: int, vocab: int, device: torch.device, train_head
     return h, head, targets, weights
 
 
-def step(path: str, h, head, targets, weights) -> float:
-    """One forward and backward; returns the loss. `path`: "plain", or "fused" with chunks of
-    2^n logits as "fused:n"."""
+def step(loss_fn, h, head, targets, weights) -> float:
+    """One forward and backward of `loss_fn` (a `LOSSES` value); returns the loss."""
     h.grad, head.weight.grad = None, None
-    kind, _, log2 = path.partition(":")
-    if log2:
-        fused_loss.CHUNK_ELEMENTS = 1 << int(log2)
-    loss = LOSSES[kind](h, head, targets, weights) / len(targets)
+    loss = loss_fn(h, head, targets, weights) / len(targets)
     loss.backward()
     return float(loss)
 
@@ -88,7 +84,11 @@ def current_rss_gib() -> float:
 
 
 def one(path: str, tokens: int, args) -> dict:
-    """One (path, K) measured in this process: its memory and the time of `args.repeats` steps."""
+    """One (path, K) measured in this process: its memory and the time of `args.repeats` steps.
+    `path`: "plain", or "fused" with chunks of 2^n logits as "fused:n"."""
+    kind, _, log2 = path.partition(":")
+    if log2:
+        fused_loss.CHUNK_ELEMENTS = 1 << int(log2)
     device = torch.device(args.device)
     h, head, targets, weights = setup(tokens, args.hidden, args.vocab, device, args.train_head)
     cuda = device.type == "cuda"
@@ -101,7 +101,7 @@ def one(path: str, tokens: int, args) -> dict:
     times, loss = [], 0.0
     for _ in range(args.warmup + args.repeats):
         t0 = time.perf_counter()
-        loss = step(path, h, head, targets, weights)
+        loss = step(LOSSES[kind], h, head, targets, weights)
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
