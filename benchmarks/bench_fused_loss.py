@@ -109,7 +109,7 @@ def one(path: str, tokens: int, args) -> dict:
     row = {
         "path": path,
         "tokens": tokens,
-        "chunk_tokens": chunk_tokens(args.vocab) if path.startswith("fused") else None,
+        "chunk_tokens": chunk_tokens(args.vocab) if kind == "fused" else None,
         "loss": round(loss, 6),
         "step_s": round(statistics.median(times), 4),
         "step_s_range": [round(min(times), 4), round(max(times), 4)],
