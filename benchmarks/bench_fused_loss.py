@@ -87,8 +87,17 @@ def one(path: str, tokens: int, args) -> dict:
     """One (path, K) measured in this process: its memory and the time of `args.repeats` steps.
     `path`: "plain", or "fused" with chunks of 2^n logits as "fused:n"."""
     kind, _, log2 = path.partition(":")
+    library_chunk = fused_loss.CHUNK_ELEMENTS
     if log2:
         fused_loss.CHUNK_ELEMENTS = 1 << int(log2)
+    try:
+        return measure(kind, path, tokens, args)
+    finally:  # the library's own chunk size again for whoever runs next in this process
+        fused_loss.CHUNK_ELEMENTS = library_chunk
+
+
+def measure(kind: str, path: str, tokens: int, args) -> dict:
+    """The body of `one`, with the row's chunk size already set."""
     device = torch.device(args.device)
     h, head, targets, weights = setup(tokens, args.hidden, args.vocab, device, args.train_head)
     cuda = device.type == "cuda"
