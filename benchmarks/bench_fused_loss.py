@@ -71,7 +71,7 @@ def step(loss_fn, h, head, targets, weights) -> float:
     h.grad, head.weight.grad = None, None
     loss = loss_fn(h, head, targets, weights) / len(targets)
     loss.backward()
-    return float(loss)
+    return float(loss.detach())
 
 
 def peak_rss_gib() -> float:
