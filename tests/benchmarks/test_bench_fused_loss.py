@@ -3,10 +3,9 @@ same inputs, each row in a fresh process on a CPU, the same loss, and the rows w
 
 from __future__ import annotations
 
-import argparse
 import json
 
-from benchmarks.bench_fused_loss import main, one
+from benchmarks.bench_fused_loss import main
 from seechat.model import fused_loss
 
 
@@ -22,10 +21,10 @@ def test_rehearsal_runs_every_path_in_its_own_process(tmp_path):
     assert saved["rows"] == rows and saved["info"]["shape"]["vocab"] == 3000
 
 
-def test_a_row_in_this_process_leaves_the_library_chunk_size_as_it_was():
+def test_a_row_in_this_process_leaves_the_library_chunk_size_as_it_was(capsys):
     # on a GPU the rows run in one process: a row's chunk size must not outlive it
     library_chunk = fused_loss.CHUNK_ELEMENTS
-    args = argparse.Namespace(device="cpu", hidden=16, vocab=500, train_head=True, repeats=1, warmup=0)
-    row = one("fused:12", 64, args)
+    main(["--one", "fused:12", "64", "--device", "cpu", "--hidden", "16", "--vocab", "500"])
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert row["chunk_tokens"] == 8  # 2^12 logits of 500 per chunk, while the row ran
     assert fused_loss.CHUNK_ELEMENTS == library_chunk
